@@ -1,0 +1,1 @@
+"""Model definitions: first-stage encoders and the anchor gated fusion transformer."""

@@ -1,0 +1,1 @@
+"""Stage entry points; the per-dataset scripts in IEMOCAP/ and MELD/ call these."""
