@@ -1,0 +1,1 @@
+"""Data preparation: raw releases -> the CSVs every stage reads (SPEC section 1)."""
