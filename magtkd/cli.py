@@ -29,26 +29,36 @@ def str2bool(value: str | bool) -> bool:
     raise argparse.ArgumentTypeError(f"expected True or False, got {value!r}")
 
 
-def base_parser(
-    spec: DatasetSpec, script_dir: str | Path, description: str | None, *, epochs: int,
-    batch_size: int, seed: int = 2024,
-) -> argparse.ArgumentParser:
-    """Flags every stage has, with paths defaulting relative to the script's folder."""
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Show defaults, and keep the stage docstring's layout (it holds the exact command)."""
+
+
+def paths_parser(spec: DatasetSpec, script_dir: str | Path, description: str | None) -> argparse.ArgumentParser:
+    """Flags every stage has: folders (defaulting relative to the script's folder), device, workers."""
     script_dir = Path(script_dir)
     parser = argparse.ArgumentParser(
-        description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+        description=description, formatter_class=_HelpFormatter
     )
-    parser.add_argument("--epochs", type=int, default=epochs)
-    parser.add_argument("--batch_size", type=int, default=batch_size)
-    parser.add_argument("--seed", type=int, default=seed)
-    parser.add_argument("--train", type=str2bool, default=True,
-                        help="True: train; False: evaluate the saved checkpoint on test")
     parser.add_argument("--data_dir", type=Path, default=spec.default_data_dir(script_dir))
     parser.add_argument("--pretrained_dir", type=Path, default=spec.default_pretrained_dir(script_dir))
     parser.add_argument("--save_dir", type=Path, default=spec.default_save_dir(script_dir))
     parser.add_argument("--feature_dir", type=Path, default=spec.default_feature_dir(script_dir))
     parser.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: CUDA when available)")
     parser.add_argument("--num_workers", type=int, default=0, help="data-loading worker processes")
+    return parser
+
+
+def base_parser(
+    spec: DatasetSpec, script_dir: str | Path, description: str | None, *, epochs: int,
+    batch_size: int, seed: int = 2024,
+) -> argparse.ArgumentParser:
+    """Flags of every training stage: the reference's names plus the folder flags."""
+    parser = paths_parser(spec, script_dir, description)
+    parser.add_argument("--epochs", type=int, default=epochs)
+    parser.add_argument("--batch_size", type=int, default=batch_size)
+    parser.add_argument("--seed", type=int, default=seed)
+    parser.add_argument("--train", type=str2bool, default=True,
+                        help="True: train; False: evaluate the saved checkpoint on test")
     return parser
 
 
