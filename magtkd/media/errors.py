@@ -1,0 +1,21 @@
+"""The one error type of the media decoders (SPEC section 6).
+
+Stages catch it to substitute silence / black frames and record the utterance in
+their `SubstitutionReport`; its message names the file and says what was wrong.
+"""
+
+from __future__ import annotations
+
+import os
+
+
+class MediaError(Exception):
+    """A media file that cannot be decoded: missing, corrupt, or lacking the stream."""
+
+    def __init__(self, path: str | os.PathLike, reason: str) -> None:
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"{self.path}: {reason}")
+
+    def __reduce__(self):  # keep the two-argument signature picklable for DataLoader workers
+        return (type(self), (self.path, self.reason))

@@ -1,0 +1,191 @@
+"""Run a dataset's whole pipeline: preparation, then the eight stages of SPEC section 0.
+
+    python -m magtkd.pipeline IEMOCAP [--data_dir D] [--pretrained_dir P] [--epochs 1] [--force]
+
+(``IEMOCAP/run.sh`` and ``MELD/run.sh`` call this.) Stages run in the seed
+README's order and the run stops at the first failure, naming the stage. A stage
+whose outputs all exist and are newer than its inputs is skipped (``--force``
+re-runs everything). Each stage runs as its own process, exactly as a user would
+run the script; ``--in_process`` calls the scripts' ``main()`` instead (used by
+the demo to save interpreter start-ups).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import logging
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+from .cli import setup_logging
+from .features import feature_path
+from .recipes import RECIPES, SPLITS, DatasetSpec
+
+log = logging.getLogger("magtkd")
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Context:
+    spec: DatasetSpec
+    data_dir: Path
+    pretrained_dir: Path
+    save_dir: Path
+    feature_dir: Path
+
+    def csvs(self) -> list[Path]:
+        return [self.data_dir / self.spec.csv_names[s] for s in SPLITS]
+
+    def bins(self, *names: str) -> list[Path]:
+        return [self.save_dir / n for n in names]
+
+    def frames_done(self) -> list[Path]:
+        # Written last by video_feature_extract.py, after every frame file.
+        return [self.feature_dir / "video" / "substitutions.tsv"]
+
+    def pickles(self) -> list[Path]:
+        return [feature_path(self.feature_dir, s) for s in SPLITS]
+
+    def raw(self) -> list[Path]:
+        if self.spec.name == "IEMOCAP":
+            return sorted(self.data_dir.glob("Session*/dialog/*/*.txt"))
+        return sorted(self.data_dir.glob("*_sent_emo.csv"))
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    script: str
+    args: tuple[str, ...]
+    kind: str  # which pipeline flags it takes: prepare | train | frames | extract | fusion
+    inputs: Callable[[Context], list[Path]]
+    outputs: Callable[[Context], list[Path]]
+
+
+STAGES = (
+    Stage("preprocessing", "preprocessing.py", (), "prepare", Context.raw, Context.csvs),
+    Stage("text", "text.py", (), "train", Context.csvs, lambda c: c.bins("text.bin")),
+    Stage("audio", "audio.py", (), "train", Context.csvs, lambda c: c.bins("audio.bin")),
+    Stage("frames", "video_feature_extract.py", (), "frames", Context.csvs, Context.frames_done),
+    Stage("video", "video.py", (), "train", Context.frames_done, lambda c: c.bins("video.bin")),
+    Stage("kd_audio", "KD.py", ("--student", "audio", "--teacher", "text"), "train",
+          lambda c: c.bins("text.bin", "audio.bin"), lambda c: c.bins("text_KD_audio.bin")),
+    Stage("kd_video", "KD.py", ("--student", "video", "--teacher", "text"), "train",
+          lambda c: c.bins("text.bin") + c.frames_done(), lambda c: c.bins("text_KD_video.bin")),
+    Stage("features", "extract_first_stage_features.py", (), "extract",
+          lambda c: c.bins("text.bin", "audio.bin", "video.bin", "text_KD_audio.bin", "text_KD_video.bin"),
+          Context.pickles),
+    Stage("fusion", "multimodal_fusion.py", (), "fusion", Context.pickles,
+          lambda c: c.bins("multimodal_fusion_best.bin", "multimodal_fusion_best.json")),
+)
+
+
+def up_to_date(inputs: Sequence[Path], outputs: Sequence[Path]) -> bool:
+    """All outputs exist and none is older than any existing input."""
+    if not outputs or not all(p.exists() for p in outputs):
+        return False
+    newest_input = max((p.stat().st_mtime for p in inputs if p.exists()), default=0.0)
+    return min(p.stat().st_mtime for p in outputs) >= newest_input
+
+
+def stage_argv(stage: Stage, ctx: Context, args: argparse.Namespace) -> list[str]:
+    """The flags this stage takes, from the pipeline's own."""
+    argv = list(stage.args)
+    if stage.kind == "prepare":
+        return argv + ["--data_dir", str(ctx.data_dir)]
+    if stage.kind == "fusion":
+        argv += ["--feature_dir", str(ctx.feature_dir), "--save_dir", str(ctx.save_dir)]
+        if args.fusion_epochs is not None:
+            argv += ["--epochs", str(args.fusion_epochs)]
+    else:
+        argv += ["--data_dir", str(ctx.data_dir), "--pretrained_dir", str(ctx.pretrained_dir),
+                 "--save_dir", str(ctx.save_dir), "--feature_dir", str(ctx.feature_dir),
+                 "--num_workers", str(args.num_workers)]
+    if args.device and stage.kind != "frames":
+        argv += ["--device", args.device]
+    if stage.kind == "train" and args.epochs is not None:
+        argv += ["--epochs", str(args.epochs)]
+    return argv
+
+
+def run_script(path: Path, argv: list[str], in_process: bool) -> None:
+    if in_process:
+        module_spec = importlib.util.spec_from_file_location(f"_stage_{path.parent.name}_{path.stem}", path)
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+        module.main(argv)
+    else:
+        subprocess.run([sys.executable, str(path), *argv], check=True)
+
+
+def run(args: argparse.Namespace) -> dict[str, float]:
+    """Run (or skip) each stage in order; returns seconds per stage that ran."""
+    spec = RECIPES[args.dataset]
+    script_dir = REPO / spec.name
+    ctx = Context(
+        spec,
+        Path(args.data_dir or spec.default_data_dir(script_dir)),
+        Path(args.pretrained_dir or spec.default_pretrained_dir(script_dir)),
+        Path(args.save_dir or spec.default_save_dir(script_dir)),
+        Path(args.feature_dir or spec.default_feature_dir(script_dir)),
+    )
+    seconds: dict[str, float] = {}
+    for stage in STAGES:
+        if not args.force and up_to_date(stage.inputs(ctx), stage.outputs(ctx)):
+            log.info("[%s] %s: outputs up to date, skipped", spec.name, stage.name)
+            continue
+        argv = stage_argv(stage, ctx, args)
+        log.info("[%s] %s: %s %s", spec.name, stage.name, stage.script, " ".join(argv))
+        started = time.time()
+        try:
+            run_script(script_dir / stage.script, argv, args.in_process)
+        except SystemExit as err:  # argparse errors and explicit exits of an in-process stage
+            if err.code not in (0, None):
+                raise PipelineError(f"[{spec.name}] stage '{stage.name}' ({stage.script}) failed: {err}") from err
+        except Exception as err:
+            raise PipelineError(f"[{spec.name}] stage '{stage.name}' ({stage.script}) failed: {err}") from err
+        seconds[stage.name] = round(time.time() - started, 2)
+    return seconds
+
+
+class PipelineError(RuntimeError):
+    """A stage failed; the message names it."""
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("dataset", choices=sorted(RECIPES))
+    env = os.environ.get
+    p.add_argument("--data_dir", default=env("DATA_DIR"))
+    p.add_argument("--pretrained_dir", default=env("PRETRAINED_DIR"))
+    p.add_argument("--save_dir", default=env("SAVE_DIR"))
+    p.add_argument("--feature_dir", default=env("FEATURE_DIR"))
+    p.add_argument("--device", default=env("DEVICE"))
+    p.add_argument("--num_workers", type=int, default=int(env("NUM_WORKERS", "0")))
+    p.add_argument("--epochs", type=int, default=int(env("EPOCHS")) if env("EPOCHS") else None,
+                   help="epochs of the first-stage and KD trainings (default: each stage's own)")
+    p.add_argument("--fusion_epochs", type=int,
+                   default=int(env("FUSION_EPOCHS")) if env("FUSION_EPOCHS") else None)
+    p.add_argument("--force", action="store_true", help="re-run stages whose outputs are up to date")
+    p.add_argument("--in_process", action="store_true", help="call each script's main() in this process")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, float]:
+    setup_logging()
+    args = parser().parse_args(argv)
+    try:
+        return run(args)
+    except PipelineError as err:
+        log.error("%s", err)
+        raise SystemExit(1) from err
+
+
+if __name__ == "__main__":
+    main()
