@@ -88,6 +88,10 @@ def setup_logging() -> None:
         handler._magtkd = True  # type: ignore[attr-defined]
         root.addHandler(handler)
     root.setLevel(logging.INFO)
+    # One tqdm bar per epoch is ours; transformers' per-load "Loading weights" bars are noise.
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
 
 def log_start(stage: str, args: argparse.Namespace, device: torch.device,

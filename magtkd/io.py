@@ -11,9 +11,10 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 
 @contextlib.contextmanager
@@ -60,8 +61,10 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
-def save_state_dict(path: str | os.PathLike, model: torch.nn.Module) -> None:
+def save_state_dict(path: str | os.PathLike, model: "torch.nn.Module") -> None:
     """Save a plain ``state_dict`` (the reference's `.bin` format, SPEC section 0)."""
+    import torch  # imported here so data generation and preparation stay torch-free
+
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     with atomic_path(path) as tmp:
         torch.save(state, tmp)

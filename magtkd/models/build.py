@@ -41,7 +41,7 @@ def build_text(pretrained_dir: Path, num_classes: int):
     backbone = pretrained.load_text_backbone(pretrained_dir)
     # The reference resized the model but encoded with a tokenizer that lacked
     # the speaker tokens; here both see the same vocabulary (SPEC section 2).
-    backbone.resize_token_embeddings(vocab)
+    backbone.resize_token_embeddings(vocab, mean_resizing=False)
     return TextEncoder(backbone, representation_width(pretrained_dir), num_classes), tokenizer
 
 
