@@ -29,7 +29,7 @@ def str2bool(value: str | bool) -> bool:
     raise argparse.ArgumentTypeError(f"expected True or False, got {value!r}")
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """Show defaults, and keep the stage docstring's layout (it holds the exact command)."""
 
 
@@ -37,7 +37,7 @@ def paths_parser(spec: DatasetSpec, script_dir: str | Path, description: str | N
     """Flags every stage has: folders (defaulting relative to the script's folder), device, workers."""
     script_dir = Path(script_dir)
     parser = argparse.ArgumentParser(
-        description=description, formatter_class=_HelpFormatter
+        description=description, formatter_class=HelpFormatter
     )
     parser.add_argument("--data_dir", type=Path, default=spec.default_data_dir(script_dir))
     parser.add_argument("--pretrained_dir", type=Path, default=spec.default_pretrained_dir(script_dir))

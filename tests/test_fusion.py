@@ -1,0 +1,289 @@
+"""Multi-modal anchor gated transformer (SPEC section 5): training stage, checkpoints, masking."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+
+from magtkd.features import feature_path
+from magtkd.models.fusion import (
+    AnchorGatedTransformer, FusionCheckpointError, FusionLoss, infer_sizes_from_checkpoint,
+    load_fusion_checkpoint,
+)
+from magtkd.recipes import IEMOCAP, MELD
+from magtkd.stages import fusion
+from magtkd.synthetic.features import write_synthetic_features
+
+WIDTH = 16
+SIZES = {"train": 24, "dev": 10, "test": 10}
+# Small model, quick schedule: the reference's lr 1e-4 / dropout 0.5 are tuned for width 768.
+FAST = ["--epochs", "8", "--batch_size", "4", "--lr", "3e-3", "--dropout", "0.1", "--n_head", "2",
+        "--per_batch_schedule", "--device", "cpu"]
+
+
+def run(spec, tmp_path, *extra):
+    return fusion.main(spec, tmp_path, ["--feature_dir", str(tmp_path / "feature"),
+                                        "--save_dir", str(tmp_path / "save"), *FAST, *extra])
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Width-16 models gain nothing from threads, and on a busy shared CPU extra threads spin for minutes."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, one_thread):
+    """One training run per recipe on synthetic pickles (shared by several tests)."""
+    out = {}
+    for spec in (IEMOCAP, MELD):
+        root = tmp_path_factory.mktemp(spec.name)
+        write_synthetic_features(root / "feature", spec, SIZES, width=WIDTH, seed=3)
+        out[spec.name] = (root, run(spec, root))
+    return out
+
+
+@pytest.mark.parametrize("spec", [IEMOCAP, MELD], ids=lambda s: s.name)
+def test_training_learns_and_writes_artifacts(trained, spec):
+    root, result = trained[spec.name]
+    curve = result["curve"]
+    assert len(curve) == 8
+    assert curve[-1]["train_loss"] < 0.7 * curve[0]["train_loss"]
+    assert result["dev_at_selected"]["weighted_f1"] > 0.5  # chance is 1/6 or 1/7
+    best_dev = max(c["dev"]["weighted_f1"] for c in curve)
+    assert result["dev_at_selected"]["weighted_f1"] == best_dev  # selection on DEV
+
+    save = root / "save"
+    assert sorted(p.name for p in save.iterdir()) == [
+        "multimodal_fusion_best.bin", "multimodal_fusion_best.json", "multimodal_fusion_metrics.json"]
+    preds = json.loads((save / "multimodal_fusion_best.json").read_text())
+    assert set(preds) == {"labels", "preds"}
+    n_test = sum(len(x) for x in fusion.load_split_features(
+        feature_path(root / "feature", "test"), "audio_kd", "video", torch.device("cpu")).labels)
+    assert len(preds["labels"]) == len(preds["preds"]) == n_test
+    assert preds["preds"] == result["preds"]
+
+    report = json.loads((save / "multimodal_fusion_metrics.json").read_text())
+    assert report["selected_epoch"] == result["selected_epoch"]
+    assert report["selection"] == "best dev weighted F1" and report["complete"] is True
+    assert report["test_confusion"]["labels"] == list(spec.labels)
+    assert {"dev", "test_not_used_for_selection", "train_loss"} <= set(report["curve"][0])
+    assert report["args"]["audio_feature"] == spec.fusion.audio_feature
+    assert report["args"]["video_feature"] == spec.fusion.video_feature
+    assert report["sizes"]["n_speaker"] == spec.fusion.n_speaker
+    state = torch.load(save / "multimodal_fusion_best.bin", weights_only=True)
+    assert state["speaker_embeddings.weight"].shape == (spec.fusion.n_speaker + 1, WIDTH)
+    assert not any(k.startswith(("a_t.", "v_t.", "fc.")) for k in state)
+
+
+def test_eval_round_trip_reads_only_test_pickle(trained, tmp_path):
+    root, result = trained["IEMOCAP"]
+    # Copy only what --train False may read.
+    (tmp_path / "feature").mkdir()
+    (tmp_path / "save").mkdir()
+    for src, dst in ((feature_path(root / "feature", "test"), feature_path(tmp_path / "feature", "test")),
+                     (root / "save" / "multimodal_fusion_best.bin", tmp_path / "save" / "multimodal_fusion_best.bin")):
+        dst.write_bytes(src.read_bytes())
+    evaluated = fusion.main(IEMOCAP, tmp_path, ["--feature_dir", str(tmp_path / "feature"), "--save_dir",
+                                                str(tmp_path / "save"), "--train", "False", "--n_head", "2",
+                                                "--batch_size", "4", "--device", "cpu"])
+    assert evaluated["preds"] == result["preds"]
+    assert evaluated["test"] == pytest.approx(result["test_at_selected"])
+    written = json.loads((tmp_path / "save" / "multimodal_fusion_best.json").read_text())
+    assert written == {"labels": result["labels"], "preds": result["preds"]}
+
+
+def test_separate_text_blocks_train_and_eval(tmp_path):
+    write_synthetic_features(tmp_path / "feature", IEMOCAP, {"train": 6, "dev": 3, "test": 3}, width=WIDTH, seed=5)
+    trained = run(IEMOCAP, tmp_path, "--separate_text_blocks", "--epochs", "2")
+    state = torch.load(tmp_path / "save" / "multimodal_fusion_best.bin", weights_only=True)
+    assert "a_t_gate.fc.weight" in state and infer_sizes_from_checkpoint(state)["separate_text_blocks"]
+    # Evaluation infers the separate blocks from the checkpoint.
+    evaluated = fusion.main(IEMOCAP, tmp_path, ["--feature_dir", str(tmp_path / "feature"), "--save_dir",
+                                                str(tmp_path / "save"), "--train", "False", "--n_head", "2",
+                                                "--batch_size", "4"])
+    assert evaluated["preds"] == trained["preds"]
+
+
+def test_hidden_dim_mismatch_names_both_numbers(tmp_path):
+    write_synthetic_features(tmp_path / "feature", IEMOCAP, {"train": 3, "dev": 2, "test": 2}, width=WIDTH, seed=1)
+    with pytest.raises(SystemExit, match=r"--hidden_dim 32 does not match the width 16"):
+        run(IEMOCAP, tmp_path, "--hidden_dim", "32")
+
+
+# --------------------------------------------------------------------------- reference checkpoints
+
+H, C, N_SPK = 8, 7, 304
+REFERENCE_BLOCKS = ("t_t", "a_t", "v_t", "a_a", "t_a", "v_a", "v_v", "t_v", "a_v")
+
+
+def reference_state(h: int = H, c: int = C, n_speaker: int = N_SPK) -> dict[str, torch.Tensor]:
+    """A state_dict with the reference's names and shapes, written from the SPEC section 5 list."""
+    g = torch.Generator().manual_seed(0)
+    shapes: dict[str, tuple] = {"speaker_embeddings.weight": (n_speaker + 1, h)}
+    for b in REFERENCE_BLOCKS:
+        shapes[f"{b}.pos_emb.pe"] = (1, 512, h)
+        layer = f"{b}.transformer_inter.0"
+        for proj in ("proj_q", "proj_k", "proj_v", "fc"):
+            shapes[f"{layer}.self_attn.{proj}.weight"] = (h, h)
+            shapes[f"{layer}.self_attn.{proj}.bias"] = (h,)
+        for lin in ("w_1", "w_2"):
+            shapes[f"{layer}.feed_forward.{lin}.weight"] = (h, h)
+            shapes[f"{layer}.feed_forward.{lin}.bias"] = (h,)
+        for norm in (f"{layer}.feed_forward.layer_norm", f"{layer}.layer_norm"):
+            shapes[f"{norm}.weight"] = (h,)
+            shapes[f"{norm}.bias"] = (h,)
+        shapes[f"{b}_gate.fc.weight"] = (h, h)
+        shapes[f"{b}_gate.fc.bias"] = (h,)
+    for m in ("t", "a", "v"):
+        shapes[f"features_reduce_{m}.weight"] = (h, 3 * h)
+        shapes[f"features_reduce_{m}.bias"] = (h,)
+        shapes[f"w_{m}.weight"] = (c, h)
+        shapes[f"w_{m}.bias"] = (c,)
+    shapes["fc.weight"] = (h, 3 * h)  # never used by the reference's forward
+    shapes["fc.bias"] = (h,)
+    return {k: torch.randn(*s, generator=g) for k, s in shapes.items()}
+
+
+def test_reference_checkpoint_loads(tmp_path, caplog):
+    state = reference_state()
+    path = tmp_path / "multimodal_fusion_best.bin"
+    torch.save(state, path)
+    assert infer_sizes_from_checkpoint(state) == {"n_speaker": N_SPK, "hidden": H, "n_classes": C,
+                                                  "separate_text_blocks": False}
+    model = AnchorGatedTransformer(H, C, N_SPK, n_head=2)
+    with caplog.at_level("INFO", logger="magtkd"):
+        load_fusion_checkpoint(model, path)
+    dropped = [r.getMessage() for r in caplog.records if "dropping" in r.getMessage()]
+    assert len(dropped) == 1 and "a_t" in dropped[0] and "fc" in dropped[0]
+    own = model.state_dict()
+    assert set(own) == {k for k in state if not k.startswith(("fc.", "a_t.", "v_t.", "a_t_gate.", "v_t_gate."))}
+    for key, value in own.items():
+        assert torch.equal(value, state[key]), key
+    # With separate text blocks the reference's a_t / v_t entries are loaded, only fc is dropped.
+    separate = AnchorGatedTransformer(H, C, N_SPK, n_head=2, separate_text_blocks=True)
+    load_fusion_checkpoint(separate, path)
+    assert torch.equal(separate.state_dict()["a_t_gate.fc.weight"], state["a_t_gate.fc.weight"])
+
+
+def test_reference_checkpoint_same_predictions_through_the_stage(tmp_path):
+    """A reference checkpoint evaluates through --train False like the model it was loaded into."""
+    write_synthetic_features(tmp_path / "feature", MELD, {"train": 2, "dev": 2, "test": 4}, width=H, seed=2)
+    state = reference_state()
+    (tmp_path / "save").mkdir()
+    torch.save(state, tmp_path / "save" / "multimodal_fusion_best.bin")
+    result = fusion.main(MELD, tmp_path, ["--feature_dir", str(tmp_path / "feature"), "--save_dir",
+                                          str(tmp_path / "save"), "--train", "False", "--n_head", "2"])
+    model = AnchorGatedTransformer(H, C, N_SPK, n_head=2)
+    model.load_state_dict({k: v for k, v in state.items() if k in model.state_dict()})
+    test = fusion.load_split_features(feature_path(tmp_path / "feature", "test"), "audio_kd", "video_kd",
+                                      torch.device("cpu"))
+    assert result["preds"] == fusion.predict(model, test, batch_size=1)
+
+
+def test_wrong_shape_and_missing_keys_are_named(tmp_path):
+    state = reference_state()
+    state["w_a.weight"] = torch.zeros(C + 1, H)
+    del state["v_v_gate.fc.bias"]
+    path = tmp_path / "ref.bin"
+    torch.save(state, path)
+    with pytest.raises(FusionCheckpointError) as err:
+        load_fusion_checkpoint(AnchorGatedTransformer(H, C, N_SPK, n_head=2), path)
+    message = str(err.value)
+    assert str(path) in message
+    assert "w_a.weight: file (8, 8) vs model (7, 8)" in message
+    assert "missing keys: v_v_gate.fc.bias" in message
+    with pytest.raises(FusionCheckpointError, match=r"unexpected keys: a_t\..*--separate_text_blocks"):
+        # Our own separate-block checkpoint into a sharing model: nothing is silently dropped.
+        torch.save(AnchorGatedTransformer(H, C, N_SPK, n_head=2, separate_text_blocks=True).state_dict(), path)
+        load_fusion_checkpoint(AnchorGatedTransformer(H, C, N_SPK, n_head=2), path)
+
+
+def test_parameter_names_match_reference_list():
+    reference = {k for k in reference_state() if not k.startswith(("fc.", "a_t.", "v_t.", "a_t_gate.", "v_t_gate."))}
+    assert set(AnchorGatedTransformer(H, C, N_SPK, n_head=2).state_dict()) == reference
+    full = set(reference_state()) - {"fc.weight", "fc.bias"}
+    assert set(AnchorGatedTransformer(H, C, N_SPK, n_head=2, separate_text_blocks=True).state_dict()) == full
+
+
+# --------------------------------------------------------------------------- padding and speakers
+
+
+def _dialogues(lengths, n_speaker, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return fusion.DialogueSet(
+        path=None, vids=list(range(len(lengths))),
+        text=[torch.randn(n, H, generator=g) for n in lengths],
+        audio=[torch.randn(n, H, generator=g) for n in lengths],
+        video=[torch.randn(n, H, generator=g) for n in lengths],
+        speakers=[torch.randint(0, n_speaker, (n,), generator=g) for n in lengths],
+        labels=[torch.randint(0, C, (n,), generator=g) for n in lengths],
+    )
+
+
+def _logits(model, data, indices):
+    batch = fusion.collate(data, indices, model.padding_speaker)
+    with torch.no_grad():
+        out = model(batch.text, batch.audio, batch.video, batch.speakers, batch.mask)
+    return [out.t_logits[i, : len(data.labels[j])] for i, j in enumerate(indices)], batch
+
+
+def test_padding_does_not_change_real_utterances():
+    torch.manual_seed(0)
+    model = AnchorGatedTransformer(H, C, N_SPK, n_head=2).eval()
+    data = _dialogues([3, 5, 2, 40, 17], N_SPK)
+    alone, _ = _logits(model, data, [0, 1])
+    padded, batch = _logits(model, data, [0, 1, 2, 3, 4])  # dialogue 3 pads the others to 40
+    assert batch.mask.shape == (5, 40) and int(batch.mask.sum()) == 67
+    for a, b in zip(alone, padded[:2]):
+        assert torch.allclose(a, b, atol=1e-5)
+    single, _ = _logits(model, data, [2])
+    assert torch.allclose(single[0], padded[2], atol=1e-5)
+
+
+def test_loss_ignores_padding():
+    torch.manual_seed(0)
+    model = AnchorGatedTransformer(H, C, N_SPK, n_head=2).eval()
+    data = _dialogues([3, 5, 30], N_SPK)
+    criterion = FusionLoss(alpha=0.7, beta=0.8, feature_loss=True)
+    with torch.no_grad():
+        b1 = fusion.collate(data, [0, 1], model.padding_speaker)
+        l1, _ = criterion(model(b1.text, b1.audio, b1.video, b1.speakers, b1.mask), b1.labels, b1.mask)
+        # Same two dialogues padded to 30 by a third one that is then masked out of the loss.
+        b2 = fusion.collate(data, [0, 1, 2], model.padding_speaker)
+        mask = b2.mask.clone()
+        mask[2] = False
+        l2, _ = criterion(model(b2.text, b2.audio, b2.video, b2.speakers, b2.mask), b2.labels, mask)
+    assert l1.item() == pytest.approx(l2.item(), rel=1e-5)
+
+
+def test_meld_padding_row_is_not_a_real_speaker():
+    torch.manual_seed(0)
+    model = AnchorGatedTransformer(H, C, N_SPK, n_head=2).eval()
+    assert model.padding_speaker == N_SPK and model.speaker_embeddings.num_embeddings == N_SPK + 1
+    data = _dialogues([4, 9], N_SPK)
+    data.speakers[0] = torch.tensor([2, 2, 5, 2])  # speaker 2 (Joey's row in the reference's numbering)
+    before, batch = _logits(model, data, [0, 1])
+    assert batch.speakers[0, 4:].tolist() == [N_SPK] * 5  # padding uses the extra row
+    with torch.no_grad():
+        model.speaker_embeddings.weight[N_SPK] += 10.0  # the padding row must not matter
+    after_pad, _ = _logits(model, data, [0, 1])
+    assert torch.allclose(before[0], after_pad[0], atol=1e-5)
+    with torch.no_grad():
+        model.speaker_embeddings.weight[2] += 10.0  # a real speaker's row must matter
+    after_real, _ = _logits(model, data, [0, 1])
+    assert not torch.allclose(before[0], after_real[0], atol=1e-3)
+
+
+def test_text_anchor_shares_t_t_by_default():
+    model = AnchorGatedTransformer(H, C, 2, n_head=2)
+    assert not hasattr(model, "a_t") and not hasattr(model, "v_t_gate")
+    separate = AnchorGatedTransformer(H, C, 2, n_head=2, separate_text_blocks=True)
+    assert isinstance(separate.a_t, type(separate.t_t))
+    assert re.fullmatch(r"\(1, 512, 8\)", str(tuple(model.t_t.pos_emb.pe.shape)))

@@ -1,0 +1,124 @@
+"""Distillation losses (SPEC section 3) against independent plain-numpy computations."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from magtkd.losses import (
+    FeatureKDLoss, LogitKDLoss, StudentObjective, feature_kd_loss, logit_kd_loss, pearson,
+)
+
+# Hand-made inputs: 4 samples x 3 classes, 4 samples x 5 features.
+Z_S = np.array([[2.0, 0.5, -1.0], [0.1, 0.2, 0.3], [-1.0, 3.0, 0.0], [0.5, -0.5, 1.5]])
+Z_T = np.array([[1.0, 1.0, -2.0], [0.0, 1.0, 0.0], [-2.0, 2.0, 1.0], [1.0, 0.0, 0.5]])
+H_S = np.array([[1.0, 0.0, 2.0, -1.0, 0.5], [0.3, 1.2, -0.7, 0.0, 2.0],
+                [-1.5, 0.4, 0.4, 1.0, 0.0], [2.0, 2.0, 0.0, -0.5, -1.0]])
+H_T = np.array([[0.5, 0.5, 1.0, -1.0, 0.0], [0.0, 1.0, -1.0, 0.5, 1.5],
+                [-1.0, 0.0, 1.0, 1.0, 0.5], [1.0, 1.5, 0.5, 0.0, -1.0]])
+
+
+def np_softmax(z: np.ndarray) -> np.ndarray:
+    e = np.exp(z - z.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def np_pearson_rows(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Pearson of each row pair, written out element by element."""
+    out = []
+    for a, b in zip(x, y):
+        a, b = a - a.mean(), b - b.mean()
+        out.append(float((a * b).sum()) / (np.sqrt((a * a).sum()) * np.sqrt((b * b).sum()) + 1e-8))
+    return np.array(out)
+
+
+def np_logit_kd(zs, zt, tau=2.0, beta=1.0, gamma=1.0) -> float:
+    ps, pt = np_softmax(zs / tau), np_softmax(zt / tau)
+    inter = 1 - np_pearson_rows(ps, pt).mean()
+    intra = 1 - np_pearson_rows(ps.T, pt.T).mean()
+    return tau**2 * (beta * inter + gamma * intra)
+
+
+def np_feature_kd(hs, ht) -> float:
+    hs = hs / np.linalg.norm(hs, axis=1, keepdims=True)
+    ht = ht / np.linalg.norm(ht, axis=1, keepdims=True)
+    p = np_softmax(ht @ ht.T)
+    q = np_softmax(ht @ hs.T)
+    return float((p * (np.log(p) - np.log(q))).sum() / len(hs))
+
+
+def t(x: np.ndarray, grad: bool = False) -> torch.Tensor:
+    return torch.tensor(x, dtype=torch.float64, requires_grad=grad)
+
+
+def test_pearson_matches_numpy_and_has_eps_in_denominator():
+    assert torch.allclose(pearson(t(Z_S), t(Z_T), dim=1), t(np_pearson_rows(Z_S, Z_T)))
+    # A constant vector has zero spread: 0 / (0 + eps) = 0, not NaN.
+    assert pearson(t(np.ones((1, 3))), t(Z_T[:1]), dim=1).item() == 0.0
+
+
+@pytest.mark.parametrize("tau,beta,gamma", [(2.0, 1.0, 1.0), (1.0, 0.5, 2.0), (4.0, 1.0, 0.0)])
+def test_logit_kd_matches_numpy(tau, beta, gamma):
+    ours = logit_kd_loss(t(Z_S), t(Z_T), tau, beta, gamma).item()
+    assert ours == pytest.approx(np_logit_kd(Z_S, Z_T, tau, beta, gamma), rel=1e-9, abs=1e-12)
+    assert LogitKDLoss(tau, beta, gamma)(t(Z_S), t(Z_T)).item() == pytest.approx(ours)
+
+
+def test_logit_kd_default_is_tau2_beta1_gamma1():
+    assert logit_kd_loss(t(Z_S), t(Z_T)).item() == pytest.approx(np_logit_kd(Z_S, Z_T, 2.0, 1.0, 1.0))
+
+
+def test_logit_kd_zero_for_identical_and_positive_for_permuted():
+    # Not exactly 0: the 1e-8 in the denominator leaves ~eps / variance of the probabilities.
+    assert logit_kd_loss(t(Z_S), t(Z_S)).item() == pytest.approx(0.0, abs=1e-4)
+    permuted = Z_S[[2, 0, 3, 1]]
+    assert logit_kd_loss(t(Z_S), t(permuted)).item() > 0.5
+
+
+def test_feature_kd_matches_numpy_and_is_zero_for_identical():
+    assert feature_kd_loss(t(H_S), t(H_T)).item() == pytest.approx(np_feature_kd(H_S, H_T), rel=1e-9)
+    assert FeatureKDLoss()(t(H_S), t(H_T)).item() == pytest.approx(np_feature_kd(H_S, H_T), rel=1e-9)
+    assert feature_kd_loss(t(H_T), t(H_T)).item() == pytest.approx(0.0, abs=1e-12)
+    # Scale-invariant: the features are L2-normalised first.
+    assert feature_kd_loss(t(3 * H_T), t(H_T)).item() == pytest.approx(0.0, abs=1e-12)
+
+
+def test_shape_errors_name_both_shapes():
+    with pytest.raises(ValueError, match=r"\(4, 3\).*\(4, 2\)"):
+        logit_kd_loss(t(Z_S), t(Z_T[:, :2]))
+    with pytest.raises(ValueError, match="width 5 != teacher width 3"):
+        feature_kd_loss(t(H_S), t(H_T[:, :3]))
+
+
+def test_gradients_flow_to_undetached_inputs_only():
+    zs, zt, hs, ht = t(Z_S, True), t(Z_T, True), t(H_S, True), t(H_T, True)
+    (logit_kd_loss(zs, zt) + feature_kd_loss(hs, ht)).backward()
+    for x in (zs, zt, hs, ht):
+        assert x.grad is not None and x.grad.abs().sum() > 0
+    zs2, zt2 = t(Z_S, True), t(Z_T, True)
+    logit_kd_loss(zs2, zt2.detach()).backward()
+    assert zs2.grad.abs().sum() > 0 and zt2.grad is None
+
+
+def test_student_objective_total_and_parts():
+    labels = torch.tensor([0, 2, 1, 2])
+    objective = StudentObjective(ce_weight=1.0, logit_weight=0.1, feature_weight=1.0)
+    total, parts = objective(t(Z_S), labels, t(Z_T), t(H_S), t(H_T))
+    ce = F.cross_entropy(t(Z_S), labels).item()
+    assert parts["ce"].item() == pytest.approx(ce)
+    assert parts["logit"].item() == pytest.approx(np_logit_kd(Z_S, Z_T))
+    assert parts["feature"].item() == pytest.approx(np_feature_kd(H_S, H_T))
+    assert total.item() == pytest.approx(ce + 0.1 * np_logit_kd(Z_S, Z_T) + np_feature_kd(H_S, H_T))
+
+
+def test_student_objective_skips_zero_weight_terms_and_demands_inputs():
+    labels = torch.tensor([0, 2, 1, 2])
+    total, parts = StudentObjective(logit_weight=1.0, feature_weight=0.0)(t(Z_S), labels, t(Z_T))
+    assert parts["feature"].item() == 0.0
+    assert total.item() == pytest.approx(F.cross_entropy(t(Z_S), labels).item() + np_logit_kd(Z_S, Z_T))
+    with pytest.raises(ValueError, match="teacher_logits"):
+        StudentObjective(logit_weight=1.0)(t(Z_S), labels)
+    with pytest.raises(ValueError, match="student_feat and teacher_feat"):
+        StudentObjective(logit_weight=0.0, feature_weight=1.0)(t(Z_S), labels)
