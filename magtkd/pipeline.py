@@ -109,8 +109,15 @@ def stage_argv(stage: Stage, ctx: Context, args: argparse.Namespace) -> list[str
                  "--num_workers", str(args.num_workers)]
     if args.device and stage.kind != "frames":
         argv += ["--device", args.device]
-    if stage.kind == "train" and args.epochs is not None:
-        argv += ["--epochs", str(args.epochs)]
+    if stage.kind == "train":
+        if args.epochs is not None:
+            argv += ["--epochs", str(args.epochs)]
+        if args.learning_rate is not None:
+            argv += ["--learning_rate", str(args.learning_rate)]
+        if args.per_batch_schedule:
+            argv += ["--per_batch_schedule", "True"]
+    if stage.kind == "fusion" and args.fusion_lr is not None:
+        argv += ["--lr", str(args.fusion_lr)]
     return argv
 
 
@@ -172,6 +179,12 @@ def parser() -> argparse.ArgumentParser:
                    help="epochs of the first-stage and KD trainings (default: each stage's own)")
     p.add_argument("--fusion_epochs", type=int,
                    default=int(env("FUSION_EPOCHS")) if env("FUSION_EPOCHS") else None)
+    p.add_argument("--learning_rate", type=float,
+                   default=float(env("LEARNING_RATE")) if env("LEARNING_RATE") else None,
+                   help="learning rate of the first-stage and KD trainings (default: each stage's own)")
+    p.add_argument("--per_batch_schedule", action="store_true",
+                   help="first-stage and KD schedules counted in batches (see text.py --help)")
+    p.add_argument("--fusion_lr", type=float, default=float(env("FUSION_LR")) if env("FUSION_LR") else None)
     p.add_argument("--force", action="store_true", help="re-run stages whose outputs are up to date")
     p.add_argument("--in_process", action="store_true", help="call each script's main() in this process")
     return p
