@@ -1,0 +1,51 @@
+"""Shared fixtures: the generated tiny data/models, and one demo run whose artifacts many tests read.
+
+The demo (``python -m magtkd.demo``) runs both datasets' full pipelines once per
+test session; stage tests then check its artifacts and run the scripts'
+evaluation-only modes against them, so the suite trains each model only once.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+
+@pytest.fixture(scope="session")
+def generated(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Tiny IEMOCAP/MELD release trees (prepared: CSVs written) and model stand-ins."""
+    from magtkd.prepare.iemocap import main as prepare_iemocap
+    from magtkd.prepare.meld import main as prepare_meld
+    from magtkd.synthetic.__main__ import generate
+
+    root = tmp_path_factory.mktemp("generated")
+    generate(root, seed=0)
+    prepare_iemocap(["--data_dir", str(root / "datasets" / "IEMOCAP")])
+    prepare_meld(["--data_dir", str(root / "datasets" / "MELD")])
+    return root
+
+
+@pytest.fixture(scope="session")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """One full demo run (both datasets, all stages, in-process). Returns paths and results."""
+    from magtkd.demo import main as demo_main
+
+    workdir = tmp_path_factory.mktemp("demo")
+    results = demo_main(["--workdir", str(workdir)])
+    return {"workdir": workdir, "results": results}
+
+
+def stage_paths(workdir: Path, dataset: str) -> dict[str, Path]:
+    """The folders the demo used for one dataset (as passed to every stage)."""
+    return {
+        "data_dir": workdir / "datasets" / dataset,
+        "pretrained_dir": workdir / "pretrained_model",
+        "save_dir": workdir / dataset / "save_model",
+        "feature_dir": workdir / dataset / "feature",
+    }
