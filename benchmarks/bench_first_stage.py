@@ -1,0 +1,337 @@
+"""Benchmark the first stage (SPEC section 2) on CPU: frame extraction, frame storage, encoder steps.
+
+    python benchmarks/bench_first_stage.py              # 5-minute 320x240 30 fps dialogue, 60 utterances
+    python benchmarks/bench_first_stage.py --quick      # 1-minute dialogue, 12 utterances, fewer steps
+    python benchmarks/bench_first_stage.py --threads 1  # torch.set_num_threads(1): steadier on busy cores
+    python benchmarks/bench_first_stage.py --size 480x360  # a larger video (slower to write and decode)
+
+Everything runs on one synthetic IEMOCAP-style dialogue written to a temporary
+folder: an MPEG-4 AVI whose frames carry their own index
+(`magtkd.synthetic.media.index_frame`), one 16 kHz WAV per utterance, and
+utterance texts from `magtkd.synthetic.text`. It prints figures, no assertions:
+
+1. Frame extraction. (a) ours: `magtkd.media.video.decode_windows`, one forward
+   decode for every window of the dialogue; (b) the reference's way: for each
+   utterance open the video, decode ALL of it, keep the window's frames and
+   apply `sample_positions`. Both use the same decoder settings and convert only
+   the 8 sampled frames to RGB (the reference also converted every frame, so (b)
+   is a lower bound of its cost). The frame indices read back from both must be
+   identical, and equal to the SPEC rule computed from the frame timestamps.
+   Then the real stage path, `magtkd.stages.frame_extract.run_job` (decode +
+   resize/crop + atomic .npy writes), with the stand-in image processor (32 px)
+   and with the real videomae-base settings (224 px). Short timings are the
+   median of 3 runs; the reference-style decode (60 full decodes) runs once.
+2. Disk bytes per utterance: the uint8 .npy written above at 224 px vs the
+   reference's float32 (8, 3, 224, 224) tensors, extrapolated to IEMOCAP/MELD.
+3. Samples per second of each encoder on the tiny stand-in models: batches of 4
+   from the stages' own fields and collate (`magtkd.loaders`), then
+   forward + backward + grad clip 10 + AdamW + schedule step as in
+   `magtkd.train.fit`, and inference-mode evaluation as in `magtkd.train.predict`;
+   samples/s = 4 / the median seconds per batch. Batches are built before
+   timing, so data loading is not counted.
+
+The synthetic video is flat colour blocks, so it decodes faster than a real
+IEMOCAP DivX video: the absolute decode times are optimistic, the speed-up is not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from argparse import Namespace
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import av  # noqa: E402
+import torch  # noqa: E402
+from transformers.utils import logging as hf_logging  # noqa: E402
+
+from magtkd import modalities  # noqa: E402
+from magtkd.data import Sample, Utterance, build_samples  # noqa: E402
+from magtkd.io import write_json  # noqa: E402
+from magtkd.loaders import SampleDataset, make_loader  # noqa: E402
+from magtkd.media.video import sample_positions, decode_windows  # noqa: E402
+from magtkd.recipes import IEMOCAP  # noqa: E402
+from magtkd.schedule import reference_schedule  # noqa: E402
+from magtkd.stages import frame_extract  # noqa: E402
+from magtkd.stages.common import classification_step  # noqa: E402
+from magtkd.synthetic.media import INDEX_BITS, index_frame, read_index, tone, write_video, write_wav  # noqa: E402
+from magtkd.synthetic.models import FRAME_SIZE, write_models  # noqa: E402
+from magtkd.synthetic.text import corpus, make_utterance  # noqa: E402
+
+FPS = 30
+AUDIO_RATE = 16_000
+BATCH = 4  # SPEC section 2: batch 4 utterances
+REAL_CROP = 224  # MCG-NJU/videomae-base: shortest edge 224, centre crop 224 x 224
+UTTERANCES = {"IEMOCAP": 7433, "MELD": 13708}  # SPEC section 1 totals (authors' CSVs / official)
+DIALOGUE = "Ses01F_impro01"
+
+
+# --- the synthetic dialogue ---------------------------------------------------
+
+
+def make_dialogue(root: Path, seconds: float, n_utt: int, size: tuple[int, int], seed: int) -> list[Utterance]:
+    """Write the dialogue video and one WAV per utterance; return the utterances in CSV order.
+
+    Utterances last 2-4 s and are spread evenly over the video; the frame with
+    index i shows ``i mod 4096`` (the index code has 12 bits), which is unique
+    inside any window shorter than 136 s.
+    """
+    rng = np.random.default_rng(seed)
+    width, height = size
+    video = root / "Session1" / "dialog" / "avi" / "DivX" / f"{DIALOGUE}.avi"
+    n_frames = int(round(seconds * FPS))
+    write_video(video, (index_frame(i % 2**INDEX_BITS, height, width) for i in range(n_frames)), FPS, codec="mpeg4")
+
+    durations = rng.uniform(2.0, 4.0, n_utt)
+    gap = (seconds - 1.0 - durations.sum()) / n_utt  # leave the last second of video after the last turn
+    if gap <= 0:
+        raise ValueError(f"{n_utt} utterances of 2-4 s do not fit in {seconds} s")
+    utterances, t = [], gap / 2
+    for i, duration in enumerate(durations):
+        letter = "F" if i % 2 == 0 else "M"
+        emotion = IEMOCAP.labels[int(rng.integers(IEMOCAP.num_classes))]
+        wav = root / "Session1" / "sentences" / "wav" / DIALOGUE / f"{DIALOGUE}_{letter}{i:03d}.wav"
+        write_wav(wav, tone(200.0 + 20 * i, float(duration), AUDIO_RATE, noise=0.05, rng=rng), AUDIO_RATE)
+        utterances.append(Utterance(
+            split="train", row=i + 1, dialogue_id=0, utterance_id=i, text=make_utterance(emotion, rng),
+            speaker=f"{DIALOGUE}_{letter}{i:03d}", speaker_key=letter, emotion=emotion,
+            label=IEMOCAP.labels.index(emotion), audio_path=wav, video_path=video,
+            start=round(t, 4), end=round(t + float(duration), 4),
+        ))
+        t += float(duration) + gap
+    return utterances
+
+
+# --- 1. frame extraction --------------------------------------------------------
+
+
+def reference_decode(path: Path, windows: list[tuple[float, float]]) -> list[np.ndarray | None]:
+    """The reference's cost: per utterance, open the video and decode all of it, then sample the window."""
+    clips = []
+    for t0, t1 in windows:
+        with av.open(str(path)) as container:
+            stream = container.streams.video[0]
+            stream.thread_type = "AUTO"  # the same decoder settings as decode_windows
+            held = [frame for frame in container.decode(stream) if t0 <= float(frame.time) < t1]
+        positions = sample_positions(len(held))
+        clips.append(np.stack([held[p].to_ndarray(format="rgb24") for p in positions]) if positions else None)
+    return clips
+
+
+def expected_indices(windows: list[tuple[float, float]], n_frames: int) -> list[list[int]]:
+    """SPEC section 2 sampling applied to frame timestamps i / FPS (as the stream stores them)."""
+    out = []
+    for t0, t1 in windows:
+        inside = [i for i in range(n_frames) if t0 <= i / FPS < t1]
+        out.append([inside[p] % 2**INDEX_BITS for p in sample_positions(len(inside))])
+    return out
+
+
+def indices(clips: list[np.ndarray | None]) -> list[list[int]]:
+    return [[] if clip is None else [read_index(frame) for frame in clip] for clip in clips]
+
+
+def processor_224(standin: Path, out: Path) -> Path:
+    """A pretrained folder whose videomae-base processor has the real 224 px settings."""
+    config = json.loads((standin / "videomae-base" / "preprocessor_config.json").read_text(encoding="utf-8"))
+    config = {**config, "size": {"shortest_edge": REAL_CROP},
+              "crop_size": {"height": REAL_CROP, "width": REAL_CROP}}
+    write_json(out / "videomae-base" / "preprocessor_config.json", config)
+    return out
+
+
+def seconds_of(fn, *args) -> float:
+    """Wall time of one call ``fn(*args)``."""
+    start = time.perf_counter()
+    fn(*args)
+    return time.perf_counter() - start
+
+
+def median_seconds(fn, repeats: int) -> float:
+    """Median wall time of ``repeats`` calls: robust to other processes sharing the cores."""
+    return float(np.median([seconds_of(fn) for _ in range(repeats)]))
+
+
+def time_stage(pretrained_dir: Path, utterances: list[Utterance], feature_dir: Path,
+               repeats: int) -> tuple[float, int, int]:
+    """Median seconds of `run_job` for the dialogue; the bytes of one stored .npy; substitutions.
+
+    Repeating the same job overwrites its files (each written atomically), as a
+    rerun of the stage after deleting its outputs would. An untimed first run
+    produces the files and the substitution count.
+    """
+    frame_extract._init_worker(pretrained_dir)
+    (job,) = frame_extract.plan_jobs(IEMOCAP, utterances, feature_dir)
+    problems = frame_extract.run_job(job)  # first run: also warms up the processor
+    seconds = median_seconds(lambda: frame_extract.run_job(job), repeats)
+    return seconds, job.outputs[0].stat().st_size, len(problems)
+
+
+# --- 3. encoder steps -----------------------------------------------------------
+
+
+def batches_for(field, samples: list[Sample], n: int, seed: int) -> list[dict]:
+    """``n`` shuffled batches of 4 through the stage's field and collate (`magtkd.loaders`)."""
+    loader = make_loader(SampleDataset(samples, [field]), BATCH, shuffle=True, num_workers=0, seed=seed)
+    out: list[dict] = []
+    while len(out) < n:
+        out.extend(b for b in loader if len(b["labels"]) == BATCH)
+    return out[:n]
+
+
+def describe(name: str, batches: list[dict]) -> str:
+    """Mean input size of the timed batches, for the table."""
+    if name == "text":
+        return f"prompt {np.mean([b['text_mask'].sum(1).float().mean().item() for b in batches]):.0f} tokens"
+    if name == "audio":
+        seconds = np.mean([b["audio_mask"].sum(1).float().mean().item() for b in batches]) / AUDIO_RATE
+        return f"clip {seconds:.1f} s"
+    return "x".join(str(d) for d in batches[0]["video_pixels"].shape[1:])
+
+
+def time_encoder(name: str, args: Namespace, samples: list[Sample], warmup: int, steps: int) -> dict:
+    """Train and eval samples/s of one encoder, stepped exactly as `magtkd.train.fit` steps it."""
+    torch.manual_seed(0)
+    model, field = modalities.build(name, IEMOCAP.num_classes, args)
+    step = classification_step(model, modalities.MODALITIES[name].forward)
+    batches = batches_for(field, samples, warmup + steps, seed=0)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=IEMOCAP.learning_rates[name])
+    scheduler = reference_schedule(optimizer, len(samples), len(samples) // BATCH, 10)
+
+    def train(batch: dict) -> None:
+        loss, _ = step(batch, True)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 10.0)
+        optimizer.step()
+        scheduler.step()
+
+    def evaluate(batch: dict) -> None:
+        with torch.inference_mode():
+            step(batch, False)
+
+    # Median seconds per batch over the timed steps (robust to other processes on the cores).
+    model.train()
+    train_s = float(np.median([seconds_of(train, b) for b in batches][warmup:]))
+    model.eval()
+    eval_s = float(np.median([seconds_of(evaluate, b) for b in batches][warmup:]))
+    return {"name": name, "input": describe(name, batches), "params": sum(p.numel() for p in params),
+            "train": BATCH / train_s, "eval": BATCH / eval_s}
+
+
+# --- main -----------------------------------------------------------------------
+
+
+def frame_size(text: str) -> tuple[int, int]:
+    """``WxH`` -> (W, H); even sizes, since the MPEG-4 encoder writes yuv420p."""
+    try:
+        width, height = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--size must look like 320x240, got {text!r}") from None
+    if width % 2 or height % 2 or width < 24 or height < 16:
+        raise argparse.ArgumentTypeError(f"--size {text}: need even sizes of at least 24x16")
+    return width, height
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="1-minute video, 12 utterances, 2+5 steps")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    p.add_argument("--size", default="320x240", type=frame_size, help="video frame size WxH (default 320x240)")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    size = args.size
+    seconds, n_utt = (60.0, 12) if args.quick else (300.0, 60)
+    n_frames = int(round(seconds * FPS))
+    warmup, steps = (2, 5) if args.quick else (3, 20)
+    repeats = 3  # for the short timings (our decode, run_job); the reference-style decode runs once
+    hf_logging.disable_progress_bar()  # a "Loading weights" bar per tiny model is noise here
+    began = time.perf_counter()
+
+    with tempfile.TemporaryDirectory(prefix="bench_first_stage_") as tmp:
+        work = Path(tmp)
+        t0 = time.perf_counter()
+        utterances = make_dialogue(work / "IEMOCAP", seconds, n_utt, size, seed=0)
+        standin = work / "pretrained_model"
+        write_models(standin, corpus())
+        setup_s = time.perf_counter() - t0
+        video = utterances[0].video_path
+        windows = [frame_extract.window_of(IEMOCAP, u) for u in utterances]
+
+        # 1. frame extraction
+        ours = decode_windows(video, windows)
+        ours_s = median_seconds(lambda: decode_windows(video, windows), repeats)
+        t0 = time.perf_counter()
+        theirs = reference_decode(video, windows)
+        theirs_s = time.perf_counter() - t0
+        ours_idx, theirs_idx = indices(ours), indices(theirs)
+        identical = ours_idx == theirs_idx
+        as_spec = ours_idx == expected_indices(windows, n_frames)
+        stage_s, _, subs = time_stage(standin, utterances, work / "feature_standin", repeats)
+        stage224_s, real_bytes, subs224 = time_stage(processor_224(standin, work / "pretrained_224"), utterances,
+                                                     work / "feature_224", repeats)
+
+        # 3. encoder steps (samples are the dialogue prefixes; video reads the stand-in frames)
+        samples = build_samples(utterances)
+        model_args = Namespace(pretrained_dir=standin, feature_dir=work / "feature_standin")
+        rows = [time_encoder(name, model_args, samples, warmup, steps) for name in ("text", "audio", "video")]
+
+    # 2. disk bytes (the reference stored float32 normalised tensors: 4 bytes per value)
+    ref_bytes = 8 * 3 * REAL_CROP * REAL_CROP * 4
+    total_s = time.perf_counter() - began
+
+    w, h = size
+    load = os.getloadavg()[0]  # other processes on the cores change every figure below
+    print(f"first-stage benchmark on CPU ({os.cpu_count()} cores, torch threads {torch.get_num_threads()}, "
+          f"1-min load average {load:.1f}); setup (video + wavs + stand-in models) {setup_s:.1f} s")
+    print(f"\n1. frame extraction: {seconds / 60:.0f}-minute dialogue, {w}x{h} @ {FPS} fps MPEG-4 AVI "
+          f"({n_frames} frames), {n_utt} utterance windows [max(start-1,0), end+1]")
+    print(f"   (a) ours, one decode for all windows     {ours_s:8.2f} s  (median of {repeats})")
+    print(f"   (b) reference, full decode per utterance {theirs_s:8.2f} s")
+    print(f"   speed-up                                 {theirs_s / ours_s:8.1f} x")
+    print(f"   frames identical: {identical}   (and equal to the SPEC rule on frame timestamps: {as_spec})")
+    print(f"   stage run_job, stand-in processor ({FRAME_SIZE} px)  {stage_s:8.2f} s  "
+          f"(median of {repeats}; {subs} substituted)")
+    print(f"   stage run_job, videomae-base {REAL_CROP} px      {stage224_s:8.2f} s  "
+          f"(median of {repeats}; {subs224} substituted)")
+    print(f"\n2. disk per utterance at {REAL_CROP} px: uint8 .npy {real_bytes:,} B vs reference float32 "
+          f"{ref_bytes:,} B (ratio {ref_bytes / real_bytes:.2f}x)")
+    print(f"   {'dataset':8} {'utterances':>10} {'uint8 GB':>9} {'float32 GB':>10}")
+    for name, n in UTTERANCES.items():
+        print(f"   {name:8} {n:10d} {n * real_bytes / 1e9:9.2f} {n * ref_bytes / 1e9:10.2f}")
+    print(f"\n3. encoder samples/s on the tiny stand-ins (batch {BATCH}, median of {steps} steps after {warmup} warmup)")
+    print(f"   {'encoder':7} {'input':>17} {'params':>9} {'train/s':>8} {'eval/s':>8}")
+    for r in rows:
+        print(f"   {r['name']:7} {r['input']:>17} {r['params']:9,d} {r['train']:8.1f} {r['eval']:8.1f}")
+
+    print("\nsummary")
+    table = [
+        ("frame extraction, ours (s)", f"{ours_s:.2f}"),
+        ("frame extraction, reference-style (s)", f"{theirs_s:.2f}"),
+        ("speed-up", f"{theirs_s / ours_s:.1f}x"),
+        ("frames identical", str(identical)),
+        ("run_job 32 px / 224 px (s)", f"{stage_s:.2f} / {stage224_s:.2f}"),
+        ("bytes/utterance uint8 / float32", f"{real_bytes:,} / {ref_bytes:,} ({ref_bytes / real_bytes:.2f}x)"),
+        ("IEMOCAP frames GB uint8 / float32",
+         f"{UTTERANCES['IEMOCAP'] * real_bytes / 1e9:.1f} / {UTTERANCES['IEMOCAP'] * ref_bytes / 1e9:.1f}"),
+        ("MELD frames GB uint8 / float32",
+         f"{UTTERANCES['MELD'] * real_bytes / 1e9:.1f} / {UTTERANCES['MELD'] * ref_bytes / 1e9:.1f}"),
+        *((f"{r['name']} samples/s train / eval", f"{r['train']:.1f} / {r['eval']:.1f}") for r in rows),
+        ("total runtime (s)", f"{total_s:.0f}"),
+    ]
+    width = max(len(k) for k, _ in table)
+    print("\n".join(f"  {k:<{width}}  {v}" for k, v in table))
+
+
+if __name__ == "__main__":
+    main()
