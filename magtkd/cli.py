@@ -39,10 +39,14 @@ def paths_parser(spec: DatasetSpec, script_dir: str | Path, description: str | N
     parser = argparse.ArgumentParser(
         description=description, formatter_class=HelpFormatter
     )
-    parser.add_argument("--data_dir", type=Path, default=spec.default_data_dir(script_dir))
-    parser.add_argument("--pretrained_dir", type=Path, default=spec.default_pretrained_dir(script_dir))
-    parser.add_argument("--save_dir", type=Path, default=spec.default_save_dir(script_dir))
-    parser.add_argument("--feature_dir", type=Path, default=spec.default_feature_dir(script_dir))
+    parser.add_argument("--data_dir", type=Path, default=spec.default_data_dir(script_dir),
+                        help="the dataset folder (release + prepared CSVs)")
+    parser.add_argument("--pretrained_dir", type=Path, default=spec.default_pretrained_dir(script_dir),
+                        help="folder holding the four pretrained model folders")
+    parser.add_argument("--save_dir", type=Path, default=spec.default_save_dir(script_dir),
+                        help="checkpoints (.bin) and their metrics JSON")
+    parser.add_argument("--feature_dir", type=Path, default=spec.default_feature_dir(script_dir),
+                        help="stored frames and first-stage feature pickles")
     parser.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: CUDA when available)")
     parser.add_argument("--num_workers", type=int, default=0, help="data-loading worker processes")
     return parser

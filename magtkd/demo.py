@@ -70,10 +70,16 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--learning_rate", type=float, default=1e-3, help="first-stage and KD learning rate")
     p.add_argument("--fusion_epochs", type=int, default=30)
     p.add_argument("--fusion_lr", type=float, default=1e-3)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (tiny models run fastest on one; 0 = torch's default)")
     p.add_argument("--subprocess", action="store_true",
                    help="run every stage as its own process, exactly like run.sh (slower)")
     args = p.parse_args(None if argv is None else list(argv))
     setup_logging()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     workdir = args.workdir.resolve()
     started = time.time()
 

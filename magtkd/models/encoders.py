@@ -34,11 +34,31 @@ class AudioEncoder(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.classifier = nn.Linear(backbone.config.hidden_size, num_classes)
+        self._frame_mask: torch.Tensor | None = None
+        # data2vec zeroes padded frames once, before its STACK of positional
+        # convolutions; after the first one they are no longer zero and leak into
+        # a clip's last frames (and, through attention, into frame 0). Re-zero them
+        # after every positional conv layer, so a clip's representation does not
+        # depend on its batch (SPEC section 2, Audio). Unpadded clips are unchanged.
+        pos_conv = getattr(getattr(backbone, "encoder", None), "pos_conv_embed", None)
+        for layer in getattr(pos_conv, "layers", ()):
+            layer.register_forward_hook(self._zero_padded_frames)
+
+    def _zero_padded_frames(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+        if self._frame_mask is None or output.shape[-1] != self._frame_mask.shape[-1]:
+            return output
+        return output * self._frame_mask[:, None, :].to(output.dtype)
 
     def forward(self, input_values: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # Right padding + attention mask: frame 0 is always real audio, so a
-        # clip's representation does not depend on its batch (SPEC section 2, Audio).
-        hidden = self.backbone(input_values=input_values, attention_mask=attention_mask).last_hidden_state
+        # Right padding + attention mask: frame 0 is always real audio.
+        lengths = attention_mask.sum(-1)
+        frames = self.backbone._get_feat_extract_output_lengths(lengths)
+        total = self.backbone._get_feat_extract_output_lengths(torch.full_like(lengths, input_values.shape[-1]))
+        self._frame_mask = torch.arange(int(total.max()), device=lengths.device)[None, :] < frames[:, None]
+        try:
+            hidden = self.backbone(input_values=input_values, attention_mask=attention_mask).last_hidden_state
+        finally:
+            self._frame_mask = None
         rep = hidden[:, 0, :]
         return rep, self.classifier(rep)
 

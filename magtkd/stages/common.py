@@ -49,3 +49,8 @@ def classification_step(model: nn.Module, forward: Forward):
         return F.cross_entropy(logits.float(), batch["labels"]), logits
 
     return step
+
+
+def report_suffix(train: bool) -> str:
+    """Evaluation-only runs keep their own report, so the training run's stays intact."""
+    return "_substitutions.tsv" if train else "_eval_substitutions.tsv"

@@ -53,7 +53,13 @@ def window_of(spec: DatasetSpec, utt: Utterance) -> tuple[float, float] | None:
 
 
 def plan_jobs(spec: DatasetSpec, utterances: Sequence[Utterance], feature_dir: Path) -> list[Job]:
-    """Group utterances by source video, keeping only those whose output is missing."""
+    """Group utterances by source video, keeping only those whose output is missing.
+
+    Temporary files left by a killed run are removed first; they are never read.
+    """
+    for split in {u.split for u in utterances}:
+        for stray in (Path(feature_dir) / "video" / split).glob(".*.tmp"):
+            stray.unlink(missing_ok=True)
     groups: dict[Path, list[Utterance]] = {}
     for utt in utterances:
         if not frame_file(feature_dir, utt.split, utt.key).is_file():

@@ -23,7 +23,7 @@ from ..models.build import load_checkpoint
 from ..recipes import DatasetSpec
 from ..report import SubstitutionReport
 from ..train import evaluate, fit
-from .common import load_samples, loaders_for, training_parser
+from .common import report_suffix, load_samples, loaders_for, training_parser
 
 log = logging.getLogger("magtkd")
 
@@ -51,14 +51,15 @@ def main(spec: DatasetSpec, script_dir: Path, argv: Sequence[str] | None = None,
     log_start(f"{spec.name} KD {args.teacher}->{args.student}", args, device,
               {s: len(v) for s, v in samples.items()})
 
-    # Models: frozen teacher, student
+    # Models: the student; the frozen teacher only when training (evaluation runs the student alone)
     t_info, s_info = modalities.MODALITIES[args.teacher], modalities.MODALITIES[args.student]
-    teacher, t_field = modalities.build(args.teacher, spec.num_classes, args)
-    load_checkpoint(teacher, save_dir / t_info.checkpoint, f"{spec.name}/{t_info.script}")
-    teacher.to(device).eval().requires_grad_(False)
     student, s_field = modalities.build(args.student, spec.num_classes, args)
-    if args.student == "audio":
-        load_checkpoint(student, save_dir / s_info.checkpoint, f"{spec.name}/{s_info.script}")
+    if args.train:
+        teacher, t_field = modalities.build(args.teacher, spec.num_classes, args)
+        load_checkpoint(teacher, save_dir / t_info.checkpoint, f"{spec.name}/{t_info.script}")
+        teacher.to(device).eval().requires_grad_(False)
+        if args.student == "audio":
+            load_checkpoint(student, save_dir / s_info.checkpoint, f"{spec.name}/{s_info.script}")
     student.to(device)
 
     def step(batch: dict, train: bool) -> tuple[torch.Tensor | None, torch.Tensor]:
@@ -74,9 +75,8 @@ def main(spec: DatasetSpec, script_dir: Path, argv: Sequence[str] | None = None,
             loss = loss + args.feature_weight * feature_kd_loss(s_rep.float(), t_rep.float())
         return loss, s_logits
 
-    # Loop; evaluation (dev/test) runs the student alone, so only training loads text
+    # Loop; dev/test evaluation runs the student alone, so only training batches load text
     report = SubstitutionReport()
-    train_fields = [t_field, s_field]
     if not args.train:
         load_checkpoint(student, checkpoint, f"{spec.name}/KD.py --student {args.student}")
         student.eval()
@@ -84,7 +84,7 @@ def main(spec: DatasetSpec, script_dir: Path, argv: Sequence[str] | None = None,
         result = evaluate(stage=f"KD {args.student}", step=step, loader=loader, device=device,
                           amp=args.amp, label_names=spec.labels, report=report)
     else:
-        loaders = loaders_for(samples, train_fields, args, ("train",))
+        loaders = loaders_for(samples, [t_field, s_field], args, ("train",))
         loaders.update(loaders_for(samples, [s_field], args, ("dev", "test")))
         result = fit(
             stage=f"{spec.name} KD {args.teacher}->{args.student}", model=student, step=step,
@@ -95,5 +95,5 @@ def main(spec: DatasetSpec, script_dir: Path, argv: Sequence[str] | None = None,
 
     # Artifact: checkpoint + metrics JSON by fit(); substitution report for audio students
     if args.student == "audio":
-        report.write(save_dir / f"{checkpoint.stem}_substitutions.tsv")
+        report.write(save_dir / f"{checkpoint.stem}{report_suffix(args.train)}")
     return result

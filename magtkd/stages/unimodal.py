@@ -18,7 +18,7 @@ from ..models.build import load_checkpoint
 from ..recipes import DatasetSpec
 from ..report import SubstitutionReport
 from ..train import evaluate, fit
-from .common import classification_step, load_samples, loaders_for, training_parser
+from .common import report_suffix, classification_step, load_samples, loaders_for, training_parser
 
 log = logging.getLogger("magtkd")
 
@@ -61,5 +61,5 @@ def main(modality: str, spec: DatasetSpec, script_dir: Path, argv: Sequence[str]
 
     # Artifact: the checkpoint and metrics JSON are written by fit(); the report here
     if modality == "audio":
-        report.write(Path(args.save_dir) / f"{checkpoint.stem}_substitutions.tsv")
+        report.write(Path(args.save_dir) / f"{checkpoint.stem}{report_suffix(args.train)}")
     return result

@@ -116,11 +116,13 @@ FRAME_HEIGHT, FRAME_WIDTH = 48, 64
 
 # Sessions 1-4 are train+dev (dev = names in DEV_DIALOGUES), Session 5 is test.
 DIALOGUES: tuple[str, ...] = (
-    "Ses01F_impro01", "Ses01F_script01_1", "Ses01M_impro01",
-    "Ses02F_script02_1", "Ses02M_impro03",
-    "Ses03F_impro05", "Ses03M_impro08b", "Ses03M_script02_2",
-    "Ses04F_impro07", "Ses04F_script01_1", "Ses04M_impro02",
-    "Ses05F_impro01", "Ses05F_script02_2", "Ses05M_impro03", "Ses05M_script03_1",
+    "Ses01F_impro01", "Ses01F_impro02", "Ses01F_script01_1", "Ses01M_impro01", "Ses01M_impro03",
+    "Ses02F_impro01", "Ses02F_impro02", "Ses02F_script02_1", "Ses02M_impro03", "Ses02M_impro05",
+    "Ses03F_impro05", "Ses03F_script01_2", "Ses03M_impro08b", "Ses03M_script02_2",
+    "Ses04F_impro02", "Ses04F_impro07", "Ses04F_script01_1", "Ses04M_impro02", "Ses04M_impro04",
+    "Ses04M_script03_2",
+    "Ses05F_impro01", "Ses05F_impro04", "Ses05F_script02_2", "Ses05M_impro03", "Ses05M_impro06",
+    "Ses05M_script03_1",
 )
 DROPPED_LABELS: tuple[str, ...] = ("xxx", "oth", "sur", "fea", "dis", "xxx", "oth", "xxx")
 # Dialogues whose transcription lists two overlapping turns out of start-time order.
@@ -189,8 +191,8 @@ def _time_range(turn: _Turn) -> str:
 
 
 def _plan_counts(rng: np.random.Generator) -> dict[str, int]:
-    """Kept utterances per dialogue (5-9)."""
-    return {dialogue: int(rng.integers(5, 10)) for dialogue in DIALOGUES}
+    """Kept utterances per dialogue (7-11)."""
+    return {dialogue: int(rng.integers(7, 12)) for dialogue in DIALOGUES}
 
 
 def _label_pools(counts: dict[str, int], rng: np.random.Generator) -> dict[str, list[str]]:

@@ -44,7 +44,7 @@ from .media import index_frame, tone, write_video
 FPS = 10
 FRAME_HEIGHT, FRAME_WIDTH = 48, 64
 SAMPLE_RATES = (44100, 48000)  # the real clips use both
-DIALOGUES_PER_SPLIT = {"train": 20, "dev": 5, "test": 7}
+DIALOGUES_PER_SPLIT = {"train": 40, "dev": 8, "test": 12}
 TRAIN_MISSING_DIALOGUE = 6
 # Each split holds every label once; its other rows are drawn with these weights:
 # mildly skewed towards neutral like MELD, without a dominant class.
@@ -93,7 +93,7 @@ def _dialogue_ids(split: str) -> list[int]:
 def _plan_split(split: str, rng: np.random.Generator, signal: LabelSignal) -> list[dict]:
     """The rows of one split (dicts holding the CSV fields plus the media plan)."""
     ids = _dialogue_ids(split)
-    sizes = [int(rng.integers(2, 7)) for _ in ids]
+    sizes = [int(rng.integers(3, 8)) for _ in ids]
     if split == "train":
         sizes[1] = 6  # one dialogue with five speakers
     labels = _labels(sum(sizes), rng)
