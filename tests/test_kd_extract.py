@@ -179,7 +179,7 @@ class Watch:
 
         def watched_build(name, num_classes, args):
             model, field = build(name, num_classes, args)
-            if not self.built:  # the first model built is the teacher
+            if name == "text":  # the teacher
                 model.register_forward_pre_hook(self._teacher_call)
             self.built.append(name)
             return model, field
