@@ -10,9 +10,11 @@
 3. writes ``DIR/results.json`` (test accuracy / weighted F1 of the fusion
    model, the majority-class baseline, seconds per stage) and ``DIR/results.md``.
 
-The random-weight stand-ins learn nothing at the pretrained learning rates
-(1e-5), so the demo trains the first stage at ``--learning_rate 1e-3`` with a
-per-batch schedule; every other setting is the stage's default.
+Random-weight stand-ins learn nothing at the learning rates meant for pretrained
+models (1e-5), so the demo trains the first stage for 5 epochs at
+``--learning_rate 1e-3`` with a per-batch schedule, and the fusion model (16-40
+tiny training dialogues) for 60 epochs with ``--lr 1e-3 --batch_size 2
+--dropout 0.1``; every other setting is the stage's default.
 """
 
 from __future__ import annotations
@@ -66,10 +68,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--workdir", type=Path, required=True)
     p.add_argument("--seed", type=int, default=0, help="seed of the generated data and models")
     p.add_argument("--datasets", nargs="+", choices=DATASETS, default=list(DATASETS))
-    p.add_argument("--epochs", type=int, default=2, help="first-stage and KD epochs")
+    p.add_argument("--epochs", type=int, default=5, help="first-stage and KD epochs")
     p.add_argument("--learning_rate", type=float, default=1e-3, help="first-stage and KD learning rate")
-    p.add_argument("--fusion_epochs", type=int, default=30)
-    p.add_argument("--fusion_lr", type=float, default=1e-3)
+    p.add_argument("--fusion_epochs", type=int, default=60)
+    p.add_argument("--fusion_args", default="--lr 1e-3 --batch_size 2 --dropout 0.1",
+                   help="flags for multimodal_fusion.py (a few tiny dialogues need small batches)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (tiny models run fastest on one; 0 = torch's default)")
     p.add_argument("--subprocess", action="store_true",
@@ -94,7 +97,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
             "--save_dir", str(workdir / name / "save_model"), "--feature_dir", str(workdir / name / "feature"),
             "--device", "cpu", "--epochs", str(args.epochs), "--learning_rate", str(args.learning_rate),
             "--per_batch_schedule", "--fusion_epochs", str(args.fusion_epochs),
-            "--fusion_lr", str(args.fusion_lr), "--force",
+            "--fusion_args", args.fusion_args, "--force",
             *([] if args.subprocess else ["--in_process"]),
         ])
         seconds = run_pipeline(stage_args)

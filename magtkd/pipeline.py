@@ -16,6 +16,7 @@ import argparse
 import importlib.util
 import logging
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -116,8 +117,8 @@ def stage_argv(stage: Stage, ctx: Context, args: argparse.Namespace) -> list[str
             argv += ["--learning_rate", str(args.learning_rate)]
         if args.per_batch_schedule:
             argv += ["--per_batch_schedule", "True"]
-    if stage.kind == "fusion" and args.fusion_lr is not None:
-        argv += ["--lr", str(args.fusion_lr)]
+    if stage.kind == "fusion" and args.fusion_args:
+        argv += shlex.split(args.fusion_args)
     return argv
 
 
@@ -184,7 +185,8 @@ def parser() -> argparse.ArgumentParser:
                    help="learning rate of the first-stage and KD trainings (default: each stage's own)")
     p.add_argument("--per_batch_schedule", action="store_true",
                    help="first-stage and KD schedules counted in batches (see text.py --help)")
-    p.add_argument("--fusion_lr", type=float, default=float(env("FUSION_LR")) if env("FUSION_LR") else None)
+    p.add_argument("--fusion_args", default=env("FUSION_ARGS", ""),
+                   help='extra flags for multimodal_fusion.py, e.g. "--lr 1e-3 --batch_size 2"')
     p.add_argument("--force", action="store_true", help="re-run stages whose outputs are up to date")
     p.add_argument("--in_process", action="store_true", help="call each script's main() in this process")
     return p

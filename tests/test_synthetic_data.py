@@ -143,7 +143,7 @@ def test_iemocap_layout_and_split(trees: SimpleNamespace) -> None:
     root, manifest = trees.iemocap_root, trees.iemocap
     assert sorted(p.name for p in root.iterdir()) == [f"Session{n}" for n in range(1, 6)]
     splits = manifest["splits"]
-    assert [len(splits[s]["dialogues"]) for s in SPLITS] == [8, 3, 4]
+    assert [len(splits[s]["dialogues"]) for s in SPLITS] == [16, 6, 6]
     assert set(splits["dev"]["dialogues"]) <= DEV_DIALOGUES
     assert not set(splits["train"]["dialogues"]) & DEV_DIALOGUES
     assert all(d.startswith("Ses05") for d in splits["test"]["dialogues"])

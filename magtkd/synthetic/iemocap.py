@@ -118,6 +118,7 @@ FRAME_HEIGHT, FRAME_WIDTH = 48, 64
 DIALOGUES: tuple[str, ...] = (
     "Ses01F_impro01", "Ses01F_impro02", "Ses01F_script01_1", "Ses01M_impro01", "Ses01M_impro03",
     "Ses02F_impro01", "Ses02F_impro02", "Ses02F_script02_1", "Ses02M_impro03", "Ses02M_impro05",
+    "Ses02M_script01_2", "Ses03F_impro01",
     "Ses03F_impro05", "Ses03F_script01_2", "Ses03M_impro08b", "Ses03M_script02_2",
     "Ses04F_impro02", "Ses04F_impro07", "Ses04F_script01_1", "Ses04M_impro02", "Ses04M_impro04",
     "Ses04M_script03_2",
@@ -195,13 +196,29 @@ def _plan_counts(rng: np.random.Generator) -> dict[str, int]:
     return {dialogue: int(rng.integers(7, 12)) for dialogue in DIALOGUES}
 
 
+def cohesive(labels: list[str], rng: np.random.Generator, mix: float = 0.3) -> list[str]:
+    """Arrange a split's labels so that consecutive utterances mostly share an emotion.
+
+    Real conversations are emotionally coherent (an IEMOCAP improvisation keeps
+    one mood for many turns), so the dialogue context carries the label as well
+    as the utterance itself; that is what the context models of both stages use.
+    The labels are grouped by emotion, then a fraction ``mix`` of the positions
+    is shuffled among themselves. The multiset (class balance) is unchanged.
+    """
+    grouped = sorted(labels, key=lambda label: (label, 0))
+    picked = np.flatnonzero(rng.random(len(grouped)) < mix)
+    moved = [grouped[i] for i in rng.permutation(picked)]
+    for i, label in zip(picked, moved):
+        grouped[i] = label
+    return grouped
+
+
 def _label_pools(counts: dict[str, int], rng: np.random.Generator) -> dict[str, list[str]]:
-    """Per split, a near-balanced shuffled list of gold labels (every label present)."""
+    """Per split, a near-balanced list of gold labels (every label present), emotionally cohesive."""
     pools: dict[str, list[str]] = {}
     for split in ("train", "dev", "test"):
         total = sum(n for d, n in counts.items() if split_of(d) == split)
-        pool = [LABELS[i % len(LABELS)] for i in range(total)]
-        pools[split] = [pool[i] for i in rng.permutation(total)]
+        pools[split] = cohesive([LABELS[i % len(LABELS)] for i in range(total)], rng)
     return pools
 
 

@@ -38,7 +38,7 @@ import numpy as np
 from ..io import write_bytes, write_text
 from ..recipes.meld import CLIP_DIRS, LABELS, OFFICIAL_COLUMNS, OFFICIAL_CSV
 from . import text as synth_text
-from .iemocap import LabelSignal
+from .iemocap import LabelSignal, cohesive
 from .media import index_frame, tone, write_video
 
 FPS = 10
@@ -96,7 +96,7 @@ def _plan_split(split: str, rng: np.random.Generator, signal: LabelSignal) -> li
     sizes = [int(rng.integers(3, 8)) for _ in ids]
     if split == "train":
         sizes[1] = 6  # one dialogue with five speakers
-    labels = _labels(sum(sizes), rng)
+    labels = cohesive(_labels(sum(sizes), rng), rng)
     markups = list(synth_text.MELD_MARKUP)
     cast = list(MAIN_CAST) + list(GUESTS[split])
     rows: list[dict] = []
