@@ -4,19 +4,17 @@
 
 Reads   datasets/IEMOCAP/IEMOCAP_{train,dev,test}.csv, media/frames, IEMOCAP/IEMOCAP/save_model/{text,audio,video,text_KD_audio,text_KD_video}.bin
 Writes  IEMOCAP/feature/first_stage_{train,dev,test}_features.pkl
+
+IEMOCAP speakers in the pickles are 0/1 by order of appearance in the dialogue.
 """
 
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from magtkd.recipes import IEMOCAP  # noqa: E402
-from magtkd.stages import extract  # noqa: E402
+from magtkd.stages import entry, extract  # noqa: E402
 
-
-def main(argv=None):
-    return extract.main(IEMOCAP, Path(__file__).parent, argv, __doc__)
-
+main = entry(extract.main, "IEMOCAP", __file__, __doc__)
 
 if __name__ == "__main__":
     main()

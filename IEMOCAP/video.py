@@ -1,25 +1,20 @@
 """Stage 4 - fine-tune TimeSformer on the stored IEMOCAP frames (SPEC section 2, Video).
 
-    python IEMOCAP/video.py --epochs 10 --learning_rate 1e-5 --batch_size 4 --seed 2024
+    python IEMOCAP/video.py --epochs 10 --learning_rate 1e-5 --batch_size 4 --seed 2024  [--train False]
 
 Reads   datasets/IEMOCAP/IEMOCAP_{train,dev,test}.csv, IEMOCAP/feature/video/*/*.npy, pretrained_model/timesformer-base-finetuned-k400
-        (+ pretrained_model/videomae-base for the normalisation constants)
-Writes  IEMOCAP/IEMOCAP/save_model/video.bin, IEMOCAP/IEMOCAP/save_model/video.json
+Writes  IEMOCAP/IEMOCAP/save_model/video.bin, video.json
 
-`--train False` evaluates the saved video.bin on test (the reference loaded audio.bin here).
+IEMOCAP frames come from the dialogue-video windows stored by stage 3.
 """
 
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from magtkd.recipes import IEMOCAP  # noqa: E402
-from magtkd.stages import unimodal  # noqa: E402
+from magtkd.stages import entry, unimodal  # noqa: E402
 
-
-def main(argv=None):
-    return unimodal.main("video", IEMOCAP, Path(__file__).parent, argv, __doc__)
-
+main = entry(unimodal.main, "IEMOCAP", __file__, __doc__, "video")
 
 if __name__ == "__main__":
     main()

@@ -2,24 +2,20 @@
 
     python IEMOCAP/video_feature_extract.py --num_workers 4
 
-Reads   datasets/IEMOCAP/IEMOCAP_{train,dev,test}.csv, the dialogue videos (window [start-1 s, end+1 s]), pretrained_model/videomae-base (image processor only)
-Writes  IEMOCAP/feature/video/{train,dev,test}/{Dialogue_ID}_{Utterance_ID}.npy (uint8, 8x3xHxW),
-        IEMOCAP/feature/video/substitutions.tsv (unreadable video -> black frames)
+Reads   datasets/IEMOCAP/IEMOCAP_{train,dev,test}.csv, the videos, pretrained_model/videomae-base (image processor only)
+Writes  IEMOCAP/feature/video/{split}/{Dialogue_ID}_{Utterance_ID}.npy (uint8 8x3xHxW) + substitutions.tsv
 
-Each source video is decoded once; existing .npy files are skipped, so a killed run resumes.
+IEMOCAP: one AVI per dialogue, decoded once for all of its utterances;
+each utterance's window is [max(start - 1 s, 0), end + 1 s].
 """
 
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from magtkd.recipes import IEMOCAP  # noqa: E402
-from magtkd.stages import frame_extract  # noqa: E402
+from magtkd.stages import entry, frame_extract  # noqa: E402
 
-
-def main(argv=None):
-    return frame_extract.main(IEMOCAP, Path(__file__).parent, argv, __doc__)
-
+main = entry(frame_extract.main, "IEMOCAP", __file__, __doc__)
 
 if __name__ == "__main__":
     main()

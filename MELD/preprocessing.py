@@ -1,25 +1,22 @@
-"""Stage 0 (MELD): official CSVs -> {train,dev,test}_meld_emo.csv + speaker2id.json (SPEC section 1).
+"""Stage 0 - raw MELD release -> the split CSVs every stage reads (SPEC section 1).
 
-    python MELD/preprocessing.py [--data_dir datasets/MELD]
+    python MELD/preprocessing.py --data_dir datasets/MELD
 
-Reads  <data_dir>/{train,dev,test}_sent_emo.csv and the clip folders train_splits,
-       dev_splits_complete, output_repeated_splits_test
-Writes <data_dir>/{train,dev,test}_meld_emo.csv (official rows, values byte-exact, plus
-       Video_Path), <data_dir>/speaker2id.json and <data_dir>/preparation_report.tsv
-       (missing clips, rows kept; clips no row names).
+Reads   <data_dir>/{train,dev,test}_sent_emo.csv and the clip folders
+Writes  <data_dir>/{train,dev,test}_meld_emo.csv, <data_dir>/speaker2id.json
+
+Every official row and column is kept, text byte-exact; Video_Path is added.
+Missing clips are listed in preparation_report.tsv (rows kept).
 """
 
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from magtkd.prepare import meld as prep_meld  # noqa: E402
+from magtkd.stages import entry  # noqa: E402
 
-from magtkd.prepare.meld import main as prepare_main  # noqa: E402
-
-
-def main(argv=None):
-    return prepare_main(argv, Path(__file__).parent)
-
+main = entry(prep_meld.run, "MELD", __file__, __doc__)
 
 if __name__ == "__main__":
     main()

@@ -208,3 +208,8 @@ def main(argv: Sequence[str] | None = None, script_dir: Path | None = None) -> i
         print(f"wrote {args.data_dir / IEMOCAP.csv_names[split]}")
     print(summary(frames))
     return 0
+
+
+def run(spec: object, script_dir: Path, argv: Sequence[str] | None = None, description: str | None = None) -> int:
+    """Entry of the dataset script (``magtkd.stages.entry`` signature)."""
+    return main(argv, script_dir)

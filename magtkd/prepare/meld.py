@@ -153,3 +153,8 @@ def main(argv: Sequence[str] | None = None, script_dir: Path | None = None) -> i
         print(f"wrote {args.data_dir / MELD.csv_names[split]}")
     print(summary(args.data_dir, result))
     return 0
+
+
+def run(spec: object, script_dir: Path, argv: Sequence[str] | None = None, description: str | None = None) -> int:
+    """Entry of the dataset script (``magtkd.stages.entry`` signature)."""
+    return main(argv, script_dir)

@@ -1,0 +1,114 @@
+"""End to end: the demo's artifacts (SPEC section 0), its results, and run.sh's skip/stop behaviour."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO, stage_paths
+from magtkd import metrics
+from magtkd.features import FEATURE_KEYS, feature_path, load_features
+from magtkd.recipes import RECIPES, SPLITS
+
+DATASETS = ("IEMOCAP", "MELD")
+CHECKPOINTS = ("text.bin", "audio.bin", "video.bin", "text_KD_audio.bin", "text_KD_video.bin",
+               "multimodal_fusion_best.bin")
+
+
+@pytest.mark.parametrize("dataset", DATASETS)
+def test_every_artifact_of_the_pipeline_exists_with_its_format(demo, dataset):
+    spec, paths = RECIPES[dataset], stage_paths(demo["workdir"], dataset)
+    # Stage 0: the prepared CSVs (+ MELD speaker map).
+    for split in SPLITS:
+        assert (paths["data_dir"] / spec.csv_names[split]).is_file()
+    if dataset == "MELD":
+        speaker2id = json.loads((paths["data_dir"] / "speaker2id.json").read_text(encoding="utf-8"))
+        assert sorted(speaker2id.values()) == list(range(len(speaker2id)))
+    # Stages 1, 2, 4, 5, 6, 8: plain state_dicts with a metrics JSON beside each.
+    for name in CHECKPOINTS:
+        state = torch.load(paths["save_dir"] / name, map_location="cpu", weights_only=True)
+        assert isinstance(state, dict) and state and all(torch.is_tensor(v) for v in state.values()), name
+    for name in CHECKPOINTS[:-1]:
+        doc = json.loads((paths["save_dir"] / name).with_suffix(".json").read_text(encoding="utf-8"))
+        assert doc["selected_epoch"] >= 1 and 0 <= doc["test"]["weighted_f1"] <= 1
+    assert json.loads((paths["save_dir"] / "multimodal_fusion_metrics.json").read_text())["selected_epoch"] >= 1
+    # Stage 3: one uint8 frame file per utterance.
+    for split in SPLITS:
+        frames = sorted((paths["feature_dir"] / "video" / split).glob("*.npy"))
+        assert frames and np.load(frames[0]).dtype == np.uint8
+    # Stage 7: the three pickles in the authors' layout.
+    for split in SPLITS:
+        features = load_features(feature_path(paths["feature_dir"], split))
+        assert set(features) == {"vids", *FEATURE_KEYS, "speakers", "labels", "dia2utt"}
+    # Stage 8: predictions over the test pickle's utterances, in its dialogue order.
+    out = json.loads((paths["save_dir"] / "multimodal_fusion_best.json").read_text())
+    test = load_features(feature_path(paths["feature_dir"], "test"), keys=("text",))
+    assert out["labels"] == [y for vid in test["vids"] for y in test["labels"][vid]]
+    assert len(out["preds"]) == len(out["labels"])
+
+
+@pytest.mark.parametrize("dataset", DATASETS)
+def test_results_json_matches_the_predictions_and_beats_the_majority_class(demo, dataset):
+    results = json.loads((demo["workdir"] / "results.json").read_text())
+    assert set(results) == set(DATASETS)
+    r = results[dataset]
+    out = json.loads((demo["workdir"] / dataset / "save_model" / "multimodal_fusion_best.json").read_text())
+    recomputed = metrics.summary(out["labels"], out["preds"])
+    assert r["test_weighted_f1"] == pytest.approx(recomputed["weighted_f1"])
+    assert r["test_accuracy"] == pytest.approx(recomputed["accuracy"])
+    assert 0 <= r["test_accuracy"] <= 1 and 0 <= r["test_weighted_f1"] <= 1
+    train = load_features(feature_path(demo["workdir"] / dataset / "feature", "train"), keys=("text",))
+    majority = metrics.majority_weighted_f1([y for v in train["vids"] for y in train["labels"][v]], out["labels"])
+    assert r["majority_weighted_f1"] == pytest.approx(majority)
+    assert r["test_weighted_f1"] >= majority + 0.2, r
+    assert set(r["seconds"]) == {"preprocessing", "text", "audio", "frames", "video", "kd_audio", "kd_video",
+                                 "features", "fusion"}
+    assert "| " + dataset + " |" in (demo["workdir"] / "results.md").read_text()
+
+
+def run_sh(dataset: str, workdir: Path, *extra: str) -> subprocess.CompletedProcess:
+    paths = stage_paths(workdir, dataset)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(
+        ["bash", str(REPO / dataset / "run.sh"), "--data_dir", str(paths["data_dir"]),
+         "--pretrained_dir", str(paths["pretrained_dir"]), "--save_dir", str(paths["save_dir"]),
+         "--feature_dir", str(paths["feature_dir"]), "--device", "cpu", *extra],
+        capture_output=True, text=True, env=env, cwd=REPO, timeout=600,
+    )
+
+
+def test_run_sh_skips_stages_whose_outputs_are_up_to_date(demo):
+    done = run_sh("IEMOCAP", demo["workdir"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    for stage in ("preprocessing", "text", "audio", "frames", "video", "kd_audio", "kd_video", "features", "fusion"):
+        assert f"[IEMOCAP] {stage}: outputs up to date, skipped" in done.stderr
+
+
+def test_run_sh_stops_at_the_first_failing_stage_and_names_it(demo, tmp_path):
+    # A copy of the demo's MELD state without text.bin and with no pretrained models:
+    # the text stage must run, fail, and stop the pipeline.
+    import shutil
+
+    work = tmp_path / "work"
+    src = stage_paths(demo["workdir"], "MELD")
+    shutil.copytree(src["data_dir"], work / "datasets" / "MELD")
+    (work / "pretrained_model").mkdir()
+    shutil.copytree(src["save_dir"], work / "MELD" / "save_model")
+    (work / "MELD" / "save_model" / "text.bin").unlink()
+    failed = run_sh("MELD", work)
+    assert failed.returncode != 0
+    assert "[MELD] stage 'text' (text.py) failed" in failed.stderr
+    assert "[MELD] audio:" not in failed.stderr  # nothing after the failing stage ran
+
+
+def test_demo_help_lists_its_flags():
+    out = subprocess.run([sys.executable, "-m", "magtkd.demo", "--help"], capture_output=True, text=True,
+                         cwd=REPO, timeout=120)
+    assert out.returncode == 0 and "--workdir" in out.stdout
