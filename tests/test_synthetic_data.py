@@ -304,7 +304,7 @@ def test_meld_csvs_are_written_like_the_official_files(trees: SimpleNamespace) -
         assert set(df["Sentiment"]) <= {"positive", "negative", "neutral"}
         for _, group in df.groupby("Dialogue_ID"):
             assert group["Utterance_ID"].tolist() == list(range(len(group)))
-            assert 2 <= len(group) <= 6 and group["Speaker"].nunique() <= 5
+            assert 3 <= len(group) <= 7 and group["Speaker"].nunique() <= 5
             assert group["Season"].nunique() == 1 and group["Episode"].nunique() == 1
         ids = sorted(set(df["Dialogue_ID"]))
         if split == "train":
