@@ -102,8 +102,9 @@ def test_run_sh_stops_at_the_first_failing_stage_and_names_it(demo, tmp_path):
     (work / "pretrained_model").mkdir()
     shutil.copytree(src["save_dir"], work / "MELD" / "save_model")
     (work / "MELD" / "save_model" / "text.bin").unlink()
-    failed = run_sh("MELD", work)
+    failed = run_sh("MELD", work, "--epochs", "1", "--fusion_epochs", "2")
     assert failed.returncode != 0
+    assert "text.py --data_dir" in failed.stderr and "--epochs 1" in failed.stderr  # flags pass through
     assert "[MELD] stage 'text' (text.py) failed" in failed.stderr
     assert "[MELD] audio:" not in failed.stderr  # nothing after the failing stage ran
 

@@ -5,16 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from .. import pretrained
+from ..checkpoints import CheckpointError, mismatch, read_state_dict
 from ..prompt import add_speaker_tokens
 from .encoders import AudioEncoder, TextEncoder, VideoEncoder
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that is missing or does not fit the model it is loaded into."""
 
 
 def _hidden_size(pretrained_dir: Path, name: str) -> int:
@@ -58,28 +54,11 @@ def build_video(pretrained_dir: Path, num_classes: int) -> VideoEncoder:
 
 def load_checkpoint(model: nn.Module, path: Path, produced_by: str) -> nn.Module:
     """Load a plain state_dict strictly; errors name the file and the mismatched keys."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} not found: it is written by {produced_by}")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(state, dict):
-        raise CheckpointError(f"{path} is not a state_dict (got {type(state).__name__})")
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    shapes = sorted(
-        f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-        for k in set(own) & set(state) if tuple(state[k].shape) != tuple(own[k].shape)
-    )
-    if missing or unexpected or shapes:
-        def show(keys: list[str]) -> str:
-            return ", ".join(keys[:8]) + (f" ... (+{len(keys) - 8} more)" if len(keys) > 8 else "")
-
-        problems = [f"missing keys: {show(missing)}" if missing else "",
-                    f"unexpected keys: {show(unexpected)}" if unexpected else "",
-                    f"shape mismatches: {show(shapes)}" if shapes else ""]
+    state = read_state_dict(path, produced_by)
+    problems = mismatch(model, state)
+    if problems:
         raise CheckpointError(
-            f"checkpoint {path} does not match the model ({'; '.join(p for p in problems if p)}); "
+            f"checkpoint {path} does not match the model ({problems}); "
             f"was it written by {produced_by} with the same pretrained folder?"
         )
     model.load_state_dict(state)

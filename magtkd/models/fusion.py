@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..checkpoints import CheckpointError, mismatch, read_state_dict
 from ..losses import StudentObjective
 
 log = logging.getLogger("magtkd")
@@ -32,7 +33,7 @@ VIDEO_ANCHOR = ("v_v", "t_v", "a_v")
 TEXT_ANCHOR = ("t_t", "a_t", "v_t")
 
 
-class FusionCheckpointError(RuntimeError):
+class FusionCheckpointError(CheckpointError):
     """A fusion checkpoint that is missing or does not fit the model."""
 
 
@@ -284,15 +285,10 @@ def infer_sizes_from_checkpoint(state: Mapping[str, torch.Tensor]) -> dict[str, 
 
 def read_fusion_state(path: str | Path) -> dict[str, torch.Tensor]:
     """``torch.load`` a plain state_dict (tensors only) from ``path``."""
-    path = Path(path)
-    if not path.is_file():
-        raise FusionCheckpointError(
-            f"fusion checkpoint {path} not found: it is written by multimodal_fusion.py --train True"
-        )
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(state, dict):
-        raise FusionCheckpointError(f"{path} is not a state_dict (got {type(state).__name__})")
-    return state
+    try:
+        return read_state_dict(path, "multimodal_fusion.py --train True")
+    except CheckpointError as err:
+        raise FusionCheckpointError(f"fusion {err}") from err
 
 
 def load_fusion_checkpoint(model: AnchorGatedTransformer, path: str | Path) -> AnchorGatedTransformer:
@@ -312,25 +308,12 @@ def load_fusion_checkpoint(model: AnchorGatedTransformer, path: str | Path) -> A
         log.info("%s: reference checkpoint; dropping %d never-used entries (%s)", path, len(dropped),
                  ", ".join(sorted({k.split(".")[0] for k in dropped})))
         state = {k: v for k, v in state.items() if k not in set(dropped)}
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    shapes = sorted(
-        f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-        for k in set(own) & set(state) if tuple(state[k].shape) != tuple(own[k].shape)
-    )
-    if missing or unexpected or shapes:
-        def show(items: list[str]) -> str:
-            return ", ".join(items[:8]) + (f" ... (+{len(items) - 8} more)" if len(items) > 8 else "")
-
-        problems = [f"missing keys: {show(missing)}" if missing else "",
-                    f"unexpected keys: {show(unexpected)}" if unexpected else "",
-                    f"shape mismatches: {show(shapes)}" if shapes else ""]
+    problems = mismatch(model, state)
+    if problems:
         hint = ""
+        unexpected = set(state) - set(model.state_dict())
         if not model.separate_text_blocks and any(k.startswith(_UNUSED_WHEN_SHARING) for k in unexpected):
             hint = "; it holds a_t/v_t blocks without the reference's fc: was it trained with --separate_text_blocks?"
-        raise FusionCheckpointError(
-            f"fusion checkpoint {path} does not fit the model ({'; '.join(p for p in problems if p)}){hint}"
-        )
+        raise FusionCheckpointError(f"fusion checkpoint {path} does not fit the model ({problems}){hint}")
     model.load_state_dict(state)
     return model
