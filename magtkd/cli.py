@@ -47,7 +47,7 @@ def paths_parser(spec: DatasetSpec, script_dir: str | Path, description: str | N
                         help="checkpoints (.bin) and their metrics JSON")
     parser.add_argument("--feature_dir", type=Path, default=spec.default_feature_dir(script_dir),
                         help="stored frames and first-stage feature pickles")
-    parser.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: CUDA when available)")
+    parser.add_argument("--device", default=None, help="cuda, cuda:1 or cpu; None = CUDA when available, else CPU")
     parser.add_argument("--num_workers", type=int, default=0, help="data-loading worker processes")
     return parser
 

@@ -62,7 +62,7 @@ def build_parser(spec: DatasetSpec, script_dir: Path, description: str | None = 
                    help="folder of first_stage_{train,dev,test}_features.pkl")
     p.add_argument("--save_dir", type=Path, default=spec.default_save_dir(script_dir),
                    help="folder of multimodal_fusion_best.{bin,json}")
-    p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: CUDA when available)")
+    p.add_argument("--device", default=None, help="cuda, cuda:1 or cpu; None = CUDA when available, else CPU")
     p.add_argument("--audio_feature", choices=("audio", "audio_kd"), default=d.audio_feature,
                    help="feature key feeding the audio stream A")
     p.add_argument("--video_feature", choices=("video", "video_kd"), default=d.video_feature,
