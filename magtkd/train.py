@@ -57,7 +57,7 @@ def predict(step: StepFn, loader, device: torch.device, amp: bool,
             report: SubstitutionReport | None = None, desc: str = "eval") -> tuple[np.ndarray, np.ndarray]:
     """Gold labels and argmax predictions over a loader, in loader order."""
     labels, preds = [], []
-    for batch in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True):
+    for batch in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=None):
         note_problems(batch, loader.dataset, report)
         batch = to_device(batch, device)
         with autocast(device, amp):
@@ -105,7 +105,7 @@ def fit(
     for epoch in range(1, epochs + 1):
         model.train()
         started, losses = time.time(), []
-        bar = tqdm(train_loader, desc=f"{stage} epoch {epoch}/{epochs}", leave=False, dynamic_ncols=True)
+        bar = tqdm(train_loader, desc=f"{stage} epoch {epoch}/{epochs}", leave=False, dynamic_ncols=True, disable=None)
         for batch in bar:
             note_problems(batch, train_loader.dataset, report)
             batch = to_device(batch, device)

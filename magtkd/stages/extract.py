@@ -45,7 +45,7 @@ def representations(models: dict, forward, loader, device: torch.device, amp: bo
                     report: SubstitutionReport) -> dict[str, np.ndarray]:
     """(N, D) float32 representations per model, in loader (CSV) order."""
     outputs: dict[str, list[np.ndarray]] = {key: [] for key in models}
-    for batch in tqdm(loader, desc="batches", leave=False, dynamic_ncols=True):
+    for batch in tqdm(loader, desc="batches", leave=False, dynamic_ncols=True, disable=None):
         note_problems(batch, loader.dataset, report)
         batch = to_device(batch, device)
         for key, model in models.items():

@@ -127,7 +127,7 @@ def main(spec: DatasetSpec, script_dir: Path, argv: Sequence[str] | None = None,
         _init_worker(args.pretrained_dir)
         results = map(run_job, jobs)
     try:
-        for problems in tqdm(results, total=len(jobs), desc="videos"):
+        for problems in tqdm(results, total=len(jobs), desc="videos", disable=None):
             for key, path, reason in problems:
                 report.add(key, path, reason, "black frames")
             if problems:  # keep the report current, so an interrupted run loses nothing
