@@ -10,7 +10,6 @@ within a split and renumbered from 0.
 
 from __future__ import annotations
 
-import argparse
 import re
 from collections import Counter
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from typing import Sequence
 import pandas as pd
 
 from ..data import DataError, check_data_dir
+from . import cli
 from ..io import atomic_path
 from ..recipes import IEMOCAP, SPLITS
 from ..recipes.iemocap import DEV_DIALOGUES, TEST_SESSIONS
@@ -194,22 +194,10 @@ def summary(frames: dict[str, pd.DataFrame]) -> str:
 
 def main(argv: Sequence[str] | None = None, script_dir: Path | None = None) -> int:
     """``python IEMOCAP/preprocessing.py [--data_dir D]``."""
-    script_dir = Path(script_dir) if script_dir else Path(__file__).resolve().parents[2] / "IEMOCAP"
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--data_dir", type=Path, default=IEMOCAP.default_data_dir(script_dir),
-                        help="the unpacked IEMOCAP release; the CSVs are written here")
-    args = parser.parse_args(None if argv is None else list(argv))
-    try:
-        frames = prepare_iemocap(args.data_dir)
-    except (FileNotFoundError, DataError) as exc:
-        raise SystemExit(f"error: {exc}") from exc
-    for split in SPLITS:
-        print(f"wrote {args.data_dir / IEMOCAP.csv_names[split]}")
-    print(summary(frames))
-    return 0
+    return run(IEMOCAP, script_dir or Path(__file__).resolve().parents[2] / "IEMOCAP", argv, __doc__)
 
 
 def run(spec: object, script_dir: Path, argv: Sequence[str] | None = None, description: str | None = None) -> int:
     """Entry of the dataset script (``magtkd.stages.entry`` signature)."""
-    return main(argv, script_dir)
+    return cli(IEMOCAP, Path(script_dir), argv, description, "the unpacked IEMOCAP release; the CSVs are written here",
+               prepare_iemocap, lambda data_dir, result: summary(result))

@@ -10,7 +10,6 @@ listed in ``preparation_report.tsv``.
 
 from __future__ import annotations
 
-import argparse
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ from typing import Sequence
 import pandas as pd
 
 from ..data import DataError, check_data_dir, read_csv_checked
+from . import cli
 from ..io import atomic_path, write_json, write_text
 from ..recipes import MELD, SPLITS
 from ..recipes.meld import CLIP_DIRS, OFFICIAL_COLUMNS, OFFICIAL_CSV, SPEAKER_MAP
@@ -139,22 +139,10 @@ def summary(data_dir: Path, result: MeldPrepared) -> str:
 
 def main(argv: Sequence[str] | None = None, script_dir: Path | None = None) -> int:
     """``python MELD/preprocessing.py [--data_dir D]``."""
-    script_dir = Path(script_dir) if script_dir else Path(__file__).resolve().parents[2] / "MELD"
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--data_dir", type=Path, default=MELD.default_data_dir(script_dir),
-                        help="folder with the official CSVs and clip folders; outputs are written here")
-    args = parser.parse_args(None if argv is None else list(argv))
-    try:
-        result = prepare_meld(args.data_dir)
-    except (FileNotFoundError, DataError) as exc:
-        raise SystemExit(f"error: {exc}") from exc
-    for split in SPLITS:
-        print(f"wrote {args.data_dir / MELD.csv_names[split]}")
-    print(summary(args.data_dir, result))
-    return 0
+    return run(MELD, script_dir or Path(__file__).resolve().parents[2] / "MELD", argv, __doc__)
 
 
 def run(spec: object, script_dir: Path, argv: Sequence[str] | None = None, description: str | None = None) -> int:
     """Entry of the dataset script (``magtkd.stages.entry`` signature)."""
-    return main(argv, script_dir)
+    return cli(MELD, Path(script_dir), argv, description, "folder with the official CSVs and clip folders; outputs are written here",
+               prepare_meld, lambda data_dir, result: summary(data_dir, result))
