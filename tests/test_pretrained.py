@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import os
@@ -250,15 +249,6 @@ def test_generate_rejects_unknown_part(tmp_path: Path) -> None:
         generate(tmp_path, what="everything")
 
 
-def _has_corpus() -> bool:
-    if importlib.util.find_spec("magtkd.synthetic.text") is None:
-        return False
-    from magtkd.synthetic import text
-
-    return callable(getattr(text, "corpus", None))
-
-
-@pytest.mark.skipif(not _has_corpus(), reason="magtkd.synthetic.text.corpus() not written yet")
 def test_cli_writes_models(tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "magtkd.synthetic", "--what", "models", "--out", str(tmp_path), "--seed", "0"],
