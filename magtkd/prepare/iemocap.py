@@ -18,7 +18,7 @@ from typing import Sequence
 
 import pandas as pd
 
-from ..data import DataError, check_data_dir
+from ..data import check_data_dir
 from . import cli
 from ..io import atomic_path
 from ..recipes import IEMOCAP, SPLITS

@@ -43,7 +43,7 @@ PRODUCERS = {"text.bin": "text.py", "audio.bin": "audio.py", "video.bin": "video
 @torch.inference_mode()
 def representations(models: dict, forward, loader, device: torch.device, amp: bool,
                     report: SubstitutionReport) -> dict[str, np.ndarray]:
-    """(N, D) float32 representations per model, in loader (CSV) order."""
+    """(N, D) float32 representations per model, in loader order."""
     outputs: dict[str, list[np.ndarray]] = {key: [] for key in models}
     for batch in tqdm(loader, desc="batches", leave=False, dynamic_ncols=True, disable=None):
         note_problems(batch, loader.dataset, report)
@@ -66,8 +66,10 @@ def main(spec: DatasetSpec, script_dir: Path, argv: Sequence[str] | None = None,
     device = resolve_device(args.device)
     save_dir, feature_dir = Path(args.save_dir), Path(args.feature_dir)
 
-    # Data: every utterance of every split, in CSV order
-    utterances = {split: load_split(spec, args.data_dir, split) for split in SPLITS}
+    # Data: every utterance of every split in the pickles' order (SPEC section 4: CSV order
+    # grouped by dialogue), so the models' outputs need no reordering
+    dialogues = {split: group_dialogues(load_split(spec, args.data_dir, split)) for split in SPLITS}
+    utterances = {split: [u for _, dialogue in dialogues[split] for u in dialogue] for split in SPLITS}
     samples = {split: build_samples(utts) for split, utts in utterances.items()}
     speaker2id = load_speaker2id(args.data_dir) if spec.global_speaker_ids else None
     log_start(f"{spec.name} extract_first_stage_features", args, device,
@@ -94,14 +96,10 @@ def main(spec: DatasetSpec, script_dir: Path, argv: Sequence[str] | None = None,
     paths = {}
     for split in SPLITS:
         utts = utterances[split]
-        speakers = [s for _, dialogue in group_dialogues(utts)
-                    for s in fusion_speaker_ids(spec, dialogue, speaker2id)]
-        order = [u for _, dialogue in group_dialogues(utts) for u in dialogue]
-        index = {id(u): i for i, u in enumerate(utts)}
-        rows = [index[id(u)] for u in order]
+        speakers = [s for _, dialogue in dialogues[split] for s in fusion_speaker_ids(spec, dialogue, speaker2id)]
         features = assemble_features(
-            [u.dialogue_id for u in order], [u.utterance_id for u in order], [u.label for u in order],
-            speakers, {key: vec[rows] for key, vec in vectors[split].items()},
+            [u.dialogue_id for u in utts], [u.utterance_id for u in utts], [u.label for u in utts],
+            speakers, vectors[split],
         )
         paths[split] = feature_path(feature_dir, split)
         save_features(paths[split], features)
