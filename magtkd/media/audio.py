@@ -18,7 +18,7 @@ import torch
 import torchaudio.functional as AF
 
 from ..report import SubstitutionReport
-from .errors import MediaError
+from .errors import MediaError, open_checked
 
 __all__ = ["TARGET_SAMPLE_RATE", "MediaError", "decode_audio", "load_audio"]
 
@@ -57,12 +57,7 @@ def decode_audio(
     path = Path(path)
     if max_samples is not None and max_samples <= 0:
         raise ValueError(f"max_samples must be positive, got {max_samples}")
-    if not path.is_file():
-        raise MediaError(path, "file not found")
-    try:
-        container = _open(path)
-    except (av.error.FFmpegError, OSError, ValueError) as exc:
-        raise MediaError(path, f"cannot open: {exc}") from exc
+    container = open_checked(path, _open)
     with container:
         if not container.streams.audio:
             raise MediaError(path, "no audio stream")

@@ -19,7 +19,7 @@ from typing import Callable, Sequence
 import av
 import numpy as np
 
-from .errors import MediaError
+from .errors import MediaError, open_checked
 
 __all__ = ["FRAMES_PER_CLIP", "MediaError", "decode_windows", "sample_positions"]
 
@@ -141,12 +141,7 @@ def _decode_pass(
     missed: list[_Window] = []
     pending = sorted(windows, key=lambda w: w.start, reverse=True)  # pop() gives the earliest start
     last_end = max(w.end for w in windows)
-    if not path.is_file():
-        raise MediaError(path, "file not found")
-    try:
-        container = _open(path)
-    except (av.error.FFmpegError, OSError, ValueError) as exc:
-        raise MediaError(path, f"cannot open: {exc}") from exc
+    container = open_checked(path, _open)
 
     def close(window: _Window) -> None:
         try:
