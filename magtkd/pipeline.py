@@ -22,6 +22,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Callable, Sequence
 
 from .cli import setup_logging
@@ -122,12 +123,17 @@ def stage_argv(stage: Stage, ctx: Context, args: argparse.Namespace) -> list[str
     return argv
 
 
+def load_script(path: Path) -> ModuleType:
+    """Import a stage script (``<repo>/<DS>/<name>.py``) as a module; its ``main(argv)`` takes the CLI flags."""
+    module_spec = importlib.util.spec_from_file_location(f"_stage_{path.parent.name}_{path.stem}", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module
+
+
 def run_script(path: Path, argv: list[str], in_process: bool) -> None:
     if in_process:
-        module_spec = importlib.util.spec_from_file_location(f"_stage_{path.parent.name}_{path.stem}", path)
-        module = importlib.util.module_from_spec(module_spec)
-        module_spec.loader.exec_module(module)
-        module.main(argv)
+        load_script(path).main(argv)
     else:
         subprocess.run([sys.executable, str(path), *argv], check=True)
 

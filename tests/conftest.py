@@ -7,6 +7,8 @@ evaluation-only modes against them, so the suite trains each model only once.
 
 from __future__ import annotations
 
+import functools
+import shutil
 import sys
 from pathlib import Path
 
@@ -49,3 +51,25 @@ def stage_paths(workdir: Path, dataset: str) -> dict[str, Path]:
         "save_dir": workdir / dataset / "save_model",
         "feature_dir": workdir / dataset / "feature",
     }
+
+
+@functools.cache
+def script(dataset: str, name: str):
+    """The module of ``<repo>/<dataset>/<name>.py`` (its ``main(argv)`` takes the CLI flags)."""
+    from magtkd.pipeline import load_script
+
+    return load_script(REPO / dataset / f"{name}.py")
+
+
+def flags(paths: dict[str, Path], **extra: str) -> list[str]:
+    argv = [item for key, value in paths.items() for item in (f"--{key}", str(value))]
+    return argv + [item for key, value in extra.items() for item in (f"--{key}", str(value))]
+
+
+def copy_checkpoints(paths: dict[str, Path], tmp: Path, *names: str) -> dict[str, Path]:
+    """The demo's folders with ``save_dir`` replaced by a copy holding ``names`` (the demo stays untouched)."""
+    save_dir = tmp / "save_model"
+    save_dir.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        shutil.copy2(paths["save_dir"] / name, save_dir / name)
+    return {**paths, "save_dir": save_dir}

@@ -8,7 +8,6 @@ here (in-process, and as a killed-and-resumed subprocess).
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 import signal
@@ -22,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import stage_paths
+from conftest import REPO, copy_checkpoints, flags, script, stage_paths
 from magtkd import pretrained
 from magtkd.cli import paths_parser, resolve_device
 from magtkd.data import load_split
@@ -38,27 +37,9 @@ from magtkd.synthetic.media import read_index
 from magtkd.synthetic.meld import write_meld
 from magtkd.synthetic.models import AV_HIDDEN, TEXT_HIDDEN
 
-REPO = Path(__file__).resolve().parents[1]
 SPECS = {"IEMOCAP": IEMOCAP, "MELD": MELD}
 MODALITIES = ("text", "audio", "video")
 FRAME_SHAPE = (8, 3, 32, 32)  # 8 frames, RGB, the stand-in processor's 32x32 crop
-_modules: dict[tuple[str, str], object] = {}
-
-
-def script(dataset: str, name: str):
-    """The module of ``<repo>/<dataset>/<name>.py`` (its ``main(argv)`` takes the CLI flags)."""
-    if (dataset, name) not in _modules:
-        path = REPO / dataset / f"{name}.py"
-        module_spec = importlib.util.spec_from_file_location(f"_test_{dataset}_{name}", path)
-        module = importlib.util.module_from_spec(module_spec)
-        module_spec.loader.exec_module(module)
-        _modules[(dataset, name)] = module
-    return _modules[(dataset, name)]
-
-
-def flags(paths: dict[str, Path], **extra: str) -> list[str]:
-    argv = [item for key, value in paths.items() for item in (f"--{key}", str(value))]
-    return argv + [item for key, value in extra.items() for item in (f"--{key}", str(value))]
 
 
 def generated_paths(generated: Path, dataset: str, tmp: Path) -> dict[str, Path]:
@@ -123,15 +104,6 @@ def test_checkpoint_is_plain_state_dict_with_metrics_json(demo, dataset, modalit
         assert {"precision", "recall", "f1-score", "support"} <= set(per_class[label])
     support = sum(per_class[label]["support"] for label in SPECS[dataset].labels)
     assert support == len(load_split(SPECS[dataset], stage_paths(demo["workdir"], dataset)["data_dir"], "test"))
-
-
-def copy_checkpoints(paths: dict[str, Path], tmp: Path, *names: str) -> dict[str, Path]:
-    """The demo's folders with ``save_dir`` replaced by a copy holding ``names`` (the demo stays untouched)."""
-    save_dir = tmp / "save_model"
-    save_dir.mkdir(parents=True, exist_ok=True)
-    for name in names:
-        shutil.copy2(paths["save_dir"] / name, save_dir / name)
-    return {**paths, "save_dir": save_dir}
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ data (to watch what the KD stage loads and how it treats the teacher).
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import pickle
 import shutil
@@ -21,7 +20,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import stage_paths
+from conftest import copy_checkpoints, flags, script, stage_paths
 from magtkd import loaders as magtkd_loaders
 from magtkd import modalities
 from magtkd.data import build_samples, group_dialogues, load_speaker2id, load_split
@@ -34,38 +33,11 @@ from magtkd.report import SubstitutionReport
 from magtkd.stages import kd as kd_stage
 from magtkd.synthetic.models import AV_HIDDEN, TEXT_HIDDEN
 
-REPO = Path(__file__).resolve().parents[1]
 SPECS = {"IEMOCAP": IEMOCAP, "MELD": MELD}
 STUDENTS = ("audio", "video")
 PICKLE_KEYS = {"vids", *FEATURE_KEYS, "speakers", "labels", "dia2utt"}
 CHECKPOINTS = {"text": "text.bin", "audio": "audio.bin", "video": "video.bin",
                "audio_kd": "text_KD_audio.bin", "video_kd": "text_KD_video.bin"}
-_modules: dict[tuple[str, str], object] = {}
-
-
-def script(dataset: str, name: str):
-    """The module of ``<repo>/<dataset>/<name>.py`` (its ``main(argv)`` takes the CLI flags)."""
-    if (dataset, name) not in _modules:
-        path = REPO / dataset / f"{name}.py"
-        module_spec = importlib.util.spec_from_file_location(f"_test_kd_{dataset}_{name}", path)
-        module = importlib.util.module_from_spec(module_spec)
-        module_spec.loader.exec_module(module)
-        _modules[(dataset, name)] = module
-    return _modules[(dataset, name)]
-
-
-def flags(paths: dict[str, Path], **extra: str) -> list[str]:
-    argv = [item for key, value in paths.items() for item in (f"--{key}", str(value))]
-    return argv + [item for key, value in extra.items() for item in (f"--{key}", str(value))]
-
-
-def copy_checkpoints(paths: dict[str, Path], tmp: Path, *names: str) -> dict[str, Path]:
-    """The demo's folders with ``save_dir`` replaced by a copy holding ``names`` (the demo stays untouched)."""
-    save_dir = tmp / "save_model"
-    save_dir.mkdir(parents=True, exist_ok=True)
-    for name in names:
-        shutil.copy2(paths["save_dir"] / name, save_dir / name)
-    return {**paths, "save_dir": save_dir}
 
 
 def digest(path: Path) -> str:
@@ -363,8 +335,6 @@ def test_extraction_metadata_does_not_depend_on_batch_size(extracted_twice):
             n = len(one["labels"][dia])
             assert one["labels"][dia] == full["labels"][dia][:n]
             assert one["speakers"][dia] == full["speakers"][dia][:n]
-
-
 
 
 @pytest.mark.parametrize("key", [
