@@ -1,9 +1,11 @@
-"""Stages 5-6 - distil the text teacher into the audio or video student on IEMOCAP (SPEC section 3).
+"""Stages 5-6 - distil the text teacher into the audio or video student on IEMOCAP (docs/METHOD.md §3).
 
-    python IEMOCAP/KD.py --student audio --teacher text    (then --student video)
+    python IEMOCAP/KD.py --student audio --teacher text     # then --student video
 
-Reads   datasets/IEMOCAP/IEMOCAP_{train,dev,test}.csv, IEMOCAP/IEMOCAP/save_model/text.bin (teacher), audio.bin (audio student init), audio or frames
-Writes  IEMOCAP/IEMOCAP/save_model/text_KD_audio.bin / text_KD_video.bin and their .json
+Reads   datasets/IEMOCAP/IEMOCAP_{train,dev,test}.csv; save_model/text.bin (teacher);
+        audio: the wavs and save_model/audio.bin (student init); video: the stored frames
+        (the video student starts from the pretrained TimeSformer, not video.bin)
+Writes  IEMOCAP/IEMOCAP/save_model/text_KD_audio.bin or text_KD_video.bin, and its .json
 
 IEMOCAP objective: CE + L_logit (--logit_weight 1, --feature_weight 0).
 """
@@ -11,10 +13,75 @@ IEMOCAP objective: CE + L_logit (--logit_weight 1, --feature_weight 0).
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from magtkd.stages import entry, kd  # noqa: E402
+import torch
+import torch.nn.functional as F
 
-main = entry(kd.main, "IEMOCAP", __file__, __doc__)
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+from IEMOCAP.config import IEMOCAP  # noqa: E402
+from magtkd import dataset, model, utils  # noqa: E402
+
+
+def main(argv=None) -> dict:
+    # Flags: the reference's names, IEMOCAP's defaults
+    parser = utils.training_parser(IEMOCAP, HERE, __doc__, epochs=10, batch_size=4, learning_rate=1e-5)
+    parser.add_argument("--student", choices=("audio", "video"), required=True)
+    parser.add_argument("--teacher", choices=("text",), default="text")
+    parser.add_argument("--logit_weight", type=float, default=1.0, help="weight of the correlation logit loss")
+    parser.add_argument("--feature_weight", type=float, default=0.0, help="weight of the relational feature loss")
+    parser.add_argument("--tau", type=float, default=2.0, help="logit-loss temperature")
+    args = parser.parse_args(argv)
+    utils.setup_logging()
+    device = utils.resolve_device(args.device)
+    utils.set_seed(args.seed)
+    checkpoint = args.save_dir / f"{args.teacher}_KD_{args.student}.bin"
+    stage = f"IEMOCAP KD {args.teacher}->{args.student}"
+
+    # Data: one dialogue-prefix sample per utterance, in CSV order
+    samples = dataset.load_samples(IEMOCAP, args.data_dir)
+    utils.log_start(stage, args, device, {s: len(v) for s, v in samples.items()})
+    report = utils.SubstitutionReport()
+
+    # Models: the student (audio from audio.bin; video from the pretrained TimeSformer) and, for
+    # training only, the frozen text teacher from text.bin
+    student, s_field = model.load_encoder(args.student, args.pretrained_dir, IEMOCAP.num_classes, args.feature_dir)
+    if args.train:
+        teacher, t_field = model.load_encoder(args.teacher, args.pretrained_dir, IEMOCAP.num_classes)
+        utils.load_checkpoint(teacher, args.save_dir / f"{args.teacher}.bin", f"IEMOCAP/{args.teacher}.py")
+        teacher.to(device).eval().requires_grad_(False)
+        if args.student == "audio":
+            utils.load_checkpoint(student, args.save_dir / "audio.bin", "IEMOCAP/audio.py")
+    student.to(device)
+
+    # Objective: CE + logit_weight * L_logit(student, teacher) + feature_weight * L_feat(student, teacher)
+    def step(batch: dict, train: bool):
+        s_rep, s_logits = student.encode(batch)
+        if not train:
+            return None, s_logits
+        with torch.no_grad():
+            t_rep, t_logits = teacher.encode(batch)
+        s_logits, t_logits = s_logits.float(), t_logits.float()
+        loss = F.cross_entropy(s_logits, batch["labels"])
+        loss = loss + args.logit_weight * model.logit_kd_loss(s_logits, t_logits, tau=args.tau)
+        if args.feature_weight:
+            loss = loss + args.feature_weight * model.feature_kd_loss(s_rep.float(), t_rep.float())
+        return loss, s_logits
+
+    # Loop: train with dev selection (--train False: evaluate the saved student alone on test);
+    # training batches also carry the teacher's input, dev/test batches only the student's
+    loaders = dataset.loaders(samples, [s_field], args.batch_size, args.num_workers, args.seed, ("dev", "test"))
+    if args.train:
+        loaders.update(dataset.loaders(samples, [t_field, s_field], args.batch_size, args.num_workers, args.seed,
+                                       ("train",)))
+    result = utils.fit(stage=stage, model=student, step=step, loaders=loaders, args=args, device=device,
+                       checkpoint=checkpoint, producer=f"IEMOCAP/KD.py --student {args.student}",
+                       label_names=IEMOCAP.labels, report=report)
+
+    # Artifacts: the checkpoint + metrics JSON (written by fit); the substitution report of audio students
+    if args.student == "audio":
+        report.write(utils.substitution_report_path(checkpoint, args.train))
+    return result
+
 
 if __name__ == "__main__":
     main()

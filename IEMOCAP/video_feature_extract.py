@@ -1,21 +1,53 @@
-"""Stage 3 - decode and store 8 frames per IEMOCAP utterance (SPEC section 2, Video).
+"""Stage 3 - decode 8 frames per IEMOCAP utterance and store them as uint8 (docs/METHOD.md §2).
 
     python IEMOCAP/video_feature_extract.py --num_workers 4
 
-Reads   datasets/IEMOCAP/IEMOCAP_{train,dev,test}.csv, the videos, pretrained_model/videomae-base (image processor only)
-Writes  IEMOCAP/feature/video/{split}/{Dialogue_ID}_{Utterance_ID}.npy (uint8 8x3xHxW) + substitutions.tsv
+Reads   datasets/IEMOCAP/IEMOCAP_{train,dev,test}.csv, the dialogue videos, pretrained_model/videomae-base
+        (its image processor only)
+Writes  IEMOCAP/feature/video/{train,dev,test}/{Dialogue_ID}_{Utterance_ID}.npy (uint8 (8, 3, H, W) after
+        resize and centre crop) and IEMOCAP/feature/video/substitutions.tsv
 
-IEMOCAP: one AVI per dialogue, decoded once for all of its utterances;
-each utterance's window is [max(start - 1 s, 0), end + 1 s].
+Each utterance's window is [max(start - 1, 0), end + 1] seconds of its dialogue video; each dialogue
+video is decoded once for all its utterances. Resumable: complete .npy files are skipped.
 """
 
+import logging
 import sys
+import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from magtkd.stages import entry, frame_extract  # noqa: E402
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+from IEMOCAP.config import IEMOCAP  # noqa: E402
+from magtkd import dataset, model, utils  # noqa: E402
 
-main = entry(frame_extract.main, "IEMOCAP", __file__, __doc__)
+log = logging.getLogger("magtkd")
+
+
+def main(argv=None) -> dict:
+    # Flags: the folders and --num_workers (source videos decoded in parallel)
+    args = utils.paths_parser(IEMOCAP, HERE, __doc__).parse_args(argv)
+    utils.setup_logging()
+
+    # Data: the utterances whose frames are still missing, grouped by source video
+    utterances = [u for split in dataset.SPLITS for u in dataset.load_split(IEMOCAP, args.data_dir, split)]
+    jobs = dataset.plan_jobs(IEMOCAP, utterances, args.feature_dir)
+    todo = sum(len(j.keys) for j in jobs)
+    utils.log_start("IEMOCAP video_feature_extract", args, "cpu",
+                    {"utterances": len(utterances), "to_extract": todo, "source_videos": len(jobs)})
+
+    # "Model": the videomae-base image processor's resize and centre crop
+    processor = model.load_image_processor(args.pretrained_dir)
+
+    # Loop and artifacts: one decode per source video; frames written atomically, then the report
+    started = time.time()
+    report_path = args.feature_dir / "video" / "substitutions.tsv"
+    report = dataset.extract_frames(jobs, processor, args.num_workers, report_path)
+    seconds = time.time() - started
+    log.info("IEMOCAP: stored %d utterances from %d videos in %.1f s; %d substituted (see %s)",
+             todo, len(jobs), seconds, len(report), report_path)
+    return {"extracted": todo, "videos": len(jobs), "substituted": len(report), "seconds": seconds}
+
 
 if __name__ == "__main__":
     main()

@@ -1,20 +1,84 @@
-"""Stage 7 - first-stage features of every MELD utterance (SPEC section 4).
+"""Stage 7 - run the five first-stage models over every MELD utterance (docs/METHOD.md §4).
 
-    python MELD/extract_first_stage_features.py --batch_size 16
+    python MELD/extract_first_stage_features.py
 
-Reads   datasets/MELD/{train,dev,test}_meld_emo.csv, media/frames, MELD/MELD/save_model/{text,audio,video,text_KD_audio,text_KD_video}.bin
-Writes  MELD/feature/first_stage_{train,dev,test}_features.pkl
+Reads   datasets/MELD/{train,dev,test}_meld_emo.csv, speaker2id.json, the mp4 clips, the stored frames,
+        and MELD/MELD/save_model/{text,audio,video,text_KD_audio,text_KD_video}.bin
+Writes  MELD/feature/first_stage_{train,dev,test}_features.pkl (keys vids, text, audio, video,
+        audio_kd, video_kd, speakers, labels, dia2utt) and first_stage_substitutions.tsv
 
-MELD speakers in the pickles are the ids of datasets/MELD/speaker2id.json.
+Speakers in the pickles are the global ids of datasets/MELD/speaker2id.json.
 """
 
+import logging
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from magtkd.stages import entry, extract  # noqa: E402
+import numpy as np
 
-main = entry(extract.main, "MELD", __file__, __doc__)
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+from MELD.config import MELD  # noqa: E402
+from magtkd import dataset, model, utils  # noqa: E402
+
+log = logging.getLogger("magtkd")
+
+# feature key -> (encoder, checkpoint, the script that writes it), grouped by the input they share
+GROUPS = {
+    "text": {"text": ("text.bin", "MELD/text.py")},
+    "audio": {"audio": ("audio.bin", "MELD/audio.py"),
+              "audio_kd": ("text_KD_audio.bin", "MELD/KD.py --student audio --teacher text")},
+    "video": {"video": ("video.bin", "MELD/video.py"),
+              "video_kd": ("text_KD_video.bin", "MELD/KD.py --student video --teacher text")},
+}
+
+
+def main(argv=None) -> dict:
+    # Flags: the folders, the batch size (features do not depend on it) and autocast
+    parser = utils.paths_parser(MELD, HERE, __doc__)
+    parser.add_argument("--batch_size", type=int, default=16, help="utterances per forward pass")
+    parser.add_argument("--amp", type=utils.str2bool, default=True, help="bf16 autocast on CUDA")
+    args = parser.parse_args(argv)
+    utils.setup_logging()
+    device = utils.resolve_device(args.device)
+
+    # Data: every utterance of every split in the pickles' order (CSV order grouped by dialogue)
+    dialogues = {s: dataset.group_dialogues(dataset.load_split(MELD, args.data_dir, s)) for s in dataset.SPLITS}
+    utterances = {s: [u for _, dialogue in dialogues[s] for u in dialogue] for s in dataset.SPLITS}
+    samples = {s: dataset.build_samples(utts) for s, utts in utterances.items()}
+    speaker2id = dataset.load_speaker2id(args.data_dir)
+    utils.log_start("MELD extract_first_stage_features", args, device, {s: len(v) for s, v in samples.items()})
+
+    # Models, one input group at a time (each clip decoded once): vectors[split][key] = (N, D)
+    vectors: dict = {split: {} for split in dataset.SPLITS}
+    report = utils.SubstitutionReport()
+    for modality, members in GROUPS.items():
+        encoders, field = {}, None
+        for key, (checkpoint, producer) in members.items():
+            encoder, field = model.load_encoder(modality, args.pretrained_dir, MELD.num_classes, args.feature_dir)
+            utils.load_checkpoint(encoder, args.save_dir / checkpoint, producer)
+            encoders[key] = encoder.to(device).eval()
+        for split in dataset.SPLITS:
+            loader = dataset.make_loader(dataset.SampleDataset(samples[split], [field]), args.batch_size,
+                                         shuffle=False, num_workers=args.num_workers)
+            vectors[split].update(utils.representations(encoders, loader, device, args.amp, report))
+            log.info("MELD: %s features for %s done", "/".join(encoders), split)
+        del encoders
+
+    # Artifacts: one pickle per split, written atomically, and the substitution report
+    paths = {}
+    for split in dataset.SPLITS:
+        utts = utterances[split]
+        speakers = [s for _, dialogue in dialogues[split] for s in dataset.fusion_speaker_ids(MELD, dialogue, speaker2id)]
+        features = dataset.assemble_features(
+            [u.dialogue_id for u in utts], [u.utterance_id for u in utts], [u.label for u in utts],
+            speakers, {key: np.asarray(v) for key, v in vectors[split].items()},
+        )
+        paths[split] = dataset.save_features(dataset.feature_path(args.feature_dir, split), features)
+        log.info("MELD: wrote %s (%d dialogues, %d utterances)", paths[split], len(features["vids"]), len(utts))
+    report.write(args.feature_dir / "first_stage_substitutions.tsv")
+    return {"paths": {k: str(v) for k, v in paths.items()}, "substituted": len(report)}
+
 
 if __name__ == "__main__":
     main()

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# MELD from raw release to fusion results: preparation + the eight stages (SPEC section 0).
+# MELD from raw release to fusion results: preparation + the eight stages (docs/METHOD.md §0).
 #   bash MELD/run.sh [--data_dir D] [--pretrained_dir P] [--epochs N] [--fusion_epochs N] [--force]
 # Environment: DATA_DIR PRETRAINED_DIR SAVE_DIR FEATURE_DIR DEVICE NUM_WORKERS EPOCHS FUSION_EPOCHS.
 # Stops at the first failing stage (named in the error); skips stages whose outputs are up to date.

@@ -1,21 +1,53 @@
-"""Stage 1 - fine-tune the RoBERTa prompt encoder on MELD (SPEC section 2, Text).
+"""Stage 1 - fine-tune the RoBERTa-large prompt encoder on MELD (docs/METHOD.md §2).
 
-    python MELD/text.py --epochs 10 --learning_rate 1e-5 --batch_size 4 --seed 2024  [--train False]
+    python MELD/text.py                     # --train False evaluates the saved checkpoint on test
 
 Reads   datasets/MELD/{train,dev,test}_meld_emo.csv, pretrained_model/roberta-large
-Writes  MELD/MELD/save_model/text.bin (state_dict) and text.json (args, per-epoch metrics, test report)
+Writes  MELD/MELD/save_model/text.bin (epoch with the best dev weighted F1) and text.json
 
-MELD prompts number up to nine speakers per dialogue by first appearance (<s1>..<s9>),
-not by their global speaker ids as the reference did.
+The prompt holds the dialogue so far with speaker tokens and ends in ``Now<sK> feels <mask>``;
+MELD prompts number up to nine speakers per dialogue by first appearance (<s1>..<s9>), not by
+their global speaker ids as the reference did.
 """
 
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from magtkd.stages import entry, unimodal  # noqa: E402
+import torch.nn.functional as F
 
-main = entry(unimodal.main, "MELD", __file__, __doc__, "text")
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+from MELD.config import MELD  # noqa: E402
+from magtkd import dataset, model, utils  # noqa: E402
+
+
+def main(argv=None) -> dict:
+    # Flags: the reference's names, MELD's defaults
+    parser = utils.training_parser(MELD, HERE, __doc__, epochs=10, batch_size=4, learning_rate=1e-5)
+    args = parser.parse_args(argv)
+    utils.setup_logging()
+    device = utils.resolve_device(args.device)
+    utils.set_seed(args.seed)
+    checkpoint = args.save_dir / "text.bin"
+
+    # Data: one dialogue-prefix sample per utterance, in CSV order
+    samples = dataset.load_samples(MELD, args.data_dir)
+    utils.log_start("MELD text", args, device, {s: len(v) for s, v in samples.items()})
+
+    # Model: RoBERTa-large (+ speaker tokens) -> Linear(hidden, D) -> Linear(D, 7)
+    encoder, field = model.load_encoder("text", args.pretrained_dir, MELD.num_classes)
+
+    # Objective: cross-entropy on the mask token's logits
+    def step(batch: dict, train: bool):
+        _, logits = encoder.encode(batch)
+        return F.cross_entropy(logits.float(), batch["labels"]), logits
+
+    # Loop: train with dev selection (--train False: evaluate the saved checkpoint on test); artifacts:
+    # text.bin at each new best dev score, text.json after every epoch
+    loaders = dataset.loaders(samples, [field], args.batch_size, args.num_workers, args.seed)
+    return utils.fit(stage="MELD text", model=encoder, step=step, loaders=loaders, args=args, device=device,
+                     checkpoint=checkpoint, producer="MELD/text.py", label_names=MELD.labels)
+
 
 if __name__ == "__main__":
     main()

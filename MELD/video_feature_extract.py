@@ -1,21 +1,53 @@
-"""Stage 3 - decode and store 8 frames per MELD utterance (SPEC section 2, Video).
+"""Stage 3 - decode 8 frames per MELD utterance and store them as uint8 (docs/METHOD.md §2).
 
     python MELD/video_feature_extract.py --num_workers 4
 
-Reads   datasets/MELD/{train,dev,test}_meld_emo.csv, the videos, pretrained_model/videomae-base (image processor only)
-Writes  MELD/feature/video/{split}/{Dialogue_ID}_{Utterance_ID}.npy (uint8 8x3xHxW) + substitutions.tsv
+Reads   datasets/MELD/{train,dev,test}_meld_emo.csv, the mp4 clips, pretrained_model/videomae-base
+        (its image processor only)
+Writes  MELD/feature/video/{train,dev,test}/{Dialogue_ID}_{Utterance_ID}.npy (uint8 (8, 3, H, W) after
+        resize and centre crop) and MELD/feature/video/substitutions.tsv
 
-MELD: one mp4 clip per utterance, the whole clip is the window; missing,
-corrupt and overlong clips of the release are handled (black frames + report).
+One mp4 clip per utterance, the whole clip is the window; missing, corrupt and overlong clips of the
+release are handled (black frames + report). Resumable: complete .npy files are skipped.
 """
 
+import logging
 import sys
+import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from magtkd.stages import entry, frame_extract  # noqa: E402
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+from MELD.config import MELD  # noqa: E402
+from magtkd import dataset, model, utils  # noqa: E402
 
-main = entry(frame_extract.main, "MELD", __file__, __doc__)
+log = logging.getLogger("magtkd")
+
+
+def main(argv=None) -> dict:
+    # Flags: the folders and --num_workers (source videos decoded in parallel)
+    args = utils.paths_parser(MELD, HERE, __doc__).parse_args(argv)
+    utils.setup_logging()
+
+    # Data: the utterances whose frames are still missing, grouped by source video
+    utterances = [u for split in dataset.SPLITS for u in dataset.load_split(MELD, args.data_dir, split)]
+    jobs = dataset.plan_jobs(MELD, utterances, args.feature_dir)
+    todo = sum(len(j.keys) for j in jobs)
+    utils.log_start("MELD video_feature_extract", args, "cpu",
+                    {"utterances": len(utterances), "to_extract": todo, "source_videos": len(jobs)})
+
+    # "Model": the videomae-base image processor's resize and centre crop
+    processor = model.load_image_processor(args.pretrained_dir)
+
+    # Loop and artifacts: one decode per source video; frames written atomically, then the report
+    started = time.time()
+    report_path = args.feature_dir / "video" / "substitutions.tsv"
+    report = dataset.extract_frames(jobs, processor, args.num_workers, report_path)
+    seconds = time.time() - started
+    log.info("MELD: stored %d utterances from %d videos in %.1f s; %d substituted (see %s)",
+             todo, len(jobs), seconds, len(report), report_path)
+    return {"extracted": todo, "videos": len(jobs), "substituted": len(report), "seconds": seconds}
+
 
 if __name__ == "__main__":
     main()

@@ -1,4 +1,4 @@
-"""Benchmark the first stage (SPEC section 2) on CPU: frame extraction, frame storage, encoder steps.
+"""Benchmark the first stage (docs/METHOD.md §2) on CPU: frame extraction, frame storage, encoder steps.
 
     python benchmarks/bench_first_stage.py              # 5-minute 320x240 30 fps dialogue, 60 utterances
     python benchmarks/bench_first_stage.py --quick      # 1-minute dialogue, 12 utterances, fewer steps
@@ -16,17 +16,17 @@ utterance texts from `magtkd.synthetic.text`. It prints figures, no assertions:
    apply `sample_positions`. Both use the same decoder settings and convert only
    the 8 sampled frames to RGB (the reference also converted every frame, so (b)
    is a lower bound of its cost). The frame indices read back from both must be
-   identical, and equal to the SPEC rule computed from the frame timestamps.
-   Then the real stage path, `magtkd.stages.frame_extract.run_job` (decode +
+   identical, and equal to the authors' rule computed from the frame timestamps.
+   Then the real stage path, `magtkd.dataset.run_job` (decode +
    resize/crop + atomic .npy writes), with the stand-in image processor (32 px)
    and with the real videomae-base settings (224 px). Short timings are the
    median of 3 runs; the reference-style decode (60 full decodes) runs once.
 2. Disk bytes per utterance: the uint8 .npy written above at 224 px vs the
    reference's float32 (8, 3, 224, 224) tensors, extrapolated to IEMOCAP/MELD.
 3. Samples per second of each encoder on the tiny stand-in models: batches of 4
-   from the stages' own fields and collate (`magtkd.loaders`), then
+   from the stages' own fields and collate (`magtkd.dataset`), then
    forward + backward + grad clip 10 + AdamW + schedule step as in
-   `magtkd.train.fit`, and inference-mode evaluation as in `magtkd.train.predict`;
+   `magtkd.utils.fit`, and inference-mode evaluation as in `magtkd.utils.predict`;
    samples/s = 4 / the median seconds per batch. Batches are built before
    timing, so data loading is not counted.
 
@@ -53,25 +53,24 @@ import av  # noqa: E402
 import torch  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
-from magtkd import modalities  # noqa: E402
-from magtkd.data import Sample, Utterance, build_samples  # noqa: E402
-from magtkd.io import write_json  # noqa: E402
-from magtkd.loaders import SampleDataset, make_loader  # noqa: E402
-from magtkd.media.video import sample_positions, decode_windows  # noqa: E402
-from magtkd.recipes import IEMOCAP  # noqa: E402
-from magtkd.schedule import reference_schedule  # noqa: E402
-from magtkd.stages import frame_extract  # noqa: E402
-from magtkd.stages.common import classification_step  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from IEMOCAP.config import IEMOCAP  # noqa: E402
+from magtkd import dataset, model  # noqa: E402
+from magtkd.dataset import Sample, SampleDataset, Utterance, build_samples, make_loader  # noqa: E402
+from magtkd.media import decode_windows, sample_positions  # noqa: E402
+from magtkd.utils import reference_schedule, write_json  # noqa: E402
 from magtkd.synthetic.media import INDEX_BITS, index_frame, read_index, tone, write_video, write_wav  # noqa: E402
 from magtkd.synthetic.models import FRAME_SIZE, write_models  # noqa: E402
 from magtkd.synthetic.text import corpus, make_utterance  # noqa: E402
 
 FPS = 30
 AUDIO_RATE = 16_000
-BATCH = 4  # SPEC section 2: batch 4 utterances
+BATCH = 4  # docs/METHOD.md §2: batch 4 utterances
 REAL_CROP = 224  # MCG-NJU/videomae-base: shortest edge 224, centre crop 224 x 224
-UTTERANCES = {"IEMOCAP": 7433, "MELD": 13708}  # SPEC section 1 totals (authors' CSVs / official)
+UTTERANCES = {"IEMOCAP": 7433, "MELD": 13708}  # docs/METHOD.md §1 totals (authors' CSVs / official)
 DIALOGUE = "Ses01F_impro01"
+LEARNING_RATES = {"text": 1e-5, "audio": 5e-6, "video": 1e-5}  # the IEMOCAP scripts' defaults
 
 
 # --- the synthetic dialogue ---------------------------------------------------
@@ -127,7 +126,7 @@ def reference_decode(path: Path, windows: list[tuple[float, float]]) -> list[np.
 
 
 def expected_indices(windows: list[tuple[float, float]], n_frames: int) -> list[list[int]]:
-    """SPEC section 2 sampling applied to frame timestamps i / FPS (as the stream stores them)."""
+    """docs/METHOD.md §2 sampling applied to frame timestamps i / FPS (as the stream stores them)."""
     out = []
     for t0, t1 in windows:
         inside = [i for i in range(n_frames) if t0 <= i / FPS < t1]
@@ -168,10 +167,10 @@ def time_stage(pretrained_dir: Path, utterances: list[Utterance], feature_dir: P
     rerun of the stage after deleting its outputs would. An untimed first run
     produces the files and the substitution count.
     """
-    frame_extract._init_worker(pretrained_dir)
-    (job,) = frame_extract.plan_jobs(IEMOCAP, utterances, feature_dir)
-    problems = frame_extract.run_job(job)  # first run: also warms up the processor
-    seconds = median_seconds(lambda: frame_extract.run_job(job), repeats)
+    dataset._init_worker(model.load_image_processor(pretrained_dir))
+    (job,) = dataset.plan_jobs(IEMOCAP, utterances, feature_dir)
+    problems = dataset.run_job(job)  # first run: also warms up the processor
+    seconds = median_seconds(lambda: dataset.run_job(job), repeats)
     return seconds, job.outputs[0].stat().st_size, len(problems)
 
 
@@ -179,7 +178,7 @@ def time_stage(pretrained_dir: Path, utterances: list[Utterance], feature_dir: P
 
 
 def batches_for(field, samples: list[Sample], n: int, seed: int) -> list[dict]:
-    """``n`` shuffled batches of 4 through the stage's field and collate (`magtkd.loaders`)."""
+    """``n`` shuffled batches of 4 through the stage's field and collate (`magtkd.dataset`)."""
     loader = make_loader(SampleDataset(samples, [field]), BATCH, shuffle=True, num_workers=0, seed=seed)
     out: list[dict] = []
     while len(out) < n:
@@ -198,13 +197,17 @@ def describe(name: str, batches: list[dict]) -> str:
 
 
 def time_encoder(name: str, args: Namespace, samples: list[Sample], warmup: int, steps: int) -> dict:
-    """Train and eval samples/s of one encoder, stepped exactly as `magtkd.train.fit` steps it."""
+    """Train and eval samples/s of one encoder, stepped exactly as `magtkd.utils.fit` steps it."""
     torch.manual_seed(0)
-    model, field = modalities.build(name, IEMOCAP.num_classes, args)
-    step = classification_step(model, modalities.MODALITIES[name].forward)
+    encoder, field = model.load_encoder(name, args.pretrained_dir, IEMOCAP.num_classes, args.feature_dir)
+
+    def step(batch: dict, train: bool):
+        _, logits = encoder.encode(batch)
+        return F.cross_entropy(logits.float(), batch["labels"]), logits
+
     batches = batches_for(field, samples, warmup + steps, seed=0)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=IEMOCAP.learning_rates[name])
+    params = [p for p in encoder.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=LEARNING_RATES[name])
     scheduler = reference_schedule(optimizer, len(samples), len(samples) // BATCH, 10)
 
     def train(batch: dict) -> None:
@@ -220,9 +223,9 @@ def time_encoder(name: str, args: Namespace, samples: list[Sample], warmup: int,
             step(batch, False)
 
     # Median seconds per batch over the timed steps (robust to other processes on the cores).
-    model.train()
+    encoder.train()
     train_s = float(np.median([seconds_of(train, b) for b in batches][warmup:]))
-    model.eval()
+    encoder.eval()
     eval_s = float(np.median([seconds_of(evaluate, b) for b in batches][warmup:]))
     return {"name": name, "input": describe(name, batches), "params": sum(p.numel() for p in params),
             "train": BATCH / train_s, "eval": BATCH / eval_s}
@@ -266,7 +269,7 @@ def main(argv: list[str] | None = None) -> None:
         write_models(standin, corpus())
         setup_s = time.perf_counter() - t0
         video = utterances[0].video_path
-        windows = [frame_extract.window_of(IEMOCAP, u) for u in utterances]
+        windows = [dataset.window_of(IEMOCAP, u) for u in utterances]
 
         # 1. frame extraction
         ours = decode_windows(video, windows)
@@ -299,7 +302,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"   (a) ours, one decode for all windows     {ours_s:8.2f} s  (median of {repeats})")
     print(f"   (b) reference, full decode per utterance {theirs_s:8.2f} s")
     print(f"   speed-up                                 {theirs_s / ours_s:8.1f} x")
-    print(f"   frames identical: {identical}   (and equal to the SPEC rule on frame timestamps: {as_spec})")
+    print(f"   frames identical: {identical}   (and equal to the authors' rule on frame timestamps: {as_spec})")
     print(f"   stage run_job, stand-in processor ({FRAME_SIZE} px)  {stage_s:8.2f} s  "
           f"(median of {repeats}; {subs} substituted)")
     print(f"   stage run_job, videomae-base {REAL_CROP} px      {stage224_s:8.2f} s  "

@@ -1,10 +1,10 @@
-"""Benchmark the fusion stage (SPEC section 5) on CPU: seconds per training epoch and peak RSS.
+"""Benchmark the fusion stage (docs/METHOD.md §5) on CPU: seconds per training epoch and peak RSS.
 
     python benchmarks/bench_fusion.py            # IEMOCAP- and MELD-sized synthetic features, width 768
     python benchmarks/bench_fusion.py --quick    # a smaller run (width 128, 1/8 of the dialogues)
 
 Each dataset runs in a fresh subprocess (so its peak RSS is its own) through
-``magtkd.stages.fusion.main`` with the reference's hyperparameters (batch 16
+``<DS>/multimodal_fusion.py``'s ``main`` with the reference's hyperparameters (batch 16
 dialogues, lr 1e-4, dropout 0.5, 8 heads). The synthetic pickles are written
 to a temporary folder by the parent first. Training seconds are the stage's own
 per-epoch ``train_seconds``; ``eval`` is dev + test prediction per epoch.
@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-# Real split sizes (SPEC section 1): split -> (dialogues, utterances).
+# Real split sizes (docs/METHOD.md §1): split -> (dialogues, utterances).
 SIZES = {
     "IEMOCAP": {"train": (108, 5163), "dev": (12, 647), "test": (31, 1623)},
     "MELD": {"train": (1038, 9989), "dev": (114, 1109), "test": (280, 2610)},
@@ -33,13 +33,12 @@ SIZES = {
 
 def child(args: argparse.Namespace) -> None:
     """Run the stage in this (fresh) process and print one JSON line of measurements."""
-    from magtkd.recipes import RECIPES
-    from magtkd.stages import fusion
+    from magtkd.pipeline import REPO, load_script
 
-    spec = RECIPES[args.child]
+    fusion = load_script(REPO / args.child / "multimodal_fusion.py")
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     start = time.perf_counter()
-    result = fusion.main(spec, Path(args.work), [
+    result = fusion.main([
         "--feature_dir", str(Path(args.work) / "feature"), "--save_dir", str(Path(args.work) / "save"),
         "--epochs", str(args.epochs), "--device", "cpu",
     ])
@@ -55,7 +54,7 @@ def child(args: argparse.Namespace) -> None:
 
 
 def parent(args: argparse.Namespace) -> None:
-    from magtkd.recipes import RECIPES
+    from magtkd.pipeline import dataset_spec
     from magtkd.synthetic.features import write_synthetic_features
 
     width = 128 if args.quick else 768
@@ -65,7 +64,7 @@ def parent(args: argparse.Namespace) -> None:
         sizes = {s: (max(1, d // shrink), max(d // shrink, u // shrink)) for s, (d, u) in SIZES[name].items()}
         with tempfile.TemporaryDirectory(prefix=f"bench_fusion_{name}_") as work:
             t0 = time.perf_counter()
-            write_synthetic_features(Path(work) / "feature", RECIPES[name], {s: d for s, (d, _) in sizes.items()},
+            write_synthetic_features(Path(work) / "feature", dataset_spec(name), {s: d for s, (d, _) in sizes.items()},
                                      width=width, seed=0, n_utterances={s: u for s, (_, u) in sizes.items()})
             write_s = time.perf_counter() - t0
             proc = subprocess.run(

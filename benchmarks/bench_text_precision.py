@@ -3,11 +3,11 @@
     python benchmarks/bench_text_precision.py --device cuda            # RoBERTa-large size (24 x 1024)
     python benchmarks/bench_text_precision.py --device cpu --layers 2  # a quick check that it runs
 
-Builds ``TextEncoder`` (magtkd.models.encoders) around a randomly initialised
+Builds ``TextEncoder`` (magtkd.model) around a randomly initialised
 RoBERTa with the roberta-large config (no download needed), feeds batches of
 ``--batch_size`` prompts of ``--tokens`` tokens (left-padded like the stage
-would), and times the full training step of magtkd.train (forward under
-``magtkd.train.autocast``, backward, clip 10, AdamW) after a warm-up. Prints
+would), and times the full training step of magtkd.utils.fit (forward under
+``magtkd.utils.autocast``, backward, clip 10, AdamW) after a warm-up. Prints
 samples/s and peak GPU memory for fp32 and bf16. Nothing is asserted.
 """
 
@@ -15,14 +15,17 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from transformers import RobertaConfig, RobertaModel
 
-from magtkd.models.encoders import TextEncoder
-from magtkd.train import autocast
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from magtkd.model import TextEncoder  # noqa: E402
+from magtkd.utils import autocast  # noqa: E402
 
 
 def measure(device: torch.device, amp: bool, args: argparse.Namespace) -> dict[str, float]:

@@ -25,12 +25,10 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from . import metrics
-from .cli import setup_logging
-from .features import feature_path, load_features
+from .dataset import feature_path, load_features
 from .pipeline import parser as pipeline_parser
 from .pipeline import run as run_pipeline
-from .io import write_json, write_text
+from .utils import majority_weighted_f1, setup_logging, summary, write_json, write_text
 
 log = logging.getLogger("magtkd")
 DATASETS = ("IEMOCAP", "MELD")
@@ -42,13 +40,13 @@ def dataset_results(workdir: Path, name: str, seconds: dict[str, float]) -> dict
 
     save_dir = workdir / name / "save_model"
     out = json.loads((save_dir / "multimodal_fusion_best.json").read_text(encoding="utf-8"))
-    scores = metrics.summary(out["labels"], out["preds"])
+    scores = summary(out["labels"], out["preds"])
     train = load_features(feature_path(workdir / name / "feature", "train"), keys=("text",))
     train_labels = [y for vid in train["vids"] for y in train["labels"][vid]]
     return {
         "test_accuracy": scores["accuracy"],
         "test_weighted_f1": scores["weighted_f1"],
-        "majority_weighted_f1": metrics.majority_weighted_f1(train_labels, out["labels"]),
+        "majority_weighted_f1": majority_weighted_f1(train_labels, out["labels"]),
         "test_utterances": len(out["labels"]),
         "seconds": seconds,
     }

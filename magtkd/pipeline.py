@@ -1,4 +1,4 @@
-"""Run a dataset's whole pipeline: preparation, then the eight stages of SPEC section 0.
+"""Run a dataset's whole pipeline: preparation, then the eight stages of docs/METHOD.md §0.
 
     python -m magtkd.pipeline IEMOCAP [--data_dir D] [--pretrained_dir P] [--epochs 1] [--force]
 
@@ -13,6 +13,7 @@ the demo to save interpreter start-ups).
 from __future__ import annotations
 
 import argparse
+import importlib
 import importlib.util
 import logging
 import os
@@ -25,12 +26,19 @@ from pathlib import Path
 from types import ModuleType
 from typing import Callable, Sequence
 
-from .cli import setup_logging
-from .features import feature_path
-from .recipes import RECIPES, SPLITS, DatasetSpec
+from .dataset import SPLITS, DatasetSpec, feature_path
+from .utils import setup_logging
 
 log = logging.getLogger("magtkd")
 REPO = Path(__file__).resolve().parents[1]
+DATASETS = ("IEMOCAP", "MELD")
+
+
+def dataset_spec(name: str) -> DatasetSpec:
+    """The description of dataset ``name`` from its folder's ``config.py`` (``<repo>/<name>/config.py``)."""
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    return getattr(importlib.import_module(f"{name}.config"), name)
 
 
 @dataclass(frozen=True)
@@ -127,6 +135,7 @@ def load_script(path: Path) -> ModuleType:
     """Import a stage script (``<repo>/<DS>/<name>.py``) as a module; its ``main(argv)`` takes the CLI flags."""
     module_spec = importlib.util.spec_from_file_location(f"_stage_{path.parent.name}_{path.stem}", path)
     module = importlib.util.module_from_spec(module_spec)
+    sys.modules[module_spec.name] = module  # dataclasses look their module up while the script runs
     module_spec.loader.exec_module(module)
     return module
 
@@ -140,7 +149,7 @@ def run_script(path: Path, argv: list[str], in_process: bool) -> None:
 
 def run(args: argparse.Namespace) -> dict[str, float]:
     """Run (or skip) each stage in order; returns seconds per stage that ran."""
-    spec = RECIPES[args.dataset]
+    spec = dataset_spec(args.dataset)
     script_dir = REPO / spec.name
     ctx = Context(
         spec,
@@ -174,7 +183,7 @@ class PipelineError(RuntimeError):
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("dataset", choices=sorted(RECIPES))
+    p.add_argument("dataset", choices=DATASETS)
     env = os.environ.get
     p.add_argument("--data_dir", default=env("DATA_DIR"))
     p.add_argument("--pretrained_dir", default=env("PRETRAINED_DIR"))

@@ -22,8 +22,8 @@ if str(REPO) not in sys.path:
 @pytest.fixture(scope="session")
 def generated(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Tiny IEMOCAP/MELD release trees (prepared: CSVs written) and model stand-ins."""
-    from magtkd.prepare.iemocap import main as prepare_iemocap
-    from magtkd.prepare.meld import main as prepare_meld
+    from IEMOCAP.preprocessing import main as prepare_iemocap
+    from MELD.preprocessing import main as prepare_meld
     from magtkd.synthetic.__main__ import generate
 
     root = tmp_path_factory.mktemp("generated")

@@ -1,4 +1,4 @@
-"""Shared CSV loading and dialogue-prefix samples (SPEC section 1)."""
+"""Shared CSV loading and dialogue-prefix samples (docs/METHOD.md §1)."""
 
 from __future__ import annotations
 
@@ -8,12 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from magtkd.data import (
-    DataError, Utterance, build_samples, fusion_speaker_ids, group_dialogues, load_speaker2id, load_split,
+from IEMOCAP.config import IEMOCAP
+from magtkd.dataset import (
+    SPLITS, DataError, Utterance, build_samples, fusion_speaker_ids, group_dialogues, load_speaker2id, load_split,
     read_csv_checked,
 )
-from magtkd.io import write_json
-from magtkd.recipes import IEMOCAP, MELD, SPLITS
+from magtkd.utils import write_json
+from MELD.config import MELD
 
 REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "data"
 IEMOCAP_COLUMNS = list(IEMOCAP.required_columns)

@@ -1,4 +1,4 @@
-"""End to end: the demo's artifacts (SPEC section 0), its results, and run.sh's skip/stop behaviour."""
+"""End to end: the demo's artifacts (docs/METHOD.md §0), its results, and run.sh's skip/stop behaviour."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from conftest import REPO, stage_paths
-from magtkd import metrics
-from magtkd.features import FEATURE_KEYS, feature_path, load_features
-from magtkd.recipes import RECIPES, SPLITS
+from magtkd.dataset import FEATURE_KEYS, SPLITS, feature_path, load_features
+from magtkd.pipeline import dataset_spec
+from magtkd.utils import majority_weighted_f1, summary
 
 DATASETS = ("IEMOCAP", "MELD")
 CHECKPOINTS = ("text.bin", "audio.bin", "video.bin", "text_KD_audio.bin", "text_KD_video.bin",
@@ -24,7 +24,7 @@ CHECKPOINTS = ("text.bin", "audio.bin", "video.bin", "text_KD_audio.bin", "text_
 
 @pytest.mark.parametrize("dataset", DATASETS)
 def test_every_artifact_of_the_pipeline_exists_with_its_format(demo, dataset):
-    spec, paths = RECIPES[dataset], stage_paths(demo["workdir"], dataset)
+    spec, paths = dataset_spec(dataset), stage_paths(demo["workdir"], dataset)
     # Stage 0: the prepared CSVs (+ MELD speaker map).
     for split in SPLITS:
         assert (paths["data_dir"] / spec.csv_names[split]).is_file()
@@ -60,12 +60,12 @@ def test_results_json_matches_the_predictions_and_beats_the_majority_class(demo,
     assert set(results) == set(DATASETS)
     r = results[dataset]
     out = json.loads((demo["workdir"] / dataset / "save_model" / "multimodal_fusion_best.json").read_text())
-    recomputed = metrics.summary(out["labels"], out["preds"])
+    recomputed = summary(out["labels"], out["preds"])
     assert r["test_weighted_f1"] == pytest.approx(recomputed["weighted_f1"])
     assert r["test_accuracy"] == pytest.approx(recomputed["accuracy"])
     assert 0 <= r["test_accuracy"] <= 1 and 0 <= r["test_weighted_f1"] <= 1
     train = load_features(feature_path(demo["workdir"] / dataset / "feature", "train"), keys=("text",))
-    majority = metrics.majority_weighted_f1([y for v in train["vids"] for y in train["labels"][v]], out["labels"])
+    majority = majority_weighted_f1([y for v in train["vids"] for y in train["labels"][v]], out["labels"])
     assert r["majority_weighted_f1"] == pytest.approx(majority)
     assert r["test_weighted_f1"] >= majority + 0.2, r
     assert set(r["seconds"]) == {"preprocessing", "text", "audio", "frames", "video", "kd_audio", "kd_video",

@@ -1,4 +1,4 @@
-"""First-stage feature pickles (SPEC section 4): layout, restricted loading, validation errors."""
+"""First-stage feature pickles (docs/METHOD.md §4): layout, restricted loading, validation errors."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from magtkd.features import (
+from magtkd.dataset import (
     FEATURE_KEYS, FeatureFileError, assemble_features, feature_path, load_features, save_features,
 )
 
@@ -64,7 +64,7 @@ def test_assemble_save_load_round_trip(tmp_path):
     path = save_features(tmp_path / "first_stage_train_features.pkl", features)
     assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary file left behind
 
-    with open(path, "rb") as fh:  # a plain pickled dict, exactly the SPEC layout
+    with open(path, "rb") as fh:  # a plain pickled dict, exactly the docs/METHOD.md §4 layout
         raw = pickle.load(fh)
     assert type(raw) is dict and set(raw) == {"vids", *FEATURE_KEYS, "speakers", "labels", "dia2utt"}
 

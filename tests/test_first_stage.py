@@ -1,4 +1,4 @@
-"""Stages 1-4 (SPEC sections 0, 2 and 6): unimodal checkpoints, stored frames, bad input.
+"""Stages 1-4 (docs/METHOD.md §0, §2, §6): unimodal checkpoints, stored frames, bad input.
 
 Most checks read the artifacts of the session's demo run (``demo`` fixture) and
 run the scripts' evaluation-only mode against them; nothing the demo trained is
@@ -22,22 +22,17 @@ import pytest
 import torch
 
 from conftest import REPO, copy_checkpoints, flags, script, stage_paths
-from magtkd import pretrained
-from magtkd.cli import paths_parser, resolve_device
-from magtkd.data import load_split
-from magtkd.frames import FrameCodec, frame_file
-from magtkd.loaders import AudioField, SampleDataset
-from magtkd.media import video as media_video
-from magtkd.models.build import CheckpointError, build_audio
-from magtkd.pretrained import PretrainedMissingError
-from magtkd.recipes import IEMOCAP, MELD, SPLITS
-from magtkd.report import SubstitutionReport
-from magtkd.stages.common import load_samples
+from IEMOCAP.config import IEMOCAP
+from magtkd import media
+from magtkd.dataset import SPLITS, AudioField, FrameCodec, SampleDataset, frame_file, load_samples, load_split
+from magtkd.model import PretrainedMissingError, load_audio_encoder, load_image_processor
 from magtkd.synthetic.media import read_index
 from magtkd.synthetic.meld import write_meld
 from magtkd.synthetic.models import AV_HIDDEN, TEXT_HIDDEN
+from magtkd.utils import CheckpointError, SubstitutionReport, paths_parser, resolve_device
+from MELD.config import MELD
 
-SPECS = {"IEMOCAP": IEMOCAP, "MELD": MELD}
+DATASETS = {"IEMOCAP": IEMOCAP, "MELD": MELD}
 MODALITIES = ("text", "audio", "video")
 FRAME_SHAPE = (8, 3, 32, 32)  # 8 frames, RGB, the stand-in processor's 32x32 crop
 
@@ -75,9 +70,9 @@ def test_checkpoint_is_plain_state_dict_with_metrics_json(demo, dataset, modalit
     state = torch.load(save_dir / f"{modality}.bin", map_location="cpu", weights_only=True)
     assert isinstance(state, dict) and state
     assert all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items())
-    num_classes = SPECS[dataset].num_classes
+    num_classes = DATASETS[dataset].num_classes
     if modality == "text":
-        # D follows the audio/video width (32), not the text model's (48) (SPEC section 2, Text).
+        # D follows the audio/video width (32), not the text model's (48) (docs/METHOD.md §2, Text).
         assert tuple(state["project.weight"].shape) == (AV_HIDDEN, TEXT_HIDDEN)
         assert tuple(state["classifier.weight"].shape) == (num_classes, AV_HIDDEN)
     else:
@@ -92,7 +87,7 @@ def test_checkpoint_is_plain_state_dict_with_metrics_json(demo, dataset, modalit
     assert [row["epoch"] for row in epochs] == list(range(1, args["epochs"] + 1))
     for row in epochs:
         assert {"accuracy", "weighted_f1"} <= set(row["dev"]) and isinstance(row["train_loss"], float)
-    # Selection: the first epoch with the best dev weighted F1 (SPEC section 2).
+    # Selection: the first epoch with the best dev weighted F1 (docs/METHOD.md §2).
     dev = [row["dev"]["weighted_f1"] for row in epochs]
     assert doc["selected_epoch"] == 1 + dev.index(max(dev))
     assert doc["dev_weighted_f1"] == max(dev)
@@ -100,10 +95,10 @@ def test_checkpoint_is_plain_state_dict_with_metrics_json(demo, dataset, modalit
     selected = epochs[doc["selected_epoch"] - 1]["test"]
     assert selected == {"accuracy": test["accuracy"], "weighted_f1": test["weighted_f1"]}
     per_class = test["per_class"]
-    for label in SPECS[dataset].labels:
+    for label in DATASETS[dataset].labels:
         assert {"precision", "recall", "f1-score", "support"} <= set(per_class[label])
-    support = sum(per_class[label]["support"] for label in SPECS[dataset].labels)
-    assert support == len(load_split(SPECS[dataset], stage_paths(demo["workdir"], dataset)["data_dir"], "test"))
+    support = sum(per_class[label]["support"] for label in DATASETS[dataset].labels)
+    assert support == len(load_split(DATASETS[dataset], stage_paths(demo["workdir"], dataset)["data_dir"], "test"))
 
 
 @pytest.fixture(scope="module")
@@ -160,7 +155,7 @@ def test_evaluation_only_keeps_the_training_substitution_report(evaluated):
 def test_frames_stored_for_every_utterance_as_uint8(demo, dataset):
     paths = stage_paths(demo["workdir"], dataset)
     files = npy_files(paths["feature_dir"])
-    assert set(files) == expected_npy(SPECS[dataset], paths["data_dir"])
+    assert set(files) == expected_npy(DATASETS[dataset], paths["data_dir"])
     for name in files:
         frames = np.load(paths["feature_dir"] / "video" / name, allow_pickle=False)
         assert frames.dtype == np.uint8 and frames.shape == FRAME_SHAPE, name
@@ -168,8 +163,8 @@ def test_frames_stored_for_every_utterance_as_uint8(demo, dataset):
 
 @pytest.mark.parametrize("dataset", ["IEMOCAP", "MELD"])
 def test_normalised_frames_equal_processor_pixel_values(demo, dataset):
-    spec, paths = SPECS[dataset], stage_paths(demo["workdir"], dataset)
-    processor = pretrained.load_image_processor(paths["pretrained_dir"])
+    spec, paths = DATASETS[dataset], stage_paths(demo["workdir"], dataset)
+    processor = load_image_processor(paths["pretrained_dir"])
     codec = FrameCodec(processor)
     substituted = {s.key for s in SubstitutionReport.read(paths["feature_dir"] / "video" / "substitutions.tsv")}
     checked = 0
@@ -177,9 +172,9 @@ def test_normalised_frames_equal_processor_pixel_values(demo, dataset):
         for utt in load_split(spec, paths["data_dir"], split)[:2]:
             if f"{split}/{utt.key}" in substituted:
                 continue
-            # SPEC section 2 window: IEMOCAP [max(start-1, 0), end+1) in the dialogue video; MELD whole clip.
+            # docs/METHOD.md §2 window: IEMOCAP [max(start-1, 0), end+1) in the dialogue video; MELD whole clip.
             window = None if dataset == "MELD" else (max(utt.start - 1.0, 0.0), utt.end + 1.0)
-            (clip,) = media_video.decode_windows(utt.video_path, [window])
+            (clip,) = media.decode_windows(utt.video_path, [window])
             assert clip is not None and clip.shape[0] == 8
             expected = processor(list(clip), return_tensors="pt")["pixel_values"][0]
             stored = np.load(frame_file(paths["feature_dir"], split, utt.key))
@@ -190,8 +185,8 @@ def test_normalised_frames_equal_processor_pixel_values(demo, dataset):
     assert checked >= 5
 
 
-def spec_positions(n: int) -> list[int]:
-    """SPEC section 2 sampling, written out independently of the library."""
+def rule_positions(n: int) -> list[int]:
+    """docs/METHOD.md §2 sampling, written out independently of the library."""
     if n < 8:
         return list(range(n)) + [n - 1] * (8 - n)
     step = n // 8
@@ -199,7 +194,7 @@ def spec_positions(n: int) -> list[int]:
 
 
 def expected_indices(video: Path, t0: float, t1: float) -> list[int]:
-    """Frame indices the SPEC rule picks from [t0, t1) of a constant-rate synthetic video."""
+    """Frame indices the docs/METHOD.md §2 rule picks from [t0, t1) of a constant-rate synthetic video."""
     import av
 
     with av.open(str(video)) as container:
@@ -207,26 +202,26 @@ def expected_indices(video: Path, t0: float, t1: float) -> list[int]:
         fps, total = stream.average_rate, stream.frames
     assert total > 0
     inside = [i for i in range(total) if t0 <= float(i / fps) < t1]
-    return [inside[p] for p in spec_positions(len(inside))]
+    return [inside[p] for p in rule_positions(len(inside))]
 
 
-def test_decoded_frames_are_the_spec_window_and_positions(generated):
+def test_decoded_frames_are_the_method_window_and_positions(generated):
     utts = all_utterances(IEMOCAP, generated / "datasets" / "IEMOCAP")
     by_video: dict[Path, list] = {}
     for utt in utts:
         by_video.setdefault(utt.video_path, []).append(utt)
     video, group = max(by_video.items(), key=lambda item: len(item[1]))
     windows = [(max(u.start - 1.0, 0.0), u.end + 1.0) for u in group]
-    clips = media_video.decode_windows(video, windows)  # all windows of the dialogue in one call
+    clips = media.decode_windows(video, windows)  # all windows of the dialogue in one call
     assert len(clips) == len(group)
     for (t0, t1), clip in zip(windows, clips):
         assert [read_index(frame) for frame in clip] == expected_indices(video, t0, t1)
     # Single windows elsewhere, and short windows (n < 8: all frames, last repeated).
     for utt in utts[::17]:
         window = (max(utt.start - 1.0, 0.0), utt.end + 1.0)
-        (clip,) = media_video.decode_windows(utt.video_path, [window])
+        (clip,) = media.decode_windows(utt.video_path, [window])
         assert [read_index(f) for f in clip] == expected_indices(utt.video_path, *window)
-    short = media_video.decode_windows(video, [(0.0, 0.45), (1.0, 1.05), (0.0, 0.0)])
+    short = media.decode_windows(video, [(0.0, 0.45), (1.0, 1.05), (0.0, 0.0)])
     assert [read_index(f) for f in short[0]] == [0, 1, 2, 3, 4, 4, 4, 4]
     assert [read_index(f) for f in short[1]] == [10] * 8
     assert short[2] is None  # empty window: no frame (the stage substitutes black frames)
@@ -235,7 +230,7 @@ def test_decoded_frames_are_the_spec_window_and_positions(generated):
 def test_window_rule_of_the_extraction_stage(generated):
     from dataclasses import replace
 
-    from magtkd.stages.frame_extract import window_of
+    from magtkd.dataset import window_of
 
     utts = all_utterances(IEMOCAP, generated / "datasets" / "IEMOCAP")
     for utt in utts:
@@ -252,14 +247,14 @@ def extracted(generated, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("frames_once")
     paths = generated_paths(generated, "IEMOCAP", tmp)
     opens: Counter = Counter()
-    real_open = media_video._open
+    real_open = media._open
 
     def counting_open(path):
         opens[Path(path)] += 1
         return real_open(path)
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(media_video, "_open", counting_open)
+        mp.setattr(media, "_open", counting_open)
         result = script("IEMOCAP", "video_feature_extract").main(flags(paths, num_workers=0))
     return {"paths": paths, "opens": opens, "result": result}
 
@@ -306,7 +301,7 @@ def test_killed_extraction_resumes_to_identical_files(generated, extracted, tmp_
         (feature_dir / "video" / "substitutions.tsv").unlink(missing_ok=True)
     missing = sorted(expected_npy(IEMOCAP, paths["data_dir"]) - set(npy_files(feature_dir)))
     assert missing
-    # A write cut short by the kill leaves its temporary sibling behind (magtkd.io.atomic_path).
+    # A write cut short by the kill leaves its temporary sibling behind (magtkd.utils.atomic_path).
     split, name = missing[0].split("/")
     stray = feature_dir / "video" / split / f".{name}.abcd1234.tmp"
     stray.parent.mkdir(parents=True, exist_ok=True)
@@ -325,7 +320,7 @@ def test_killed_extraction_resumes_to_identical_files(generated, extracted, tmp_
     # 3. Nothing left to do: no video is opened, no file rewritten, the log says 0 to extract.
     stamps = {p: p.stat().st_mtime_ns for p in (feature_dir / "video").glob("*/*.npy")}
     opened: list = []
-    monkeypatch.setattr(media_video, "_open", lambda path: opened.append(path))
+    monkeypatch.setattr(media, "_open", lambda path: opened.append(path))
     caplog.set_level("INFO", logger="magtkd")
     result = script("IEMOCAP", "video_feature_extract").main(flags(paths, num_workers=0))
     assert opened == []
@@ -334,7 +329,7 @@ def test_killed_extraction_resumes_to_identical_files(generated, extracted, tmp_
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
 
 
-# --------------------------------------------------------------------------- substitutions (SPEC section 6)
+# --------------------------------------------------------------------------- substitutions (docs/METHOD.md §6)
 
 
 @pytest.fixture(scope="module")
@@ -382,7 +377,7 @@ def test_audio_substitution_report_lists_silence(demo, meld_faults):
 @pytest.fixture(scope="module")
 def audio_pair(generated):
     """The stand-in audio encoder (eval mode), and the shortest and longest of a few IEMOCAP clips."""
-    model, extractor = build_audio(generated / "pretrained_model", IEMOCAP.num_classes)
+    model, extractor = load_audio_encoder(generated / "pretrained_model", IEMOCAP.num_classes)
     model.eval()
     samples = load_samples(IEMOCAP, generated / "datasets" / "IEMOCAP")["train"][:12]
     dataset = SampleDataset(samples, [AudioField(extractor)])
@@ -409,16 +404,16 @@ def test_audio_representation_does_not_depend_on_the_batch(audio_pair):
     model, dataset, short, long = audio_pair
     with torch.no_grad():
         alone = dataset.collate([short])
-        rep_alone, logits_alone = model(alone["audio_values"], alone["audio_mask"])
+        rep_alone, logits_alone = model.encode(alone)
         for order in ([short, long], [long, short]):
             batch = dataset.collate(order)
             i = order.index(short)
-            rep, logits = model(batch["audio_values"], batch["audio_mask"])
+            rep, logits = model.encode(batch)
             assert torch.allclose(rep[i], rep_alone[0], atol=1e-5), (rep[i] - rep_alone[0]).abs().max()
             assert torch.allclose(logits[i], logits_alone[0], atol=1e-5)
 
 
-# --------------------------------------------------------------------------- bad input (SPEC section 6)
+# --------------------------------------------------------------------------- bad input (docs/METHOD.md §6)
 
 
 def test_missing_pretrained_folder_names_it_and_the_download(generated, tmp_path):
@@ -470,7 +465,7 @@ def test_help_works_from_another_directory(tmp_path):
 @pytest.mark.parametrize("dataset", ["IEMOCAP", "MELD"])
 def test_default_folders_do_not_depend_on_the_working_directory(dataset, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    args = paths_parser(SPECS[dataset], REPO / dataset, None).parse_args([])
+    args = paths_parser(DATASETS[dataset], REPO / dataset, None).parse_args([])
     assert args.data_dir == REPO / "datasets" / dataset
     assert args.pretrained_dir == REPO / "pretrained_model"
     assert args.save_dir == REPO / dataset / dataset / "save_model"

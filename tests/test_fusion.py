@@ -1,4 +1,4 @@
-"""Multi-modal anchor gated transformer (SPEC section 5): training stage, checkpoints, masking."""
+"""Multi-modal anchor gated transformer (docs/METHOD.md §5): training stage, checkpoints, masking."""
 
 from __future__ import annotations
 
@@ -7,15 +7,18 @@ import re
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from magtkd.features import feature_path
-from magtkd.models.fusion import (
-    AnchorGatedTransformer, FusionCheckpointError, FusionLoss, infer_sizes_from_checkpoint,
-    load_fusion_checkpoint,
+from conftest import script
+from IEMOCAP.config import IEMOCAP
+from magtkd.dataset import DialogueSet, feature_path, load_dialogues
+from magtkd.model import (
+    AnchorGatedTransformer, FusionCheckpointError, feature_kd_loss, infer_sizes_from_checkpoint,
+    load_fusion_checkpoint, logit_kd_loss,
 )
-from magtkd.recipes import IEMOCAP, MELD
-from magtkd.stages import fusion
 from magtkd.synthetic.features import write_synthetic_features
+from magtkd.utils import predict_dialogues
+from MELD.config import MELD
 
 WIDTH = 16
 SIZES = {"train": 24, "dev": 10, "test": 10}
@@ -24,9 +27,23 @@ FAST = ["--epochs", "8", "--batch_size", "4", "--lr", "3e-3", "--dropout", "0.1"
         "--per_batch_schedule", "--device", "cpu"]
 
 
+# Each dataset's fusion defaults, as multimodal_fusion.py's flags state them (docs/METHOD.md §5).
+FUSION_DEFAULTS = {
+    "IEMOCAP": {"audio_feature": "audio_kd", "video_feature": "video", "alpha": 0.7, "beta": 0.8,
+                "feature_loss": True, "n_speaker": 2},
+    "MELD": {"audio_feature": "audio_kd", "video_feature": "video_kd", "alpha": 0.01, "beta": 0.08,
+             "feature_loss": False, "n_speaker": 304},
+}
+
+
+def fusion_main(spec, argv):
+    """``<DS>/multimodal_fusion.py`` with ``argv`` (always with explicit folders: its defaults are repo paths)."""
+    return script(spec.name, "multimodal_fusion").main(argv)
+
+
 def run(spec, tmp_path, *extra):
-    return fusion.main(spec, tmp_path, ["--feature_dir", str(tmp_path / "feature"),
-                                        "--save_dir", str(tmp_path / "save"), *FAST, *extra])
+    return fusion_main(spec, ["--feature_dir", str(tmp_path / "feature"),
+                              "--save_dir", str(tmp_path / "save"), *FAST, *extra])
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -64,7 +81,7 @@ def test_training_learns_and_writes_artifacts(trained, spec):
         "multimodal_fusion_best.bin", "multimodal_fusion_best.json", "multimodal_fusion_metrics.json"]
     preds = json.loads((save / "multimodal_fusion_best.json").read_text())
     assert set(preds) == {"labels", "preds"}
-    n_test = sum(len(x) for x in fusion.load_split_features(
+    n_test = sum(len(x) for x in load_dialogues(
         feature_path(root / "feature", "test"), "audio_kd", "video", torch.device("cpu")).labels)
     assert len(preds["labels"]) == len(preds["preds"]) == n_test
     assert preds["preds"] == result["preds"]
@@ -74,11 +91,12 @@ def test_training_learns_and_writes_artifacts(trained, spec):
     assert report["selection"] == "best dev weighted F1" and report["complete"] is True
     assert report["test_confusion"]["labels"] == list(spec.labels)
     assert {"dev", "test_not_used_for_selection", "train_loss"} <= set(report["curve"][0])
-    assert report["args"]["audio_feature"] == spec.fusion.audio_feature
-    assert report["args"]["video_feature"] == spec.fusion.video_feature
-    assert report["sizes"]["n_speaker"] == spec.fusion.n_speaker
+    defaults = FUSION_DEFAULTS[spec.name]
+    for flag in ("audio_feature", "video_feature", "alpha", "beta", "feature_loss"):
+        assert report["args"][flag] == defaults[flag], flag
+    assert report["sizes"]["n_speaker"] == defaults["n_speaker"] == spec.n_speaker
     state = torch.load(save / "multimodal_fusion_best.bin", weights_only=True)
-    assert state["speaker_embeddings.weight"].shape == (spec.fusion.n_speaker + 1, WIDTH)
+    assert state["speaker_embeddings.weight"].shape == (defaults["n_speaker"] + 1, WIDTH)
     assert not any(k.startswith(("a_t.", "v_t.", "fc.")) for k in state)
 
 
@@ -90,9 +108,9 @@ def test_eval_round_trip_reads_only_test_pickle(trained, tmp_path):
     for src, dst in ((feature_path(root / "feature", "test"), feature_path(tmp_path / "feature", "test")),
                      (root / "save" / "multimodal_fusion_best.bin", tmp_path / "save" / "multimodal_fusion_best.bin")):
         dst.write_bytes(src.read_bytes())
-    evaluated = fusion.main(IEMOCAP, tmp_path, ["--feature_dir", str(tmp_path / "feature"), "--save_dir",
-                                                str(tmp_path / "save"), "--train", "False", "--n_head", "2",
-                                                "--batch_size", "4", "--device", "cpu"])
+    evaluated = fusion_main(IEMOCAP, ["--feature_dir", str(tmp_path / "feature"), "--save_dir",
+                                      str(tmp_path / "save"), "--train", "False", "--n_head", "2",
+                                      "--batch_size", "4", "--device", "cpu"])
     assert evaluated["preds"] == result["preds"]
     assert evaluated["test"] == pytest.approx(result["test_at_selected"])
     written = json.loads((tmp_path / "save" / "multimodal_fusion_best.json").read_text())
@@ -105,9 +123,9 @@ def test_separate_text_blocks_train_and_eval(tmp_path):
     state = torch.load(tmp_path / "save" / "multimodal_fusion_best.bin", weights_only=True)
     assert "a_t_gate.fc.weight" in state and infer_sizes_from_checkpoint(state)["separate_text_blocks"]
     # Evaluation infers the separate blocks from the checkpoint.
-    evaluated = fusion.main(IEMOCAP, tmp_path, ["--feature_dir", str(tmp_path / "feature"), "--save_dir",
-                                                str(tmp_path / "save"), "--train", "False", "--n_head", "2",
-                                                "--batch_size", "4"])
+    evaluated = fusion_main(IEMOCAP, ["--feature_dir", str(tmp_path / "feature"), "--save_dir",
+                                      str(tmp_path / "save"), "--train", "False", "--n_head", "2",
+                                      "--batch_size", "4"])
     assert evaluated["preds"] == trained["preds"]
 
 
@@ -124,7 +142,7 @@ REFERENCE_BLOCKS = ("t_t", "a_t", "v_t", "a_a", "t_a", "v_a", "v_v", "t_v", "a_v
 
 
 def reference_state(h: int = H, c: int = C, n_speaker: int = N_SPK) -> dict[str, torch.Tensor]:
-    """A state_dict with the reference's names and shapes, written from the SPEC section 5 list."""
+    """A state_dict with the reference's names and shapes, written from the docs/METHOD.md §5 list."""
     g = torch.Generator().manual_seed(0)
     shapes: dict[str, tuple] = {"speaker_embeddings.weight": (n_speaker + 1, h)}
     for b in REFERENCE_BLOCKS:
@@ -178,13 +196,12 @@ def test_reference_checkpoint_same_predictions_through_the_stage(tmp_path):
     state = reference_state()
     (tmp_path / "save").mkdir()
     torch.save(state, tmp_path / "save" / "multimodal_fusion_best.bin")
-    result = fusion.main(MELD, tmp_path, ["--feature_dir", str(tmp_path / "feature"), "--save_dir",
-                                          str(tmp_path / "save"), "--train", "False", "--n_head", "2"])
+    result = fusion_main(MELD, ["--feature_dir", str(tmp_path / "feature"), "--save_dir",
+                                str(tmp_path / "save"), "--train", "False", "--n_head", "2"])
     model = AnchorGatedTransformer(H, C, N_SPK, n_head=2)
     model.load_state_dict({k: v for k, v in state.items() if k in model.state_dict()})
-    test = fusion.load_split_features(feature_path(tmp_path / "feature", "test"), "audio_kd", "video_kd",
-                                      torch.device("cpu"))
-    assert result["preds"] == fusion.predict(model, test, batch_size=1)
+    test = load_dialogues(feature_path(tmp_path / "feature", "test"), "audio_kd", "video_kd", torch.device("cpu"))
+    assert result["preds"] == predict_dialogues(model, test, batch_size=1)
 
 
 def test_wrong_shape_and_missing_keys_are_named(tmp_path):
@@ -217,7 +234,7 @@ def test_parameter_names_match_reference_list():
 
 def _dialogues(lengths, n_speaker, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return fusion.DialogueSet(
+    return DialogueSet(
         path=None, vids=list(range(len(lengths))),
         text=[torch.randn(n, H, generator=g) for n in lengths],
         audio=[torch.randn(n, H, generator=g) for n in lengths],
@@ -228,9 +245,9 @@ def _dialogues(lengths, n_speaker, seed=0):
 
 
 def _logits(model, data, indices):
-    batch = fusion.collate(data, indices, model.padding_speaker)
+    batch = data.collate(indices, model.padding_speaker)
     with torch.no_grad():
-        out = model(batch.text, batch.audio, batch.video, batch.speakers, batch.mask)
+        out = model(*batch.inputs)
     return [out.t_logits[i, : len(data.labels[j])] for i, j in enumerate(indices)], batch
 
 
@@ -247,19 +264,30 @@ def test_padding_does_not_change_real_utterances():
     assert torch.allclose(single[0], padded[2], atol=1e-5)
 
 
+def fusion_objective(out, labels, mask, alpha=0.7, beta=0.8, feature_loss=True):
+    """``CE(W_t T') + alpha KD(A') + beta KD(V')`` over the ``mask``ed utterances (docs/METHOD.md §5), with
+    ``KD(X') = CE(W_x X') + L_logit(W_x X', W_t T') [+ L_feat(X', T')]``."""
+    target, t_logits, t_feat = labels[mask], out.t_logits[mask], out.t_feat[mask]
+
+    def kd(logits, feat):
+        loss = F.cross_entropy(logits[mask], target) + logit_kd_loss(logits[mask], t_logits)
+        return loss + feature_kd_loss(feat[mask], t_feat) if feature_loss else loss
+
+    return F.cross_entropy(t_logits, target) + alpha * kd(out.a_logits, out.a_feat) + beta * kd(out.v_logits, out.v_feat)
+
+
 def test_loss_ignores_padding():
     torch.manual_seed(0)
     model = AnchorGatedTransformer(H, C, N_SPK, n_head=2).eval()
     data = _dialogues([3, 5, 30], N_SPK)
-    criterion = FusionLoss(alpha=0.7, beta=0.8, feature_loss=True)
     with torch.no_grad():
-        b1 = fusion.collate(data, [0, 1], model.padding_speaker)
-        l1, _ = criterion(model(b1.text, b1.audio, b1.video, b1.speakers, b1.mask), b1.labels, b1.mask)
+        b1 = data.collate([0, 1], model.padding_speaker)
+        l1 = fusion_objective(model(*b1.inputs), b1.labels, b1.mask)
         # Same two dialogues padded to 30 by a third one that is then masked out of the loss.
-        b2 = fusion.collate(data, [0, 1, 2], model.padding_speaker)
+        b2 = data.collate([0, 1, 2], model.padding_speaker)
         mask = b2.mask.clone()
         mask[2] = False
-        l2, _ = criterion(model(b2.text, b2.audio, b2.video, b2.speakers, b2.mask), b2.labels, mask)
+        l2 = fusion_objective(model(*b2.inputs), b2.labels, mask)
     assert l1.item() == pytest.approx(l2.item(), rel=1e-5)
 
 

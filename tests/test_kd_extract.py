@@ -1,9 +1,10 @@
-"""Stages 5-8 inputs (SPEC sections 3 and 4): distillation checkpoints and first-stage feature pickles.
+"""Stages 5-8 inputs (docs/METHOD.md §3, §4): distillation checkpoints and first-stage feature pickles.
 
 The demo (``demo`` fixture) already trained every model and wrote the pickles;
 these tests read its artifacts, evaluate/extract against COPIES of its
-checkpoints, and train only two 1-epoch KD runs on a few rows of the generated
-data (to watch what the KD stage loads and how it treats the teacher).
+checkpoints, and train only three 1-epoch KD runs on a few rows of the generated
+data (to watch what the KD stage loads, how it treats the teacher and how it
+weights its loss terms).
 """
 
 from __future__ import annotations
@@ -12,28 +13,29 @@ import hashlib
 import json
 import pickle
 import shutil
-from argparse import Namespace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
+import torch.nn.functional as F
 
 from conftest import copy_checkpoints, flags, script, stage_paths
-from magtkd import loaders as magtkd_loaders
-from magtkd import modalities
-from magtkd.data import build_samples, group_dialogues, load_speaker2id, load_split
-from magtkd.features import FEATURE_KEYS, feature_path, load_features
-from magtkd.loaders import SampleDataset
-from magtkd.models.build import load_checkpoint
-from magtkd.recipes import IEMOCAP, MELD, SPLITS
-from magtkd.recipes.iemocap import speaker_letter
-from magtkd.report import SubstitutionReport
-from magtkd.stages import kd as kd_stage
+from IEMOCAP.config import IEMOCAP, speaker_letter
+from magtkd import dataset as magtkd_dataset
+from magtkd import model as magtkd_model
+from magtkd import utils as magtkd_utils
+from magtkd.dataset import (
+    FEATURE_KEYS, SPLITS, SampleDataset, build_samples, feature_path, group_dialogues, load_features,
+    load_speaker2id, load_split,
+)
+from magtkd.model import load_encoder
 from magtkd.synthetic.models import AV_HIDDEN, TEXT_HIDDEN
+from magtkd.utils import SubstitutionReport, load_checkpoint
+from MELD.config import MELD
 
-SPECS = {"IEMOCAP": IEMOCAP, "MELD": MELD}
+DATASETS = {"IEMOCAP": IEMOCAP, "MELD": MELD}
 STUDENTS = ("audio", "video")
 PICKLE_KEYS = {"vids", *FEATURE_KEYS, "speakers", "labels", "dia2utt"}
 CHECKPOINTS = {"text": "text.bin", "audio": "audio.bin", "video": "video.bin",
@@ -44,7 +46,7 @@ def digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-# --------------------------------------------------------------------------- KD checkpoints (SPEC section 3)
+# --------------------------------------------------------------------------- KD checkpoints (docs/METHOD.md §3)
 
 
 @pytest.mark.parametrize("dataset", ["IEMOCAP", "MELD"])
@@ -62,13 +64,13 @@ def test_kd_checkpoint_and_metrics_json(demo, dataset, student):
     assert doc["args"]["student"] == student and doc["args"]["teacher"] == "text"
     dev = [row["dev"]["weighted_f1"] for row in doc["epochs"]]
     assert len(dev) == doc["args"]["epochs"] and doc["selected_epoch"] == 1 + dev.index(max(dev))
-    for label in SPECS[dataset].labels:
+    for label in DATASETS[dataset].labels:
         assert {"precision", "recall", "f1-score", "support"} <= set(doc["test"]["per_class"][label])
 
 
 @pytest.mark.parametrize("dataset", ["IEMOCAP", "MELD"])
 def test_kd_objective_defaults_per_dataset(demo, dataset):
-    expected = {"IEMOCAP": (1.0, 0.0), "MELD": (0.1, 1.0)}[dataset]  # SPEC section 3
+    expected = {"IEMOCAP": (1.0, 0.0), "MELD": (0.1, 1.0)}[dataset]  # docs/METHOD.md §3
     for student in STUDENTS:
         save_dir = stage_paths(demo["workdir"], dataset)["save_dir"]
         args = json.loads((save_dir / f"text_KD_{student}.json").read_text(encoding="utf-8"))["args"]
@@ -137,29 +139,34 @@ def tiny_iemocap(generated: Path, tmp: Path, rows: dict[str, int]) -> Path:
 
 
 class Watch:
-    """Records what a KD run builds, which fields its loaders get, what it loads, and the teacher's state."""
+    """Records what a KD run builds, which fields its loaders get, what it loads, the teacher's state,
+    and, for every training step, whether the loss is ``CE + logit_weight L_logit + feature_weight L_feat``
+    of the very terms the run computed (the KD objective of docs/METHOD.md §3)."""
 
-    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, logit_weight: float, feature_weight: float) -> None:
         self.built: list[str] = []
         self.fields: dict[str, list[str]] = {}
         self.checkpoints: list[str] = []
         self.teacher_calls: list[tuple[bool, bool, bool]] = []
         self.losses: dict[str, int] = {"logit": 0, "feature": 0}
         self.taus: set[float] = set()
-        build, loaders_for = modalities.build, kd_stage.loaders_for
-        load, logit, feature = kd_stage.load_checkpoint, kd_stage.logit_kd_loss, kd_stage.feature_kd_loss
+        self.objectives: list[tuple[float, float, float]] = []  # (loss of the step, CE + weighted terms, CE)
+        self._terms: dict[str, torch.Tensor] = {}
+        build, loaders = magtkd_model.load_encoder, magtkd_dataset.loaders
+        load, fit = magtkd_utils.load_checkpoint, magtkd_utils.fit
+        logit, feature = magtkd_model.logit_kd_loss, magtkd_model.feature_kd_loss
 
-        def watched_build(name, num_classes, args):
-            model, field = build(name, num_classes, args)
-            if name == "text":  # the teacher
+        def watched_build(modality, pretrained_dir, num_classes, feature_dir=None):
+            model, field = build(modality, pretrained_dir, num_classes, feature_dir)
+            if modality == "text":  # the teacher
                 model.register_forward_pre_hook(self._teacher_call)
-            self.built.append(name)
+            self.built.append(modality)
             return model, field
 
-        def watched_loaders(samples, fields, args, splits=SPLITS):
+        def watched_loaders(samples, fields, batch_size, num_workers, seed, splits=SPLITS):
             for split in splits:
                 self.fields[split] = [f.name for f in fields]
-            return loaders_for(samples, fields, args, splits)
+            return loaders(samples, fields, batch_size, num_workers, seed, splits)
 
         def watched_load(model, path, produced_by):
             self.checkpoints.append(Path(path).name)
@@ -168,17 +175,34 @@ class Watch:
         def watched_logit(s, t, tau=2.0, **kw):
             self.losses["logit"] += 1
             self.taus.add(tau)
-            return logit(s, t, tau=tau, **kw)
+            self._terms["logit"] = logit(s, t, tau=tau, **kw)
+            return self._terms["logit"]
 
         def watched_feature(s, t):
             self.losses["feature"] += 1
-            return feature(s, t)
+            self._terms["feature"] = feature(s, t)
+            return self._terms["feature"]
 
-        monkeypatch.setattr(modalities, "build", watched_build)
-        monkeypatch.setattr(kd_stage, "loaders_for", watched_loaders)
-        monkeypatch.setattr(kd_stage, "load_checkpoint", watched_load)
-        monkeypatch.setattr(kd_stage, "logit_kd_loss", watched_logit)
-        monkeypatch.setattr(kd_stage, "feature_kd_loss", watched_feature)
+        def watched_fit(*, step, **kwargs):
+            def checked_step(batch, train):
+                self._terms.clear()
+                loss, logits = step(batch, train)
+                if train:
+                    ce = F.cross_entropy(logits.float(), batch["labels"])
+                    zero = torch.zeros(())
+                    expected = (ce + logit_weight * self._terms.get("logit", zero)
+                                + feature_weight * self._terms.get("feature", zero))
+                    self.objectives.append((loss.item(), expected.item(), ce.item()))
+                return loss, logits
+
+            return fit(step=checked_step, **kwargs)
+
+        monkeypatch.setattr(magtkd_model, "load_encoder", watched_build)
+        monkeypatch.setattr(magtkd_dataset, "loaders", watched_loaders)
+        monkeypatch.setattr(magtkd_utils, "load_checkpoint", watched_load)
+        monkeypatch.setattr(magtkd_utils, "fit", watched_fit)
+        monkeypatch.setattr(magtkd_model, "logit_kd_loss", watched_logit)
+        monkeypatch.setattr(magtkd_model, "feature_kd_loss", watched_feature)
 
     def _teacher_call(self, module, _inputs) -> None:
         trainable = any(p.requires_grad for p in module.parameters())
@@ -199,8 +223,8 @@ def test_kd_run_loads_only_its_modalities_and_freezes_the_teacher(demo, generate
     paths = copy_checkpoints({**demo_paths, "data_dir": data_dir, "pretrained_dir": generated / "pretrained_model"},
                              tmp_path, "text.bin", "audio.bin")
     other = "video" if student == "audio" else "audio"
-    monkeypatch.setattr(getattr(magtkd_loaders, f"{other.capitalize()}Field"), "load", refuse(other))
-    watch = Watch(monkeypatch)
+    monkeypatch.setattr(getattr(magtkd_dataset, f"{other.capitalize()}Field"), "load", refuse(other))
+    watch = Watch(monkeypatch, logit_weight=1.0, feature_weight=0.0)
     teacher_before = digest(paths["save_dir"] / "text.bin")
     audio_before = digest(paths["save_dir"] / "audio.bin")
 
@@ -212,8 +236,11 @@ def test_kd_run_loads_only_its_modalities_and_freezes_the_teacher(demo, generate
     assert watch.checkpoints == (["text.bin", "audio.bin"] if student == "audio" else ["text.bin"])
     assert watch.teacher_calls and len(watch.teacher_calls) == 2  # 8 train rows / batch 4; dev/test: student only
     assert all(call == (False, False, False) for call in watch.teacher_calls), watch.teacher_calls
-    # IEMOCAP objective: CE + L_logit (tau 2); no feature loss (SPEC section 3).
+    # IEMOCAP objective: CE + L_logit (tau 2); no feature loss (docs/METHOD.md §3).
     assert watch.losses == {"logit": 2, "feature": 0} and watch.taus == {2.0}
+    assert len(watch.objectives) == 2  # CE + 1.0 * L_logit at every training step
+    for loss, expected, _ in watch.objectives:
+        assert loss == pytest.approx(expected, rel=1e-6)
     assert digest(paths["save_dir"] / "text.bin") == teacher_before
     assert digest(paths["save_dir"] / "audio.bin") == audio_before
     state = torch.load(paths["save_dir"] / f"text_KD_{student}.bin", weights_only=True)
@@ -224,7 +251,28 @@ def test_kd_run_loads_only_its_modalities_and_freezes_the_teacher(demo, generate
     assert (args["logit_weight"], args["feature_weight"], args["learning_rate"]) == (1.0, 0.0, 1e-5)
 
 
-# --------------------------------------------------------------------------- feature pickles (SPEC section 4)
+def test_kd_objective_weights_its_terms(demo, generated, tmp_path, monkeypatch):
+    """``--logit_weight``/``--feature_weight``/``--tau`` set the objective CE + w_l L_logit + w_f L_feat
+    (MELD's weights 0.1 / 1, on a few IEMOCAP rows)."""
+    demo_paths = stage_paths(demo["workdir"], "IEMOCAP")
+    data_dir = tiny_iemocap(generated, tmp_path, {"train": 8, "dev": 4, "test": 4})
+    paths = copy_checkpoints({**demo_paths, "data_dir": data_dir, "pretrained_dir": generated / "pretrained_model"},
+                             tmp_path, "text.bin", "audio.bin")
+    watch = Watch(monkeypatch, logit_weight=0.1, feature_weight=1.0)
+
+    script("IEMOCAP", "KD").main(flags(paths, student="audio", epochs=1, device="cpu", logit_weight=0.1,
+                                       feature_weight=1.0, tau=3.0))
+
+    assert watch.losses == {"logit": 2, "feature": 2} and watch.taus == {3.0}
+    assert len(watch.objectives) == 2
+    for loss, expected, ce in watch.objectives:
+        assert loss == pytest.approx(expected, rel=1e-6)
+        assert loss != pytest.approx(ce, rel=1e-6)  # the distillation terms really contribute
+    args = json.loads((paths["save_dir"] / "text_KD_audio.json").read_text(encoding="utf-8"))["args"]
+    assert (args["logit_weight"], args["feature_weight"], args["tau"]) == (0.1, 1.0, 3.0)
+
+
+# --------------------------------------------------------------------------- feature pickles (docs/METHOD.md §4)
 
 
 def expected_speakers(spec, dialogue: list, speaker2id: dict | None) -> list[int]:
@@ -237,7 +285,7 @@ def expected_speakers(spec, dialogue: list, speaker2id: dict | None) -> list[int
 @pytest.mark.parametrize("dataset", ["IEMOCAP", "MELD"])
 @pytest.mark.parametrize("split", SPLITS)
 def test_feature_pickle_layout(demo, dataset, split):
-    spec, paths = SPECS[dataset], stage_paths(demo["workdir"], dataset)
+    spec, paths = DATASETS[dataset], stage_paths(demo["workdir"], dataset)
     path = feature_path(paths["feature_dir"], split)
     with open(path, "rb") as handle:  # our own file: the exact top-level keys
         assert set(pickle.load(handle)) == PICKLE_KEYS
@@ -261,7 +309,7 @@ def test_feature_pickle_layout(demo, dataset, split):
             vectors = features[key][dia]
             assert isinstance(vectors, list) and len(vectors) == len(dialogue)
             for vec in vectors:
-                # D is the audio/video width (32), not the text model's (48) (SPEC section 2).
+                # D is the audio/video width (32), not the text model's (48) (docs/METHOD.md §2).
                 assert isinstance(vec, np.ndarray) and vec.dtype == np.float32 and vec.shape == (AV_HIDDEN,)
                 assert np.isfinite(vec).all()
     assert AV_HIDDEN != TEXT_HIDDEN
@@ -282,15 +330,14 @@ def test_feature_vectors_come_from_their_checkpoints(demo):
     assert order == utts  # CSV order is already grouped by dialogue here
     batch_rows = 16  # extract_first_stage_features.py's default --batch_size, so batches match
     samples = build_samples(utts)[:batch_rows]
-    args = Namespace(pretrained_dir=paths["pretrained_dir"], feature_dir=paths["feature_dir"])
     with torch.inference_mode():
         for key, checkpoint in CHECKPOINTS.items():
             modality = key.removesuffix("_kd")
-            model, field = modalities.build(modality, IEMOCAP.num_classes, args)
+            model, field = load_encoder(modality, paths["pretrained_dir"], IEMOCAP.num_classes, paths["feature_dir"])
             load_checkpoint(model, paths["save_dir"] / checkpoint, "test").eval()
             dataset = SampleDataset(samples, [field])
             batch = dataset.collate([dataset[i] for i in range(len(samples))])
-            rep, _ = modalities.MODALITIES[modality].forward(model, batch)
+            rep, _ = model.encode(batch)
             expected = np.stack(flat[key][:batch_rows])
             assert np.allclose(rep.numpy(), expected, atol=1e-5), (key, np.abs(rep.numpy() - expected).max())
 
@@ -361,4 +408,4 @@ def test_fusion_labels_follow_the_test_pickle(demo, dataset):
     out = json.loads((paths["save_dir"] / "multimodal_fusion_best.json").read_text(encoding="utf-8"))
     assert out["labels"] == [y for dia in test["vids"] for y in test["labels"][dia]]
     assert len(out["preds"]) == len(out["labels"])
-    assert set(out["preds"]) <= set(range(SPECS[dataset].num_classes))
+    assert set(out["preds"]) <= set(range(DATASETS[dataset].num_classes))

@@ -1,4 +1,4 @@
-"""Media writers (synthetic data) and decoders (all stages): SPEC sections 2 and 6."""
+"""Media writers (synthetic data) and decoders (all stages): docs/METHOD.md §2, §6."""
 
 from __future__ import annotations
 
@@ -9,12 +9,14 @@ import av
 import numpy as np
 import pytest
 
-from magtkd.media import audio as audio_mod
-from magtkd.media import video as video_mod
-from magtkd.media.audio import TARGET_SAMPLE_RATE, decode_audio, load_audio
-from magtkd.media.errors import MediaError
-from magtkd.media.video import FRAMES_PER_CLIP, decode_windows, sample_positions
-from magtkd.report import SubstitutionReport
+from transformers import Wav2Vec2FeatureExtractor
+
+from magtkd import media as media_mod
+from magtkd.dataset import AudioField, Sample, SampleDataset, Utterance
+from magtkd.media import (
+    FRAMES_PER_CLIP, TARGET_SAMPLE_RATE, MediaError, decode_audio, decode_windows, sample_positions,
+)
+from magtkd.utils import SubstitutionReport, note_problems
 from magtkd.synthetic.media import index_frame, read_index, tone, write_video, write_wav
 
 FPS = 10
@@ -68,7 +70,7 @@ def _indices(clip: np.ndarray) -> list[int]:
 
 
 def _expected(window, n_frames: int = N_FRAMES, fps: int = FPS) -> list[int] | None:
-    """Frame indices the SPEC rule selects: frames with t0 <= i/fps < t1, then sample_positions."""
+    """Frame indices the docs/METHOD.md §2 rule selects: frames with t0 <= i/fps < t1, then sample_positions."""
     inside = [i for i in range(n_frames) if window is None or window[0] <= i / fps < window[1]]
     if not inside:
         return None
@@ -159,7 +161,7 @@ def test_decode_windows_selects_exact_frames_with_one_open(indexed_avi, monkeypa
         None,  # whole clip
         (0.0, 1.0),  # duplicate of the first
     ]
-    log = _count_opens(monkeypatch, video_mod)
+    log = _count_opens(monkeypatch, media_mod)
     clips = decode_windows(indexed_avi, windows)
     assert log["opens"] == 1 and log["decodes"] == 1
     assert len(clips) == len(windows)
@@ -187,7 +189,7 @@ def test_decode_windows_h264_mp4_with_audio(tmp_path):
 
 
 def test_decode_windows_stops_after_last_window(indexed_avi, monkeypatch):
-    log = _count_opens(monkeypatch, video_mod)
+    log = _count_opens(monkeypatch, media_mod)
     clips = decode_windows(indexed_avi, [(0.5, 2.0), (1.0, 4.0)])
     assert [_indices(c) for c in clips] == [_expected((0.5, 2.0)), _expected((1.0, 4.0))]
     assert log["frames"] <= 41 + 10  # frames up to t = 4.0, plus decoder look-ahead slack
@@ -195,7 +197,7 @@ def test_decode_windows_stops_after_last_window(indexed_avi, monkeypatch):
 
 
 def test_decode_windows_keeps_frames_decoded_before_a_failure(indexed_avi, monkeypatch):
-    _count_opens(monkeypatch, video_mod, fail_after=45)  # frames 0..44 decode, then an error
+    _count_opens(monkeypatch, media_mod, fail_after=45)  # frames 0..44 decode, then an error
     clips = decode_windows(indexed_avi, [(0.0, 2.0), (4.2, 6.0), (5.0, 8.0), None])
     assert _indices(clips[0]) == _expected((0.0, 2.0))
     assert _indices(clips[1]) == [42, 43, 44, 44, 44, 44, 44, 44]  # partial window: what was read
@@ -205,22 +207,22 @@ def test_decode_windows_keeps_frames_decoded_before_a_failure(indexed_avi, monke
 
 def test_candidate_positions_cover_every_count_in_range():
     for lo, hi in [(0, 70), (60, 75), (186, 214), (2790, 2970)]:
-        kept = video_mod._candidates(lo, hi)
+        kept = media_mod._candidates(lo, hi)
         for n in range(lo, hi + 1):
             assert set(sample_positions(n)) <= kept, (lo, hi, n)
-    assert len(video_mod._candidates(2790, 2970)) < 0.1 * 2790
+    assert len(media_mod._candidates(2790, 2970)) < 0.1 * 2790
 
 
 def test_long_window_holds_few_frames(indexed_avi, monkeypatch):
     held = []
-    real_pick = video_mod._pick
+    real_pick = media_mod._pick
 
     def recording_pick(window):
         held.append((window.count, len(window.frames)))
         return real_pick(window)
 
-    monkeypatch.setattr(video_mod, "_pick", recording_pick)
-    log = _count_opens(monkeypatch, video_mod)
+    monkeypatch.setattr(media_mod, "_pick", recording_pick)
+    log = _count_opens(monkeypatch, media_mod)
     whole, early = decode_windows(indexed_avi, [None, (0.0, 3.0)])
     assert _indices(whole) == _expected(None) and _indices(early) == _expected((0.0, 3.0))
     assert log["opens"] == 1
@@ -231,8 +233,8 @@ def test_long_window_holds_few_frames(indexed_avi, monkeypatch):
 def test_mispredicted_frame_count_is_decoded_again_exactly(indexed_avi, monkeypatch):
     # Wrong rate metadata (as in variable-frame-rate files): the first pass holds
     # the wrong positions, a second pass with the exact count fixes them.
-    monkeypatch.setattr(video_mod, "_estimate_frames", lambda stream, start, end: 600.0)
-    log = _count_opens(monkeypatch, video_mod)
+    monkeypatch.setattr(media_mod, "_estimate_frames", lambda stream, start, end: 600.0)
+    log = _count_opens(monkeypatch, media_mod)
     windows = [None, (2.0, 14.0), (0.0, 0.5)]
     clips = decode_windows(indexed_avi, windows)
     assert [_indices(c) for c in clips] == [_expected(w) for w in windows]
@@ -290,7 +292,7 @@ def test_decode_audio_max_samples_stops_early(tmp_path, monkeypatch):
     write_video(path, (index_frame(i, 48, 64) for i in range(30)), 1, codec="libx264",
                 audio=tone(250, 30.0, 44100, channels=2), sample_rate=44100)
     full = decode_audio(path)
-    log = _count_opens(monkeypatch, audio_mod)
+    log = _count_opens(monkeypatch, media_mod)
     head = decode_audio(path, max_samples=16000)
     assert head.shape == (16000,)
     assert np.abs(head - full[:16000]).max() < 1e-4
@@ -299,7 +301,14 @@ def test_decode_audio_max_samples_stops_early(tmp_path, monkeypatch):
     assert decode_audio(tmp_path / "long.wav", max_samples=1234).shape == (1234,)
 
 
-def test_bad_audio_raises_and_load_audio_substitutes_silence(tmp_path, caplog):
+def _utterance_sample(split: str, dialogue: int, utterance: int, path) -> Sample:
+    utt = Utterance(split=split, row=utterance + 1, dialogue_id=dialogue, utterance_id=utterance, text="hi",
+                    speaker="Joey", speaker_key="Joey", emotion="joy", label=3, audio_path=path,
+                    video_path=path, start=None, end=None)
+    return Sample(utt, ("hi",), (0,))
+
+
+def test_bad_audio_raises_and_audio_field_substitutes_silence(tmp_path, caplog):
     missing = tmp_path / "missing.wav"
     corrupt = tmp_path / "corrupt.mp4"
     corrupt.write_bytes(np.random.default_rng(3).integers(0, 256, 4096, dtype=np.uint8).tobytes())
@@ -310,19 +319,30 @@ def test_bad_audio_raises_and_load_audio_substitutes_silence(tmp_path, caplog):
             decode_audio(path)
         assert reason in err.value.reason and err.value.path == str(path)
 
-    report = SubstitutionReport()
-    with caplog.at_level(logging.WARNING, logger="magtkd"):
-        first = load_audio(corrupt, key="train/dia1_utt0", report=report, fallback_seconds=0.5)
-        assert first.dtype == np.float32 and first.shape == (8000,) and not first.any()
-        assert len(report) == 1
-        assert (report.items[0].key, report.items[0].path, report.items[0].replacement) == (
-            "train/dia1_utt0", str(corrupt), "silence")
-        second = load_audio(corrupt, key="train/dia1_utt1", report=report, max_samples=100)
-        assert second.shape == (100,)
-    assert len(report) == 2
-    assert sum(str(corrupt) in r.getMessage() for r in caplog.records) == 1
-
+    # The audio stages load through AudioField: an unreadable file becomes one second of
+    # silence, the problem travels with the batch, and note_problems puts it in the report.
     good = tmp_path / "good.wav"
     write_wav(good, tone(300, 0.25, 16000), 16000)
-    assert load_audio(good, key="dev/1_1", report=report).shape == (4000,)
-    assert len(report) == 2
+    extractor = Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=TARGET_SAMPLE_RATE, padding_value=0.0,
+                                         do_normalize=True, return_attention_mask=True)
+    samples = [_utterance_sample("train", 1, 0, corrupt), _utterance_sample("train", 1, 1, corrupt),
+               _utterance_sample("dev", 1, 1, good)]
+    dataset = SampleDataset(samples, [AudioField(extractor)])
+    items = [dataset[i] for i in range(len(samples))]
+    first, problem = items[0]["audio"]
+    assert first.dtype == np.float32 and first.shape == (TARGET_SAMPLE_RATE,) and not first.any()
+    assert problem[0] == str(corrupt) and "cannot open" in problem[1]
+    assert items[2]["audio"][0].shape == (4000,) and items[2]["audio"][1] is None
+    assert AudioField(extractor, max_samples=100).load(samples[1])[0].shape == (100,)
+
+    batch = dataset.collate(items)
+    assert batch["audio_problems"] == [problem, problem, None]
+    assert batch["audio_mask"].sum(-1).tolist() == [TARGET_SAMPLE_RATE, TARGET_SAMPLE_RATE, 4000]
+    report = SubstitutionReport()
+    with caplog.at_level(logging.WARNING, logger="magtkd"):
+        note_problems(batch, dataset, report)
+    assert [(s.key, s.path, s.replacement) for s in report.items] == [
+        ("train/1_0", str(corrupt), "silence"), ("train/1_1", str(corrupt), "silence")]
+    assert all("cannot open" in s.reason for s in report.items)
+    assert sum(str(corrupt) in r.getMessage() for r in caplog.records) == 1  # warned once per file
+    note_problems(batch, dataset, None)  # no report: nothing to record, no error

@@ -1,4 +1,4 @@
-"""Data preparation: IEMOCAP raw release -> CSVs, official MELD CSVs -> ours (SPEC section 1)."""
+"""Data preparation: IEMOCAP raw release -> CSVs, official MELD CSVs -> ours (docs/METHOD.md §1)."""
 
 from __future__ import annotations
 
@@ -10,12 +10,12 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from magtkd.data import DataError, load_speaker2id, load_split
-from magtkd.prepare.iemocap import format_time, main as iemocap_main, prepare_iemocap
-from magtkd.prepare.meld import REPORT_NAME, main as meld_main, prepare_meld
-from magtkd.recipes import IEMOCAP, MELD, SPLITS
-from magtkd.recipes.meld import CLIP_DIRS, OFFICIAL_COLUMNS, OFFICIAL_CSV
-from magtkd.report import SubstitutionReport
+from IEMOCAP.config import IEMOCAP
+from IEMOCAP.preprocessing import format_time, main as iemocap_main, prepare_iemocap
+from magtkd.dataset import SPLITS, DataError, load_speaker2id, load_split
+from magtkd.utils import SubstitutionReport
+from MELD.config import CLIP_DIRS, MELD, OFFICIAL_COLUMNS, OFFICIAL_CSV
+from MELD.preprocessing import REPORT_NAME, main as meld_main, prepare_meld
 
 REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "data"
 
@@ -196,7 +196,7 @@ def test_iemocap_matches_authors_csvs(tmp_path: Path) -> None:
         if split != "test":
             # Train and dev are ordered by dialogue name in the authors' CSVs too. Their
             # test CSV lists Session 5 in an unpublished order, so there Dialogue_ID is
-            # compared after mapping by dialogue name (SPEC: dialogues ordered by name).
+            # compared after mapping by dialogue name (docs/METHOD.md §1: dialogues ordered by name).
             assert names_mine == names_theirs
             pd.testing.assert_frame_equal(mine.reset_index(drop=True), theirs.reset_index(drop=True))
         mine_groups, theirs_groups = _by_dialogue(mine), _by_dialogue(theirs)

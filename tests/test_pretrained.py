@@ -1,4 +1,4 @@
-"""Tiny pretrained stand-ins (magtkd.synthetic.models) and their loaders (magtkd.pretrained)."""
+"""Tiny pretrained stand-ins (magtkd.synthetic.models) and their loaders (magtkd.model)."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from magtkd import pretrained as P
-from magtkd.recipes import PRETRAINED
+from magtkd import model as P
+from magtkd.model import PRETRAINED
 from magtkd.synthetic.__main__ import generate
 from magtkd.synthetic.models import write_models
 

@@ -1,4 +1,4 @@
-"""The text prompt (SPEC section 2, Text) with a tiny byte-level BPE tokenizer trained here."""
+"""The text prompt (docs/METHOD.md §2, Text) with a tiny byte-level BPE tokenizer trained here."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 from tokenizers import ByteLevelBPETokenizer
 from transformers import AutoTokenizer
 
-from magtkd.prompt import SPEAKER_TOKENS, add_speaker_tokens, build_prompt, encode_prompt, left_pad
+from magtkd.dataset import SPEAKER_TOKENS, add_speaker_tokens, build_prompt, encode_prompt, left_pad
 
 CORPUS = ["Excuse me. Do you have your forms? Now feels. Yeah. Let me see them. Is there a problem?"] * 4
 

@@ -5,7 +5,7 @@
 Writes ``DIR/datasets/IEMOCAP`` and ``DIR/datasets/MELD`` (raw releases in the
 real formats, `magtkd.synthetic.iemocap` / `magtkd.synthetic.meld`) and
 ``DIR/pretrained_model/<four folders>`` (`magtkd.synthetic.models`), i.e. the
-repository layout of SPEC section 0, so every stage runs against ``DIR`` with
+repository layout of docs/METHOD.md §0, so every stage runs against ``DIR`` with
 ``--data_dir DIR/datasets/<DS> --pretrained_dir DIR/pretrained_model``.
 """
 
@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from ..cli import setup_logging
+from ..utils import setup_logging
 
 log = logging.getLogger("magtkd.synthetic")
 

@@ -5,9 +5,9 @@ a per-modality signal strength: text strongest, raw video weakest) plus
 Gaussian noise, so a fusion model can learn the labels and the text stream
 matters most, as on the real data. Speakers follow the recipe's rule:
 IEMOCAP 0/1 by order of appearance in the dialogue, MELD global ids from a pool
-of ``spec.fusion.n_speaker`` names (at most 9 in one dialogue). The pickles go
-through :func:`magtkd.features.assemble_features` / ``save_features``, i.e. the
-exact SPEC section 4 layout.
+of ``spec.n_speaker`` names (at most 9 in one dialogue). The pickles go
+through :func:`magtkd.dataset.assemble_features` / ``save_features``, i.e. the
+exact docs/METHOD.md §4 layout.
 """
 
 from __future__ import annotations
@@ -17,8 +17,7 @@ from typing import Mapping
 
 import numpy as np
 
-from ..features import FEATURE_KEYS, assemble_features, feature_path, save_features
-from ..recipes import SPLITS, DatasetSpec
+from ..dataset import FEATURE_KEYS, SPLITS, DatasetSpec, assemble_features, feature_path, save_features
 
 SIGNAL = {"text": 1.0, "audio": 0.5, "video": 0.3, "audio_kd": 0.8, "video_kd": 0.6}
 MAX_SPEAKERS_PER_DIALOGUE = 9
@@ -44,7 +43,7 @@ def _speakers(rng: np.random.Generator, spec: DatasetSpec, length: int, pool: in
     if spec.global_speaker_ids:
         cast = rng.choice(pool, size=int(rng.integers(1, min(MAX_SPEAKERS_PER_DIALOGUE, pool) + 1)), replace=False)
         return [int(s) for s in rng.choice(cast, size=length)]
-    # Two speakers numbered by order of appearance (SPEC section 4).
+    # Two speakers numbered by order of appearance (docs/METHOD.md §4).
     raw = rng.integers(0, 2, size=length)
     return [int(s) for s in (raw != raw[0])]
 
@@ -65,7 +64,7 @@ def write_synthetic_features(
     """
     rng = np.random.default_rng(seed)
     n_classes = len(spec.labels)
-    pool = n_global_speakers or spec.fusion.n_speaker
+    pool = n_global_speakers or spec.n_speaker
     prototypes = {key: rng.normal(0.0, prototype_scale, size=(n_classes, width)) for key in FEATURE_KEYS}
     paths: dict[str, Path] = {}
     for split in SPLITS:

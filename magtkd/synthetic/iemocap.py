@@ -1,4 +1,4 @@
-"""A tiny IEMOCAP release in the real raw format (SPEC section 1), deterministic per seed.
+"""A tiny IEMOCAP release in the real raw format (docs/METHOD.md §1), deterministic per seed.
 
 Tree written under the data folder (e.g. ``datasets/IEMOCAP``)::
 
@@ -28,8 +28,8 @@ from typing import Iterator
 
 import numpy as np
 
-from ..io import write_text
-from ..recipes.iemocap import DEV_DIALOGUES, LABELS, TEST_SESSIONS, speaker_letter
+from ..utils import write_text
+from IEMOCAP.config import DEV_DIALOGUES, LABELS, TEST_SESSIONS, speaker_letter
 from . import text as synth_text
 from .media import index_frame, tone, write_video, write_wav
 
@@ -147,7 +147,7 @@ def session_of(dialogue: str) -> int:
 
 
 def split_of(dialogue: str) -> str:
-    """The standard split (SPEC section 1)."""
+    """The standard split (docs/METHOD.md §1)."""
     if session_of(dialogue) in TEST_SESSIONS:
         return "test"
     return "dev" if dialogue in DEV_DIALOGUES else "train"

@@ -4,8 +4,8 @@ Synthetic clips stand in for the real releases (IEMOCAP dialogue AVIs with MPEG-
 video, MELD MP4 clips with H.264 video and stereo AAC audio, 16 kHz WAVs), so the
 decoders (`magtkd.media`) are exercised on the same containers and codecs. Each
 frame carries its own index in large black/white blocks, so tests can check which
-frames a decoder returned even after lossy compression (SPEC section 2, video
-sampling). Every file is written atomically through `magtkd.io.atomic_path`.
+frames a decoder returned even after lossy compression (docs/METHOD.md §2, video
+sampling). Every file is written atomically through `magtkd.utils.atomic_path`.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Iterable, Iterator
 import av
 import numpy as np
 
-from ..io import atomic_path
+from ..utils import atomic_path
 
 # The index is coded as INDEX_BITS blocks laid out BIT_ROWS x BIT_COLS in the top
 # half of the frame. 12 bits cover indices 0..4095 (a 5-minute dialogue at 10 fps
@@ -203,6 +203,9 @@ def write_video(
             vstream = out.add_stream(codec, rate=int(fps))
             vstream.width, vstream.height, vstream.pix_fmt = width, height, "yuv420p"
             vstream.time_base = Fraction(1, int(fps))
+            # One encoder thread: frame-threaded x264 output depends on thread timing, and the
+            # generated data must be the same bytes for the same seed.
+            vstream.codec_context.thread_count = 1
             astream = None
             if audio_data is not None:
                 layout = _layout(audio_data.shape[1])

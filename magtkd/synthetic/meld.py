@@ -1,4 +1,4 @@
-"""A tiny MELD release in the official format (SPEC sections 1 and 6), deterministic per seed.
+"""A tiny MELD release in the official format (docs/METHOD.md §1, §6), deterministic per seed.
 
 Tree written under the data folder (e.g. ``datasets/MELD``)::
 
@@ -35,8 +35,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..io import write_bytes, write_text
-from ..recipes.meld import CLIP_DIRS, LABELS, OFFICIAL_COLUMNS, OFFICIAL_CSV
+from ..utils import write_bytes, write_text
+from MELD.config import CLIP_DIRS, LABELS, OFFICIAL_COLUMNS, OFFICIAL_CSV
 from . import text as synth_text
 from .iemocap import LabelSignal, cohesive
 from .media import index_frame, tone, write_video
@@ -190,7 +190,7 @@ def write_meld(root: Path, seed: int = 0, *, media: bool = True) -> dict:
     noise_rng = np.random.default_rng([seed, 1])  # media bytes only: the CSVs never depend on it
     signal = LabelSignal(LABELS)
     plans = {split: _plan_split(split, rng, signal) for split in ("train", "dev", "test")}
-    # One of each real fault (SPEC section 1 lists where they sit in the real release).
+    # One of each real fault (docs/METHOD.md §1 lists where they sit in the real release).
     overlong = next(i for i, r in enumerate(plans["test"]) if r["Dialogue_ID"] == 2)
     no_audio = len(plans["test"]) // 2 + (len(plans["test"]) // 2 == overlong)
     fault_rows = {

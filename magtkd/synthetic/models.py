@@ -1,14 +1,14 @@
-"""Tiny random-weight stand-ins for the four pretrained folders (SPEC section 0).
+"""Tiny random-weight stand-ins for the four pretrained folders (docs/METHOD.md §0).
 
 Each folder has the layout ``hf download <hub id> --local-dir pretrained_model/<name>``
 produces for the real model (config.json, weights saved from the same head class,
 tokenizer / preprocessor files), so every stage loads them through exactly the
-``from_pretrained`` calls it uses for the real checkpoints (magtkd.pretrained).
+``from_pretrained`` calls it uses for the real checkpoints (magtkd.model).
 Only the sizes are tiny, so the whole pipeline runs on a CPU in seconds.
 
 The text width (48) deliberately differs from the audio/video width (32): the
-text head must follow the audio/video width instead of hard-coding it (SPEC
-section 2, "Text").
+text head must follow the audio/video width instead of hard-coding it
+(docs/METHOD.md §2, "Text").
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from typing import Iterable
 
 import torch
 
-from ..io import atomic_path, write_json, write_text
+from ..utils import atomic_path, write_json, write_text
 
 log = logging.getLogger(__name__)
 
@@ -202,7 +202,7 @@ def _save_model(model_cls, config, folder: Path, seed: int) -> None:
     model = model_cls(config).eval()
     folder.mkdir(parents=True, exist_ok=True)
     # save_pretrained writes in place; stage it in a scratch folder next to the
-    # target and rename each file in through magtkd.io, so a killed run never
+    # target and rename each file in through magtkd.utils, so a killed run never
     # leaves a half-written weights file.
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # a "Writing model shards" bar per tiny file is noise

@@ -1,6 +1,6 @@
 """Utterance text for the synthetic datasets: emotion cue words among neutral fillers.
 
-The text signal (SPEC section 1 label sets): most utterances contain two cue
+The text signal (docs/METHOD.md §1 label sets): most utterances contain two cue
 words typical of their emotion, surrounded by fillers shared by every emotion,
 so a text model can beat the majority class without the task being a lookup;
 a fraction carry no cue at all. Markup fragments reproduce what the real
@@ -50,7 +50,7 @@ CUE_TEMPLATES: tuple[str, ...] = (
 PLAIN_TEMPLATES: tuple[str, ...] = ("{f1}, {f2}.", "{f1} {f2}?")
 
 # Markup around an utterance {u}. IEMOCAP: brackets and colons inside the text
-# (SPEC section 1 says the text "may itself contain colons and brackets"),
+# (docs/METHOD.md §1 says the text "may itself contain colons and brackets"),
 # including a "]:" that a greedy parser of `<name> [START-END]: text` would split on.
 IEMOCAP_MARKUP: tuple[str, ...] = (
     "[LAUGHTER] {u}", "{u} [GARBAGE]", "Listen: {u}", "She wrote [sic]: {u}",
@@ -62,7 +62,7 @@ MELD_MARKUP: tuple[str, ...] = (
 )
 
 # Text of IEMOCAP transcription segments that are not evaluated utterances
-# (names like `Ses01F_impro01_MXX0`, SPEC section 1).
+# (names like `Ses01F_impro01_MXX0`, docs/METHOD.md §1).
 NONVERBAL: tuple[str, ...] = ("[BREATHING]", "[LAUGHTER]", "[GARBAGE]")
 
 CUE_PROBABILITY = 0.85  # the rest get fillers only: the text signal is strong, not perfect

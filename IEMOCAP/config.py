@@ -1,8 +1,12 @@
-"""IEMOCAP specifics (SPEC section 1): 6 labels, dialogue-video windows, F/M speakers."""
+"""IEMOCAP specifics (docs/METHOD.md §1): 6 labels, dialogue-video windows, F/M speakers.
+
+The stage scripts of this folder import ``IEMOCAP``; the preparation script and the
+synthetic-data generator also use the release facts below.
+"""
 
 from __future__ import annotations
 
-from .base import DatasetSpec, FusionDefaults
+from magtkd.dataset import DatasetSpec
 
 LABELS = ("ang", "exc", "fru", "hap", "neu", "sad")
 
@@ -32,16 +36,10 @@ IEMOCAP = DatasetSpec(
     ),
     audio_column="Wav_Path",
     video_column="Video_Path",
-    video_window_pad=1.0,
+    video_window_pad=1.0,  # the window is [max(start - 1, 0), end + 1] seconds of the dialogue video
     speaker_of=speaker_letter,
-    global_speaker_ids=False,
-    learning_rates={"text": 1e-5, "audio": 5e-6, "video": 1e-5, "kd": 1e-5},
-    kd_logit_weight=1.0,
-    kd_feature_weight=0.0,
-    fusion=FusionDefaults(
-        audio_feature="audio_kd", video_feature="video", alpha=0.7, beta=0.8,
-        feature_loss=True, n_speaker=2,
-    ),
+    global_speaker_ids=False,  # fusion speaker ids 0/1 by order of appearance in the dialogue
+    n_speaker=2,
     data_readme=(
         "the unpacked IEMOCAP release (Session1 ... Session5, each with dialog/avi/DivX, "
         "dialog/transcriptions, dialog/EmoEvaluation and sentences/wav) and, after "

@@ -1,8 +1,12 @@
-"""MELD specifics (SPEC section 1): 7 labels, one mp4 clip per utterance, named speakers."""
+"""MELD specifics (docs/METHOD.md §1): 7 labels, one mp4 clip per utterance, named speakers.
+
+The stage scripts of this folder import ``MELD``; the preparation script and the
+synthetic-data generator also use the release facts below.
+"""
 
 from __future__ import annotations
 
-from .base import DatasetSpec, FusionDefaults
+from magtkd.dataset import SPEAKER_MAP, DatasetSpec
 
 LABELS = ("anger", "disgust", "fear", "joy", "neutral", "sadness", "surprise")
 
@@ -13,7 +17,6 @@ OFFICIAL_COLUMNS = (
     "Sr No.", "Utterance", "Speaker", "Emotion", "Sentiment", "Dialogue_ID",
     "Utterance_ID", "Season", "Episode", "StartTime", "EndTime",
 )
-SPEAKER_MAP = "speaker2id.json"
 
 
 def same_speaker(speaker: str) -> str:
@@ -26,21 +29,15 @@ MELD = DatasetSpec(
     labels=LABELS,
     csv_names={"train": "train_meld_emo.csv", "dev": "dev_meld_emo.csv", "test": "test_meld_emo.csv"},
     required_columns=("Utterance", "Speaker", "Emotion", "Dialogue_ID", "Utterance_ID", "Video_Path"),
-    audio_column="Video_Path",
+    audio_column="Video_Path",  # audio is decoded straight from the mp4 clip
     video_column="Video_Path",
-    video_window_pad=None,
+    video_window_pad=None,  # the whole clip
     speaker_of=same_speaker,
-    global_speaker_ids=True,
-    learning_rates={"text": 1e-5, "audio": 1e-5, "video": 1e-5, "kd": 1e-5},
-    kd_logit_weight=0.1,
-    kd_feature_weight=1.0,
-    fusion=FusionDefaults(
-        audio_feature="audio_kd", video_feature="video_kd", alpha=0.01, beta=0.08,
-        feature_loss=False, n_speaker=304,
-    ),
+    global_speaker_ids=True,  # fusion speaker ids from speaker2id.json
+    n_speaker=304,
     data_readme=(
         "the official MELD CSVs (train_sent_emo.csv, dev_sent_emo.csv, test_sent_emo.csv) and "
         "the clip folders train_splits, dev_splits_complete, output_repeated_splits_test; "
-        "after `python MELD/preprocessing.py`, {train,dev,test}_meld_emo.csv and speaker2id.json"
+        f"after `python MELD/preprocessing.py`, {{train,dev,test}}_meld_emo.csv and {SPEAKER_MAP}"
     ),
 )

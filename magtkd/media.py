@@ -1,10 +1,19 @@
-"""Video decoding: 8 frames per time window, one forward decode per file (SPEC section 2).
+"""Media decoding with PyAV: audio to 16 kHz mono, 8 frames per time window (docs/METHOD.md §2, §6).
 
-An IEMOCAP dialogue video serves every utterance of the dialogue: the reference
-decoded the whole video again for each utterance, which made frame extraction
-quadratic in dialogue length. `decode_windows` opens the file once and decodes
-it forward once for all windows, holding only frames that open windows may still
-sample (memory does not grow with the length of a window or of the video).
+Audio: the reference loaded audio at 22.05 kHz and declared it 16 kHz to
+data2vec; we decode at the file's own rate, down-mix to mono (mean of channels)
+and resample with `torchaudio.functional.resample` to the rate the model was
+trained on.
+
+Video: an IEMOCAP dialogue video serves every utterance of the dialogue; the
+reference decoded the whole video again for each utterance, which made frame
+extraction quadratic in dialogue length. `decode_windows` opens the file once
+and decodes it forward once for all windows, holding only frames that open
+windows may still sample (memory does not grow with the length of a window or
+of the video).
+
+Both raise `MediaError` for a file they cannot read; stages catch it to
+substitute silence / black frames and list the utterance in their report.
 """
 
 from __future__ import annotations
@@ -18,20 +27,120 @@ from typing import Callable, Sequence
 
 import av
 import numpy as np
-
-from .errors import MediaError, open_checked
-
-__all__ = ["FRAMES_PER_CLIP", "MediaError", "decode_windows", "sample_positions"]
+import torch
+import torchaudio.functional as AF
 
 log = logging.getLogger("magtkd")
 
+TARGET_SAMPLE_RATE = 16000
 FRAMES_PER_CLIP = 8
+
+
+# --------------------------------------------------------------------------- errors and opening
+
+class MediaError(Exception):
+    """A media file that cannot be decoded: missing, corrupt, or lacking the stream."""
+
+    def __init__(self, path: str | os.PathLike, reason: str) -> None:
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"{self.path}: {reason}")
+
+    def __reduce__(self):  # keep the two-argument signature picklable for DataLoader workers
+        return (type(self), (self.path, self.reason))
+
+
+def open_checked(path: Path) -> av.container.InputContainer:
+    """``_open(path)``, with a missing or unopenable file turned into a MediaError."""
+    if not path.is_file():
+        raise MediaError(path, "file not found")
+    try:
+        return _open(path)
+    except (av.error.FFmpegError, OSError, ValueError) as exc:
+        raise MediaError(path, f"cannot open: {exc}") from exc
+
+
+def _open(path: str | os.PathLike) -> av.container.InputContainer:
+    """Open a media container for reading (single entry point so tests can count opens)."""
+    return av.open(str(path), "r")
+
+
+# --------------------------------------------------------------------------- audio
+
+
+
+
+def _native_needed(max_samples: int | None, native_sr: int, target_sr: int) -> int | None:
+    """Native-rate samples that suffice for ``max_samples`` output samples.
+
+    10 ms extra cover the resampling filter's look-ahead, so the kept prefix is
+    the same as when the whole clip is resampled (up to float rounding).
+    """
+    if max_samples is None:
+        return None
+    return math.ceil(max_samples * native_sr / target_sr) + math.ceil(native_sr / 100)
+
+
+def decode_audio(
+    path: str | os.PathLike, target_sr: int = TARGET_SAMPLE_RATE, max_samples: int | None = None
+) -> np.ndarray:
+    """Decode the first audio stream of ``path`` to float32 mono of shape (n,) at ``target_sr``.
+
+    Decoding stops once ``max_samples`` samples (counted at ``target_sr``) are
+    covered: MELD has clips that run for minutes and the audio encoder keeps only
+    a prefix anyway (docs/METHOD.md §2). Raises `MediaError` naming the file when it
+    is missing, cannot be opened, has no audio stream, or yields no samples. A
+    decode error after some audio was read keeps what was read (logged).
+    """
+    path = Path(path)
+    if max_samples is not None and max_samples <= 0:
+        raise ValueError(f"max_samples must be positive, got {max_samples}")
+    container = open_checked(path)
+    with container:
+        if not container.streams.audio:
+            raise MediaError(path, "no audio stream")
+        stream = container.streams.audio[0]
+        # Convert whatever sample format the codec emits to planar float at the
+        # stream's own rate and layout; down-mixing and resampling happen below.
+        converter = av.AudioResampler(format="fltp")
+        chunks: list[np.ndarray] = []
+        native_sr: int | None = None
+        needed: int | None = None
+        have = 0
+        try:
+            for frame in container.decode(stream):
+                if native_sr is None:
+                    native_sr = int(frame.sample_rate)
+                    needed = _native_needed(max_samples, native_sr, target_sr)
+                for converted in converter.resample(frame):
+                    planar = converted.to_ndarray()  # (channels, n)
+                    chunks.append(planar.mean(axis=0, dtype=np.float32))
+                    have += planar.shape[1]
+                if needed is not None and have >= needed:
+                    break
+        except (av.error.FFmpegError, ValueError) as exc:
+            if not chunks:
+                raise MediaError(path, f"cannot decode audio: {exc}") from exc
+            log.warning("%s: audio decoding stopped early (%s); keeping %d samples", path, exc, have)
+    if not chunks or have == 0 or native_sr is None:
+        raise MediaError(path, "no audio samples")
+    mono = np.concatenate(chunks)
+    if native_sr != target_sr:
+        mono = AF.resample(torch.from_numpy(mono), native_sr, target_sr).numpy()
+    if max_samples is not None:
+        mono = mono[:max_samples]
+    return np.ascontiguousarray(mono, dtype=np.float32)
+
+
+# --------------------------------------------------------------------------- video
+
+
 
 
 def sample_positions(n: int, k: int = FRAMES_PER_CLIP) -> list[int]:
     """0-based positions of the ``k`` frames taken from a window of ``n`` frames.
 
-    SPEC section 2 (the reference's rule): ``step = n // k`` and positions
+    docs/METHOD.md §2 (the reference's rule): ``step = n // k`` and positions
     ``step * j - 1`` for j = 1..k; with fewer than ``k`` frames take them all and
     repeat the last; no frames -> no positions.
     """
@@ -43,11 +152,6 @@ def sample_positions(n: int, k: int = FRAMES_PER_CLIP) -> list[int]:
         return list(range(n)) + [n - 1] * (k - n)
     step = n // k
     return [step * j - 1 for j in range(1, k + 1)]
-
-
-def _open(path: str | os.PathLike) -> av.container.InputContainer:
-    """Open a media container for reading (single entry point so tests can count opens)."""
-    return av.open(str(path), "r")
 
 
 # Windows expected to hold fewer frames than this keep every frame (cheap); longer
@@ -141,7 +245,7 @@ def _decode_pass(
     missed: list[_Window] = []
     pending = sorted(windows, key=lambda w: w.start, reverse=True)  # pop() gives the earliest start
     last_end = max(w.end for w in windows)
-    container = open_checked(path, _open)
+    container = open_checked(path)
 
     def close(window: _Window) -> None:
         try:
@@ -201,7 +305,7 @@ def decode_windows(
     frames whose timestamp ``t`` satisfies ``t0 <= t < t1``; ``None`` stands for
     the whole clip (MELD). For each window the frames at `sample_positions` are
     returned as an ``(8, H, W, 3)`` uint8 array, or ``None`` when the window has
-    no frame (the caller substitutes black frames and reports it, SPEC section 6).
+    no frame (the caller substitutes black frames and reports it, docs/METHOD.md §6).
 
     The file is opened once and decoded forward once, stopping after the last
     window's end. Memory stays bounded: open windows hold references to decoded

@@ -1,0 +1,1 @@
+"""IEMOCAP stage scripts; ``config.py`` holds everything specific to this dataset."""

@@ -1,0 +1,1 @@
+"""MELD stage scripts; ``config.py`` holds everything specific to this dataset."""

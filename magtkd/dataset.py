@@ -1,0 +1,1042 @@
+"""Data: dataset descriptions, CSV -> utterances -> dialogue-prefix samples, the
+text prompt, torch datasets and collation, stored video frames (and their
+extraction), first-stage feature pickles and the fusion's dialogue batches.
+
+Every stage reads its data through this module, so CSV checks, media path
+rules, the prefix/speaker rules and the artifact formats live here once
+(docs/METHOD.md §1, §2, §4). Both our prepared CSVs and the authors' CSVs are
+accepted as they are (their media paths look like ``../datasets/IEMOCAP/Session1/...``).
+"""
+
+from __future__ import annotations
+
+import builtins
+import codecs
+import importlib
+import io
+import json
+import logging
+import pickle
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.nn.utils.rnn import pad_sequence
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from .media import FRAMES_PER_CLIP, TARGET_SAMPLE_RATE, MediaError, decode_audio, decode_windows
+from .utils import SubstitutionReport, atomic_path
+
+log = logging.getLogger("magtkd")
+
+SPLITS: tuple[str, ...] = ("train", "dev", "test")
+SPEAKER_MAP = "speaker2id.json"  # MELD: speaker name -> global id, written by MELD/preprocessing.py
+
+
+# --------------------------------------------------------------------------- dataset description
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """Everything the shared code needs to know about one dataset; ``<DS>/config.py`` defines it."""
+
+    name: str
+    labels: tuple[str, ...]  # index order = class id
+    csv_names: Mapping[str, str]  # split -> prepared CSV file name inside the data folder
+    required_columns: tuple[str, ...]
+    audio_column: str  # column holding the file audio is decoded from (wav or mp4)
+    video_column: str
+    # Seconds added on both sides of [Start_Time, End_Time] for the video window;
+    # None means the whole clip (docs/METHOD.md §2, "Video").
+    video_window_pad: float | None
+    speaker_of: Callable[[str], str]  # CSV ``Speaker`` value -> speaker key within a dialogue
+    global_speaker_ids: bool  # fusion speaker ids: False = order in dialogue, True = speaker2id.json
+    n_speaker: int  # fusion speaker-embedding rows without the padding row (docs/METHOD.md §5)
+    data_readme: str = ""  # what the data folder must contain (used in error messages)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.labels)
+
+    def label_id(self, emotion: str) -> int:
+        return self.labels.index(emotion)
+
+    # Default locations, relative to the dataset script folder (``<repo>/<DS>``),
+    # so scripts work from any working directory (docs/METHOD.md §0 layout).
+    def default_data_dir(self, script_dir: Path) -> Path:
+        return Path(script_dir).resolve().parent / "datasets" / self.name
+
+    def default_pretrained_dir(self, script_dir: Path) -> Path:
+        return Path(script_dir).resolve().parent / "pretrained_model"
+
+    def default_save_dir(self, script_dir: Path) -> Path:
+        return Path(script_dir).resolve() / self.name / "save_model"
+
+    def default_feature_dir(self, script_dir: Path) -> Path:
+        return Path(script_dir).resolve() / "feature"
+
+
+# --------------------------------------------------------------------------- CSV -> utterances -> samples
+
+
+# Session 5 of some IEMOCAP copies spells the dialogue-video folder ``Divx`` (docs/METHOD.md §1).
+_DIVX_SPELLINGS = ("DivX", "Divx")
+
+
+class DataError(ValueError):
+    """Bad content in a data file; the message names the file, row/column/key and what was expected."""
+
+
+@dataclass(frozen=True)
+class Utterance:
+    """One CSV row, typed; paths already resolved against the data folder."""
+
+    split: str
+    row: int  # 1-based data-row number in the CSV (header not counted), for messages
+    dialogue_id: int
+    utterance_id: int
+    text: str
+    speaker: str  # raw ``Speaker`` value
+    speaker_key: str  # spec.speaker_of(speaker): identifies the speaker within a dialogue
+    emotion: str
+    label: int
+    audio_path: Path
+    video_path: Path
+    start: float | None  # seconds within the video (IEMOCAP); None when the CSV has no times
+    end: float | None
+
+    @property
+    def key(self) -> str:
+        """``{Dialogue_ID}_{Utterance_ID}``: the stem of per-utterance feature files."""
+        return f"{self.dialogue_id}_{self.utterance_id}"
+
+
+@dataclass(frozen=True)
+class Sample:
+    """The dialogue prefix ``[u_0 .. u_t]`` whose label and media are those of ``u_t``."""
+
+    utterance: Utterance
+    texts: tuple[str, ...]
+    speakers: tuple[int, ...]  # 0-based, by order of first appearance in the dialogue
+
+
+def _preprocess_command(spec: DatasetSpec) -> str:
+    return f"python {spec.name}/preprocessing.py --data_dir <data folder>"
+
+
+def read_csv_checked(path: str | Path, required_columns: Iterable[str]) -> pd.DataFrame:
+    """Read a CSV as strings (no number/NaN parsing) and check it has ``required_columns``.
+
+    Texts must stay byte-exact (docs/METHOD.md §1), so every cell is read as ``str``
+    and empty cells stay ``""``. UTF-8 is expected (a BOM is tolerated); CSVs
+    re-saved by a spreadsheet program in cp1252 are read with a warning.
+    """
+    path = Path(path)
+    try:
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig")
+    except UnicodeDecodeError:
+        log.warning("%s is not UTF-8; reading it as cp1252", path)
+        try:
+            frame = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="cp1252")
+        except UnicodeDecodeError as exc:
+            raise DataError(f"{path}: neither UTF-8 nor cp1252 text ({exc})") from exc
+    for column in required_columns:
+        if column not in frame.columns:
+            raise DataError(
+                f"{path}: missing column {column!r} (expected columns include "
+                f"{', '.join(required_columns)}; found {', '.join(map(str, frame.columns))})"
+            )
+    return frame
+
+
+def check_data_dir(spec: DatasetSpec, data_dir: str | Path) -> Path:
+    """Return ``data_dir`` as a Path, or fail saying what the folder must contain."""
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise FileNotFoundError(
+            f"{spec.name} data folder {data_dir} does not exist; it must contain {spec.data_readme}"
+        )
+    return data_dir
+
+
+class MediaResolver:
+    """Resolve CSV media paths against the data folder (docs/METHOD.md §1).
+
+    Authors' paths like ``../datasets/IEMOCAP/Session1/x.wav`` lose everything up
+    to and including ``datasets/IEMOCAP/``; relative paths are taken from the data
+    folder; ``DivX``/``Divx`` is whichever folder exists. Results are cached
+    because many IEMOCAP rows share one dialogue video.
+    """
+
+    def __init__(self, spec: DatasetSpec, data_dir: Path) -> None:
+        self.data_dir = Path(data_dir)
+        self.marker = f"datasets/{spec.name}/"
+        self._cache: dict[str, Path] = {}
+
+    def __call__(self, value: str) -> Path:
+        if value not in self._cache:
+            self._cache[value] = self._resolve(value)
+        return self._cache[value]
+
+    def _resolve(self, value: str) -> Path:
+        text = value.replace("\\", "/")
+        if self.marker in text:
+            text = text.split(self.marker, 1)[1]
+        path = Path(text)
+        if not path.is_absolute():
+            path = self.data_dir / path
+        return _fix_divx(path)
+
+
+def _fix_divx(path: Path) -> Path:
+    """Swap ``DivX``<->``Divx`` in ``path`` when only the other spelling exists on disk."""
+    parts = list(path.parts)
+    for i, part in enumerate(parts):
+        if part in _DIVX_SPELLINGS:
+            other = _DIVX_SPELLINGS[1 - _DIVX_SPELLINGS.index(part)]
+            parent = Path(*parts[:i])
+            if not (parent / part).is_dir() and (parent / other).is_dir():
+                parts[i] = other
+    return Path(*parts)
+
+
+def _int_cell(path: Path, row: int, column: str, value: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise DataError(f"{path}: row {row}: {column} {value!r} is not an integer") from None
+
+
+def _float_cell(path: Path, row: int, column: str, value: str) -> float:
+    try:
+        return float(value)
+    except ValueError:
+        raise DataError(f"{path}: row {row}: {column} {value!r} is not a number") from None
+
+
+def load_split(spec: DatasetSpec, data_dir: str | Path, split: str) -> list[Utterance]:
+    """Read ``data_dir/spec.csv_names[split]`` into utterances, in CSV order.
+
+    Hard errors (docs/METHOD.md §6): missing folder, missing CSV, missing column,
+    an emotion outside ``spec.labels``, non-integer ids; each names the file and
+    the row or column.
+    """
+    data_dir = check_data_dir(spec, data_dir)
+    if split not in spec.csv_names:
+        raise KeyError(f"unknown split {split!r}; expected one of {', '.join(spec.csv_names)}")
+    path = data_dir / spec.csv_names[split]
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} not found; build it from the raw release with `{_preprocess_command(spec)}` "
+            f"(the folder must contain {spec.data_readme})"
+        )
+    frame = read_csv_checked(path, spec.required_columns)
+    if frame.empty:
+        raise DataError(f"{path}: no data rows")
+    has_times = "Start_Time" in frame.columns and "End_Time" in frame.columns
+    resolve = MediaResolver(spec, data_dir)
+    utterances = []
+    for index, record in enumerate(frame.to_dict("records"), start=1):
+        emotion = record["Emotion"]
+        if emotion not in spec.labels:
+            raise DataError(
+                f"{path}: row {index} (line {index + 1}): Emotion {emotion!r} is not one of "
+                f"{', '.join(spec.labels)}"
+            )
+        utterances.append(
+            Utterance(
+                split=split,
+                row=index,
+                dialogue_id=_int_cell(path, index, "Dialogue_ID", record["Dialogue_ID"]),
+                utterance_id=_int_cell(path, index, "Utterance_ID", record["Utterance_ID"]),
+                text=record["Utterance"],
+                speaker=record["Speaker"],
+                speaker_key=spec.speaker_of(record["Speaker"]),
+                emotion=emotion,
+                label=spec.label_id(emotion),
+                audio_path=resolve(record[spec.audio_column]),
+                video_path=resolve(record[spec.video_column]),
+                start=_float_cell(path, index, "Start_Time", record["Start_Time"]) if has_times else None,
+                end=_float_cell(path, index, "End_Time", record["End_Time"]) if has_times else None,
+            )
+        )
+    return utterances
+
+
+def group_dialogues(utts: Sequence[Utterance]) -> list[tuple[int, list[Utterance]]]:
+    """``[(dialogue_id, utterances in CSV order), ...]`` in order of first appearance."""
+    groups: dict[int, list[Utterance]] = {}
+    for utt in utts:
+        groups.setdefault(utt.dialogue_id, []).append(utt)
+    return list(groups.items())
+
+
+def build_samples(utts: Sequence[Utterance]) -> list[Sample]:
+    """One sample per utterance, in input order: the prefix of its dialogue (docs/METHOD.md §1).
+
+    Speakers are numbered per dialogue by first appearance; nothing carries over
+    from the previous dialogue (the reference's bug).
+    """
+    texts: dict[int, list[str]] = {}
+    speakers: dict[int, list[int]] = {}
+    numbering: dict[int, dict[str, int]] = {}
+    samples = []
+    for utt in utts:
+        seen = numbering.setdefault(utt.dialogue_id, {})
+        number = seen.setdefault(utt.speaker_key, len(seen))
+        texts.setdefault(utt.dialogue_id, []).append(utt.text)
+        speakers.setdefault(utt.dialogue_id, []).append(number)
+        samples.append(Sample(utt, tuple(texts[utt.dialogue_id]), tuple(speakers[utt.dialogue_id])))
+    return samples
+
+
+def load_speaker2id(data_dir: str | Path) -> dict[str, int]:
+    """Read ``data_dir/speaker2id.json`` (MELD, written by the preparation step)."""
+    path = Path(data_dir) / SPEAKER_MAP
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} not found; build it with `python MELD/preprocessing.py --data_dir {data_dir}`"
+        )
+    mapping = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(mapping, dict):
+        raise DataError(f"{path}: expected a JSON object speaker name -> id")
+    for name, value in mapping.items():
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise DataError(f"{path}: speaker {name!r} has id {value!r}; expected an integer")
+    return mapping
+
+
+def fusion_speaker_ids(
+    spec: DatasetSpec, dialogue: Sequence[Utterance], speaker2id: dict[str, int] | None
+) -> list[int]:
+    """Speaker ids of one dialogue for the fusion model's speaker embedding (docs/METHOD.md §5).
+
+    IEMOCAP: 0/1... by order of appearance in the dialogue. MELD: the global id
+    from ``speaker2id.json``.
+    """
+    if spec.global_speaker_ids:
+        if speaker2id is None:
+            raise ValueError(f"{spec.name} needs speaker2id.json for fusion speaker ids")
+        ids = []
+        for utt in dialogue:
+            if utt.speaker not in speaker2id:
+                raise DataError(
+                    f"{spec.csv_names[utt.split]}: row {utt.row}: speaker {utt.speaker!r} is not in "
+                    f"{SPEAKER_MAP}; rebuild it with `{_preprocess_command(spec)}`"
+                )
+            ids.append(speaker2id[utt.speaker])
+        return ids
+    order: dict[str, int] = {}
+    ids = [order.setdefault(utt.speaker_key, len(order)) for utt in dialogue]
+    if len(order) > spec.n_speaker:
+        first = dialogue[0]
+        raise DataError(
+            f"{spec.csv_names[first.split]}: dialogue {first.dialogue_id} has {len(order)} speakers "
+            f"({', '.join(order)}); {spec.name} allows {spec.n_speaker}"
+        )
+    return ids
+
+
+# --------------------------------------------------------------------------- the text prompt
+
+SPEAKER_TOKENS: tuple[str, ...] = tuple(f"<s{k}>" for k in range(1, 10))
+SEPARATOR = "</s>"  # RoBERTa's separator; the tokenizer maps the literal string to its id
+
+
+def speaker_token(speaker: int) -> str:
+    """0-based speaker number -> ``<s{speaker+1}>``; at most 9 speakers (MELD's maximum)."""
+    if not 0 <= speaker < len(SPEAKER_TOKENS):
+        raise ValueError(
+            f"speaker number {speaker} has no token: the prompt supports speakers "
+            f"0..{len(SPEAKER_TOKENS) - 1} ({SPEAKER_TOKENS[0]}..{SPEAKER_TOKENS[-1]}) within one dialogue"
+        )
+    return SPEAKER_TOKENS[speaker]
+
+
+def build_prompt(texts: Sequence[str], speakers: Sequence[int]) -> str:
+    """Prompt for the last utterance of a dialogue prefix.
+
+    ``texts``/``speakers`` are the prefix ``[u_0 .. u_t]`` with 0-based speaker
+    numbers (see :class:`Sample`).
+    """
+    if len(texts) != len(speakers):
+        raise ValueError(f"{len(texts)} texts but {len(speakers)} speakers")
+    if not texts:
+        raise ValueError("empty dialogue prefix")
+    context = " ".join(f"{speaker_token(s)} {text}" for text, s in zip(texts, speakers))
+    return f"{context} {SEPARATOR} Now{speaker_token(speakers[-1])} feels"
+
+
+def add_speaker_tokens(tokenizer: Any) -> int:
+    """Add ``<s1>``..``<s9>`` as extra special tokens; return the new vocabulary size.
+
+    The model's embeddings must be resized to the returned size (the reference
+    resized the model but encoded with a tokenizer lacking the tokens). Adding
+    twice is harmless. transformers 5 names the key ``extra_special_tokens``;
+    ``replace_extra_special_tokens=False`` keeps any the tokenizer already has.
+    """
+    tokenizer.add_special_tokens(
+        {"extra_special_tokens": list(SPEAKER_TOKENS)}, replace_extra_special_tokens=False
+    )
+    _check_speaker_tokens(tokenizer)
+    return len(tokenizer)
+
+
+def _check_speaker_tokens(tokenizer: Any) -> None:
+    """Each speaker token must be one id, or the prompt silently loses speaker identity."""
+    added = tokenizer.get_added_vocab()
+    missing = [token for token in SPEAKER_TOKENS if token not in added]
+    if missing:
+        raise ValueError(
+            f"tokenizer lacks the speaker tokens {', '.join(missing)}; "
+            "call add_speaker_tokens(tokenizer) first"
+        )
+
+
+def encode_prompt(tokenizer: Any, prompt: str, max_tokens: int = 512) -> list[int]:
+    """Token ids: the prompt as is (no BOS/EOS added), its LAST ``max_tokens-1`` ids, then the mask id."""
+    if max_tokens < 2:
+        raise ValueError(f"max_tokens must be at least 2 (got {max_tokens})")
+    if tokenizer.mask_token_id is None:
+        raise ValueError("tokenizer has no mask token")
+    _check_speaker_tokens(tokenizer)
+    # verbose=False: prompts longer than the model limit are expected here; we truncate below.
+    ids = tokenizer(prompt, add_special_tokens=False, verbose=False)["input_ids"]
+    return list(ids[-(max_tokens - 1):]) + [tokenizer.mask_token_id]
+
+
+def left_pad(batch: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.LongTensor, torch.LongTensor]:
+    """Stack id lists with LEFT padding: ``(input_ids, attention_mask)``, both ``[B, max_len]`` long."""
+    if not batch:
+        raise ValueError("empty batch")
+    width = max(len(ids) for ids in batch)
+    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for i, ids in enumerate(batch):
+        if ids:
+            input_ids[i, width - len(ids):] = torch.tensor(list(ids), dtype=torch.long)
+            attention_mask[i, width - len(ids):] = 1
+    return input_ids, attention_mask
+
+
+# --------------------------------------------------------------------------- torch datasets
+
+MAX_AUDIO_SAMPLES = 400_000  # docs/METHOD.md §2: keep at most the first 400000 samples
+
+
+class TextField:
+    """Prompt ids (last 511 tokens + mask), left-padded."""
+
+    name = "text"
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+
+    def load(self, sample: Sample) -> list[int]:
+        return encode_prompt(self.tokenizer, build_prompt(sample.texts, sample.speakers))
+
+    def collate(self, items: list[list[int]]) -> dict[str, torch.Tensor]:
+        ids, mask = left_pad(items, self.tokenizer.pad_token_id)
+        return {"text_ids": ids, "text_mask": mask}
+
+
+class AudioField:
+    """16 kHz mono -> data2vec feature extractor -> first 400000 samples; right-padded with a mask."""
+
+    name = "audio"
+
+    def __init__(self, feature_extractor, max_samples: int = MAX_AUDIO_SAMPLES) -> None:
+        self.extractor = feature_extractor
+        self.max_samples = max_samples
+
+    def load(self, sample: Sample) -> tuple[np.ndarray, tuple[str, str] | None]:
+        utt = sample.utterance
+        try:
+            # Decoding stops early for clips that run for minutes (MELD's bad cuts);
+            # the normalisation then sees the same samples it would keep anyway.
+            wave = decode_audio(utt.audio_path, TARGET_SAMPLE_RATE, max_samples=self.max_samples)
+            problem = None
+        except MediaError as err:
+            wave, problem = np.zeros(TARGET_SAMPLE_RATE, dtype=np.float32), (str(utt.audio_path), err.reason)
+        values = self.extractor(wave, sampling_rate=TARGET_SAMPLE_RATE, return_tensors="np")["input_values"][0]
+        return np.asarray(values[: self.max_samples], dtype=np.float32), problem
+
+    def collate(self, items: list[tuple[np.ndarray, Any]]) -> dict[str, Any]:
+        waves = [w for w, _ in items]
+        length = max(len(w) for w in waves)
+        values = torch.zeros(len(waves), length)
+        mask = torch.zeros(len(waves), length, dtype=torch.long)
+        for i, w in enumerate(waves):
+            values[i, : len(w)] = torch.from_numpy(w)
+            mask[i, : len(w)] = 1
+        return {"audio_values": values, "audio_mask": mask, "audio_problems": [p for _, p in items]}
+
+
+class VideoField:
+    """Stored uint8 frames -> normalised ``pixel_values`` (8, 3, H, W)."""
+
+    name = "video"
+
+    def __init__(self, codec: FrameCodec, feature_dir: Path) -> None:
+        self.codec = codec
+        self.feature_dir = Path(feature_dir)
+
+    def load(self, sample: Sample) -> torch.Tensor:
+        utt = sample.utterance
+        return self.codec.normalize(load_frames(frame_file(self.feature_dir, utt.split, utt.key)))
+
+    def collate(self, items: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {"video_pixels": torch.stack(items)}
+
+
+class SampleDataset(Dataset):
+    """Samples with the requested fields; items carry the label and the sample index."""
+
+    def __init__(self, samples: Sequence[Sample], fields: Sequence[Any]) -> None:
+        self.samples = list(samples)
+        self.fields = list(fields)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        sample = self.samples[index]
+        item = {"index": index, "label": sample.utterance.label}
+        for field in self.fields:
+            item[field.name] = field.load(sample)
+        return item
+
+    def collate(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+        batch: dict[str, Any] = {
+            "index": torch.tensor([it["index"] for it in items]),
+            "labels": torch.tensor([it["label"] for it in items]),
+        }
+        for field in self.fields:
+            batch.update(field.collate([it[field.name] for it in items]))
+        return batch
+
+
+def make_loader(dataset: SampleDataset, batch_size: int, shuffle: bool, num_workers: int,
+                seed: int = 0) -> DataLoader:
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(
+        dataset, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers,
+        collate_fn=dataset.collate, generator=generator, persistent_workers=False,
+    )
+
+
+def load_samples(spec: DatasetSpec, data_dir: str | Path, splits: Sequence[str] = SPLITS) -> dict[str, list[Sample]]:
+    """Dialogue-prefix samples per split, in CSV order (docs/METHOD.md §1)."""
+    return {split: build_samples(load_split(spec, data_dir, split)) for split in splits}
+
+
+def loaders(samples: Mapping[str, Sequence[Sample]], fields: Sequence[Any], batch_size: int, num_workers: int,
+            seed: int, splits: Sequence[str] = SPLITS) -> dict[str, DataLoader]:
+    """One loader per split with the given fields; only ``train`` is shuffled (by a generator seeded with ``seed``)."""
+    return {
+        split: make_loader(SampleDataset(samples[split], fields), batch_size, shuffle=(split == "train"),
+                           num_workers=num_workers, seed=seed)
+        for split in splits
+    }
+
+
+# --------------------------------------------------------------------------- stored video frames
+
+class FrameCodec:
+    """Resize/crop frames with the videomae image processor; normalise them on load."""
+
+    def __init__(self, image_processor) -> None:
+        self.processor = image_processor
+        crop = image_processor.crop_size
+        self.height, self.width = int(crop["height"]), int(crop["width"])
+        self.scale = float(image_processor.rescale_factor)
+        self.mean = torch.tensor(image_processor.image_mean, dtype=torch.float32).view(1, 3, 1, 1)
+        self.std = torch.tensor(image_processor.image_std, dtype=torch.float32).view(1, 3, 1, 1)
+
+    def resize_crop(self, frames: np.ndarray) -> np.ndarray:
+        """(8, H, W, 3) RGB uint8 -> (8, 3, h, w) uint8: the processor without rescale/normalise."""
+        out = self.processor(list(frames), do_rescale=False, do_normalize=False, return_tensors="pt")
+        pixels = out["pixel_values"][0]
+        return pixels.round().clamp(0, 255).to(torch.uint8).numpy()
+
+    def black(self) -> np.ndarray:
+        """The substitute for an utterance whose frames cannot be read (docs/METHOD.md §6)."""
+        return np.zeros((FRAMES_PER_CLIP, 3, self.height, self.width), dtype=np.uint8)
+
+    def normalize(self, stored: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """uint8 (8, 3, h, w) -> float32 ``pixel_values`` as the processor would give them."""
+        pixels = torch.as_tensor(np.asarray(stored)).to(torch.float32) * self.scale
+        return (pixels - self.mean) / self.std
+
+
+def frame_file(feature_dir: Path, split: str, key: str) -> Path:
+    """``<feature_dir>/video/<split>/<Dialogue_ID>_<Utterance_ID>.npy`` (docs/METHOD.md §0)."""
+    return Path(feature_dir) / "video" / split / f"{key}.npy"
+
+
+def save_frames(path: Path, frames: np.ndarray) -> None:
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as handle:
+            np.save(handle, np.ascontiguousarray(frames, dtype=np.uint8))
+
+
+def load_frames(path: Path) -> np.ndarray:
+    if not Path(path).is_file():
+        raise FileNotFoundError(
+            f"frame file {path} not found: run video_feature_extract.py for this dataset first"
+        )
+    frames = np.load(path, allow_pickle=False)
+    if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[1] != 3:
+        raise ValueError(f"{path}: expected uint8 frames of shape (8, 3, H, W), got {frames.dtype} {frames.shape}")
+    return frames
+
+
+# --------------------------------------------------------------------------- frame extraction
+
+
+
+@dataclass(frozen=True)
+class Job:
+    """One source video and the utterance windows still to extract from it."""
+
+    video: Path
+    keys: tuple[str, ...]  # "split/dia_utt", for the report
+    windows: tuple[tuple[float, float] | None, ...]
+    outputs: tuple[Path, ...]
+
+
+def window_of(spec: DatasetSpec, utt: Utterance) -> tuple[float, float] | None:
+    """IEMOCAP: [max(start-1, 0), end+1] in the dialogue video; MELD: the whole clip."""
+    if spec.video_window_pad is None or utt.start is None or utt.end is None:
+        return None
+    return max(utt.start - spec.video_window_pad, 0.0), utt.end + spec.video_window_pad
+
+
+def plan_jobs(spec: DatasetSpec, utterances: Sequence[Utterance], feature_dir: Path) -> list[Job]:
+    """Group utterances by source video, keeping only those whose output is missing.
+
+    Temporary files left by a killed run are removed first; they are never read.
+    """
+    for split in {u.split for u in utterances}:
+        for stray in (Path(feature_dir) / "video" / split).glob(".*.tmp"):
+            stray.unlink(missing_ok=True)
+    groups: dict[Path, list[Utterance]] = {}
+    for utt in utterances:
+        if not frame_file(feature_dir, utt.split, utt.key).is_file():
+            groups.setdefault(utt.video_path, []).append(utt)
+    return [
+        Job(video, tuple(f"{u.split}/{u.key}" for u in utts), tuple(window_of(spec, u) for u in utts),
+            tuple(frame_file(feature_dir, u.split, u.key) for u in utts))
+        for video, utts in groups.items()
+    ]
+
+
+_codec: FrameCodec | None = None  # the worker process's codec, set by _init_worker
+
+
+def _init_worker(image_processor: Any) -> None:
+    global _codec
+    _codec = FrameCodec(image_processor)
+
+
+def run_job(job: Job) -> list[tuple[str, str, str]]:
+    """Decode one video once, store every window's frames; return substitutions."""
+    assert _codec is not None, "worker not initialised"
+    problems: list[tuple[str, str, str]] = []
+    try:
+        clips = decode_windows(job.video, job.windows)
+    except MediaError as err:
+        clips, reason = [None] * len(job.windows), err.reason
+    else:
+        reason = "no frame in the utterance's time window"
+    for key, clip, out in zip(job.keys, clips, job.outputs):
+        if clip is None:
+            problems.append((key, str(job.video), reason))
+            save_frames(out, _codec.black())
+        else:
+            save_frames(out, _codec.resize_crop(clip))
+    return problems
+
+
+def extract_frames(jobs: Sequence[Job], image_processor: Any, num_workers: int, report_path: Path
+                   ) -> SubstitutionReport:
+    """Run every job (one decode per source video, in parallel over videos) and keep the report current.
+
+    The report at ``report_path`` keeps what earlier, interrupted runs
+    substituted; it is rewritten whenever a job substitutes, and once at the end.
+    """
+    report = SubstitutionReport()
+    if report_path.is_file():
+        for item in SubstitutionReport.read(report_path):
+            report.add(item.key, item.path, item.reason, item.replacement)
+    pool = None
+    if num_workers > 1 and len(jobs) > 1:
+        pool = ProcessPoolExecutor(num_workers, initializer=_init_worker, initargs=(image_processor,))
+        results = pool.map(run_job, jobs)
+    else:
+        _init_worker(image_processor)
+        results = map(run_job, jobs)
+    try:
+        for problems in tqdm(results, total=len(jobs), desc="videos", disable=None):
+            for key, path, reason in problems:
+                report.add(key, path, reason, "black frames")
+            if problems:  # keep the report current, so an interrupted run loses nothing
+                report.write(report_path)
+    finally:
+        if pool is not None:
+            pool.shutdown()
+    report.write(report_path)
+    return report
+
+
+# --------------------------------------------------------------------------- first-stage feature pickles
+
+FEATURE_KEYS: tuple[str, ...] = ("text", "audio", "video", "audio_kd", "video_kd")
+META_KEYS: tuple[str, ...] = ("speakers", "labels", "dia2utt")
+PICKLE_PROTOCOL = 4  # readable by every Python 3 the authors' tooling could have used
+
+
+class FeatureFileError(ValueError):
+    """A feature pickle that is unsafe, malformed, or does not follow the docs/METHOD.md §4 layout."""
+
+
+def feature_path(feature_dir: str | Path, split: str) -> Path:
+    """``<feature_dir>/first_stage_{split}_features.pkl``."""
+    return Path(feature_dir) / f"first_stage_{split}_features.pkl"
+
+
+# --------------------------------------------------------------------------- building
+
+
+def assemble_features(
+    dialogue_ids: Sequence[int], utterance_ids: Sequence[int], labels: Sequence[int],
+    speakers: Sequence[int], vectors: Mapping[str, np.ndarray],
+) -> dict[str, Any]:
+    """Group per-utterance rows (CSV order) into the docs/METHOD.md §4 layout.
+
+    ``vectors`` maps every key of :data:`FEATURE_KEYS` to an (N, D) array whose
+    row i belongs to utterance i. Dialogues are listed in order of first
+    appearance; within a dialogue the rows keep their order.
+    """
+    n = len(dialogue_ids)
+    for name, seq in (("utterance_ids", utterance_ids), ("labels", labels), ("speakers", speakers)):
+        if len(seq) != n:
+            raise ValueError(f"assemble_features: {name} has {len(seq)} entries, dialogue_ids has {n}")
+    missing = [k for k in FEATURE_KEYS if k not in vectors]
+    unknown = [k for k in vectors if k not in FEATURE_KEYS]
+    if missing or unknown:
+        raise ValueError(
+            f"assemble_features: vectors must have exactly the keys {FEATURE_KEYS}; "
+            f"missing {missing}, unknown {unknown}"
+        )
+    matrices: dict[str, np.ndarray] = {}
+    for key in FEATURE_KEYS:
+        mat = np.asarray(vectors[key])
+        if mat.ndim != 2 or mat.shape[0] != n:
+            raise ValueError(f"assemble_features: vectors[{key!r}] has shape {mat.shape}, expected ({n}, D)")
+        matrices[key] = mat.astype(np.float32, copy=False)
+
+    vids: list[int] = []
+    out: dict[str, Any] = {"vids": vids, **{k: {} for k in (*FEATURE_KEYS, *META_KEYS)}}
+    for i in range(n):
+        dia = int(dialogue_ids[i])
+        if dia not in out["labels"]:
+            vids.append(dia)
+            for k in (*FEATURE_KEYS, *META_KEYS):
+                out[k][dia] = []
+        out["dia2utt"][dia].append(int(utterance_ids[i]))
+        out["labels"][dia].append(int(labels[i]))
+        out["speakers"][dia].append(int(speakers[i]))
+        for key in FEATURE_KEYS:
+            # A copy, so each pickled array holds only its own row.
+            out[key][dia].append(np.array(matrices[key][i], dtype=np.float32))
+    return out
+
+
+def save_features(path: str | Path, features: Mapping[str, Any]) -> Path:
+    """Validate ``features`` strictly (float32 (D,) arrays, ints) and pickle it atomically."""
+    path = Path(path)
+    validate_features(features, path, FEATURE_KEYS, strict=True)
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as fh:
+            pickle.dump(dict(features), fh, protocol=PICKLE_PROTOCOL)
+    return path
+
+
+# --------------------------------------------------------------------------- restricted loading
+
+
+def _numpy_core_module(name: str) -> Any:
+    """``numpy._core.<name>`` (numpy >= 2) or ``numpy.core.<name>`` (older numpy), without warnings."""
+    try:
+        return importlib.import_module(f"numpy._core.{name}")
+    except ImportError:
+        return importlib.import_module(f"numpy.core.{name}")
+
+
+def _latin1_encode(text: str, encoding: str = "latin1") -> bytes:
+    """Stand-in for ``_codecs.encode``: protocol-2 pickles store ``bytes`` as a latin-1 string.
+
+    Only the latin-1 use is admitted; any other codec is refused.
+    """
+    if encoding.replace("_", "-").lower() not in {"latin1", "latin-1", "iso-8859-1"}:
+        raise pickle.UnpicklingError(f"_codecs.encode with codec {encoding!r} is not allowed")
+    return codecs.encode(text, "latin1")
+
+
+def _allowed_globals() -> dict[tuple[str, str], Any]:
+    """The only globals a feature pickle may name (module, name) -> object to use."""
+    multiarray = _numpy_core_module("multiarray")
+    numeric = _numpy_core_module("numeric")
+    allowed: dict[tuple[str, str], Any] = {
+        ("numpy", "ndarray"): np.ndarray,
+        ("numpy", "dtype"): np.dtype,
+        ("_codecs", "encode"): _latin1_encode,
+    }
+    # Arrays written by numpy 1.x name numpy.core.*, by numpy 2.x numpy._core.*:
+    # both resolve to the current numpy's functions, never to an import of the
+    # named module.
+    for prefix in ("numpy.core", "numpy._core"):
+        allowed[(f"{prefix}.multiarray", "_reconstruct")] = multiarray._reconstruct
+        allowed[(f"{prefix}.multiarray", "scalar")] = multiarray.scalar
+        allowed[(f"{prefix}.numeric", "_frombuffer")] = numeric._frombuffer
+    for name in ("dict", "list", "tuple", "set", "frozenset", "int", "float", "complex",
+                 "bool", "str", "bytes", "bytearray"):
+        allowed[("builtins", name)] = getattr(builtins, name)
+        allowed[("__builtin__", name)] = allowed[("builtins", name)]  # Python 2 pickles
+    return allowed
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """Admits only the allow-list; any other global is refused BEFORE it is imported."""
+
+    def __init__(self, fh: io.BufferedIOBase, path: Path) -> None:
+        # latin1 lets Python 2 pickles of numpy arrays load (numpy's own advice).
+        super().__init__(fh, encoding="latin1")
+        self.path = path
+        self.allowed = _allowed_globals()
+
+    def find_class(self, module: str, name: str) -> Any:
+        try:
+            return self.allowed[(module, name)]
+        except KeyError:
+            raise FeatureFileError(
+                f"refusing to load {self.path}: it references the global '{module}.{name}', which is "
+                "not a numpy array/dtype/scalar or a builtin container/scalar. A first-stage feature "
+                "file holds only those (docs/METHOD.md §4); this file may be malicious or not a feature file"
+            ) from None
+
+
+def load_features(path: str | Path, keys: Iterable[str] | None = None) -> dict[str, Any]:
+    """Load and validate a feature pickle without executing code from it.
+
+    ``keys``: the feature keys needed (default all of :data:`FEATURE_KEYS`);
+    only these are required and returned, together with ``vids`` and the
+    ``speakers``/``labels``/``dia2utt`` dicts.
+    """
+    path = Path(path)
+    wanted = tuple(FEATURE_KEYS if keys is None else keys)
+    unknown = [k for k in wanted if k not in FEATURE_KEYS]
+    if unknown:
+        raise ValueError(f"load_features: unknown feature keys {unknown}; known: {FEATURE_KEYS}")
+    if not path.is_file():
+        raise FeatureFileError(
+            f"feature file {path} not found: it is written by extract_first_stage_features.py "
+            "(or download the authors' first-stage features into this folder)"
+        )
+    try:
+        with open(path, "rb") as fh:
+            data = _RestrictedUnpickler(fh, path).load()
+    except FeatureFileError:
+        raise
+    except Exception as exc:  # truncated file, not a pickle, refused codec, ...
+        raise FeatureFileError(f"cannot read feature file {path}: {type(exc).__name__}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise FeatureFileError(f"{path}: expected a pickled dict (docs/METHOD.md §4), got {type(data).__name__}")
+    validate_features(data, path, wanted, strict=False)
+    return {k: data[k] for k in ("vids", *wanted, *META_KEYS)}
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def validate_features(
+    data: Mapping[str, Any], path: str | Path, keys: Sequence[str] = FEATURE_KEYS, strict: bool = False,
+) -> None:
+    """Check the docs/METHOD.md §4 layout; errors name the file, the key and the dialogue.
+
+    ``strict`` (used when writing) also demands float32 arrays and Python ints;
+    otherwise any real floating array and numpy integers are accepted, as in
+    pickles produced by older tools.
+    """
+    for key in ("vids", *keys, *META_KEYS):
+        if key not in data:
+            raise FeatureFileError(
+                f"{path}: missing key {key!r}; a first-stage feature file has "
+                f"{('vids', *FEATURE_KEYS, *META_KEYS)} (docs/METHOD.md §4)"
+            )
+    vids = data["vids"]
+    if not isinstance(vids, (list, tuple)) or not all(_is_int(v) for v in vids):
+        raise FeatureFileError(f"{path}: key 'vids' must be a list of int dialogue ids")
+    if strict and not all(type(v) is int for v in vids):
+        raise FeatureFileError(f"{path}: key 'vids' must hold Python ints (not numpy integers)")
+    if len(set(vids)) != len(vids):
+        raise FeatureFileError(f"{path}: key 'vids' lists a dialogue more than once")
+    for key in (*keys, *META_KEYS):
+        if not isinstance(data[key], dict):
+            raise FeatureFileError(f"{path}: key {key!r} must be a dict dialogue id -> list, got {type(data[key]).__name__}")
+    widths: dict[str, int] = {}
+    for dia in vids:
+        lengths: dict[str, int] = {}
+        for key in (*keys, *META_KEYS):
+            if dia not in data[key]:
+                raise FeatureFileError(f"{path}: dialogue {dia} is listed in 'vids' but missing from {key!r}")
+            value = data[key][dia]
+            if not hasattr(value, "__len__"):
+                raise FeatureFileError(f"{path}: {key!r}[{dia}] must be a list, got {type(value).__name__}")
+            lengths[key] = len(value)
+        if len(set(lengths.values())) != 1:
+            raise FeatureFileError(
+                f"{path}: dialogue {dia} has per-utterance lists of different lengths: {lengths}"
+            )
+        if lengths["labels"] == 0:
+            raise FeatureFileError(f"{path}: dialogue {dia} has no utterances")
+        for key in META_KEYS:
+            if not all(_is_int(v) for v in data[key][dia]):
+                raise FeatureFileError(f"{path}: {key!r}[{dia}] must hold ints")
+            if strict and not all(type(v) is int for v in data[key][dia]):
+                raise FeatureFileError(f"{path}: {key!r}[{dia}] must hold Python ints (not numpy integers)")
+        for key in keys:
+            for j, vec in enumerate(data[key][dia]):
+                _check_vector(vec, path, key, dia, j, widths, strict)
+
+
+def _check_vector(vec: Any, path: str | Path, key: str, dia: Any, j: int, widths: dict[str, int],
+                  strict: bool) -> None:
+    where = f"{path}: {key!r}[{dia}][{j}]"
+    if not isinstance(vec, np.ndarray) or vec.ndim != 1:
+        shape = getattr(vec, "shape", None)
+        raise FeatureFileError(f"{where} must be a 1-D numpy array (D,), got {type(vec).__name__} {shape}")
+    if strict and vec.dtype != np.float32:
+        raise FeatureFileError(f"{where} has dtype {vec.dtype}, expected float32")
+    if not np.issubdtype(vec.dtype, np.floating):
+        raise FeatureFileError(f"{where} has dtype {vec.dtype}, expected a floating dtype (float32)")
+    expected = widths.setdefault(key, vec.shape[0])
+    if vec.shape[0] != expected:
+        raise FeatureFileError(f"{where} has width {vec.shape[0]}, other {key!r} vectors have width {expected}")
+
+
+def feature_width(features: Mapping[str, Any], key: str) -> int:
+    """D of ``features[key]`` (the first utterance of the first dialogue)."""
+    first = features["vids"][0]
+    return int(features[key][first][0].shape[0])
+
+
+# --------------------------------------------------------------------------- fusion: dialogues as tensors
+
+LABEL_PAD = -1  # label of padded positions in a fusion batch
+
+
+@dataclass
+class DialogueBatch:
+    text: torch.Tensor  # (B, L, H)
+    audio: torch.Tensor
+    video: torch.Tensor
+    speakers: torch.Tensor  # (B, L), padding = n_speaker
+    labels: torch.Tensor  # (B, L), padding = LABEL_PAD
+    mask: torch.Tensor  # (B, L) bool, True for real utterances
+
+    @property
+    def inputs(self) -> tuple[torch.Tensor, ...]:
+        """The fusion model's arguments: ``model(*batch.inputs)``."""
+        return self.text, self.audio, self.video, self.speakers, self.mask
+
+
+@dataclass
+class DialogueSet:
+    """One split of a feature pickle as per-dialogue tensors on the device, in the pickle's order."""
+
+    path: Path
+    vids: list
+    text: list[torch.Tensor]  # (L, H) each
+    audio: list[torch.Tensor]
+    video: list[torch.Tensor]
+    speakers: list[torch.Tensor]  # (L,) long
+    labels: list[torch.Tensor]  # (L,) long
+
+    def __len__(self) -> int:
+        return len(self.vids)
+
+    @property
+    def n_utterances(self) -> int:
+        return sum(len(x) for x in self.labels)
+
+    @property
+    def width(self) -> int:
+        return int(self.text[0].shape[1])
+
+    def flat_labels(self) -> list[int]:
+        return torch.cat(self.labels).tolist() if self.labels else []
+
+    def batches(self, batch_size: int, generator: torch.Generator | None = None) -> Iterator[list[int]]:
+        """Dialogue indices in batches: pickle order, or a seeded shuffle for training."""
+        n = len(self)
+        order = torch.randperm(n, generator=generator).tolist() if generator is not None else list(range(n))
+        for start in range(0, n, batch_size):
+            yield order[start:start + batch_size]
+
+    def collate(self, indices: Sequence[int], pad_speaker: int) -> DialogueBatch:
+        """Pad whole dialogues to the longest in the batch (tensors stay on the data's device)."""
+        lengths = torch.tensor([len(self.labels[i]) for i in indices], device=self.labels[0].device)
+        longest = int(lengths.max())
+        return DialogueBatch(
+            text=pad_sequence([self.text[i] for i in indices], batch_first=True),
+            audio=pad_sequence([self.audio[i] for i in indices], batch_first=True),
+            video=pad_sequence([self.video[i] for i in indices], batch_first=True),
+            speakers=pad_sequence([self.speakers[i] for i in indices], batch_first=True, padding_value=pad_speaker),
+            labels=pad_sequence([self.labels[i] for i in indices], batch_first=True, padding_value=LABEL_PAD),
+            mask=torch.arange(longest, device=lengths.device)[None, :] < lengths[:, None],
+        )
+
+    def check_ids(self, what: str, limit: int, hint: str) -> None:
+        """Every speaker/label id must lie in [0, limit); the error names the file and the dialogue."""
+        values = self.speakers if what == "speakers" else self.labels
+        for vid, ids in zip(self.vids, values):
+            if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= limit):
+                raise FeatureFileError(
+                    f"{self.path}: dialogue {vid} has {what} ids {sorted(set(ids.tolist()))}, "
+                    f"expected 0..{limit - 1} ({hint})"
+                )
+
+
+def _stack(vectors: Sequence[np.ndarray], device: torch.device) -> torch.Tensor:
+    return torch.from_numpy(np.stack(vectors).astype(np.float32, copy=False)).to(device)
+
+
+def load_dialogues(path: Path, audio_key: str, video_key: str, device: torch.device) -> DialogueSet:
+    """Load a feature pickle (restricted unpickler) for the fusion; the three streams must share one width."""
+    feats = load_features(path, keys=("text", audio_key, video_key))
+    if not feats["vids"]:
+        raise FeatureFileError(f"{path}: 'vids' is empty; the split has no dialogues")
+    first = feats["vids"][0]
+    widths = {k: int(feats[k][first][0].shape[0]) for k in ("text", audio_key, video_key)}
+    if len(set(widths.values())) != 1:
+        raise FeatureFileError(f"{path}: the fusion streams need one width, got {widths}")
+    vids = list(feats["vids"])
+    return DialogueSet(
+        path=path, vids=vids,
+        text=[_stack(feats["text"][v], device) for v in vids],
+        audio=[_stack(feats[audio_key][v], device) for v in vids],
+        video=[_stack(feats[video_key][v], device) for v in vids],
+        speakers=[torch.tensor([int(s) for s in feats["speakers"][v]], dtype=torch.long, device=device) for v in vids],
+        labels=[torch.tensor([int(y) for y in feats["labels"][v]], dtype=torch.long, device=device) for v in vids],
+    )

@@ -1,0 +1,704 @@
+"""Models: the four pretrained folders, the three first-stage encoders, the KD
+losses and the multi-modal anchor gated transformer (docs/METHOD.md §2, §3, §5).
+
+Encoders read their widths from the backbones' configs, never hard-coded, so the
+same code runs the real pretrained models and the tiny generated stand-ins.
+Every pretrained loader checks its folder first, so a missing or incomplete
+download fails with the exact ``hf download`` command that fixes it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Mapping, NamedTuple, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .dataset import AudioField, FrameCodec, TextField, VideoField, add_speaker_tokens
+from .utils import CheckpointError, mismatch, read_state_dict
+
+log = logging.getLogger("magtkd")
+
+
+# --------------------------------------------------------------------------- pretrained folders
+
+# Names of the four pretrained folders inside --pretrained_dir, with their hub ids.
+PRETRAINED = {
+    "roberta-large": "FacebookAI/roberta-large",
+    "data2vec-audio-base-960h": "facebook/data2vec-audio-base-960h",
+    "videomae-base": "MCG-NJU/videomae-base",
+    "timesformer-base-finetuned-k400": "facebook/timesformer-base-finetuned-k400",
+}
+
+
+TEXT = "roberta-large"
+AUDIO = "data2vec-audio-base-960h"
+IMAGE_PROCESSOR = "videomae-base"
+VIDEO = "timesformer-base-finetuned-k400"
+
+CONFIG = "config.json"
+PREPROCESSOR = "preprocessor_config.json"
+# Any one of these holds the weights (hub repos ship .bin, .safetensors or both).
+WEIGHTS = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json", "pytorch_model.bin.index.json")
+# Any one of these holds the tokenizer (tokenizer.json, or the slow vocab.json + merges.txt).
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json")
+
+# Heads of the checkpoints that the base models do not use: their "unexpected
+# keys" are the normal result of loading a base model from a head checkpoint.
+_HEAD_PREFIXES = {TEXT: ("lm_head.",), AUDIO: ("lm_head.",), VIDEO: ("classifier.",)}
+
+
+class PretrainedMissingError(FileNotFoundError):
+    """A pretrained folder, or a file in it, is missing; the message says how to download it."""
+
+
+def download_command(pretrained_dir: Path, name: str) -> str:
+    """The command that fills ``pretrained_dir/name`` from the hub."""
+    return f"hf download {_hub_id(name)} --local-dir {_folder(pretrained_dir, name)}"
+
+
+def pretrained_folder(
+    pretrained_dir: Path, name: str, required: Sequence[str | tuple[str, ...]] = (CONFIG,)
+) -> Path:
+    """``pretrained_dir/name`` after checking it exists and holds ``required``.
+
+    Each entry of ``required`` is a file name or a tuple of alternatives (any one
+    suffices). Raises `PretrainedMissingError` naming the folder or file and the
+    ``hf download`` command that fills it.
+    """
+    folder = _folder(pretrained_dir, name)
+    command = download_command(pretrained_dir, name)
+    if not folder.is_dir():
+        raise PretrainedMissingError(
+            f"pretrained model folder {folder} does not exist ({name}, hub id {_hub_id(name)}). "
+            f"Download it with:\n    {command}"
+        )
+    for entry in required:
+        options = (entry,) if isinstance(entry, str) else tuple(entry)
+        if not any((folder / option).is_file() for option in options):
+            wanted = f"no {options[0]}" if len(options) == 1 else "none of " + ", ".join(options)
+            raise PretrainedMissingError(
+                f"pretrained model folder {folder} has {wanted}; the download is incomplete. "
+                f"Download it again with:\n    {command}"
+            )
+    return folder
+
+
+def load_tokenizer(pretrained_dir: Path):
+    """The RoBERTa tokenizer of ``roberta-large`` (a transformers ``RobertaTokenizer``).
+
+    The hub folder has no tokenizer_config.json, so transformers would leave
+    ``model_max_length`` unlimited; it is set from config.json instead
+    (max_position_embeddings minus RoBERTa's padding offset, 512 for the real model).
+    """
+    from transformers import AutoTokenizer
+
+    folder = pretrained_folder(pretrained_dir, TEXT, (CONFIG, TOKENIZER_FILES))
+    config = _read_json(folder / CONFIG)
+    kwargs = {}
+    if "max_position_embeddings" in config:
+        # RoBERTa positions start after the padding index (pad_token_id + 1).
+        kwargs["model_max_length"] = int(config["max_position_embeddings"]) - int(config.get("pad_token_id", 1)) - 1
+    return AutoTokenizer.from_pretrained(folder, **kwargs)
+
+
+def load_text_backbone(pretrained_dir: Path):
+    """The RoBERTa encoder (``RobertaModel``) of ``roberta-large``, without the pooler.
+
+    The text encoder reads the mask position's hidden state (docs/METHOD.md §2), so
+    the pooler would be unused, and the masked-LM checkpoint has no pooler
+    weights: it would only add randomly initialised parameters.
+    """
+    from transformers import AutoModel
+
+    return _load_model(AutoModel, TEXT, pretrained_dir, add_pooling_layer=False)
+
+
+def load_audio_feature_extractor(pretrained_dir: Path):
+    """The ``Wav2Vec2FeatureExtractor`` of ``data2vec-audio-base-960h`` (16 kHz, normalising)."""
+    from transformers import AutoFeatureExtractor
+
+    folder = pretrained_folder(pretrained_dir, AUDIO, (PREPROCESSOR,))
+    return AutoFeatureExtractor.from_pretrained(folder)
+
+
+def load_audio_backbone(pretrained_dir: Path, mask_time_length: int = 3):
+    """``Data2VecAudioModel`` of ``data2vec-audio-base-960h`` with ``config.mask_time_length`` set.
+
+    docs/METHOD.md §2 (Audio): the reference sets mask_time_length = 3, which is
+    what time masking uses in training mode.
+    """
+    from transformers import Data2VecAudioModel
+
+    return _load_model(Data2VecAudioModel, AUDIO, pretrained_dir, mask_time_length=mask_time_length)
+
+
+def load_image_processor(pretrained_dir: Path):
+    """The ``VideoMAEImageProcessor`` of ``videomae-base`` (resize, crop, rescale, normalise)."""
+    from transformers import AutoImageProcessor
+
+    folder = pretrained_folder(pretrained_dir, IMAGE_PROCESSOR, (PREPROCESSOR,))
+    return AutoImageProcessor.from_pretrained(folder)
+
+
+def load_video_backbone(pretrained_dir: Path):
+    """``TimesformerModel`` of ``timesformer-base-finetuned-k400`` (the Kinetics head is dropped)."""
+    from transformers import TimesformerModel
+
+    return _load_model(TimesformerModel, VIDEO, pretrained_dir)
+
+
+# --- helpers --------------------------------------------------------------------
+
+
+def _hub_id(name: str) -> str:
+    try:
+        return PRETRAINED[name]
+    except KeyError:
+        raise KeyError(f"unknown pretrained model {name!r}; expected one of {sorted(PRETRAINED)}") from None
+
+
+def _folder(pretrained_dir: Path, name: str) -> Path:
+    _hub_id(name)
+    return (Path(pretrained_dir).expanduser() / name).resolve()
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON ({err}); download the folder again") from err
+
+
+class _HoldLoadReports(logging.Filter):
+    """Holds back transformers' "LOAD REPORT" warnings so they can be shown only when they matter."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.held: list[logging.LogRecord] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "LOAD REPORT" in str(record.msg):
+            self.held.append(record)
+            return False
+        return True
+
+
+def _load_model(model_cls, name: str, pretrained_dir: Path, **kwargs):
+    """``model_cls.from_pretrained`` on the checked folder, quiet about the dropped head only.
+
+    transformers 5 logs a table of unexpected/missing keys (from the
+    ``transformers.modeling_utils`` logger). Loading a base model from a head
+    checkpoint always lists the head as unexpected; that report is dropped. Any
+    other difference (missing or mismatched weights, unexpected non-head keys)
+    or a failed load re-emits the original report.
+    """
+    folder = pretrained_folder(pretrained_dir, name, (CONFIG, WEIGHTS))
+    hf_logger = logging.getLogger("transformers.modeling_utils")
+    hold = _HoldLoadReports()
+    hf_logger.addFilter(hold)
+    try:
+        model, info = model_cls.from_pretrained(folder, output_loading_info=True, **kwargs)
+    except BaseException:
+        hf_logger.removeFilter(hold)
+        _release(hf_logger, hold)
+        raise
+    hf_logger.removeFilter(hold)
+    heads = _HEAD_PREFIXES.get(name, ())
+    surprising = [key for key in info["unexpected_keys"] if not key.startswith(heads)]
+    if info["missing_keys"] or info["mismatched_keys"] or surprising:
+        _release(hf_logger, hold)
+    else:
+        log.debug("loaded %s from %s (unused head weights: %d)", type(model).__name__, folder,
+                  len(info["unexpected_keys"]))
+    return model
+
+
+def _release(hf_logger: logging.Logger, hold: _HoldLoadReports) -> None:
+    for record in hold.held:
+        hf_logger.handle(record)
+
+
+# --------------------------------------------------------------------------- first-stage encoders
+
+class TextEncoder(nn.Module):
+    """RoBERTa prompt encoder: hidden state at the mask token -> Linear(hidden, D) -> Linear(D, C)."""
+
+    def __init__(self, backbone: nn.Module, out_dim: int, num_classes: int) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.project = nn.Linear(backbone.config.hidden_size, out_dim)
+        self.classifier = nn.Linear(out_dim, num_classes)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        # Prompts are LEFT-padded and end with the mask token, so the last
+        # position is the mask token for every sample (docs/METHOD.md §2, Text).
+        rep = self.project(hidden[:, -1, :])
+        return rep, self.classifier(rep)
+
+    def encode(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(representation, logits)`` of a batch from `magtkd.dataset.TextField`."""
+        return self(batch["text_ids"], batch["text_mask"])
+
+
+class AudioEncoder(nn.Module):
+    """data2vec-audio: first frame of the last hidden state -> Linear(hidden, C)."""
+
+    def __init__(self, backbone: nn.Module, num_classes: int) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.classifier = nn.Linear(backbone.config.hidden_size, num_classes)
+        self._frame_mask: torch.Tensor | None = None
+        # data2vec zeroes padded frames once, before its STACK of positional
+        # convolutions; after the first one they are no longer zero and leak into
+        # a clip's last frames (and, through attention, into frame 0). Re-zero them
+        # after every positional conv layer, so a clip's representation does not
+        # depend on its batch (docs/METHOD.md §2, Audio). Unpadded clips are unchanged.
+        pos_conv = getattr(getattr(backbone, "encoder", None), "pos_conv_embed", None)
+        for layer in getattr(pos_conv, "layers", ()):
+            layer.register_forward_hook(self._zero_padded_frames)
+
+    def _zero_padded_frames(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+        if self._frame_mask is None or output.shape[-1] != self._frame_mask.shape[-1]:
+            return output
+        return output * self._frame_mask[:, None, :].to(output.dtype)
+
+    def forward(self, input_values: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # Right padding + attention mask: frame 0 is always real audio.
+        lengths = attention_mask.sum(-1)
+        frames = self.backbone._get_feat_extract_output_lengths(lengths)
+        total = self.backbone._get_feat_extract_output_lengths(torch.full_like(lengths, input_values.shape[-1]))
+        self._frame_mask = torch.arange(int(total.max()), device=lengths.device)[None, :] < frames[:, None]
+        try:
+            hidden = self.backbone(input_values=input_values, attention_mask=attention_mask).last_hidden_state
+        finally:
+            self._frame_mask = None
+        rep = hidden[:, 0, :]
+        return rep, self.classifier(rep)
+
+    def encode(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(representation, logits)`` of a batch from `magtkd.dataset.AudioField`."""
+        return self(batch["audio_values"], batch["audio_mask"])
+
+
+class VideoEncoder(nn.Module):
+    """TimeSformer: CLS token of the last hidden state -> Linear(hidden, C)."""
+
+    def __init__(self, backbone: nn.Module, num_classes: int) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.classifier = nn.Linear(backbone.config.hidden_size, num_classes)
+
+    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        rep = self.backbone(pixel_values=pixel_values).last_hidden_state[:, 0, :]
+        return rep, self.classifier(rep)
+
+    def encode(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(representation, logits)`` of a batch from `magtkd.dataset.VideoField`."""
+        return self(batch["video_pixels"])
+
+
+def _hidden_size(pretrained_dir: Path, name: str) -> int:
+    config = pretrained_folder(pretrained_dir, name) / "config.json"
+    return int(json.loads(config.read_text(encoding="utf-8"))["hidden_size"])
+
+
+def representation_width(pretrained_dir: Path) -> int:
+    """D: the audio/video encoders' width, which the text projection must match (docs/METHOD.md §2)."""
+    audio = _hidden_size(pretrained_dir, "data2vec-audio-base-960h")
+    video = _hidden_size(pretrained_dir, "timesformer-base-finetuned-k400")
+    if audio != video:
+        raise ValueError(
+            f"audio width {audio} != video width {video} in {pretrained_dir}: the fusion stage "
+            "needs one representation width for all modalities"
+        )
+    return audio
+
+
+def load_text_encoder(pretrained_dir: Path, num_classes: int) -> tuple[TextEncoder, object]:
+    """Text encoder from ``roberta-large`` + its tokenizer, the speaker tokens added and the embeddings resized."""
+    tokenizer = load_tokenizer(pretrained_dir)
+    vocab = add_speaker_tokens(tokenizer)
+    backbone = load_text_backbone(pretrained_dir)
+    # The reference resized the model but encoded with a tokenizer that lacked
+    # the speaker tokens; here both see the same vocabulary (docs/METHOD.md §2).
+    backbone.resize_token_embeddings(vocab, mean_resizing=False)
+    return TextEncoder(backbone, representation_width(pretrained_dir), num_classes), tokenizer
+
+
+def load_audio_encoder(pretrained_dir: Path, num_classes: int) -> tuple[AudioEncoder, object]:
+    """Audio encoder from ``data2vec-audio-base-960h`` (time masking length 3, docs/METHOD.md §2) + its
+    feature extractor."""
+    extractor = load_audio_feature_extractor(pretrained_dir)
+    backbone = load_audio_backbone(pretrained_dir, mask_time_length=3)
+    return AudioEncoder(backbone, num_classes), extractor
+
+
+def load_video_encoder(pretrained_dir: Path, num_classes: int) -> VideoEncoder:
+    """Video encoder from ``timesformer-base-finetuned-k400`` (its frames are prepared by the
+    ``videomae-base`` image processor, `load_image_processor`)."""
+    return VideoEncoder(load_video_backbone(pretrained_dir), num_classes)
+
+
+def load_encoder(modality: str, pretrained_dir: Path, num_classes: int, feature_dir: Path | None = None
+                 ) -> tuple[nn.Module, object]:
+    """``(encoder, data field)`` of one modality: the encoder initialised from its pretrained folder, and
+    the `magtkd.dataset` field that turns samples into its input (video reads stored frames from ``feature_dir``)."""
+    if modality == "text":
+        encoder, tokenizer = load_text_encoder(pretrained_dir, num_classes)
+        return encoder, TextField(tokenizer)
+    if modality == "audio":
+        encoder, extractor = load_audio_encoder(pretrained_dir, num_classes)
+        return encoder, AudioField(extractor)
+    if modality == "video":
+        if feature_dir is None:
+            raise ValueError("the video encoder reads stored frames: pass feature_dir")
+        codec = FrameCodec(load_image_processor(pretrained_dir))
+        return load_video_encoder(pretrained_dir, num_classes), VideoField(codec, feature_dir)
+    raise ValueError(f"unknown modality {modality!r}; expected text, audio or video")
+
+
+# --------------------------------------------------------------------------- distillation losses
+
+PEARSON_EPS = 1e-8
+
+
+def pearson(x: torch.Tensor, y: torch.Tensor, dim: int = -1, eps: float = PEARSON_EPS) -> torch.Tensor:
+    """Pearson correlation along ``dim``: cosine of mean-centred vectors, ``eps`` added to the denominator."""
+    x = x - x.mean(dim=dim, keepdim=True)
+    y = y - y.mean(dim=dim, keepdim=True)
+    return (x * y).sum(dim=dim) / (x.norm(dim=dim) * y.norm(dim=dim) + eps)
+
+
+def logit_kd_loss(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, tau: float = 2.0,
+    beta: float = 1.0, gamma: float = 1.0,
+) -> torch.Tensor:
+    """``tau^2 * (beta * inter + gamma * intra)`` for logits of shape (batch, classes) (docs/METHOD.md §3).
+
+    ``inter = 1 - mean_i pearson(p_s[i, :], p_t[i, :])`` and
+    ``intra = 1 - mean_j pearson(p_s[:, j], p_t[:, j])`` with ``p = softmax(z / tau)``.
+    With a batch of one the intra term is constant 1 (a single value has no
+    spread to correlate); it then contributes no gradient.
+    """
+    if student_logits.shape != teacher_logits.shape or student_logits.dim() != 2:
+        raise ValueError(
+            f"logit_kd_loss expects two (batch, classes) tensors of the same shape, got "
+            f"student {tuple(student_logits.shape)} and teacher {tuple(teacher_logits.shape)}"
+        )
+    p_s = torch.softmax(student_logits / tau, dim=1)
+    p_t = torch.softmax(teacher_logits / tau, dim=1)
+    inter = 1.0 - pearson(p_s, p_t, dim=1).mean()
+    intra = 1.0 - pearson(p_s, p_t, dim=0).mean()
+    return tau**2 * (beta * inter + gamma * intra)
+
+
+def feature_kd_loss(student_feat: torch.Tensor, teacher_feat: torch.Tensor) -> torch.Tensor:
+    """Relational feature loss ``KL(P || Q)``, batch-mean, temperature 1 (docs/METHOD.md §3).
+
+    After L2 normalisation, ``P = softmax(h_t h_t^T)`` and ``log Q = log_softmax(h_t h_s^T)``,
+    both row-wise over the batch.
+    """
+    if student_feat.dim() != 2 or teacher_feat.dim() != 2 or student_feat.shape[0] != teacher_feat.shape[0]:
+        raise ValueError(
+            f"feature_kd_loss expects (batch, width) tensors with the same batch size, got "
+            f"student {tuple(student_feat.shape)} and teacher {tuple(teacher_feat.shape)}"
+        )
+    if student_feat.shape[1] != teacher_feat.shape[1]:
+        raise ValueError(
+            f"feature_kd_loss: student width {student_feat.shape[1]} != teacher width "
+            f"{teacher_feat.shape[1]} (h_t h_s^T needs equal widths)"
+        )
+    h_s = F.normalize(student_feat, dim=1)
+    h_t = F.normalize(teacher_feat, dim=1)
+    p = torch.softmax(h_t @ h_t.t(), dim=1)
+    log_q = torch.log_softmax(h_t @ h_s.t(), dim=1)
+    return F.kl_div(log_q, p, reduction="batchmean")
+
+
+# --------------------------------------------------------------------------- anchor gated fusion transformer
+
+
+MAX_LEN = 512  # longest dialogue the positional encoding covers
+MASK_VALUE = -1e9  # score given to padded keys before the softmax
+
+# Blocks by anchor: (name, key/value stream, query stream). docs/METHOD.md §5, "Forward".
+AUDIO_ANCHOR = ("a_a", "t_a", "v_a")
+VIDEO_ANCHOR = ("v_v", "t_v", "a_v")
+TEXT_ANCHOR = ("t_t", "a_t", "v_t")
+
+
+class FusionCheckpointError(CheckpointError):
+    """A fusion checkpoint that is missing or does not fit the model."""
+
+
+class PositionalEncoding(nn.Module):
+    """Sinusoidal positions (max 512) plus the speaker embedding, added to a stream."""
+
+    def __init__(self, hidden: int, max_len: int = MAX_LEN) -> None:
+        super().__init__()
+        position = torch.arange(max_len, dtype=torch.float).unsqueeze(1)
+        div_term = torch.exp(torch.arange(0, hidden, 2, dtype=torch.float) * -(math.log(10000.0) / hidden))
+        pe = torch.zeros(max_len, hidden)
+        pe[:, 0::2] = torch.sin(position * div_term)
+        pe[:, 1::2] = torch.cos(position * div_term[: hidden // 2])
+        # Persistent: the reference's checkpoints hold ``<block>.pos_emb.pe`` (1, 512, H).
+        self.register_buffer("pe", pe.unsqueeze(0), persistent=True)
+
+    def forward(self, x: torch.Tensor, speaker_emb: torch.Tensor) -> torch.Tensor:
+        length = x.size(1)
+        if length > self.pe.size(1):
+            raise ValueError(f"dialogue of {length} utterances exceeds the positional encoding's {self.pe.size(1)}")
+        return x + self.pe[:, :length] + speaker_emb
+
+
+class MultiHeadAttention(nn.Module):
+    """Scaled dot-product attention with separate q/k/v projections; padded keys are masked."""
+
+    def __init__(self, hidden: int, n_head: int, dropout: float) -> None:
+        super().__init__()
+        if hidden % n_head:
+            raise ValueError(f"hidden width {hidden} is not divisible by n_head {n_head}")
+        self.n_head, self.d_head = n_head, hidden // n_head
+        self.proj_q = nn.Linear(hidden, hidden)
+        self.proj_k = nn.Linear(hidden, hidden)
+        self.proj_v = nn.Linear(hidden, hidden)
+        self.fc = nn.Linear(hidden, hidden)
+        self.dropout = nn.Dropout(dropout)
+        for linear in (self.proj_q, self.proj_k, self.proj_v, self.fc):
+            nn.init.xavier_uniform_(linear.weight)
+            nn.init.zeros_(linear.bias)
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        batch, length, _ = x.shape
+        return x.view(batch, length, self.n_head, self.d_head).transpose(1, 2)
+
+    def forward(self, key_value: torch.Tensor, query: torch.Tensor, key_padding: torch.Tensor) -> torch.Tensor:
+        """``key_padding``: (batch, length) bool, True where the KEY position is padding."""
+        q = self._heads(self.proj_q(query)) / math.sqrt(self.d_head)
+        k = self._heads(self.proj_k(key_value))
+        v = self._heads(self.proj_v(key_value))
+        scores = q @ k.transpose(-2, -1)  # (batch, head, query, key)
+        # Mask padded KEYS (the Nov-2025 fix; the May-2025 release masked the wrong axis, docs/METHOD.md §7).
+        scores = scores.masked_fill(key_padding[:, None, None, :], MASK_VALUE)
+        attn = self.dropout(torch.softmax(scores, dim=-1))
+        context = (attn @ v).transpose(1, 2).reshape(query.shape)
+        return self.fc(context)
+
+
+class FeedForward(nn.Module):
+    """Pre-norm feed-forward with residual: ``x + drop(W2(drop(GELU(W1(LN(x))))))``."""
+
+    def __init__(self, hidden: int, d_ff: int, dropout: float) -> None:
+        super().__init__()
+        self.w_1 = nn.Linear(hidden, d_ff)
+        self.w_2 = nn.Linear(d_ff, hidden)
+        self.layer_norm = nn.LayerNorm(hidden, eps=1e-6)
+        self.dropout_1 = nn.Dropout(dropout)
+        self.dropout_2 = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        inner = self.dropout_1(F.gelu(self.w_1(self.layer_norm(x))))
+        return x + self.dropout_2(self.w_2(inner))
+
+
+class TransformerLayer(nn.Module):
+    """Attention of the query stream over the key/value stream, residual, feed-forward."""
+
+    def __init__(self, hidden: int, n_head: int, d_ff: int, dropout: float) -> None:
+        super().__init__()
+        self.self_attn = MultiHeadAttention(hidden, n_head, dropout)
+        self.feed_forward = FeedForward(hidden, d_ff, dropout)
+        # Normalises the query stream of layers after the first; with the paper's
+        # single layer it exists (and is in the checkpoint) but is never applied.
+        self.layer_norm = nn.LayerNorm(hidden, eps=1e-6)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, key_padding: torch.Tensor, cross: bool,
+                first: bool) -> torch.Tensor:
+        if not first:
+            y = self.layer_norm(y)
+        context = self.self_attn(x if cross else y, y, key_padding)
+        return self.feed_forward(self.dropout(context) + y)
+
+
+class TransformerBlock(nn.Module):
+    """Block ``X -> Y``: stream Y attends to stream X (self block when ``cross`` is False: X is Y)."""
+
+    def __init__(self, hidden: int, n_head: int, dropout: float, n_layers: int = 1) -> None:
+        super().__init__()
+        self.pos_emb = PositionalEncoding(hidden)
+        self.transformer_inter = nn.ModuleList(
+            TransformerLayer(hidden, n_head, hidden, dropout) for _ in range(n_layers)
+        )
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor, speaker_emb: torch.Tensor,
+                cross: bool) -> torch.Tensor:
+        """``mask``: (batch, length) bool, True for real utterances. Returns the new Y."""
+        key_padding = ~mask
+        if cross:
+            # Cross block: both streams get position + speaker embedding, then dropout.
+            x = self.dropout(self.pos_emb(x, speaker_emb))
+            y = self.dropout(self.pos_emb(y, speaker_emb))
+        else:
+            # Self block: position + speaker embedding only (docs/METHOD.md §5).
+            y = self.pos_emb(y, speaker_emb)
+            x = y
+        for i, layer in enumerate(self.transformer_inter):
+            y = layer(x, y, key_padding, cross, first=i == 0)
+        return y
+
+
+class Gate(nn.Module):
+    """``g(x) = sigmoid(ReLU(W x + b)) * x``."""
+
+    def __init__(self, hidden: int) -> None:
+        super().__init__()
+        self.fc = nn.Linear(hidden, hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(F.relu(self.fc(x))) * x
+
+
+class FusionOutput(NamedTuple):
+    t_logits: torch.Tensor  # the prediction (batch, length, classes)
+    a_logits: torch.Tensor
+    v_logits: torch.Tensor
+    t_feat: torch.Tensor  # T' (batch, length, hidden)
+    a_feat: torch.Tensor  # A'
+    v_feat: torch.Tensor  # V'
+
+
+class AnchorGatedTransformer(nn.Module):
+    """The second-stage model: audio, video and text anchors over utterance features (docs/METHOD.md §5)."""
+
+    def __init__(self, hidden: int, n_classes: int, n_speaker: int, n_head: int = 8, dropout: float = 0.5,
+                 separate_text_blocks: bool = False) -> None:
+        super().__init__()
+        self.hidden, self.n_classes, self.n_speaker = hidden, n_classes, n_speaker
+        self.separate_text_blocks = separate_text_blocks
+        # Row n_speaker is the padding row. The reference used id 2 on both
+        # datasets, which on MELD is a real speaker (docs/METHOD.md §5).
+        self.speaker_embeddings = nn.Embedding(n_speaker + 1, hidden, padding_idx=n_speaker)
+        nn.init.normal_(self.speaker_embeddings.weight, mean=0.0, std=0.1)
+        names = AUDIO_ANCHOR + VIDEO_ANCHOR + (TEXT_ANCHOR if separate_text_blocks else TEXT_ANCHOR[:1])
+        for name in names:
+            self.add_module(name, TransformerBlock(hidden, n_head, dropout))
+            self.add_module(f"{name}_gate", Gate(hidden))
+        for modality in ("t", "a", "v"):
+            self.add_module(f"features_reduce_{modality}", nn.Linear(3 * hidden, hidden))
+        for modality in ("t", "a", "v"):
+            self.add_module(f"w_{modality}", nn.Linear(hidden, n_classes))
+
+    @property
+    def padding_speaker(self) -> int:
+        return self.n_speaker
+
+    def _path(self, name: str, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor, spk: torch.Tensor,
+              cross: bool) -> torch.Tensor:
+        # Reference behaviour: all text-anchor paths use the t_t block and gate.
+        if name in TEXT_ANCHOR and not self.separate_text_blocks:
+            name = "t_t"
+        block, gate = getattr(self, name), getattr(self, f"{name}_gate")
+        return gate(block(x, y, mask, spk, cross=cross))
+
+    def forward(self, text: torch.Tensor, audio: torch.Tensor, video: torch.Tensor, speakers: torch.Tensor,
+                mask: torch.Tensor) -> FusionOutput:
+        """Streams (batch, length, hidden); ``speakers`` (batch, length) long; ``mask`` True = real utterance."""
+        spk = self.speaker_embeddings(speakers)
+        a_a = self._path("a_a", audio, audio, mask, spk, cross=False)
+        t_a = self._path("t_a", text, audio, mask, spk, cross=True)
+        v_a = self._path("v_a", video, audio, mask, spk, cross=True)
+        a_feat = self.features_reduce_a(torch.cat([a_a, t_a, v_a], dim=-1))
+
+        v_v = self._path("v_v", video, video, mask, spk, cross=False)
+        t_v = self._path("t_v", text, video, mask, spk, cross=True)
+        a_v = self._path("a_v", audio, video, mask, spk, cross=True)
+        v_feat = self.features_reduce_v(torch.cat([v_v, t_v, a_v], dim=-1))
+
+        # The text anchor attends to the fused A' and V', not to the raw streams.
+        t_t = self._path("t_t", text, text, mask, spk, cross=False)
+        a_t = self._path("a_t", a_feat, text, mask, spk, cross=True)
+        v_t = self._path("v_t", v_feat, text, mask, spk, cross=True)
+        t_feat = self.features_reduce_t(torch.cat([t_t, a_t, v_t], dim=-1))
+
+        return FusionOutput(self.w_t(t_feat), self.w_a(a_feat), self.w_v(v_feat), t_feat, a_feat, v_feat)
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+_REFERENCE_ONLY = ("fc.",)  # the reference's top-level fc, never used in its forward
+_UNUSED_WHEN_SHARING = ("a_t.", "v_t.", "a_t_gate.", "v_t_gate.")
+
+
+def infer_sizes_from_checkpoint(state: Mapping[str, torch.Tensor]) -> dict[str, int | bool]:
+    """Sizes a checkpoint fixes: ``n_speaker``, ``hidden``, ``n_classes``, ``separate_text_blocks``.
+
+    ``n_head`` does not show in any shape and must come from the command line.
+    ``separate_text_blocks`` is True only for our checkpoints trained with
+    separate text blocks (``a_t`` weights without the reference's ``fc``).
+    """
+    for key in ("speaker_embeddings.weight", "w_t.weight"):
+        if key not in state:
+            raise FusionCheckpointError(f"checkpoint has no {key!r}: not a multimodal fusion checkpoint")
+    rows, hidden = state["speaker_embeddings.weight"].shape
+    has_a_t = any(k.startswith("a_t.") for k in state)
+    is_reference = any(k.startswith(_REFERENCE_ONLY) for k in state)
+    return {
+        "n_speaker": int(rows) - 1,
+        "hidden": int(hidden),
+        "n_classes": int(state["w_t.weight"].shape[0]),
+        "separate_text_blocks": bool(has_a_t and not is_reference),
+    }
+
+
+def read_fusion_state(path: str | Path) -> dict[str, torch.Tensor]:
+    """``torch.load`` a plain state_dict (tensors only) from ``path``."""
+    try:
+        return read_state_dict(path, "multimodal_fusion.py --train True")
+    except CheckpointError as err:
+        raise FusionCheckpointError(f"fusion {err}") from err
+
+
+def load_fusion_checkpoint(model: AnchorGatedTransformer, path: str | Path) -> AnchorGatedTransformer:
+    """Load our checkpoint or the reference's into ``model``; errors name the file and the keys.
+
+    The reference's never-used entries (``fc.*``, and ``a_t``/``v_t`` blocks and
+    gates when the model shares the text block as the reference does) are
+    dropped with one log line. Anything else missing, unexpected or of another
+    shape is an error (docs/METHOD.md §6).
+    """
+    path = Path(path)
+    state = read_fusion_state(path)
+    is_reference = any(k.startswith(_REFERENCE_ONLY) for k in state)
+    drop = _REFERENCE_ONLY + (() if model.separate_text_blocks else _UNUSED_WHEN_SHARING)
+    dropped = sorted(k for k in state if is_reference and k.startswith(drop))
+    if dropped:
+        log.info("%s: reference checkpoint; dropping %d never-used entries (%s)", path, len(dropped),
+                 ", ".join(sorted({k.split(".")[0] for k in dropped})))
+        state = {k: v for k, v in state.items() if k not in set(dropped)}
+    problems = mismatch(model, state)
+    if problems:
+        hint = ""
+        unexpected = set(state) - set(model.state_dict())
+        if not model.separate_text_blocks and any(k.startswith(_UNUSED_WHEN_SHARING) for k in unexpected):
+            hint = "; it holds a_t/v_t blocks without the reference's fc: was it trained with --separate_text_blocks?"
+        raise FusionCheckpointError(f"fusion checkpoint {path} does not fit the model ({problems}){hint}")
+    model.load_state_dict(state)
+    return model
+
+
+def fusion_width(hidden_dim: int | None, n_head: int, width: int, source: str) -> int:
+    """The features' width, checked against ``--hidden_dim`` and ``--n_head``; errors name ``source``."""
+    if hidden_dim is not None and hidden_dim != width:
+        raise SystemExit(f"--hidden_dim {hidden_dim} does not match the width {width} of {source}")
+    if width % n_head:
+        raise SystemExit(f"--n_head {n_head} does not divide the feature width {width} ({source})")
+    return width

@@ -1,1 +1,0 @@
-"""Model definitions: first-stage encoders and the anchor gated fusion transformer."""
