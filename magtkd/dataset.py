@@ -173,10 +173,11 @@ def check_data_dir(spec: DatasetSpec, data_dir: str | Path) -> Path:
 class MediaResolver:
     """Resolve CSV media paths against the data folder (docs/METHOD.md §1).
 
-    Authors' paths like ``../datasets/IEMOCAP/Session1/x.wav`` lose everything up
-    to and including ``datasets/IEMOCAP/``; relative paths are taken from the data
-    folder; ``DivX``/``Divx`` is whichever folder exists. Results are cached
-    because many IEMOCAP rows share one dialogue video.
+    Existing absolute paths are kept. Other paths like the authors'
+    ``../datasets/IEMOCAP/Session1/x.wav`` lose everything up to and including
+    ``datasets/IEMOCAP/``; relative paths are taken from the data folder;
+    ``DivX``/``Divx`` is whichever folder exists. Results are cached because many
+    IEMOCAP rows share one dialogue video.
     """
 
     def __init__(self, spec: DatasetSpec, data_dir: Path) -> None:
@@ -191,6 +192,8 @@ class MediaResolver:
 
     def _resolve(self, value: str) -> Path:
         text = value.replace("\\", "/")
+        if Path(text).is_absolute() and Path(text).exists():
+            return Path(text)  # an existing absolute path is meant as it is (e.g. a user's own recording)
         if self.marker in text:
             text = text.split(self.marker, 1)[1]
         path = Path(text)
@@ -385,20 +388,26 @@ def fusion_speaker_ids(
     conversation): then it gets the id ``padding``, the model's padding row, and a
     warning says so.
     """
+    warned: set[str] = set()
+
     def unknown(utt: Utterance, why: str) -> int:
         if padding is None:
             raise DataError(f"{utt.source or spec.csv_names[utt.split]}: row {utt.row}: {why}")
-        log.warning("%s: row %d: %s; it gets the fusion model's padding speaker row (id %d)",
-                    utt.source, utt.row, why, padding)
+        if utt.speaker not in warned:  # once per speaker and dialogue
+            warned.add(utt.speaker)
+            log.warning("%s: row %d: %s; it gets the fusion model's padding speaker row (id %d) in dialogue %d",
+                        utt.source, utt.row, why, padding, utt.dialogue_id)
         return padding
 
     if spec.global_speaker_ids:
         if speaker2id is None:
             raise ValueError(f"{spec.name} needs speaker2id.json for fusion speaker ids")
         limit = math.inf if padding is None else padding
+        # In a dataset split, an unknown speaker means the map is stale.
+        rebuild = f"; rebuild it with `{_preprocess_command(spec)}`"
         return [speaker2id[utt.speaker] if speaker2id.get(utt.speaker, limit) < limit else
                 unknown(utt, f"speaker {utt.speaker!r} is not in {SPEAKER_MAP}"
-                        + (f"; rebuild it with `{_preprocess_command(spec)}`" if padding is None else ""))
+                        f"{rebuild if utt.split in spec.csv_names else ''}")
                 for utt in dialogue]
     order: dict[str, int] = {}
     ids = [order.setdefault(utt.speaker_key, len(order)) for utt in dialogue]

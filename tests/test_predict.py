@@ -166,6 +166,10 @@ def test_empty_file_is_named(predicted, tmp_path):
         predict(predicted["paths"], predicted["dataset"], tmp_path / "empty.csv", tmp_path / "out.csv")
     with pytest.raises(DataError, match=r"header_only\.csv: missing column"):
         predict(predicted["paths"], predicted["dataset"], tmp_path / "header_only.csv", tmp_path / "out.csv")
+    columns = [c for c in predicted["spec"].required_columns if c != "Emotion"]
+    (tmp_path / "no_rows.csv").write_text(",".join(columns) + "\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"no_rows\.csv: no data rows"):
+        predict(predicted["paths"], predicted["dataset"], tmp_path / "no_rows.csv", tmp_path / "out.csv")
     assert not (tmp_path / "out.csv").exists()
 
 
