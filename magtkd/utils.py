@@ -223,7 +223,7 @@ class SubstitutionReport:
             self.items.append(Substitution(key, path, reason, replacement))
             if path not in self._warned:
                 self._warned.add(path)
-                log.warning("unreadable media %s (%s): using %s", path, reason, replacement)
+                log.warning("media %s (%s): using %s", path, reason, replacement)
 
     def extend(self, other: "SubstitutionReport") -> None:
         for item in other.items:
