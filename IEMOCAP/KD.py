@@ -24,7 +24,7 @@ from magtkd import dataset, model, utils  # noqa: E402
 
 def main(argv=None) -> dict:
     # Flags: the reference's names, IEMOCAP's defaults
-    parser = utils.training_parser(IEMOCAP, HERE, __doc__, epochs=10, batch_size=4, learning_rate=1e-5)
+    parser = utils.training_parser(IEMOCAP, HERE, __doc__, epochs=10, batch_size=4, learning_rate=1e-5, kd=True)
     parser.add_argument("--student", choices=("audio", "video"), required=True)
     parser.add_argument("--teacher", choices=("text",), default="text")
     parser.add_argument("--logit_weight", type=float, default=1.0, help="weight of the correlation logit loss")
@@ -33,7 +33,7 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     utils.setup_logging()
     device = utils.resolve_device(args.device)
-    utils.set_seed(args.seed)
+    utils.set_seed(args.seed, args.deterministic)
     checkpoint = args.save_dir / f"{args.teacher}_KD_{args.student}.bin"
     stage = f"IEMOCAP KD {args.teacher}->{args.student}"
 
@@ -75,7 +75,7 @@ def main(argv=None) -> dict:
                                        ("train",)))
     result = utils.fit(stage=stage, model=student, step=step, loaders=loaders, args=args, device=device,
                        checkpoint=checkpoint, producer=f"IEMOCAP/KD.py --student {args.student}",
-                       label_names=IEMOCAP.labels, report=report)
+                       label_names=IEMOCAP.labels, report=report, amp_dtype=torch.float16)
 
     # Artifacts: the checkpoint + metrics JSON (written by fit); the substitution report of audio students
     if args.student == "audio":

@@ -27,7 +27,7 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     utils.setup_logging()
     device = utils.resolve_device(args.device)
-    utils.set_seed(args.seed)
+    utils.set_seed(args.seed, args.deterministic)
     checkpoint = args.save_dir / "text.bin"
 
     # Data: one dialogue-prefix sample per utterance, in CSV order

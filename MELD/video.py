@@ -26,7 +26,7 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     utils.setup_logging()
     device = utils.resolve_device(args.device)
-    utils.set_seed(args.seed)
+    utils.set_seed(args.seed, args.deterministic)
     checkpoint = args.save_dir / "video.bin"
 
     # Data: one sample per utterance; its stored uint8 frames are normalised on load
