@@ -132,9 +132,9 @@ def window_frames(fps: float, start: float, end: float) -> tuple[int, int]:
 def window_step(fps: float, start: float, end: float, k: int = FRAMES_PER_CLIP) -> int:
     """IEMOCAP: ``floor(fps * (end - start) / k)``, from the window's duration (not its frame count).
 
-    A step of 0 (a window shorter than ``k`` frames, which needs a rate under
-    8 fps with IEMOCAP's 2 s of padding) would divide by zero in the authors'
-    loop; we use 1, i.e. every frame, as their MELD rule does for short clips.
+    A step of 0 (a window shorter than ``k`` frames: IEMOCAP windows last at
+    least 1 s, so only at rates under 8 fps) would divide by zero in the
+    authors' loop; we use 1, i.e. every frame, as their MELD rule does for short clips.
     """
     return max(math.floor(fps * (end - start) / k), 1)
 
