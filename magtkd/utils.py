@@ -658,21 +658,46 @@ FUSION_CHECKPOINT = "multimodal_fusion_best.bin"
 FUSION_PREDICTIONS = "multimodal_fusion_best.json"
 FUSION_METRICS = "multimodal_fusion_metrics.json"
 
+def recorded_fusion_args(save_dir: str | Path) -> dict[str, Any]:
+    """The arguments ``multimodal_fusion.py`` recorded in ``multimodal_fusion_metrics.json`` in ``save_dir``
+    (``{}`` when there is no such file): the settings a checkpoint does not show, such as ``n_head``."""
+    path = Path(save_dir) / FUSION_METRICS
+    if not path.is_file():
+        return {}
+    try:
+        recorded = json.loads(path.read_text(encoding="utf-8")).get("args")
+    except (ValueError, AttributeError) as err:
+        log.warning("%s is not a metrics file (%s); using the default fusion settings", path, err)
+        return {}
+    return recorded if isinstance(recorded, dict) else {}
+
+
 # objective(model output, labels (B, L), mask (B, L)) -> scalar loss over real utterances
 FusionObjective = Callable[[Any, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @torch.no_grad()
-def predict_dialogues(model: nn.Module, data: Any, batch_size: int) -> list[int]:
-    """Predictions for every real utterance of a :class:`~magtkd.dataset.DialogueSet`, flattened in
-    the pickle's dialogue order."""
+def dialogue_logits(model: nn.Module, data: Any, batch_size: int, progress: bool = False) -> torch.Tensor:
+    """(N, classes) text-anchor logits ``t_logits`` of every real utterance of a
+    :class:`~magtkd.dataset.DialogueSet`, flattened in the pickle's dialogue order (model in eval mode).
+
+    Their argmax is the prediction; their softmax the class probabilities.
+    """
     model.eval()
-    preds: list[int] = []
-    for idx in data.batches(batch_size):
+    chunks: list[torch.Tensor] = []
+    batches = data.batches(batch_size)
+    if progress:
+        batches = tqdm(batches, total=math.ceil(len(data) / batch_size), desc="dialogues", leave=False, disable=None)
+    for idx in batches:
         batch = data.collate(idx, model.padding_speaker)
         # Boolean indexing walks (dialogue, utterance) row-major: the flattened order.
-        preds.extend(model(*batch.inputs).t_logits.argmax(-1)[batch.mask].tolist())
-    return preds
+        chunks.append(model(*batch.inputs).t_logits[batch.mask].float())
+    return torch.cat(chunks) if chunks else torch.zeros(0, model.n_classes)
+
+
+def predict_dialogues(model: nn.Module, data: Any, batch_size: int) -> list[int]:
+    """Predictions (argmax of :func:`dialogue_logits`) for every real utterance, in the pickle's order."""
+    return dialogue_logits(model, data, batch_size).argmax(-1).tolist()
 
 
 def fusion_train_epoch(model: nn.Module, data: Any, objective: FusionObjective,
