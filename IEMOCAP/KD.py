@@ -27,7 +27,7 @@ from magtkd import dataset, model, utils  # noqa: E402
 
 def main(argv=None) -> dict:
     # Flags: the reference's names, IEMOCAP's defaults
-    parser = utils.training_parser(IEMOCAP, HERE, __doc__, epochs=10, batch_size=4, learning_rate=1e-5)
+    parser = utils.training_parser(IEMOCAP, HERE, __doc__, epochs=10, batch_size=4, learning_rate=1e-5, kd=True)
     parser.add_argument("--student", choices=("audio", "video"), required=True)
     parser.add_argument("--teacher", choices=("text",), default="text")
     parser.add_argument("--logit_weight", type=float, default=1.0, help="weight of the correlation logit loss")
@@ -67,7 +67,7 @@ def main(argv=None) -> dict:
         # Models: the student (audio from audio.bin; video from the pretrained TimeSformer) and, for
         # training only, the frozen text teacher from text.bin (built again per seed, so that each seed
         # draws its random numbers exactly as a run with that single seed)
-        utils.set_seed(seed)
+        utils.set_seed(seed, args.deterministic)
         student, s_field = model.load_encoder(args.student, args.pretrained_dir, IEMOCAP.num_classes,
                                               args.feature_dir)
         if args.train:
@@ -84,7 +84,8 @@ def main(argv=None) -> dict:
         results[seed] = utils.fit(
             stage=stage, model=student, step=step, loaders=loaders, args=utils.seed_args(args, seed), device=device,
             checkpoint=args.save_dir / f"{args.teacher}_KD_{args.student}{utils.seed_tag(seed, seeds)}.bin",
-            producer=f"IEMOCAP/KD.py --student {args.student}", label_names=IEMOCAP.labels, report=report)
+            producer=f"IEMOCAP/KD.py --student {args.student}", label_names=IEMOCAP.labels, report=report,
+            amp_dtype=torch.float16)
 
     # Artifacts: the substitution report of audio students; with several seeds <name>_seeds.json/.md and
     # the best dev seed's files also as {teacher}_KD_{student}.bin/.json

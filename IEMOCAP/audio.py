@@ -46,7 +46,7 @@ def main(argv=None) -> dict:
     results = {}
     for seed in seeds:
         # Model: data2vec-audio (time masking length 3) -> first frame -> Linear(hidden, 6)
-        utils.set_seed(seed)
+        utils.set_seed(seed, args.deterministic)
         encoder, field = model.load_encoder("audio", args.pretrained_dir, IEMOCAP.num_classes)
         loaders = dataset.loaders(samples, [field], args.batch_size, args.num_workers, seed)
         results[seed] = utils.fit(

@@ -43,7 +43,7 @@ def main(argv=None) -> dict:
     results = {}
     for seed in seeds:
         # Model: TimeSformer -> CLS token -> Linear(hidden, 6)
-        utils.set_seed(seed)
+        utils.set_seed(seed, args.deterministic)
         encoder, field = model.load_encoder("video", args.pretrained_dir, IEMOCAP.num_classes, args.feature_dir)
         loaders = dataset.loaders(samples, [field], args.batch_size, args.num_workers, seed)
         results[seed] = utils.fit(

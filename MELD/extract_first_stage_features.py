@@ -27,7 +27,8 @@ def main(argv=None) -> dict:
     # Flags: the folders, the batch size (features do not depend on it) and autocast
     parser = utils.paths_parser(MELD, HERE, __doc__)
     parser.add_argument("--batch_size", type=int, default=16, help="utterances per forward pass")
-    parser.add_argument("--amp", type=utils.str2bool, default=True, help="bf16 autocast on CUDA")
+    parser.add_argument("--amp", type=utils.str2bool, default=False,
+                        help="bf16 autocast on CUDA; default fp32, as the authors")
     args = parser.parse_args(argv)
     utils.setup_logging()
     device = utils.resolve_device(args.device)

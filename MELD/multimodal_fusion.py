@@ -67,6 +67,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help=f"speaker embedding rows without padding (default: {MELD.n_speaker} or the largest id + 1 "
                         "in the data, whichever is larger; "
                         "with --train False: from the checkpoint)")
+    utils.add_determinism_flag(p)
     return p.parse_args(argv)
 
 
@@ -119,7 +120,7 @@ def main(argv=None) -> dict:
     results = {}
     for seed in seeds:
         # Model: audio, video and text anchors over the dialogue
-        utils.set_seed(seed)
+        utils.set_seed(seed, args.deterministic)
         fusion = model.AnchorGatedTransformer(width, args.clsNum, n_speaker, args.n_head, args.dropout,
                                               args.separate_text_blocks).to(device)
         results[seed] = utils.fit_fusion(stage=stage, model=fusion, objective=objective, data=data,

@@ -36,7 +36,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--out", type=Path, required=True, help="the predictions CSV to write")
     parser.add_argument("--batch_size", type=int, default=16,
                         help="utterances per first-stage forward pass and dialogues per fusion batch")
-    parser.add_argument("--amp", type=utils.str2bool, default=True, help="bf16 autocast on CUDA (first stage)")
+    parser.add_argument("--amp", type=utils.str2bool, default=False,
+                        help="bf16 autocast on CUDA (first stage); default fp32, as the extraction stage")
+    parser.add_argument("--channel_order", choices=("rgb", "bgr"), default="rgb",
+                        help="frame channel order; use the one video_feature_extract.py used for training")
     parser.add_argument("--audio_feature", choices=("audio", "audio_kd"), default=None,
                         help="feature key feeding the audio stream A (default: as trained, else audio_kd)")
     parser.add_argument("--video_feature", choices=("video", "video_kd"), default=None,
@@ -71,7 +74,7 @@ def main(argv=None) -> dict:
                                           "audio_feature": audio_key, "video_feature": video_key, "n_head": n_head})
 
     # Frames (stage 3) into this conversation's own folder: resumable, never the dataset's frames
-    jobs = dataset.plan_jobs(MELD, ordered, work_dir)
+    jobs = dataset.plan_jobs(MELD, ordered, work_dir, args.channel_order)
     frames = dataset.extract_frames(jobs, model.load_image_processor(args.pretrained_dir), args.num_workers,
                                     work_dir / "video" / split / "substitutions.tsv")
 

@@ -46,7 +46,7 @@ def main(argv=None) -> dict:
     results = {}
     for seed in seeds:
         # Model: RoBERTa-large (+ speaker tokens) -> Linear(hidden, D) -> Linear(D, 7)
-        utils.set_seed(seed)
+        utils.set_seed(seed, args.deterministic)
         encoder, field = model.load_encoder("text", args.pretrained_dir, MELD.num_classes)
         loaders = dataset.loaders(samples, [field], args.batch_size, args.num_workers, seed)
         results[seed] = utils.fit(

@@ -45,7 +45,7 @@ def main(argv=None) -> dict:
     results = {}
     for seed in seeds:
         # Model: TimeSformer -> CLS token -> Linear(hidden, 7)
-        utils.set_seed(seed)
+        utils.set_seed(seed, args.deterministic)
         encoder, field = model.load_encoder("video", args.pretrained_dir, MELD.num_classes, args.feature_dir)
         loaders = dataset.loaders(samples, [field], args.batch_size, args.num_workers, seed)
         results[seed] = utils.fit(

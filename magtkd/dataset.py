@@ -567,7 +567,7 @@ class TextField:
 
 
 class AudioField:
-    """16 kHz mono -> data2vec feature extractor -> first 400000 samples; right-padded with a mask."""
+    """16 kHz mono, whole clip -> data2vec feature extractor -> first 400000 samples; right-padded with a mask."""
 
     name = "audio"
 
@@ -578,12 +578,12 @@ class AudioField:
     def load(self, sample: Sample) -> tuple[np.ndarray, tuple[str, str] | None]:
         utt = sample.utterance
         try:
-            # Decoding stops early for clips that run for minutes (MELD's bad cuts);
-            # the normalisation then sees the same samples it would keep anyway.
-            wave = decode_audio(utt.audio_path, TARGET_SAMPLE_RATE, max_samples=self.max_samples)
+            wave = decode_audio(utt.audio_path, TARGET_SAMPLE_RATE)
             problem = None
         except MediaError as err:
             wave, problem = np.zeros(TARGET_SAMPLE_RATE, dtype=np.float32), (str(utt.audio_path), err.reason)
+        # As the authors: normalise the WHOLE clip (its mean and variance), then keep
+        # the first max_samples (docs/METHOD.md §2); a minutes-long clip costs a few MB.
         values = self.extractor(wave, sampling_rate=TARGET_SAMPLE_RATE, return_tensors="np")["input_values"][0]
         return np.asarray(values[: self.max_samples], dtype=np.float32), problem
 
@@ -729,6 +729,7 @@ class Job:
     keys: tuple[str, ...]  # "split/dia_utt", for the report
     windows: tuple[tuple[float, float] | None, ...]
     outputs: tuple[Path, ...]
+    channel_order: str = "rgb"  # "bgr" reproduces the authors' OpenCV frames (docs/METHOD.md §7)
 
 
 def window_of(spec: DatasetSpec, utt: Utterance) -> tuple[float, float] | None:
@@ -738,7 +739,8 @@ def window_of(spec: DatasetSpec, utt: Utterance) -> tuple[float, float] | None:
     return max(utt.start - spec.video_window_pad, 0.0), utt.end + spec.video_window_pad
 
 
-def plan_jobs(spec: DatasetSpec, utterances: Sequence[Utterance], feature_dir: Path) -> list[Job]:
+def plan_jobs(spec: DatasetSpec, utterances: Sequence[Utterance], feature_dir: Path,
+              channel_order: str = "rgb") -> list[Job]:
     """Group utterances by source video, keeping only those whose output is missing.
 
     Temporary files left by a killed run are removed first; they are never read.
@@ -752,7 +754,7 @@ def plan_jobs(spec: DatasetSpec, utterances: Sequence[Utterance], feature_dir: P
             groups.setdefault(utt.video_path, []).append(utt)
     return [
         Job(video, tuple(f"{u.split}/{u.key}" for u in utts), tuple(window_of(spec, u) for u in utts),
-            tuple(frame_file(feature_dir, u.split, u.key) for u in utts))
+            tuple(frame_file(feature_dir, u.split, u.key) for u in utts), channel_order)
         for video, utts in groups.items()
     ]
 
@@ -765,22 +767,32 @@ def _init_worker(image_processor: Any) -> None:
     _codec = FrameCodec(image_processor)
 
 
-def run_job(job: Job) -> list[tuple[str, str, str]]:
-    """Decode one video once, store every window's frames; return substitutions."""
+FRAME_COUNT_NOTE = "frames chosen from the metadata count (the authors' rule)"
+
+
+def run_job(job: Job) -> list[tuple[str, str, str, str]]:
+    """Decode one video once, store every window's frames; return report rows
+    ``(key, path, reason, replacement)``: black-frame substitutions, and whole clips whose
+    metadata frame count differs from the decoded count (docs/METHOD.md §2)."""
     assert _codec is not None, "worker not initialised"
-    problems: list[tuple[str, str, str]] = []
+    problems: list[tuple[str, str, str, str]] = []
+    counts: dict[int, tuple[int, int]] = {}
     try:
-        clips = decode_windows(job.video, job.windows)
+        clips = decode_windows(job.video, job.windows, job.channel_order, counts)
     except MediaError as err:
         clips, reason = [None] * len(job.windows), err.reason
     else:
         reason = "no frame in the utterance's time window"
-    for key, clip, out in zip(job.keys, clips, job.outputs):
+    for i, (key, clip, out) in enumerate(zip(job.keys, clips, job.outputs)):
+        counted = (f"metadata frame count {counts[i][0]}, decoded {counts[i][1]}"
+                   if i in counts and counts[i][0] != counts[i][1] else "")
         if clip is None:
-            problems.append((key, str(job.video), reason))
+            problems.append((key, str(job.video), f"{reason}; {counted}" if counted else reason, "black frames"))
             save_frames(out, _codec.black())
         else:
             save_frames(out, _codec.resize_crop(clip))
+            if counted:
+                problems.append((key, str(job.video), counted, FRAME_COUNT_NOTE))
     return problems
 
 
@@ -804,8 +816,8 @@ def extract_frames(jobs: Sequence[Job], image_processor: Any, num_workers: int, 
         results = map(run_job, jobs)
     try:
         for problems in tqdm(results, total=len(jobs), desc="videos", disable=None):
-            for key, path, reason in problems:
-                report.add(key, path, reason, "black frames")
+            for key, path, reason, replacement in problems:
+                report.add(key, path, reason, replacement)
             if problems:  # keep the report current, so an interrupted run loses nothing
                 report.write(report_path)
     finally:

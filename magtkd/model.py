@@ -522,11 +522,15 @@ class MultiHeadAttention(nn.Module):
         self.proj_q = nn.Linear(hidden, hidden)
         self.proj_k = nn.Linear(hidden, hidden)
         self.proj_v = nn.Linear(hidden, hidden)
+        # The authors' order of random draws (docs/METHOD.md §5, Initialisation): xavier for q/k/v
+        # (weights first, then zero biases), and only THEN the output projection, which keeps
+        # PyTorch's default initialisation.
+        for linear in (self.proj_q, self.proj_k, self.proj_v):
+            nn.init.xavier_uniform_(linear.weight)
+        for linear in (self.proj_q, self.proj_k, self.proj_v):
+            nn.init.zeros_(linear.bias)
         self.fc = nn.Linear(hidden, hidden)
         self.dropout = nn.Dropout(dropout)
-        for linear in (self.proj_q, self.proj_k, self.proj_v, self.fc):
-            nn.init.xavier_uniform_(linear.weight)
-            nn.init.zeros_(linear.bias)
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         batch, length, _ = x.shape
@@ -637,18 +641,32 @@ class AnchorGatedTransformer(nn.Module):
         super().__init__()
         self.hidden, self.n_classes, self.n_speaker = hidden, n_classes, n_speaker
         self.separate_text_blocks = separate_text_blocks
-        # Row n_speaker is the padding row. The reference used id 2 on both
-        # datasets, which on MELD is a real speaker (docs/METHOD.md §5).
-        self.speaker_embeddings = nn.Embedding(n_speaker + 1, hidden, padding_idx=n_speaker)
-        nn.init.normal_(self.speaker_embeddings.weight, mean=0.0, std=0.1)
+        # Modules are BUILT in the authors' constructor order, so that right after
+        # torch.manual_seed(seed) they make the same random draws and get the same
+        # initial weights (docs/METHOD.md §5, Initialisation): speaker table (default
+        # normal, then normal(0, 0.1)), the nine blocks t_t a_t v_t a_a t_a v_a v_v t_v
+        # a_v, the nine gates in that order, features_reduce_t/a/v, the top-level fc
+        # (never used by the forward), w_t/a/v. Blocks the model does not use are drawn
+        # and discarded. They are then REGISTERED in our order (unchanged state_dict).
+        # Row n_speaker is the padding row (the authors used id 2, a real speaker on
+        # MELD); the table has the authors' shape (n_speaker + 1 rows), so the draws agree.
+        speaker_embeddings = nn.Embedding(n_speaker + 1, hidden, padding_idx=n_speaker)
+        nn.init.normal_(speaker_embeddings.weight, mean=0.0, std=0.1)
+        blocks = {name: TransformerBlock(hidden, n_head, dropout) for name in TEXT_ANCHOR + AUDIO_ANCHOR + VIDEO_ANCHOR}
+        gates = {name: Gate(hidden) for name in TEXT_ANCHOR + AUDIO_ANCHOR + VIDEO_ANCHOR}
+        reduce = {modality: nn.Linear(3 * hidden, hidden) for modality in ("t", "a", "v")}
+        nn.Linear(3 * hidden, hidden)  # the authors' unused top-level fc: drawn, discarded
+        heads = {modality: nn.Linear(hidden, n_classes) for modality in ("t", "a", "v")}
+
+        self.speaker_embeddings = speaker_embeddings
         names = AUDIO_ANCHOR + VIDEO_ANCHOR + (TEXT_ANCHOR if separate_text_blocks else TEXT_ANCHOR[:1])
         for name in names:
-            self.add_module(name, TransformerBlock(hidden, n_head, dropout))
-            self.add_module(f"{name}_gate", Gate(hidden))
+            self.add_module(name, blocks[name])
+            self.add_module(f"{name}_gate", gates[name])
         for modality in ("t", "a", "v"):
-            self.add_module(f"features_reduce_{modality}", nn.Linear(3 * hidden, hidden))
+            self.add_module(f"features_reduce_{modality}", reduce[modality])
         for modality in ("t", "a", "v"):
-            self.add_module(f"w_{modality}", nn.Linear(hidden, n_classes))
+            self.add_module(f"w_{modality}", heads[modality])
 
     @property
     def padding_speaker(self) -> int:

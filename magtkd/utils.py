@@ -77,12 +77,16 @@ def paths_parser(spec: DatasetSpec, script_dir: str | Path, description: str | N
 
 def training_parser(
     spec: DatasetSpec, script_dir: str | Path, description: str | None, *, epochs: int, batch_size: int,
-    learning_rate: float, seed: int = 2024,
+    learning_rate: float, seed: int = 2024, kd: bool = False,
 ) -> argparse.ArgumentParser:
     """The flags of every first-stage training script (text, audio, video, KD), with the given defaults.
 
     The reference's names (``--epochs --batch_size --seed --learning_rate --train``)
     plus ours; the script passes its dataset's defaults (docs/METHOD.md §2).
+    Precision as the authors (docs/METHOD.md §3): text/audio/video train in fp32
+    (``--amp True``: bf16 autocast on CUDA); KD (``kd=True``) runs under fp16
+    autocast with a gradient scaler (``--amp False``: fp32), its gradients
+    unscaled before clipping unless ``--reference_kd_clip True``.
     """
     parser = paths_parser(spec, script_dir, description)
     parser.add_argument("--epochs", type=int, default=epochs)
@@ -96,8 +100,24 @@ def training_parser(
     parser.add_argument("--learning_rate", type=float, default=learning_rate)
     parser.add_argument("--per_batch_schedule", type=str2bool, default=False,
                         help="count warmup/total steps in batches instead of the reference's samples")
-    parser.add_argument("--amp", type=str2bool, default=True, help="bf16 autocast on CUDA (CPU runs fp32)")
+    if kd:
+        parser.add_argument("--amp", type=str2bool, default=True,
+                            help="fp16 autocast on CUDA with a gradient scaler, as the authors' KD (the scaler "
+                                 "also runs on CPU, where the forward stays fp32)")
+        parser.add_argument("--reference_kd_clip", type=str2bool, default=False,
+                            help="clip the still-SCALED gradients at 10, as the authors did (the update then sees "
+                                 "gradients of norm about 10/scale); default: unscale, then clip")
+    else:
+        parser.add_argument("--amp", type=str2bool, default=False,
+                            help="bf16 autocast on CUDA; default fp32, as the authors (CPU always runs fp32)")
+    add_determinism_flag(parser)
     return parser
+
+
+def add_determinism_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--deterministic", type=str2bool, default=True,
+                        help="cudnn.deterministic=True, benchmark=False, as the authors; False trades "
+                             "run-to-run reproducibility for speed")
 
 
 def resolve_device(name: str | None) -> torch.device:
@@ -109,12 +129,22 @@ def resolve_device(name: str | None) -> torch.device:
     return device
 
 
-def set_seed(seed: int) -> None:
+def set_seed(seed: int, deterministic: bool = True) -> None:
+    """Seed Python, numpy and torch, as the authors' scripts do (docs/METHOD.md §7).
+
+    ``PYTHONHASHSEED`` is exported for child processes (data-loading workers,
+    subprocesses); the running interpreter's hash seed was fixed at its start.
+    ``deterministic`` sets ``cudnn.deterministic = True`` and ``cudnn.benchmark = False``
+    (the authors' setting); False lets cuDNN pick the fastest, non-deterministic kernels.
+    """
+    os.environ["PYTHONHASHSEED"] = str(seed)
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
     if torch.cuda.is_available():
         torch.cuda.manual_seed_all(seed)
+    torch.backends.cudnn.deterministic = deterministic
+    torch.backends.cudnn.benchmark = not deterministic
 
 
 def setup_logging() -> None:
@@ -226,7 +256,7 @@ class SubstitutionReport:
             self.items.append(Substitution(key, path, reason, replacement))
             if path not in self._warned:
                 self._warned.add(path)
-                log.warning("unreadable media %s (%s): using %s", path, reason, replacement)
+                log.warning("media %s (%s): using %s", path, reason, replacement)
 
     def extend(self, other: "SubstitutionReport") -> None:
         for item in other.items:
@@ -286,9 +316,63 @@ def mismatch(model: nn.Module, state: Mapping[str, torch.Tensor]) -> str:
     return "; ".join(p for p in problems if p)
 
 
+# The authors' first-stage modules (docs/METHOD.md §7): the pretrained encoder is ``text_model``
+# (a RobertaModel WITH its pooler, which the representation never uses) or ``model``
+# (data2vec / TimeSformer), the classifier ``W``; ours are ``backbone`` and ``classifier``
+# (+ the text ``project``). Entries of theirs that our modules lack and nothing reads.
+AUTHORS_BACKBONES = ("text_model.", "model.")
+AUTHORS_UNUSED = (".pooler.", "embeddings.position_ids")
+
+
+def from_authors_layout(model: nn.Module, state: Mapping[str, torch.Tensor], path: Path
+                        ) -> dict[str, torch.Tensor]:
+    """A first-stage state_dict as the authors' code writes it, renamed onto ``model``'s names.
+
+    ``text_model.*`` / ``model.*`` -> ``backbone.*``; the pooler (and a stored
+    ``position_ids`` buffer) are dropped; each other top-level Linear (``W``, and
+    the text projection whatever its name) goes to the one head Linear of ours
+    with its weight's shape. Anything that fits nowhere keeps its name, so the
+    strict check in `load_checkpoint` reports it. Our own checkpoints pass unchanged.
+    """
+    if any(k.startswith("backbone.") for k in state) or not any(k.startswith(AUTHORS_BACKBONES) for k in state):
+        return dict(state)
+    own = model.state_dict()
+    mapped: dict[str, torch.Tensor] = {}
+    dropped: list[str] = []
+    heads: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in state.items():
+        prefix = next((p for p in AUTHORS_BACKBONES if key.startswith(p)), None)
+        if prefix is None:
+            module, _, leaf = key.rpartition(".")
+            heads.setdefault(module, {})[leaf] = value
+            continue
+        ours = "backbone." + key[len(prefix):]
+        if ours not in own and any(part in key for part in AUTHORS_UNUSED):
+            dropped.append(key)
+        else:
+            mapped[ours] = value
+    our_heads = {k.rpartition(".")[0] for k in own if not k.startswith("backbone.")}
+    renamed = []
+    for module, params in heads.items():
+        weight = params.get("weight")
+        fits = [h for h in our_heads if weight is not None and set(params) == {"weight", "bias"}
+                and tuple(own[f"{h}.weight"].shape) == tuple(weight.shape)]
+        if module and len(fits) == 1:
+            our_heads.discard(fits[0])
+            mapped.update({f"{fits[0]}.{leaf}": v for leaf, v in params.items()})
+            renamed.append(f"{module} -> {fits[0]}")
+        else:  # unknown to us: left under its own name for the error message
+            mapped.update({f"{module}.{leaf}" if module else leaf: v for leaf, v in params.items()})
+    log.info("%s: laid out as the authors' code writes it; backbone renamed, heads %s, %d unused entries "
+             "dropped (%s)", path, ", ".join(renamed) or "none", len(dropped),
+             ", ".join(sorted({k.split(".pooler.")[0] + ".pooler" if ".pooler." in k else k for k in dropped})))
+    return mapped
+
+
 def load_checkpoint(model: nn.Module, path: Path, produced_by: str) -> nn.Module:
-    """Load a plain state_dict strictly; errors name the file and the mismatched keys."""
-    state = read_state_dict(path, produced_by)
+    """Load a plain state_dict strictly (ours, or the authors' layout, `from_authors_layout`);
+    errors name the file and the mismatched keys."""
+    state = from_authors_layout(model, read_state_dict(path, produced_by), Path(path))
     problems = mismatch(model, state)
     if problems:
         raise CheckpointError(
@@ -378,10 +462,10 @@ def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
-def autocast(device: torch.device, amp: bool):
-    """bf16 autocast on CUDA (when enabled); plain fp32 on CPU."""
+def autocast(device: torch.device, amp: bool, dtype: torch.dtype = torch.bfloat16):
+    """Autocast to ``dtype`` on CUDA (when enabled); plain fp32 on CPU."""
     if amp and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+        return torch.autocast("cuda", dtype=dtype)
     return contextlib.nullcontext()
 
 
@@ -401,13 +485,14 @@ def note_problems(batch: Mapping[str, Any], dataset, report: SubstitutionReport 
 
 @torch.inference_mode()
 def predict(step: StepFn, loader, device: torch.device, amp: bool,
-            report: SubstitutionReport | None = None, desc: str = "eval") -> tuple[np.ndarray, np.ndarray]:
+            report: SubstitutionReport | None = None, desc: str = "eval",
+            amp_dtype: torch.dtype = torch.bfloat16) -> tuple[np.ndarray, np.ndarray]:
     """Gold labels and argmax predictions over a loader, in loader order."""
     labels, preds = [], []
     for batch in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=None):
         note_problems(batch, loader.dataset, report)
         batch = to_device(batch, device)
-        with autocast(device, amp):
+        with autocast(device, amp, amp_dtype):
             _, logits = step(batch, False)
         labels.append(batch["labels"].cpu())
         preds.append(logits.float().argmax(-1).cpu())
@@ -460,6 +545,7 @@ def fit(
     label_names: Sequence[str],
     report: SubstitutionReport | None = None,
     grad_clip: float = 10.0,
+    amp_dtype: torch.dtype = torch.bfloat16,
 ) -> dict:
     """Train ``model`` (its trainable parameters) with dev selection, or evaluate its saved checkpoint.
 
@@ -469,16 +555,25 @@ def fit(
     clip 10, the reference's warmup schedule (docs/METHOD.md §2), and after each
     epoch the dev weighted F1; each new best saves ``checkpoint`` and reports
     test. The metrics JSON beside the checkpoint is rewritten every epoch.
+
+    Precision (docs/METHOD.md §3): with ``args.amp`` the forward runs under
+    ``amp_dtype`` autocast on CUDA. For ``torch.float16`` (KD) a gradient scaler
+    scales the loss (on CPU too, where the forward stays fp32); the gradients are
+    unscaled before clipping, or clipped while still scaled with
+    ``args.reference_kd_clip`` (the authors' order: the update then sees
+    gradients of norm at most ``grad_clip / scale``).
     """
     if not args.train:
         load_checkpoint(model, checkpoint, producer)
         model.to(device).eval()
         return evaluate(stage=stage, step=step, loader=loaders["test"], device=device, amp=args.amp,
-                        label_names=label_names, report=report)
+                        label_names=label_names, report=report, amp_dtype=amp_dtype)
     model.to(device)
     epochs, amp = args.epochs, args.amp
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate)
+    scaler = torch.amp.GradScaler(device.type, enabled=bool(amp and amp_dtype == torch.float16))
+    clip_scaled = bool(getattr(args, "reference_kd_clip", False))
     train_loader = loaders["train"]
     scheduler = reference_schedule(
         optimizer, len(train_loader.dataset), len(train_loader), epochs, per_batch=args.per_batch_schedule
@@ -493,23 +588,26 @@ def fit(
         for batch in bar:
             note_problems(batch, train_loader.dataset, report)
             batch = to_device(batch, device)
-            with autocast(device, amp):
+            with autocast(device, amp, amp_dtype):
                 loss, _ = step(batch, True)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            scaler.scale(loss).backward()
+            if not clip_scaled:
+                scaler.unscale_(optimizer)  # clip the true gradients (a no-op without the scaler)
             torch.nn.utils.clip_grad_norm_(params, grad_clip)
-            optimizer.step()
+            scaler.step(optimizer)  # unscales first if not done above; skips steps with inf/nan gradients
+            scaler.update()
             scheduler.step()
             losses.append(loss.item())
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
         model.eval()
-        dev = summary(*predict(step, loaders["dev"], device, amp, report, "dev"))
+        dev = summary(*predict(step, loaders["dev"], device, amp, report, "dev", amp_dtype))
         row: dict[str, Any] = {"epoch": epoch, "train_loss": float(np.mean(losses)) if losses else 0.0,
                                "dev": dev, "seconds": round(time.time() - started, 2)}
         improved = dev["weighted_f1"] > best["dev_weighted_f1"]
         if improved:
             save_state_dict(checkpoint, model)
-            test = test_report(*predict(step, loaders["test"], device, amp, report, "test"), label_names)
+            test = test_report(*predict(step, loaders["test"], device, amp, report, "test", amp_dtype), label_names)
             row["test"] = {k: test[k] for k in ("accuracy", "weighted_f1")}
             best = {"epoch": epoch, "dev_weighted_f1": dev["weighted_f1"], "test": test}
         history.append(row)
@@ -554,9 +652,10 @@ def _report_text(test: Mapping[str, Any], names: Sequence[str]) -> str:
 
 
 def evaluate(*, stage: str, step: StepFn, loader, device: torch.device, amp: bool,
-             label_names: Sequence[str], report: SubstitutionReport | None = None) -> dict:
+             label_names: Sequence[str], report: SubstitutionReport | None = None,
+             amp_dtype: torch.dtype = torch.bfloat16) -> dict:
     """``--train False``: test metrics of the loaded checkpoint."""
-    test = test_report(*predict(step, loader, device, amp, report, "test"), label_names)
+    test = test_report(*predict(step, loader, device, amp, report, "test", amp_dtype), label_names)
     log.info("%s: test report of the saved checkpoint:\n%s", stage, _report_text(test, label_names))
     return test
 
