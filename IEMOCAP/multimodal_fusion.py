@@ -60,6 +60,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--n_speaker", type=int, default=None,
                    help=f"speaker embedding rows without padding (default: {IEMOCAP.n_speaker}; "
                         "with --train False: from the checkpoint)")
+    utils.add_loop_flags(p, checkpointing=False)  # --grad_accum, --resume
     return p.parse_args(argv)
 
 

@@ -65,9 +65,10 @@ def main(argv=None) -> dict:
             log.info("MELD: %s features for %s done", "/".join(encoders), split)
         del encoders
 
-    # Artifacts: one pickle per split, written atomically, and the substitution report
+    # Artifacts: one pickle per split, written atomically by rank 0 (under torchrun the ranks'
+    # representations were gathered in order), and the substitution report
     paths = {}
-    for split in dataset.SPLITS:
+    for split in dataset.SPLITS if utils.is_main() else ():
         utts = utterances[split]
         speakers = [s for _, dialogue in dialogues[split] for s in dataset.fusion_speaker_ids(MELD, dialogue, speaker2id)]
         features = dataset.assemble_features(

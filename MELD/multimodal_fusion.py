@@ -61,6 +61,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help=f"speaker embedding rows without padding (default: {MELD.n_speaker} or the largest id + 1 "
                         "in the data, whichever is larger; "
                         "with --train False: from the checkpoint)")
+    utils.add_loop_flags(p, checkpointing=False)  # --grad_accum, --resume
     return p.parse_args(argv)
 
 
