@@ -973,7 +973,8 @@ def fit_fusion(*, stage: str, model: nn.Module, objective: FusionObjective, data
         restore_training_state(state, model=model, optimizer=optimizer, scheduler=scheduler, generators=[generator])
         curve, best, first = state["progress"]["curve"], state["progress"]["best"], state["epoch"] + 1
         log.info("%s: resuming from epoch %d of %d (%s)", stage, state["epoch"], args.epochs, saved_state)
-    doc = fusion_summary(stage, args, sizes, curve, best, labels["test"], names, complete=first > args.epochs)
+    # A resumed run that had already finished trains no epoch: its summary comes from the saved state.
+    doc = fusion_summary(stage, args, sizes, curve, best, labels["test"], names, complete=True) if best else {}
     for epoch in range(first, args.epochs + 1):
         start = time.perf_counter()
         train_loss = fusion_train_epoch(model, data["train"], objective, optimizer, scheduler, args.batch_size,
