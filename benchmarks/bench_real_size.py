@@ -257,7 +257,8 @@ def main(argv=None) -> None:
     print(f"\nreal-size stand-ins, IEMOCAP tiny data, batch {BATCH}; device {device} ({hardware}), "
           f"amp {'bf16' if amp and device.startswith('cuda') else 'fp32'}, grad checkpointing {checkpointing}, "
           f"torch {torch.__version__}, {time.strftime('%Y-%m-%d')}")
-    print(f"writing the data and stand-ins: {setup_s:.0f} s\n")
+    print(f"writing the data and stand-ins: {setup_s:.0f} s; load average at the end "
+          f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}\n")
     memory = "peak CUDA GB" if device.startswith("cuda") else "peak RSS GB"
     print(f"| stage | params (trainable / total) | s per update | s per eval batch | {memory} | state GB | notes |")
     print("|---|---|---|---|---|---|---|")
