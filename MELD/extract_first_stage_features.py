@@ -46,9 +46,10 @@ def main(argv=None) -> dict:
                                          feature_dir=args.feature_dir, device=device, batch_size=args.batch_size,
                                          num_workers=args.num_workers, amp=args.amp, report=report)
 
-    # Artifacts: one pickle per split, written atomically, and the substitution report
+    # Artifacts: one pickle per split, written atomically by rank 0 (under torchrun the ranks'
+    # representations were gathered in order), and the substitution report
     paths = {}
-    for split in dataset.SPLITS:
+    for split in dataset.SPLITS if utils.is_main() else ():
         utts = utterances[split]
         speakers = [s for _, dialogue in dialogues[split] for s in dataset.fusion_speaker_ids(MELD, dialogue, speaker2id)]
         features = dataset.assemble_features(

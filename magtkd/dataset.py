@@ -31,9 +31,9 @@ import pandas as pd
 import torch
 from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
 
 from .media import FRAMES_PER_CLIP, TARGET_SAMPLE_RATE, MediaError, decode_audio, decode_windows
+from . import utils
 from .utils import SubstitutionReport, atomic_path
 
 log = logging.getLogger("magtkd")
@@ -644,10 +644,19 @@ class SampleDataset(Dataset):
 
 def make_loader(dataset: SampleDataset, batch_size: int, shuffle: bool, num_workers: int,
                 seed: int = 0) -> DataLoader:
+    """A loader over ``dataset``; ``shuffle`` draws from a generator seeded with ``seed``.
+
+    Under torchrun each rank loads its shard: shuffled loaders through a DistributedSampler
+    (``seed`` + epoch), ordered ones every ``world_size``-th sample without padding, so that
+    gathering the ranks' outputs by ``batch["index"]`` covers every sample once.
+    """
     generator = torch.Generator().manual_seed(seed)
+    sampler = None
+    if utils.world_size() > 1:
+        sampler = utils.train_sampler(dataset, seed) if shuffle else utils.EvalShardSampler(len(dataset))
     return DataLoader(
-        dataset, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers,
-        collate_fn=dataset.collate, generator=generator, persistent_workers=False,
+        dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
+        num_workers=num_workers, collate_fn=dataset.collate, generator=generator, persistent_workers=False,
     )
 
 
@@ -807,6 +816,9 @@ def extract_frames(jobs: Sequence[Job], image_processor: Any, num_workers: int, 
     if report_path.is_file():
         for item in SubstitutionReport.read(report_path):
             report.add(item.key, item.path, item.reason, item.replacement)
+    # Under torchrun each rank decodes its share of the videos; the report is gathered at the end.
+    jobs = utils.shard(jobs)
+    single = utils.world_size() == 1
     pool = None
     if num_workers > 1 and len(jobs) > 1:
         pool = ProcessPoolExecutor(num_workers, initializer=_init_worker, initargs=(image_processor,))
@@ -815,10 +827,10 @@ def extract_frames(jobs: Sequence[Job], image_processor: Any, num_workers: int, 
         _init_worker(image_processor)
         results = map(run_job, jobs)
     try:
-        for problems in tqdm(results, total=len(jobs), desc="videos", disable=None):
+        for problems in utils.progress(results, total=len(jobs), desc="videos", leave=True):
             for key, path, reason, replacement in problems:
                 report.add(key, path, reason, replacement)
-            if problems:  # keep the report current, so an interrupted run loses nothing
+            if problems and single:  # keep the report current, so an interrupted run loses nothing
                 report.write(report_path)
     finally:
         if pool is not None:
