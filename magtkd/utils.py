@@ -960,10 +960,11 @@ def fit(
     if best["test"] is not None:
         log.info("%s: selected epoch %d (dev wF1 %.4f); test report:\n%s", stage, best["epoch"],
                  best["dev_weighted_f1"], _report_text(best["test"], label_names))
-        write_plots(checkpoint.with_suffix(""), f"{stage}, seed {args.seed}", [r["epoch"] for r in history],
-                    [r["train_loss"] for r in history], [r["dev"]["weighted_f1"] for r in history],
-                    [r["test"]["weighted_f1"] if "test" in r else None for r in history], best["epoch"],
-                    best["test"]["confusion"], label_names, "test (scored at each new best dev)")
+        if is_main():
+            write_plots(checkpoint.with_suffix(""), f"{stage}, seed {args.seed}", [r["epoch"] for r in history],
+                        [r["train_loss"] for r in history], [r["dev"]["weighted_f1"] for r in history],
+                        [r["test"]["weighted_f1"] if "test" in r else None for r in history], best["epoch"],
+                        best["test"]["confusion"], label_names, "test (scored at each new best dev)")
     return _metrics_doc(stage, vars(args), history, best, checkpoint)
 
 
@@ -1103,7 +1104,8 @@ def fit_fusion(*, stage: str, model: nn.Module, objective: FusionObjective, data
     update per ``args.grad_accum`` batches. Writes ``multimodal_fusion_best.bin``
     and ``.json`` (test labels and predictions) at each new best,
     ``multimodal_fusion_metrics.json`` after every epoch and then the training
-    state ``multimodal_fusion.state.pt``, which ``args.resume`` continues from. The curves / confusion plots are drawn at the end (``tag``,
+    state ``multimodal_fusion<tag>.state.pt``, which ``args.resume`` continues from. The curves /
+    confusion plots are drawn at the end (``tag``,
     e.g. ``_seed2025``, goes into every name: `fusion_files`).
     """
     if args.epochs < 1 or args.batch_size < 1 or args.grad_accum < 1:
@@ -1120,7 +1122,8 @@ def fit_fusion(*, stage: str, model: nn.Module, objective: FusionObjective, data
     labels = {split: data[split].flat_labels() for split in ("dev", "test")}
     curve: list[dict[str, Any]] = []
     best: dict[str, Any] = {}
-    saved_state, first = save_dir / FUSION_STATE, 1
+    # One state file per seed (``tag``), so --resume never continues another seed's run.
+    saved_state, first = save_dir / FUSION_STATE.replace(".state.pt", f"{tag}.state.pt"), 1
     state = load_training_state(saved_state, stage=stage, args=args)
     if state is not None:
         restore_training_state(state, model=model, optimizer=optimizer, scheduler=scheduler, generators=[generator])

@@ -266,7 +266,8 @@ def test_torchrun_two_cpu_processes_train_text(generated: Path, small_iemocap: P
     # Rank 0 alone logs: one start-up line, one line per epoch
     assert log.count("IEMOCAP text: device cpu world_size=2") == 1
     assert log.count("IEMOCAP text epoch 1/2:") == 1 and log.count("IEMOCAP text epoch 2/2:") == 1
-    assert sorted(p.name for p in save_dir.iterdir()) == ["text.bin", "text.json", "text.state.pt"]
+    assert sorted(p.name for p in save_dir.iterdir()) == [
+        "text.bin", "text.json", "text.state.pt", "text_confusion.png", "text_curves.png"]
     state = torch.load(save_dir / "text.bin", map_location="cpu", weights_only=True)
     assert "classifier.weight" in state
 

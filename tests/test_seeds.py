@@ -145,7 +145,7 @@ def test_fusion_seed_among_several_equals_its_single_seed_run(fusion_seeds):
     assert [c["train_loss"] for c in curve] == [c["train_loss"] for c in fusion_seeds["single"]["curve"]]
     # A single seed writes exactly the usual files (plus its plots), no seed files and no summary.
     assert sorted(p.name for p in single.iterdir()) == [
-        "multimodal_fusion_best.bin", "multimodal_fusion_best.json", "multimodal_fusion_confusion.png",
+        "multimodal_fusion.state.pt", "multimodal_fusion_best.bin", "multimodal_fusion_best.json", "multimodal_fusion_confusion.png",
         "multimodal_fusion_curves.png", "multimodal_fusion_metrics.json"]
     assert "seeds" not in fusion_seeds["single"]
 
