@@ -36,7 +36,7 @@ GROUPS = {
 def main(argv=None) -> dict:
     # Flags: the folders, the batch size (features do not depend on it) and autocast
     parser = utils.paths_parser(MELD, HERE, __doc__)
-    parser.add_argument("--batch_size", type=int, default=16, help="utterances per forward pass")
+    parser.add_argument("--batch_size", type=utils.positive_int, default=16, help="utterances per forward pass")
     parser.add_argument("--amp", type=utils.str2bool, default=True, help="bf16 autocast on CUDA")
     args = parser.parse_args(argv)
     utils.setup_logging()
@@ -65,20 +65,29 @@ def main(argv=None) -> dict:
             log.info("MELD: %s features for %s done", "/".join(encoders), split)
         del encoders
 
-    # Artifacts: one pickle per split, written atomically, and the substitution report
-    paths = {}
-    for split in dataset.SPLITS:
-        utts = utterances[split]
-        speakers = [s for _, dialogue in dialogues[split] for s in dataset.fusion_speaker_ids(MELD, dialogue, speaker2id)]
-        features = dataset.assemble_features(
-            [u.dialogue_id for u in utts], [u.utterance_id for u in utts], [u.label for u in utts],
-            speakers, {key: np.asarray(v) for key, v in vectors[split].items()},
-        )
-        paths[split] = dataset.save_features(dataset.feature_path(args.feature_dir, split), features)
-        log.info("MELD: wrote %s (%d dialogues, %d utterances)", paths[split], len(features["vids"]), len(utts))
-    report.write(args.feature_dir / "first_stage_substitutions.tsv")
+    # Artifacts: one pickle per split, written atomically, and the substitution report; the
+    # completion record says incomplete before the first pickle changes and complete after the last
+    with utils.output_lock(args.feature_dir, "first_stage_features"):
+        record = dataset.features_record(args.feature_dir)
+        pickles = [dataset.feature_path(args.feature_dir, split).name for split in dataset.SPLITS]
+        utils.remove_stale_temps(args.feature_dir, pickles)
+        utils.begin_outputs(record, "MELD/extract_first_stage_features.py", args, dataset=MELD.name,
+                            labels=list(MELD.labels), pickles=pickles)
+        paths = {}
+        for split in dataset.SPLITS:
+            utts = utterances[split]
+            speakers = [s for _, dialogue in dialogues[split] for s in dataset.fusion_speaker_ids(MELD, dialogue, speaker2id)]
+            features = dataset.assemble_features(
+                [u.dialogue_id for u in utts], [u.utterance_id for u in utts], [u.label for u in utts],
+                speakers, {key: np.asarray(v) for key, v in vectors[split].items()},
+            )
+            paths[split] = dataset.save_features(dataset.feature_path(args.feature_dir, split), features)
+            log.info("MELD: wrote %s (%d dialogues, %d utterances)", paths[split], len(features["vids"]), len(utts))
+        report.write(args.feature_dir / "first_stage_substitutions.tsv")
+        utils.finish_outputs(record, "MELD/extract_first_stage_features.py", args, dataset=MELD.name,
+                             labels=list(MELD.labels), pickles=pickles, width=int(vectors["test"]["text"].shape[1]))
     return {"paths": {k: str(v) for k, v in paths.items()}, "substituted": len(report)}
 
 
 if __name__ == "__main__":
-    main()
+    utils.run(main)

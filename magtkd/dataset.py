@@ -17,8 +17,9 @@ import io
 import json
 import logging
 import pickle
+import queue
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
@@ -30,8 +31,10 @@ from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from .media import FRAMES_PER_CLIP, TARGET_SAMPLE_RATE, MediaError, decode_audio, decode_windows
-from .utils import SubstitutionReport, atomic_path
+from . import media
+from .media import FRAMES_PER_CLIP, TARGET_SAMPLE_RATE, DecoderProcess, MediaError, decode_audio_isolated, decode_windows
+from .utils import (InputMissing, SubstitutionReport, UserError, atomic_path, begin_outputs, check_complete,
+                    finish_outputs, output_lock)
 
 log = logging.getLogger("magtkd")
 
@@ -88,7 +91,7 @@ class DatasetSpec:
 _DIVX_SPELLINGS = ("DivX", "Divx")
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """Bad content in a data file; the message names the file, row/column/key and what was expected."""
 
 
@@ -158,7 +161,7 @@ def check_data_dir(spec: DatasetSpec, data_dir: str | Path) -> Path:
     """Return ``data_dir`` as a Path, or fail saying what the folder must contain."""
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
-        raise FileNotFoundError(
+        raise InputMissing(
             f"{spec.name} data folder {data_dir} does not exist; it must contain {spec.data_readme}"
         )
     return data_dir
@@ -231,7 +234,7 @@ def load_split(spec: DatasetSpec, data_dir: str | Path, split: str) -> list[Utte
         raise KeyError(f"unknown split {split!r}; expected one of {', '.join(spec.csv_names)}")
     path = data_dir / spec.csv_names[split]
     if not path.is_file():
-        raise FileNotFoundError(
+        raise InputMissing(
             f"{path} not found; build it from the raw release with `{_preprocess_command(spec)}` "
             f"(the folder must contain {spec.data_readme})"
         )
@@ -241,6 +244,7 @@ def load_split(spec: DatasetSpec, data_dir: str | Path, split: str) -> list[Utte
     has_times = "Start_Time" in frame.columns and "End_Time" in frame.columns
     resolve = MediaResolver(spec, data_dir)
     utterances = []
+    seen: dict[tuple[int, int], int] = {}
     for index, record in enumerate(frame.to_dict("records"), start=1):
         emotion = record["Emotion"]
         if emotion not in spec.labels:
@@ -265,6 +269,21 @@ def load_split(spec: DatasetSpec, data_dir: str | Path, split: str) -> list[Utte
                 end=_float_cell(path, index, "End_Time", record["End_Time"]) if has_times else None,
             )
         )
+        utt = utterances[-1]
+        # A repeated row would be counted twice in training, features and test metrics.
+        first = seen.setdefault((utt.dialogue_id, utt.utterance_id), index)
+        if first != index:
+            raise DataError(
+                f"{path}: row {index} (line {index + 1}) repeats Dialogue_ID {utt.dialogue_id}, Utterance_ID "
+                f"{utt.utterance_id} of row {first} (line {first + 1}); remove the duplicate row"
+            )
+        if utt.start is not None and utt.end is not None:
+            if not (np.isfinite(utt.start) and np.isfinite(utt.end)):
+                raise DataError(f"{path}: row {index} (line {index + 1}): Start_Time {utt.start} / End_Time "
+                                f"{utt.end} must be finite numbers of seconds")
+            if utt.start < 0 or utt.end < utt.start:
+                raise DataError(f"{path}: row {index} (line {index + 1}): Start_Time {utt.start} and End_Time "
+                                f"{utt.end} are not a time span (need 0 <= Start_Time <= End_Time)")
     return utterances
 
 
@@ -299,7 +318,7 @@ def load_speaker2id(data_dir: str | Path) -> dict[str, int]:
     """Read ``data_dir/speaker2id.json`` (MELD, written by the preparation step)."""
     path = Path(data_dir) / SPEAKER_MAP
     if not path.is_file():
-        raise FileNotFoundError(
+        raise InputMissing(
             f"{path} not found; build it with `python MELD/preprocessing.py --data_dir {data_dir}`"
         )
     mapping = json.loads(path.read_text(encoding="utf-8"))
@@ -459,8 +478,11 @@ class AudioField:
         try:
             # Decoding stops early for clips that run for minutes (MELD's bad cuts);
             # the normalisation then sees the same samples it would keep anyway.
-            wave = decode_audio(utt.audio_path, TARGET_SAMPLE_RATE, max_samples=self.max_samples)
-            problem = None
+            # In a supervised child process: a clip that crashes or hangs the decoder is substituted.
+            notes: list[str] = []
+            wave = decode_audio_isolated(utt.audio_path, TARGET_SAMPLE_RATE, max_samples=self.max_samples,
+                                         notes=notes)
+            problem = (str(utt.audio_path), "; ".join(notes), "audio decoded before the error") if notes else None
         except MediaError as err:
             wave, problem = np.zeros(TARGET_SAMPLE_RATE, dtype=np.float32), (str(utt.audio_path), err.reason)
         values = self.extractor(wave, sampling_rate=TARGET_SAMPLE_RATE, return_tensors="np")["input_values"][0]
@@ -485,6 +507,8 @@ class VideoField:
     def __init__(self, codec: FrameCodec, feature_dir: Path) -> None:
         self.codec = codec
         self.feature_dir = Path(feature_dir)
+        check_complete(frames_record(self.feature_dir), f"the stored frames in {self.feature_dir / 'video'}",
+                       "video_feature_extract.py")
 
     def load(self, sample: Sample) -> torch.Tensor:
         utt = sample.utterance
@@ -574,6 +598,11 @@ class FrameCodec:
         return (pixels - self.mean) / self.std
 
 
+def frames_record(feature_dir: Path) -> Path:
+    """``<feature_dir>/video/extraction.json``: written last by video_feature_extract.py (completion record)."""
+    return Path(feature_dir) / "video" / "extraction.json"
+
+
 def frame_file(feature_dir: Path, split: str, key: str) -> Path:
     """``<feature_dir>/video/<split>/<Dialogue_ID>_<Utterance_ID>.npy`` (docs/METHOD.md §0)."""
     return Path(feature_dir) / "video" / split / f"{key}.npy"
@@ -587,12 +616,19 @@ def save_frames(path: Path, frames: np.ndarray) -> None:
 
 def load_frames(path: Path) -> np.ndarray:
     if not Path(path).is_file():
-        raise FileNotFoundError(
+        raise InputMissing(
             f"frame file {path} not found: run video_feature_extract.py for this dataset first"
         )
-    frames = np.load(path, allow_pickle=False)
+    try:
+        frames = np.load(path, allow_pickle=False)
+    except Exception as exc:  # truncated or not a .npy file
+        raise FeatureFileError(
+            f"cannot read frame file {path} ({type(exc).__name__}: {exc}); delete it and re-run "
+            "video_feature_extract.py for this dataset (it re-extracts missing files)"
+        ) from exc
     if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[1] != 3:
-        raise ValueError(f"{path}: expected uint8 frames of shape (8, 3, H, W), got {frames.dtype} {frames.shape}")
+        raise FeatureFileError(f"{path}: expected uint8 frames of shape (8, 3, H, W), got {frames.dtype} "
+                               f"{frames.shape}; delete it and re-run video_feature_extract.py")
     return frames
 
 
@@ -648,49 +684,83 @@ def run_job(job: Job) -> list[tuple[str, str, str]]:
     """Decode one video once, store every window's frames; return substitutions."""
     assert _codec is not None, "worker not initialised"
     problems: list[tuple[str, str, str]] = []
+    notes: list[str] = []
     try:
-        clips = decode_windows(job.video, job.windows)
+        clips = decode_windows(job.video, job.windows, notes)
     except MediaError as err:
         clips, reason = [None] * len(job.windows), err.reason
     else:
         reason = "no frame in the utterance's time window"
     for key, clip, out in zip(job.keys, clips, job.outputs):
         if clip is None:
-            problems.append((key, str(job.video), reason))
+            problems.append((key, str(job.video), "; ".join([*notes, reason])))
             save_frames(out, _codec.black())
         else:
+            if notes:  # partially decoded: the frames come from the part before the error
+                problems.append((key, str(job.video), "; ".join(notes), "frames decoded before the error"))
             save_frames(out, _codec.resize_crop(clip))
     return problems
 
 
-def extract_frames(jobs: Sequence[Job], image_processor: Any, num_workers: int, report_path: Path
-                   ) -> SubstitutionReport:
+def _substitute_job(job: Job, reason: str) -> list[tuple[str, str, str]]:
+    """Black frames for every window of a job whose decoder crashed or hung (the parent writes them)."""
+    assert _codec is not None
+    for out in job.outputs:
+        save_frames(out, _codec.black())
+    return [(key, str(job.video), reason) for key in job.keys]
+
+
+def extract_frames(jobs: Sequence[Job], image_processor: Any, num_workers: int, report_path: Path,
+                   args: Any = None) -> SubstitutionReport:
     """Run every job (one decode per source video, in parallel over videos) and keep the report current.
 
-    The report at ``report_path`` keeps what earlier, interrupted runs
-    substituted; it is rewritten whenever a job substitutes, and once at the end.
+    Each job runs in a supervised decoder process (`media.DecoderProcess`, one per
+    worker, ``max(num_workers, 1)`` of them): a source video that crashes or hangs
+    the decoder loses only its own windows (black frames, listed with the
+    reason) and the run goes on. The report at ``report_path`` keeps what
+    earlier, interrupted runs substituted; it is rewritten whenever a job
+    substitutes, and once at the end. ``<video>/extraction.json`` (the
+    completion record) says ``complete: false`` while this runs and is
+    rewritten last with ``complete: true``.
     """
-    report = SubstitutionReport()
-    if report_path.is_file():
-        for item in SubstitutionReport.read(report_path):
-            report.add(item.key, item.path, item.reason, item.replacement)
-    pool = None
-    if num_workers > 1 and len(jobs) > 1:
-        pool = ProcessPoolExecutor(num_workers, initializer=_init_worker, initargs=(image_processor,))
-        results = pool.map(run_job, jobs)
-    else:
-        _init_worker(image_processor)
-        results = map(run_job, jobs)
-    try:
-        for problems in tqdm(results, total=len(jobs), desc="videos", disable=None):
-            for key, path, reason in problems:
-                report.add(key, path, reason, "black frames")
-            if problems:  # keep the report current, so an interrupted run loses nothing
-                report.write(report_path)
-    finally:
-        if pool is not None:
-            pool.shutdown()
-    report.write(report_path)
+    video_dir = report_path.parent
+    with output_lock(video_dir, "frames"):
+        record = frames_record(video_dir.parent)
+        begin_outputs(record, "video_feature_extract", args or {}, report=report_path.name)
+        report = SubstitutionReport()
+        if report_path.is_file():
+            for item in SubstitutionReport.read(report_path):
+                report.add(item.key, item.path, item.reason, item.replacement)
+        _init_worker(image_processor)  # the parent writes black frames for crashed jobs
+        # One supervised decoder process per worker, started here in the main thread.
+        decoders = [DecoderProcess(media.VIDEO_TIMEOUT_S, _init_worker, (image_processor,)).start()
+                    for _ in range(max(1, min(num_workers, len(jobs))))] if jobs else []
+        idle: queue.Queue = queue.Queue()
+        for decoder in decoders:
+            idle.put(decoder)
+
+        def supervised(job: Job) -> list[tuple[str, ...]]:
+            decoder = idle.get()
+            try:
+                return decoder.call(job.video, run_job, job)
+            except MediaError as err:
+                return _substitute_job(job, err.reason)
+            finally:
+                idle.put(decoder)
+
+        try:
+            with ThreadPoolExecutor(max(1, len(decoders))) as threads:
+                for problems in tqdm(threads.map(supervised, jobs), total=len(jobs), desc="videos", disable=None):
+                    for problem in problems:
+                        report.add_problem(problem[0], problem[1:], "black frames")
+                    if problems:  # keep the report current, so an interrupted run loses nothing
+                        report.write(report_path)
+        finally:
+            for decoder in decoders:
+                decoder.close()
+        report.write(report_path)
+        finish_outputs(record, "video_feature_extract", args or {}, report=report_path.name,
+                       substituted=len(report))
     return report
 
 
@@ -701,8 +771,13 @@ META_KEYS: tuple[str, ...] = ("speakers", "labels", "dia2utt")
 PICKLE_PROTOCOL = 4  # readable by every Python 3 the authors' tooling could have used
 
 
-class FeatureFileError(ValueError):
+class FeatureFileError(UserError, ValueError):
     """A feature pickle that is unsafe, malformed, or does not follow the docs/METHOD.md §4 layout."""
+
+
+def features_record(feature_dir: str | Path) -> Path:
+    """``<feature_dir>/first_stage_features.json``: written last by extract_first_stage_features.py."""
+    return Path(feature_dir) / "first_stage_features.json"
 
 
 def feature_path(feature_dir: str | Path, split: str) -> Path:
@@ -1024,6 +1099,8 @@ def _stack(vectors: Sequence[np.ndarray], device: torch.device) -> torch.Tensor:
 
 def load_dialogues(path: Path, audio_key: str, video_key: str, device: torch.device) -> DialogueSet:
     """Load a feature pickle (restricted unpickler) for the fusion; the three streams must share one width."""
+    check_complete(features_record(path.parent), f"the feature pickles in {path.parent}",
+                   "extract_first_stage_features.py")
     feats = load_features(path, keys=("text", audio_key, video_key))
     if not feats["vids"]:
         raise FeatureFileError(f"{path}: 'vids' is empty; the split has no dialogues")

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .dataset import AudioField, FrameCodec, TextField, VideoField, add_speaker_tokens
-from .utils import CheckpointError, mismatch, read_state_dict
+from .utils import CheckpointError, UserError, mismatch, read_state_dict
 
 log = logging.getLogger("magtkd")
 
@@ -53,7 +53,7 @@ TOKENIZER_FILES = ("tokenizer.json", "vocab.json")
 _HEAD_PREFIXES = {TEXT: ("lm_head.",), AUDIO: ("lm_head.",), VIDEO: ("classifier.",)}
 
 
-class PretrainedMissingError(FileNotFoundError):
+class PretrainedMissingError(UserError, FileNotFoundError):
     """A pretrained folder, or a file in it, is missing; the message says how to download it."""
 
 

@@ -36,6 +36,75 @@ if TYPE_CHECKING:
 log = logging.getLogger("magtkd")
 
 
+# --------------------------------------------------------------------------- user errors and the entry point
+
+class UserError(Exception):
+    """A mistake the user can fix (a flag, a file, a CSV row, a checkpoint that does not fit).
+
+    `run` prints its message as one line and exits with status 2 (no traceback
+    unless ``--debug``); the message names the flag/file/row/key and what to do.
+    The library's own error types (DataError, FeatureFileError, CheckpointError,
+    ...) derive from it.
+    """
+
+
+class InputMissing(UserError, FileNotFoundError):
+    """An input file or folder that does not exist; the message says which stage writes it."""
+
+
+def run(main: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | None = None) -> None:
+    """The stage scripts' entry point: ``if __name__ == "__main__": utils.run(main)``.
+
+    User errors (`UserError`, and ``SystemExit`` carrying a message) become one
+    line on stderr and exit status 2; with ``--debug`` on the command line they
+    keep their traceback. Anything else is unexpected and keeps its traceback.
+    ``main(argv)`` called directly (tests) raises as usual.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    try:
+        main(argv)
+    except UserError as err:
+        if debug:
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except SystemExit as err:
+        if isinstance(err.code, str) and not debug:
+            message = err.code if err.code.startswith("error: ") else f"error: {err.code}"
+            print(message, file=sys.stderr)
+            raise SystemExit(2) from None
+        raise
+
+
+def add_debug_flag(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--debug", action="store_true",
+                        help="show the full traceback of errors in the input (flags, files, data)")
+    return parser
+
+
+def _checked_number(kind: type, low: float, inclusive: bool, what: str) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if not (value >= low if inclusive else value > low) or value != value:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+
+    parse.__name__ = what  # argparse names the type in its messages
+    return parse
+
+
+# Flag types that refuse values which would silently do nothing (``--epochs 0``) or fail deep
+# inside torch (``--batch_size 0``, ``--learning_rate -1``): the error names the flag.
+positive_int = _checked_number(int, 1, True, "an integer >= 1")
+nonnegative_int = _checked_number(int, 0, True, "an integer >= 0")
+positive_float = _checked_number(float, 0.0, False, "a number > 0")
+nonnegative_float = _checked_number(float, 0.0, True, "a number >= 0")
+
+
 # --------------------------------------------------------------------------- flags, device, seed, logging
 
 
@@ -71,8 +140,8 @@ def paths_parser(spec: DatasetSpec, script_dir: str | Path, description: str | N
     parser.add_argument("--feature_dir", type=Path, default=spec.default_feature_dir(script_dir),
                         help="stored frames and first-stage feature pickles")
     parser.add_argument("--device", default=None, help="cuda, cuda:1 or cpu; None = CUDA when available, else CPU")
-    parser.add_argument("--num_workers", type=int, default=0, help="data-loading worker processes")
-    return parser
+    parser.add_argument("--num_workers", type=nonnegative_int, default=0, help="data-loading worker processes")
+    return add_debug_flag(parser)
 
 
 def training_parser(
@@ -85,12 +154,12 @@ def training_parser(
     plus ours; the script passes its dataset's defaults (docs/METHOD.md §2).
     """
     parser = paths_parser(spec, script_dir, description)
-    parser.add_argument("--epochs", type=int, default=epochs)
-    parser.add_argument("--batch_size", type=int, default=batch_size)
+    parser.add_argument("--epochs", type=positive_int, default=epochs)
+    parser.add_argument("--batch_size", type=positive_int, default=batch_size)
     parser.add_argument("--seed", type=int, default=seed)
     parser.add_argument("--train", type=str2bool, default=True,
                         help="True: train; False: evaluate the saved checkpoint on test")
-    parser.add_argument("--learning_rate", type=float, default=learning_rate)
+    parser.add_argument("--learning_rate", type=positive_float, default=learning_rate)
     parser.add_argument("--per_batch_schedule", type=str2bool, default=False,
                         help="count warmup/total steps in batches instead of the reference's samples")
     parser.add_argument("--amp", type=str2bool, default=True, help="bf16 autocast on CUDA (CPU runs fp32)")
@@ -100,9 +169,17 @@ def training_parser(
 def resolve_device(name: str | None) -> torch.device:
     if name is None or name == "":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise UserError(f"--device {name}: not a device name; use cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"--device {name} requested but CUDA is not available on this machine")
+        raise UserError(f"--device {name} requested but CUDA is not available on this machine; use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s) "
+                        f"(cuda:0..cuda:{torch.cuda.device_count() - 1})")
+    if device.type not in ("cpu", "cuda"):
+        raise UserError(f"--device {name}: only cpu and cuda devices are supported")
     return device
 
 
@@ -195,6 +272,113 @@ def save_state_dict(path: str | os.PathLike, model: nn.Module) -> None:
         torch.save(state, tmp)
 
 
+# --------------------------------------------------------------------------- complete outputs, locks
+
+def remove_stale_temps(folder: str | os.PathLike, names: Sequence[str]) -> None:
+    """Delete the temp files `atomic_path` leaves when a write of one of ``names`` was killed.
+
+    Only this stage's names are touched (other stages may be writing into the same folder).
+    """
+    for name in names:
+        for stray in Path(folder).glob(f".{name}.*.tmp"):
+            log.info("removing %s, left by an interrupted write", stray)
+            stray.unlink(missing_ok=True)
+
+
+def begin_outputs(record: str | os.PathLike, stage: str, args: argparse.Namespace | Mapping[str, Any],
+                  **facts: Any) -> None:
+    """Mark an artifact set as being rewritten: its completion record says ``complete: false``.
+
+    Written BEFORE any artifact of the set changes, so a run killed midway
+    leaves a set that says it is incomplete (and `run.sh` redoes the stage).
+    """
+    write_json(record, {"stage": stage, "complete": False, **facts, "args": _args_doc(args)})
+
+
+def finish_outputs(record: str | os.PathLike, stage: str, args: argparse.Namespace | Mapping[str, Any],
+                   **facts: Any) -> None:
+    """Publish an artifact set: the completion record is written last, naming the stage and its arguments."""
+    write_json(record, {"stage": stage, "complete": True, **facts, "args": _args_doc(args)})
+
+
+def _args_doc(args: argparse.Namespace | Mapping[str, Any]) -> dict[str, Any]:
+    items = vars(args).items() if isinstance(args, argparse.Namespace) else args.items()
+    return {k: str(v) if isinstance(v, Path) else v for k, v in items}
+
+
+def read_record(record: str | os.PathLike) -> dict[str, Any] | None:
+    """A completion record (or metrics JSON) as a dict; None when absent or unreadable."""
+    try:
+        doc = json.loads(Path(record).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def check_complete(record: str | os.PathLike, what: str, producer: str) -> dict[str, Any] | None:
+    """Refuse an artifact set whose record says its run did not finish.
+
+    No record at all is accepted (artifacts made elsewhere, e.g. the authors'
+    checkpoints or features); returns the record when there is one.
+    """
+    doc = read_record(record)
+    if doc is None and Path(record).exists():
+        raise UserError(f"{record} is unreadable (an interrupted write?); re-run {producer} to rebuild {what}")
+    if doc is not None and doc.get("complete") is False:
+        raise UserError(f"{what} is incomplete: the run of {producer} that writes it did not finish "
+                        f"({record} says complete: false); re-run {producer}")
+    return doc
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def output_lock(folder: str | os.PathLike, name: str) -> Iterator[Path]:
+    """Hold ``<folder>/.<name>.lock`` (holding the owner's PID) while a stage writes its artifact set.
+
+    A second run writing the same set into the same folder stops with a clear
+    message; a lock left by a process that no longer runs is taken over (logged).
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = folder / f".{name}.lock"
+    while True:
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                text = lock.read_text().strip()
+                age = time.time() - lock.stat().st_mtime
+            except OSError:
+                continue  # released meanwhile: try again
+            owner = int(text) if text.isdigit() else None
+            if (owner is not None and _pid_alive(owner)) or (owner is None and age < 10):
+                raise UserError(
+                    f"{folder} is in use: another run (PID {owner if owner is not None else '?'}) is writing "
+                    f"{name} there (lock {lock}); wait for it to finish, or write elsewhere (--save_dir/--feature_dir)"
+                )
+            log.warning("taking over the stale lock %s of PID %s, which is no longer running", lock, owner)
+            lock.unlink(missing_ok=True)
+            continue
+        with os.fdopen(fd, "w") as handle:
+            handle.write(f"{os.getpid()}\n")
+        break
+    try:
+        yield lock
+    finally:
+        with contextlib.suppress(OSError):
+            if lock.read_text().strip() == str(os.getpid()):
+                lock.unlink()
+
+
 # --------------------------------------------------------------------------- substitution report
 
 
@@ -225,6 +409,11 @@ class SubstitutionReport:
                 self._warned.add(path)
                 log.warning("unreadable media %s (%s): using %s", path, reason, replacement)
 
+    def add_problem(self, key: str, problem: Sequence[str], replacement: str) -> None:
+        """Record a ``(path, reason[, replacement])`` problem; a third item overrides ``replacement``
+        (a partially decoded file keeps what was decoded)."""
+        self.add(key, problem[0], problem[1], problem[2] if len(problem) > 2 else replacement)
+
     def extend(self, other: "SubstitutionReport") -> None:
         for item in other.items:
             self.add(item.key, item.path, item.reason, item.replacement)
@@ -249,16 +438,23 @@ class SubstitutionReport:
 
 # --------------------------------------------------------------------------- checkpoints
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint that is missing or does not fit the model it is loaded into."""
 
 
 def read_state_dict(path: str | Path, produced_by: str) -> dict[str, torch.Tensor]:
-    """``torch.load`` (tensors only) a plain state_dict; a missing file names the stage that writes it."""
+    """``torch.load`` (tensors only) a plain state_dict; a missing or unreadable file names the stage that writes it."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} not found: it is written by {produced_by}")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated zip, not a checkpoint, refused global, ...
+        message = str(exc).splitlines()[0] if str(exc) else ""
+        raise CheckpointError(
+            f"cannot read checkpoint {path} ({type(exc).__name__}: {message[:200]}); it is truncated or "
+            f"not a checkpoint: re-run {produced_by}"
+        ) from exc
     if not isinstance(state, dict):
         raise CheckpointError(f"{path} is not a state_dict (got {type(state).__name__})")
     return state
@@ -283,8 +479,39 @@ def mismatch(model: nn.Module, state: Mapping[str, torch.Tensor]) -> str:
     return "; ".join(p for p in problems if p)
 
 
-def load_checkpoint(model: nn.Module, path: Path, produced_by: str) -> nn.Module:
+def check_checkpoint_record(path: Path, produced_by: str, labels: Sequence[str] | None = None) -> None:
+    """Refuse a checkpoint whose metrics JSON says its run did not finish or that it belongs to another
+    dataset / label list (both sides named). Checkpoints without a JSON (the authors') are accepted."""
+    path = Path(path)
+    record = path.with_suffix(".json")
+    doc = check_complete(record, f"checkpoint {path}", produced_by)
+    if doc is None:
+        return
+    expected = produced_by.split("/", 1)[0] if "/" in produced_by else None
+    if expected and doc.get("dataset") not in (None, expected):
+        raise CheckpointError(f"checkpoint {path} was trained on {doc['dataset']} ({record}) but this run "
+                              f"needs a {expected} checkpoint written by {produced_by}")
+    if labels is not None and doc.get("labels") is not None and list(doc["labels"]) != list(labels):
+        raise CheckpointError(f"checkpoint {path} has labels {doc['labels']} ({record}); this run needs "
+                              f"{list(labels)}: use the checkpoint {produced_by} writes for this dataset")
+
+
+def check_fusion_record(save_dir: Path, dataset: str, checkpoint: Path) -> dict[str, Any] | None:
+    """The fusion's metrics JSON (its completion record) must say complete and name ``dataset``;
+    a checkpoint without one (the authors') is accepted."""
+    producer = f"{dataset}/multimodal_fusion.py"
+    doc = check_complete(Path(save_dir) / FUSION_METRICS, f"the fusion checkpoint {checkpoint}", producer)
+    if doc is not None and doc.get("dataset") not in (None, dataset):
+        raise CheckpointError(
+            f"fusion checkpoint {checkpoint} was trained on {doc['dataset']} features "
+            f"({Path(save_dir) / FUSION_METRICS}) but this is {producer}: pass the --save_dir of a {dataset} run"
+        )
+    return doc
+
+
+def load_checkpoint(model: nn.Module, path: Path, produced_by: str, labels: Sequence[str] | None = None) -> nn.Module:
     """Load a plain state_dict strictly; errors name the file and the mismatched keys."""
+    check_checkpoint_record(path, produced_by, labels)
     state = read_state_dict(path, produced_by)
     problems = mismatch(model, state)
     if problems:
@@ -393,7 +620,7 @@ def note_problems(batch: Mapping[str, Any], dataset, report: SubstitutionReport 
         for index, problem in zip(batch["index"].tolist(), problems):
             if problem is not None:
                 utt = dataset.samples[index].utterance
-                report.add(f"{utt.split}/{utt.key}", problem[0], problem[1], replacement)
+                report.add_problem(f"{utt.split}/{utt.key}", problem, replacement)
 
 
 @torch.inference_mode()
@@ -467,10 +694,25 @@ def fit(
     test. The metrics JSON beside the checkpoint is rewritten every epoch.
     """
     if not args.train:
-        load_checkpoint(model, checkpoint, producer)
+        load_checkpoint(model, checkpoint, producer, label_names)
         model.to(device).eval()
         return evaluate(stage=stage, step=step, loader=loaders["test"], device=device, amp=args.amp,
                         label_names=label_names, report=report)
+    with output_lock(checkpoint.parent, checkpoint.stem):
+        return _train(stage=stage, model=model, step=step, loaders=loaders, args=args, device=device,
+                      checkpoint=checkpoint, label_names=label_names, report=report, grad_clip=grad_clip)
+
+
+def _train(*, stage: str, model: nn.Module, step: StepFn, loaders: Mapping[str, Any], args: argparse.Namespace,
+           device: torch.device, checkpoint: Path, label_names: Sequence[str], report: SubstitutionReport | None,
+           grad_clip: float) -> dict:
+    """`fit`'s training, holding the checkpoint's lock. The metrics JSON is the set's completion record:
+    it says ``complete: false`` before the first write of the checkpoint and true only after the last epoch."""
+    metrics_path = checkpoint.with_suffix(".json")
+    remove_stale_temps(checkpoint.parent, (checkpoint.name, metrics_path.name))
+    facts = {"dataset": stage.split()[0], "labels": list(label_names),
+             "width": int(getattr(getattr(model, "classifier", None), "in_features", 0)) or None}
+    begin_outputs(metrics_path, stage, args, checkpoint=checkpoint.name, **facts)
     model.to(device)
     epochs, amp = args.epochs, args.amp
     params = [p for p in model.parameters() if p.requires_grad]
@@ -479,7 +721,6 @@ def fit(
     scheduler = reference_schedule(
         optimizer, len(train_loader.dataset), len(train_loader), epochs, per_batch=args.per_batch_schedule
     )
-    metrics_path = checkpoint.with_suffix(".json")
     history: list[dict] = []
     best = {"epoch": 0, "dev_weighted_f1": -math.inf, "test": None}
     for epoch in range(1, epochs + 1):
@@ -515,16 +756,21 @@ def fit(
             (f" | new best, saved; test acc {row['test']['accuracy']:.4f} wF1 {row['test']['weighted_f1']:.4f}"
              if improved else ""),
         )
-        write_json(metrics_path, _metrics_doc(stage, vars(args), history, best, checkpoint))
+        write_json(metrics_path, _metrics_doc(stage, vars(args), history, best, checkpoint, facts, False))
     if best["test"] is not None:
         log.info("%s: selected epoch %d (dev wF1 %.4f); test report:\n%s", stage, best["epoch"],
                  best["dev_weighted_f1"], _report_text(best["test"], label_names))
-    return _metrics_doc(stage, vars(args), history, best, checkpoint)
+    doc = _metrics_doc(stage, vars(args), history, best, checkpoint, facts, True)
+    write_json(metrics_path, doc)  # last: publishes checkpoint + JSON as one complete set
+    return doc
 
 
-def _metrics_doc(stage: str, args: Mapping[str, Any], history: list[dict], best: dict, checkpoint: Path) -> dict:
+def _metrics_doc(stage: str, args: Mapping[str, Any], history: list[dict], best: dict, checkpoint: Path,
+                 facts: Mapping[str, Any], complete: bool) -> dict:
     return {
         "stage": stage,
+        "complete": complete,
+        **facts,
         "checkpoint": checkpoint.name,
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in args.items()},
         "selection": "best dev weighted F1",
@@ -602,7 +848,8 @@ def fusion_summary(stage: str, args: argparse.Namespace, sizes: dict, curve: lis
                    test_labels: list[int], names: list[str], complete: bool) -> dict[str, Any]:
     """Content of ``multimodal_fusion_metrics.json``: dev drives selection; test is reported at it."""
     return {
-        "stage": stage, "complete": complete, "args": vars(args), "sizes": sizes,
+        "stage": stage, "complete": complete, "dataset": stage.split()[0], "labels": list(names),
+        "width": sizes.get("hidden"), "args": vars(args), "sizes": sizes,
         "selection": "best dev weighted F1", "selected_epoch": best["epoch"],
         "dev_at_selected": best["dev"], "test_at_selected": best["test"],
         "test_per_class": per_class(test_labels, best["preds"], names),
@@ -623,7 +870,19 @@ def fit_fusion(*, stage: str, model: nn.Module, objective: FusionObjective, data
     every epoch.
     """
     if args.epochs < 1 or args.batch_size < 1:
-        raise SystemExit(f"--epochs ({args.epochs}) and --batch_size ({args.batch_size}) must be at least 1")
+        raise UserError(f"--epochs ({args.epochs}) and --batch_size ({args.batch_size}) must be at least 1")
+    with output_lock(save_dir, "multimodal_fusion"):
+        names = (FUSION_CHECKPOINT, FUSION_PREDICTIONS, FUSION_METRICS)
+        remove_stale_temps(save_dir, names)
+        # The metrics JSON is the set's completion record: incomplete before the .bin/.json change.
+        begin_outputs(save_dir / FUSION_METRICS, stage, args, dataset=stage.split()[0], labels=list(label_names),
+                      width=sizes.get("hidden"))
+        return _train_fusion(stage=stage, model=model, objective=objective, data=data, args=args, sizes=sizes,
+                             label_names=label_names, save_dir=save_dir)
+
+
+def _train_fusion(*, stage: str, model: nn.Module, objective: FusionObjective, data: Mapping[str, Any],
+                  args: argparse.Namespace, sizes: dict, label_names: Sequence[str], save_dir: Path) -> dict[str, Any]:
     names = list(label_names)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.l2)
     n_batches = math.ceil(len(data["train"]) / args.batch_size)
