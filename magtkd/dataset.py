@@ -930,7 +930,8 @@ def load_features(path: str | Path, keys: Iterable[str] | None = None) -> dict[s
     except FeatureFileError:
         raise
     except Exception as exc:  # truncated file, not a pickle, refused codec, ...
-        raise FeatureFileError(f"cannot read feature file {path}: {type(exc).__name__}: {exc}") from exc
+        raise FeatureFileError(f"cannot read feature file {path}: {type(exc).__name__}: {exc}; it is written by "
+                               "extract_first_stage_features.py (re-run it)") from exc
     if not isinstance(data, dict):
         raise FeatureFileError(f"{path}: expected a pickled dict (docs/METHOD.md §4), got {type(data).__name__}")
     validate_features(data, path, wanted, strict=False)

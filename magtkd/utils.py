@@ -709,7 +709,8 @@ def _train(*, stage: str, model: nn.Module, step: StepFn, loaders: Mapping[str, 
     """`fit`'s training, holding the checkpoint's lock. The metrics JSON is the set's completion record:
     it says ``complete: false`` before the first write of the checkpoint and true only after the last epoch."""
     metrics_path = checkpoint.with_suffix(".json")
-    remove_stale_temps(checkpoint.parent, (checkpoint.name, metrics_path.name))
+    remove_stale_temps(checkpoint.parent, (checkpoint.name, metrics_path.name,
+                                           substitution_report_path(checkpoint, True).name))
     facts = {"dataset": stage.split()[0], "labels": list(label_names),
              "width": int(getattr(getattr(model, "classifier", None), "in_features", 0)) or None}
     begin_outputs(metrics_path, stage, args, checkpoint=checkpoint.name, **facts)
