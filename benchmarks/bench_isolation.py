@@ -2,7 +2,7 @@
 
     python benchmarks/bench_isolation.py              # 200 MELD-like clips (3 s, 320x240, 25 fps, AAC)
     python benchmarks/bench_isolation.py --clips 50 --seconds 2
-    python benchmarks/bench_isolation.py --threads 0       # torch's default threads in this process
+
 
 MELD has ~13700 short clips, so a per-clip cost shows there first. For the same
 clips this prints:
