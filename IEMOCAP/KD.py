@@ -6,6 +6,9 @@ Reads   datasets/IEMOCAP/IEMOCAP_{train,dev,test}.csv; save_model/text.bin (teac
         audio: the wavs and save_model/audio.bin (student init); video: the stored frames
         (the video student starts from the pretrained TimeSformer, not video.bin)
 Writes  IEMOCAP/IEMOCAP/save_model/text_KD_audio.bin or text_KD_video.bin, and its .json
+        (<name> = text_KD_audio / text_KD_video), <name>_curves.png, <name>_confusion.png;
+        --seeds S1 S2 ...: those per seed (<name>_seed<S>.*), the best dev seed's also under the
+        names above, and <name>_seeds.json/.md (mean ± std over seeds)
 
 IEMOCAP objective: CE + L_logit (--logit_weight 1, --feature_weight 0).
 """
@@ -24,7 +27,7 @@ from magtkd import dataset, model, utils  # noqa: E402
 
 def main(argv=None) -> dict:
     # Flags: the reference's names, IEMOCAP's defaults
-    parser = utils.training_parser(IEMOCAP, HERE, __doc__, epochs=10, batch_size=4, learning_rate=1e-5)
+    parser = utils.training_parser(IEMOCAP, HERE, __doc__, epochs=10, batch_size=4, learning_rate=1e-5, kd=True)
     parser.add_argument("--student", choices=("audio", "video"), required=True)
     parser.add_argument("--teacher", choices=("text",), default="text")
     parser.add_argument("--logit_weight", type=float, default=1.0, help="weight of the correlation logit loss")
@@ -33,27 +36,17 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     utils.setup_logging()
     device = utils.resolve_device(args.device)
-    utils.set_seed(args.seed)
+    seeds = utils.seed_list(args)
     checkpoint = args.save_dir / f"{args.teacher}_KD_{args.student}.bin"
     stage = f"IEMOCAP KD {args.teacher}->{args.student}"
 
-    # Data: one dialogue-prefix sample per utterance, in CSV order
+    # Data: one dialogue-prefix sample per utterance, in CSV order (read once for all seeds)
     samples = dataset.load_samples(IEMOCAP, args.data_dir)
     utils.log_start(stage, args, device, {s: len(v) for s, v in samples.items()})
     report = utils.SubstitutionReport()
 
-    # Models: the student (audio from audio.bin; video from the pretrained TimeSformer) and, for
-    # training only, the frozen text teacher from text.bin
-    student, s_field = model.load_encoder(args.student, args.pretrained_dir, IEMOCAP.num_classes, args.feature_dir)
-    if args.train:
-        teacher, t_field = model.load_encoder(args.teacher, args.pretrained_dir, IEMOCAP.num_classes)
-        utils.load_checkpoint(teacher, args.save_dir / f"{args.teacher}.bin", f"IEMOCAP/{args.teacher}.py")
-        teacher.to(device).eval().requires_grad_(False)
-        if args.student == "audio":
-            utils.load_checkpoint(student, args.save_dir / "audio.bin", "IEMOCAP/audio.py")
-    student.to(device)
-
-    # Objective: CE + logit_weight * L_logit(student, teacher) + feature_weight * L_feat(student, teacher)
+    # Objective: CE + logit_weight * L_logit(student, teacher) + feature_weight * L_feat(student, teacher),
+    # on the current seed's student and teacher (built below)
     def step(batch: dict, train: bool):
         s_rep, s_logits = student.encode(batch)
         if not train:
@@ -67,20 +60,38 @@ def main(argv=None) -> dict:
             loss = loss + args.feature_weight * model.feature_kd_loss(s_rep.float(), t_rep.float())
         return loss, s_logits
 
-    # Loop: train with dev selection (--train False: evaluate the saved student alone on test);
-    # training batches also carry the teacher's input, dev/test batches only the student's
-    loaders = dataset.loaders(samples, [s_field], args.batch_size, args.num_workers, args.seed, ("dev", "test"))
-    if args.train:
-        loaders.update(dataset.loaders(samples, [t_field, s_field], args.batch_size, args.num_workers, args.seed,
-                                       ("train",)))
-    result = utils.fit(stage=stage, model=student, step=step, loaders=loaders, args=args, device=device,
-                       checkpoint=checkpoint, producer=f"IEMOCAP/KD.py --student {args.student}",
-                       label_names=IEMOCAP.labels, report=report)
+    # Per seed: fresh models, then train with dev selection (--train False: evaluate the saved student alone
+    # on test); training batches also carry the teacher's input, dev/test batches only the student's
+    results = {}
+    for seed in seeds:
+        # Models: the student (audio from audio.bin; video from the pretrained TimeSformer) and, for
+        # training only, the frozen text teacher from text.bin (built again per seed, so that each seed
+        # draws its random numbers exactly as a run with that single seed)
+        utils.set_seed(seed, args.deterministic)
+        student, s_field = model.load_encoder(args.student, args.pretrained_dir, IEMOCAP.num_classes,
+                                              args.feature_dir)
+        if args.train:
+            teacher, t_field = model.load_encoder(args.teacher, args.pretrained_dir, IEMOCAP.num_classes)
+            utils.load_checkpoint(teacher, args.save_dir / f"{args.teacher}.bin", f"IEMOCAP/{args.teacher}.py")
+            teacher.to(device).eval().requires_grad_(False)
+            if args.student == "audio":
+                utils.load_checkpoint(student, args.save_dir / "audio.bin", "IEMOCAP/audio.py")
+        student.to(device)
+        loaders = dataset.loaders(samples, [s_field], args.batch_size, args.num_workers, seed, ("dev", "test"))
+        if args.train:
+            loaders.update(dataset.loaders(samples, [t_field, s_field], args.batch_size, args.num_workers, seed,
+                                           ("train",)))
+        results[seed] = utils.fit(
+            stage=stage, model=student, step=step, loaders=loaders, args=utils.seed_args(args, seed), device=device,
+            checkpoint=args.save_dir / f"{args.teacher}_KD_{args.student}{utils.seed_tag(seed, seeds)}.bin",
+            producer=f"IEMOCAP/KD.py --student {args.student}", label_names=IEMOCAP.labels, report=report,
+            amp_dtype=torch.float16)
 
-    # Artifacts: the checkpoint + metrics JSON (written by fit); the substitution report of audio students
+    # Artifacts: the substitution report of audio students; with several seeds <name>_seeds.json/.md and
+    # the best dev seed's files also as {teacher}_KD_{student}.bin/.json
     if args.student == "audio":
         report.write(utils.substitution_report_path(checkpoint, args.train))
-    return result
+    return utils.finish_seeds(results, checkpoint, IEMOCAP.labels)
 
 
 if __name__ == "__main__":

@@ -23,21 +23,12 @@ from magtkd import dataset, model, utils  # noqa: E402
 
 log = logging.getLogger("magtkd")
 
-# feature key -> (encoder, checkpoint, the script that writes it), grouped by the input they share
-GROUPS = {
-    "text": {"text": ("text.bin", "IEMOCAP/text.py")},
-    "audio": {"audio": ("audio.bin", "IEMOCAP/audio.py"),
-              "audio_kd": ("text_KD_audio.bin", "IEMOCAP/KD.py --student audio --teacher text")},
-    "video": {"video": ("video.bin", "IEMOCAP/video.py"),
-              "video_kd": ("text_KD_video.bin", "IEMOCAP/KD.py --student video --teacher text")},
-}
-
-
 def main(argv=None) -> dict:
     # Flags: the folders, the batch size (features do not depend on it) and autocast
     parser = utils.paths_parser(IEMOCAP, HERE, __doc__)
     parser.add_argument("--batch_size", type=utils.positive_int, default=16, help="utterances per forward pass")
-    parser.add_argument("--amp", type=utils.str2bool, default=True, help="bf16 autocast on CUDA")
+    parser.add_argument("--amp", type=utils.str2bool, default=False,
+                        help="bf16 autocast on CUDA; default fp32, as the authors")
     args = parser.parse_args(argv)
     utils.setup_logging()
     device = utils.resolve_device(args.device)
@@ -48,21 +39,11 @@ def main(argv=None) -> dict:
     samples = {s: dataset.build_samples(utts) for s, utts in utterances.items()}
     utils.log_start("IEMOCAP extract_first_stage_features", args, device, {s: len(v) for s, v in samples.items()})
 
-    # Models, one input group at a time (each clip decoded once): vectors[split][key] = (N, D)
-    vectors: dict = {split: {} for split in dataset.SPLITS}
+    # Models: the five first-stage checkpoints, one input group at a time (each clip decoded once)
     report = utils.SubstitutionReport()
-    for modality, members in GROUPS.items():
-        encoders, field = {}, None
-        for key, (checkpoint, producer) in members.items():
-            encoder, field = model.load_encoder(modality, args.pretrained_dir, IEMOCAP.num_classes, args.feature_dir)
-            utils.load_checkpoint(encoder, args.save_dir / checkpoint, producer)
-            encoders[key] = encoder.to(device).eval()
-        for split in dataset.SPLITS:
-            loader = dataset.make_loader(dataset.SampleDataset(samples[split], [field]), args.batch_size,
-                                         shuffle=False, num_workers=args.num_workers)
-            vectors[split].update(utils.representations(encoders, loader, device, args.amp, report))
-            log.info("IEMOCAP: %s features for %s done", "/".join(encoders), split)
-        del encoders
+    vectors = model.first_stage_features(IEMOCAP, samples, pretrained_dir=args.pretrained_dir, save_dir=args.save_dir,
+                                         feature_dir=args.feature_dir, device=device, batch_size=args.batch_size,
+                                         num_workers=args.num_workers, amp=args.amp, report=report)
 
     # Artifacts: one pickle per split, written atomically, and the substitution report; the
     # completion record says incomplete before the first pickle changes and complete after the last

@@ -5,7 +5,10 @@
 
 Reads   IEMOCAP/feature/first_stage_{train,dev,test}_features.pkl (--train False: test only, and the .bin)
 Writes  IEMOCAP/IEMOCAP/save_model/multimodal_fusion_best.bin, multimodal_fusion_best.json (test labels
-        and predictions), multimodal_fusion_metrics.json (arguments, per-epoch curve, selection)
+        and predictions), multimodal_fusion_metrics.json (arguments, per-epoch curve, selection),
+        multimodal_fusion_curves.png and multimodal_fusion_confusion.png;
+        --seeds S1 S2 ...: those files per seed (multimodal_fusion_best_seed<S>.bin, ...), the best dev
+        seed's also under the names above, and multimodal_fusion_seeds.json/.md (mean ± std over seeds)
 
 IEMOCAP: A = audio_kd, V = video (the raw video features, as the authors), alpha 0.7, beta 0.8,
 L_feat in the anchor KD terms, 2 speakers.
@@ -34,6 +37,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--l2", type=utils.nonnegative_float, default=1e-6, help="AdamW weight decay")
     p.add_argument("--batch_size", type=utils.positive_int, default=16, help="dialogues per batch")
     p.add_argument("--seed", type=int, default=2024, help="seeds the model and the per-epoch shuffle")
+    p.add_argument("--seeds", type=int, nargs="+", default=None,
+                   help="train one model per seed (multimodal_fusion_best_seed<S>.bin; the best dev one also as "
+                        "multimodal_fusion_best.bin) and write multimodal_fusion_seeds.json/.md; default: --seed")
     p.add_argument("--epochs", type=utils.positive_int, default=30, help="training epochs")
     p.add_argument("--dropout", type=float, default=0.5, help="dropout everywhere in the model")
     p.add_argument("--hidden_dim", type=utils.positive_int, default=None, help="default: the features' width")
@@ -60,6 +66,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--n_speaker", type=int, default=None,
                    help=f"speaker embedding rows without padding (default: {IEMOCAP.n_speaker}; "
                         "with --train False: from the checkpoint)")
+    utils.add_determinism_flag(p)
     return utils.add_debug_flag(p).parse_args(argv)
 
 
@@ -67,11 +74,12 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     utils.setup_logging()
     device = utils.resolve_device(args.device)
+    seeds = utils.seed_list(args)
     if not args.train:
         return evaluate(args, device)
     stage = "IEMOCAP multimodal_fusion"
 
-    # Data: the three feature pickles as per-dialogue tensors on the device
+    # Data: the three feature pickles as per-dialogue tensors on the device (read once for all seeds)
     data = {split: dataset.load_dialogues(dataset.feature_path(args.feature_dir, split), args.audio_feature,
                                           args.video_feature, device) for split in dataset.SPLITS}
     width = model.fusion_width(args.hidden_dim, args.n_head, data["train"].width, str(data["train"].path))
@@ -86,11 +94,6 @@ def main(argv=None) -> dict:
              **{f"{s}_dialogues": len(data[s]) for s in dataset.SPLITS},
              **{f"{s}_utterances": data[s].n_utterances for s in dataset.SPLITS}}
     utils.log_start(stage, args, device, sizes)
-
-    # Model: audio, video and text anchors over the dialogue
-    utils.set_seed(args.seed)
-    fusion = model.AnchorGatedTransformer(width, args.clsNum, n_speaker, args.n_head, args.dropout,
-                                          args.separate_text_blocks).to(device)
 
     # Objective over real utterances: CE(W_t T') + alpha KD(A') + beta KD(V'), where
     # KD(X') = CE(W_x X') + L_logit(W_x X', W_t T') [+ L_feat(X', T')]; the text side is not detached
@@ -108,10 +111,22 @@ def main(argv=None) -> dict:
         kd_v = anchor_kd(out.v_logits[mask], out.v_feat[mask], t_logits, t_feat, target)
         return ce_t + args.alpha * kd_a + args.beta * kd_v
 
-    # Loop and artifacts: dev selection; checkpoint + test predictions at each best, metrics every epoch
+    # Per seed: a fresh model, then the loop with dev selection; checkpoint + test predictions at each best,
+    # metrics every epoch, plots at the end (multimodal_fusion_best_seed<S>.bin, ... with several seeds)
     names = list(IEMOCAP.labels) if args.clsNum == IEMOCAP.num_classes else [str(i) for i in range(args.clsNum)]
-    return utils.fit_fusion(stage=stage, model=fusion, objective=objective, data=data, args=args, sizes=sizes,
-                            label_names=names, save_dir=args.save_dir)
+    results = {}
+    for seed in seeds:
+        # Model: audio, video and text anchors over the dialogue
+        utils.set_seed(seed, args.deterministic)
+        fusion = model.AnchorGatedTransformer(width, args.clsNum, n_speaker, args.n_head, args.dropout,
+                                              args.separate_text_blocks).to(device)
+        results[seed] = utils.fit_fusion(stage=stage, model=fusion, objective=objective, data=data,
+                                         args=utils.seed_args(args, seed), sizes=sizes, label_names=names,
+                                         save_dir=args.save_dir, tag=utils.seed_tag(seed, seeds))
+
+    # Artifacts of several seeds: multimodal_fusion_seeds.json/.md (dev-selected and test-selected scores);
+    # the best dev seed's files also under the usual names
+    return utils.finish_fusion_seeds(results, args.save_dir, names)
 
 
 def evaluate(args: argparse.Namespace, device: torch.device) -> dict:

@@ -7,8 +7,10 @@ Reads   datasets/IEMOCAP/IEMOCAP_{train,dev,test}.csv, the dialogue videos, pret
 Writes  IEMOCAP/feature/video/{train,dev,test}/{Dialogue_ID}_{Utterance_ID}.npy (uint8 (8, 3, H, W) after
         resize and centre crop) and IEMOCAP/feature/video/substitutions.tsv
 
-Each utterance's window is [max(start - 1, 0), end + 1] seconds of its dialogue video; each dialogue
-video is decoded once for all its utterances. Resumable: complete .npy files are skipped.
+Each utterance's window is [max(start - 1, 0), end + 1] seconds of its dialogue video, and its 8 frames
+are the ones the authors' OpenCV loop picks (1-based frame positions, step from the window's duration,
+last frame repeated past the end of the video); each dialogue video is decoded once for all its
+utterances. --channel_order bgr stores the authors' BGR frames. Resumable: complete .npy files are skipped.
 """
 
 import logging
@@ -25,13 +27,17 @@ log = logging.getLogger("magtkd")
 
 
 def main(argv=None) -> dict:
-    # Flags: the folders and --num_workers (source videos decoded in parallel)
-    args = utils.paths_parser(IEMOCAP, HERE, __doc__).parse_args(argv)
+    # Flags: the folders, --num_workers (source videos decoded in parallel), --channel_order
+    parser = utils.paths_parser(IEMOCAP, HERE, __doc__)
+    parser.add_argument("--channel_order", choices=("rgb", "bgr"), default="rgb",
+                        help="rgb: what the image processor was trained on (our fix); bgr: the authors' "
+                             "OpenCV frames (docs/METHOD.md §7)")
+    args = parser.parse_args(argv)
     utils.setup_logging()
 
     # Data: the utterances whose frames are still missing, grouped by source video
     utterances = [u for split in dataset.SPLITS for u in dataset.load_split(IEMOCAP, args.data_dir, split)]
-    jobs = dataset.plan_jobs(IEMOCAP, utterances, args.feature_dir)
+    jobs = dataset.plan_jobs(IEMOCAP, utterances, args.feature_dir, args.channel_order)
     todo = sum(len(j.keys) for j in jobs)
     utils.log_start("IEMOCAP video_feature_extract", args, "cpu",
                     {"utterances": len(utterances), "to_extract": todo, "source_videos": len(jobs)})

@@ -3,7 +3,9 @@
     python MELD/audio.py                    # --train False evaluates the saved checkpoint on test
 
 Reads   datasets/MELD/{train,dev,test}_meld_emo.csv, the mp4 clips, pretrained_model/data2vec-audio-base-960h
-Writes  MELD/MELD/save_model/audio.bin, audio.json, audio_substitutions.tsv (unreadable audio)
+Writes  MELD/MELD/save_model/audio.bin, audio.json, audio_substitutions.tsv (unreadable audio),
+        audio_curves.png, audio_confusion.png; --seeds S1 S2 ...: those per seed (audio_seed<S>.*),
+        the best dev seed's also under the names above, and audio_seeds.json/.md (mean ± std)
 
 MELD audio is decoded straight from the mp4 clips (AAC, 44.1/48 kHz stereo -> 16 kHz mono),
 normalised by the feature extractor and cut to 400000 samples; batches are right-padded with a mask.
@@ -26,30 +28,37 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     utils.setup_logging()
     device = utils.resolve_device(args.device)
-    utils.set_seed(args.seed)
+    seeds = utils.seed_list(args)
     checkpoint = args.save_dir / "audio.bin"
 
-    # Data: one sample per utterance; missing, corrupt or silent clips become silence and is reported
+    # Data (read once for all seeds): one sample per utterance; missing, corrupt or silent clips become
+    # silence and are reported
     samples = dataset.load_samples(MELD, args.data_dir)
     utils.log_start("MELD audio", args, device, {s: len(v) for s, v in samples.items()})
     report = utils.SubstitutionReport()
 
-    # Model: data2vec-audio (time masking length 3) -> first frame -> Linear(hidden, 7)
-    encoder, field = model.load_encoder("audio", args.pretrained_dir, MELD.num_classes)
-
-    # Objective: cross-entropy
+    # Objective: cross-entropy (on the current seed's encoder, built below)
     def step(batch: dict, train: bool):
         _, logits = encoder.encode(batch)
         return F.cross_entropy(logits.float(), batch["labels"]), logits
 
-    # Loop: train with dev selection (--train False: evaluate the saved checkpoint on test)
-    loaders = dataset.loaders(samples, [field], args.batch_size, args.num_workers, args.seed)
-    result = utils.fit(stage="MELD audio", model=encoder, step=step, loaders=loaders, args=args, device=device,
-                       checkpoint=checkpoint, producer="MELD/audio.py", label_names=MELD.labels, report=report)
+    # Per seed: a fresh model, then train with dev selection (--train False: evaluate the saved checkpoint
+    # on test); audio<tag>.bin at each new best dev score, its .json after every epoch, plots at the end
+    results = {}
+    for seed in seeds:
+        # Model: data2vec-audio (time masking length 3) -> first frame -> Linear(hidden, 7)
+        utils.set_seed(seed, args.deterministic)
+        encoder, field = model.load_encoder("audio", args.pretrained_dir, MELD.num_classes)
+        loaders = dataset.loaders(samples, [field], args.batch_size, args.num_workers, seed)
+        results[seed] = utils.fit(
+            stage="MELD audio", model=encoder, step=step, loaders=loaders, args=utils.seed_args(args, seed),
+            device=device, checkpoint=args.save_dir / f"audio{utils.seed_tag(seed, seeds)}.bin",
+            producer="MELD/audio.py", label_names=MELD.labels, report=report)
 
-    # Artifacts: audio.bin + audio.json (written by fit), the substitution report
+    # Artifacts: the substitution report (all seeds); with several seeds audio_seeds.json/.md and the
+    # best dev seed's files also as audio.bin/.json
     report.write(utils.substitution_report_path(checkpoint, args.train))
-    return result
+    return utils.finish_seeds(results, checkpoint, MELD.labels)
 
 
 if __name__ == "__main__":

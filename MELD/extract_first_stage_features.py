@@ -23,21 +23,12 @@ from magtkd import dataset, model, utils  # noqa: E402
 
 log = logging.getLogger("magtkd")
 
-# feature key -> (encoder, checkpoint, the script that writes it), grouped by the input they share
-GROUPS = {
-    "text": {"text": ("text.bin", "MELD/text.py")},
-    "audio": {"audio": ("audio.bin", "MELD/audio.py"),
-              "audio_kd": ("text_KD_audio.bin", "MELD/KD.py --student audio --teacher text")},
-    "video": {"video": ("video.bin", "MELD/video.py"),
-              "video_kd": ("text_KD_video.bin", "MELD/KD.py --student video --teacher text")},
-}
-
-
 def main(argv=None) -> dict:
     # Flags: the folders, the batch size (features do not depend on it) and autocast
     parser = utils.paths_parser(MELD, HERE, __doc__)
     parser.add_argument("--batch_size", type=utils.positive_int, default=16, help="utterances per forward pass")
-    parser.add_argument("--amp", type=utils.str2bool, default=True, help="bf16 autocast on CUDA")
+    parser.add_argument("--amp", type=utils.str2bool, default=False,
+                        help="bf16 autocast on CUDA; default fp32, as the authors")
     args = parser.parse_args(argv)
     utils.setup_logging()
     device = utils.resolve_device(args.device)
@@ -49,21 +40,11 @@ def main(argv=None) -> dict:
     speaker2id = dataset.load_speaker2id(args.data_dir)
     utils.log_start("MELD extract_first_stage_features", args, device, {s: len(v) for s, v in samples.items()})
 
-    # Models, one input group at a time (each clip decoded once): vectors[split][key] = (N, D)
-    vectors: dict = {split: {} for split in dataset.SPLITS}
+    # Models: the five first-stage checkpoints, one input group at a time (each clip decoded once)
     report = utils.SubstitutionReport()
-    for modality, members in GROUPS.items():
-        encoders, field = {}, None
-        for key, (checkpoint, producer) in members.items():
-            encoder, field = model.load_encoder(modality, args.pretrained_dir, MELD.num_classes, args.feature_dir)
-            utils.load_checkpoint(encoder, args.save_dir / checkpoint, producer)
-            encoders[key] = encoder.to(device).eval()
-        for split in dataset.SPLITS:
-            loader = dataset.make_loader(dataset.SampleDataset(samples[split], [field]), args.batch_size,
-                                         shuffle=False, num_workers=args.num_workers)
-            vectors[split].update(utils.representations(encoders, loader, device, args.amp, report))
-            log.info("MELD: %s features for %s done", "/".join(encoders), split)
-        del encoders
+    vectors = model.first_stage_features(MELD, samples, pretrained_dir=args.pretrained_dir, save_dir=args.save_dir,
+                                         feature_dir=args.feature_dir, device=device, batch_size=args.batch_size,
+                                         num_workers=args.num_workers, amp=args.amp, report=report)
 
     # Artifacts: one pickle per split, written atomically, and the substitution report; the
     # completion record says incomplete before the first pickle changes and complete after the last

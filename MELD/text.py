@@ -3,7 +3,9 @@
     python MELD/text.py                     # --train False evaluates the saved checkpoint on test
 
 Reads   datasets/MELD/{train,dev,test}_meld_emo.csv, pretrained_model/roberta-large
-Writes  MELD/MELD/save_model/text.bin (epoch with the best dev weighted F1) and text.json
+Writes  MELD/MELD/save_model/text.bin (epoch with the best dev weighted F1) and text.json,
+        text_curves.png, text_confusion.png; --seeds S1 S2 ...: those per seed (text_seed<S>.*),
+        the best dev seed's also under the names above, and text_seeds.json/.md (mean ± std)
 
 The prompt holds the dialogue so far with speaker tokens and ends in ``Now<sK> feels <mask>``;
 MELD prompts number up to nine speakers per dialogue by first appearance (<s1>..<s9>), not by
@@ -27,26 +29,33 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     utils.setup_logging()
     device = utils.resolve_device(args.device)
-    utils.set_seed(args.seed)
+    seeds = utils.seed_list(args)
     checkpoint = args.save_dir / "text.bin"
 
-    # Data: one dialogue-prefix sample per utterance, in CSV order
+    # Data: one dialogue-prefix sample per utterance, in CSV order (read once, shared by all seeds)
     samples = dataset.load_samples(MELD, args.data_dir)
     utils.log_start("MELD text", args, device, {s: len(v) for s, v in samples.items()})
 
-    # Model: RoBERTa-large (+ speaker tokens) -> Linear(hidden, D) -> Linear(D, 7)
-    encoder, field = model.load_encoder("text", args.pretrained_dir, MELD.num_classes)
-
-    # Objective: cross-entropy on the mask token's logits
+    # Objective: cross-entropy on the mask token's logits (of the current seed's encoder, built below)
     def step(batch: dict, train: bool):
         _, logits = encoder.encode(batch)
         return F.cross_entropy(logits.float(), batch["labels"]), logits
 
-    # Loop: train with dev selection (--train False: evaluate the saved checkpoint on test); artifacts:
-    # text.bin at each new best dev score, text.json after every epoch
-    loaders = dataset.loaders(samples, [field], args.batch_size, args.num_workers, args.seed)
-    return utils.fit(stage="MELD text", model=encoder, step=step, loaders=loaders, args=args, device=device,
-                     checkpoint=checkpoint, producer="MELD/text.py", label_names=MELD.labels)
+    # Per seed: a fresh model, then train with dev selection (--train False: evaluate the saved checkpoint
+    # on test); text<tag>.bin at each new best dev score, its .json after every epoch, plots at the end
+    results = {}
+    for seed in seeds:
+        # Model: RoBERTa-large (+ speaker tokens) -> Linear(hidden, D) -> Linear(D, 7)
+        utils.set_seed(seed, args.deterministic)
+        encoder, field = model.load_encoder("text", args.pretrained_dir, MELD.num_classes)
+        loaders = dataset.loaders(samples, [field], args.batch_size, args.num_workers, seed)
+        results[seed] = utils.fit(
+            stage="MELD text", model=encoder, step=step, loaders=loaders, args=utils.seed_args(args, seed),
+            device=device, checkpoint=args.save_dir / f"text{utils.seed_tag(seed, seeds)}.bin",
+            producer="MELD/text.py", label_names=MELD.labels)
+
+    # Artifacts of several seeds: text_seeds.json/.md; the best dev seed's files also as text.bin/.json
+    return utils.finish_seeds(results, checkpoint, MELD.labels)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,9 @@
 
 Reads   datasets/MELD/{train,dev,test}_meld_emo.csv, MELD/feature/video/{split}/{dia}_{utt}.npy
         (from video_feature_extract.py), pretrained_model/{timesformer-base-finetuned-k400,videomae-base}
-Writes  MELD/MELD/save_model/video.bin, video.json
+Writes  MELD/MELD/save_model/video.bin, video.json,
+        video_curves.png, video_confusion.png; --seeds S1 S2 ...: those per seed (video_seed<S>.*),
+        the best dev seed's also under the names above, and video_seeds.json/.md (mean ± std)
 
 MELD frames come from whole clips; substituted (black) clips are listed by stage 3.
 """
@@ -26,26 +28,33 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     utils.setup_logging()
     device = utils.resolve_device(args.device)
-    utils.set_seed(args.seed)
+    seeds = utils.seed_list(args)
     checkpoint = args.save_dir / "video.bin"
 
-    # Data: one sample per utterance; its stored uint8 frames are normalised on load
+    # Data (read once for all seeds): one sample per utterance; its stored uint8 frames are normalised on load
     samples = dataset.load_samples(MELD, args.data_dir)
     utils.log_start("MELD video", args, device, {s: len(v) for s, v in samples.items()})
 
-    # Model: TimeSformer -> CLS token -> Linear(hidden, 7)
-    encoder, field = model.load_encoder("video", args.pretrained_dir, MELD.num_classes, args.feature_dir)
-
-    # Objective: cross-entropy
+    # Objective: cross-entropy (on the current seed's encoder, built below)
     def step(batch: dict, train: bool):
         _, logits = encoder.encode(batch)
         return F.cross_entropy(logits.float(), batch["labels"]), logits
 
-    # Loop: train with dev selection (--train False: evaluate the saved checkpoint on test); artifacts:
-    # video.bin at each new best dev score, video.json after every epoch
-    loaders = dataset.loaders(samples, [field], args.batch_size, args.num_workers, args.seed)
-    return utils.fit(stage="MELD video", model=encoder, step=step, loaders=loaders, args=args, device=device,
-                     checkpoint=checkpoint, producer="MELD/video.py", label_names=MELD.labels)
+    # Per seed: a fresh model, then train with dev selection (--train False: evaluate the saved checkpoint
+    # on test); video<tag>.bin at each new best dev score, its .json after every epoch, plots at the end
+    results = {}
+    for seed in seeds:
+        # Model: TimeSformer -> CLS token -> Linear(hidden, 7)
+        utils.set_seed(seed, args.deterministic)
+        encoder, field = model.load_encoder("video", args.pretrained_dir, MELD.num_classes, args.feature_dir)
+        loaders = dataset.loaders(samples, [field], args.batch_size, args.num_workers, seed)
+        results[seed] = utils.fit(
+            stage="MELD video", model=encoder, step=step, loaders=loaders, args=utils.seed_args(args, seed),
+            device=device, checkpoint=args.save_dir / f"video{utils.seed_tag(seed, seeds)}.bin",
+            producer="MELD/video.py", label_names=MELD.labels)
+
+    # Artifacts of several seeds: video_seeds.json/.md; the best dev seed's files also as video.bin/.json
+    return utils.finish_seeds(results, checkpoint, MELD.labels)
 
 
 if __name__ == "__main__":

@@ -7,8 +7,10 @@ Reads   datasets/MELD/{train,dev,test}_meld_emo.csv, the mp4 clips, pretrained_m
 Writes  MELD/feature/video/{train,dev,test}/{Dialogue_ID}_{Utterance_ID}.npy (uint8 (8, 3, H, W) after
         resize and centre crop) and MELD/feature/video/substitutions.tsv
 
-One mp4 clip per utterance, the whole clip is the window; missing, corrupt and overlong clips of the
-release are handled (black frames + report). Resumable: complete .npy files are skipped.
+One mp4 clip per utterance, the whole clip is the window, step = the container's frame count // 8 (the
+authors' rule; clips whose decoded frame count differs are listed in the report with both counts);
+missing, corrupt and overlong clips of the release are handled (black frames + report).
+--channel_order bgr stores the authors' BGR frames. Resumable: complete .npy files are skipped.
 """
 
 import logging
@@ -25,13 +27,17 @@ log = logging.getLogger("magtkd")
 
 
 def main(argv=None) -> dict:
-    # Flags: the folders and --num_workers (source videos decoded in parallel)
-    args = utils.paths_parser(MELD, HERE, __doc__).parse_args(argv)
+    # Flags: the folders, --num_workers (source videos decoded in parallel), --channel_order
+    parser = utils.paths_parser(MELD, HERE, __doc__)
+    parser.add_argument("--channel_order", choices=("rgb", "bgr"), default="rgb",
+                        help="rgb: what the image processor was trained on (our fix); bgr: the authors' "
+                             "OpenCV frames (docs/METHOD.md §7)")
+    args = parser.parse_args(argv)
     utils.setup_logging()
 
     # Data: the utterances whose frames are still missing, grouped by source video
     utterances = [u for split in dataset.SPLITS for u in dataset.load_split(MELD, args.data_dir, split)]
-    jobs = dataset.plan_jobs(MELD, utterances, args.feature_dir)
+    jobs = dataset.plan_jobs(MELD, utterances, args.feature_dir, args.channel_order)
     todo = sum(len(j.keys) for j in jobs)
     utils.log_start("MELD video_feature_extract", args, "cpu",
                     {"utterances": len(utterances), "to_extract": todo, "source_videos": len(jobs)})

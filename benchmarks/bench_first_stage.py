@@ -12,11 +12,11 @@ utterance texts from `magtkd.synthetic.text`. It prints figures, no assertions:
 
 1. Frame extraction. (a) ours: `magtkd.media.video.decode_windows`, one forward
    decode for every window of the dialogue; (b) the reference's way: for each
-   utterance open the video, decode ALL of it, keep the window's frames and
-   apply `sample_positions`. Both use the same decoder settings and convert only
+   utterance open the video, decode ALL of it and keep the frames the authors'
+   rule picks (`window_frames`, `window_step`, `kept_indices`). Both use the same decoder settings and convert only
    the 8 sampled frames to RGB (the reference also converted every frame, so (b)
    is a lower bound of its cost). The frame indices read back from both must be
-   identical, and equal to the authors' rule computed from the frame timestamps.
+   identical, and equal to the authors' loop written out over the frame positions.
    Then the real stage path, `magtkd.dataset.run_job` (decode +
    resize/crop + atomic .npy writes), with the stand-in image processor (32 px)
    and with the real videomae-base settings (224 px). Short timings are the
@@ -58,7 +58,7 @@ import torch.nn.functional as F  # noqa: E402
 from IEMOCAP.config import IEMOCAP  # noqa: E402
 from magtkd import dataset, model  # noqa: E402
 from magtkd.dataset import Sample, SampleDataset, Utterance, build_samples, make_loader  # noqa: E402
-from magtkd.media import decode_windows, sample_positions  # noqa: E402
+from magtkd.media import decode_windows, kept_indices, window_frames, window_step  # noqa: E402
 from magtkd.utils import reference_schedule, write_json  # noqa: E402
 from magtkd.synthetic.media import INDEX_BITS, index_frame, read_index, tone, write_video, write_wav  # noqa: E402
 from magtkd.synthetic.models import FRAME_SIZE, write_models  # noqa: E402
@@ -119,18 +119,27 @@ def reference_decode(path: Path, windows: list[tuple[float, float]]) -> list[np.
         with av.open(str(path)) as container:
             stream = container.streams.video[0]
             stream.thread_type = "AUTO"  # the same decoder settings as decode_windows
-            held = [frame for frame in container.decode(stream) if t0 <= float(frame.time) < t1]
-        positions = sample_positions(len(held))
-        clips.append(np.stack([held[p].to_ndarray(format="rgb24") for p in positions]) if positions else None)
+            fps = float(stream.average_rate)
+            first, last = window_frames(fps, t0, t1)
+            wanted = kept_indices(first, last, window_step(fps, t0, t1))
+            held = {i: frame for i, frame in enumerate(container.decode(stream)) if i in wanted}
+        kept = [held[i].to_ndarray(format="rgb24") for i in wanted if i in held]
+        clips.append(np.stack(kept + [kept[-1]] * (8 - len(kept))) if kept else None)
     return clips
 
 
 def expected_indices(windows: list[tuple[float, float]], n_frames: int) -> list[list[int]]:
-    """docs/METHOD.md §2 sampling applied to frame timestamps i / FPS (as the stream stores them)."""
+    """docs/METHOD.md §2 sampling (the authors' loop) over frames 0..n_frames-1, written out: positions i + 1
+    in [t0 * FPS, t1 * FPS], running count a multiple of floor(FPS * (t1 - t0) / 8), first 8, last repeated."""
     out = []
     for t0, t1 in windows:
-        inside = [i for i in range(n_frames) if t0 <= i / FPS < t1]
-        out.append([inside[p] % 2**INDEX_BITS for p in sample_positions(len(inside))])
+        step, kept, count = max(int(FPS * (t1 - t0) / 8), 1), [], 0
+        for i in range(n_frames):
+            if t0 * FPS <= i + 1 <= t1 * FPS:
+                count += 1
+                if count % step == 0 and len(kept) < 8:
+                    kept.append(i % 2**INDEX_BITS)
+        out.append(kept + [kept[-1]] * (8 - len(kept)) if kept else [])
     return out
 
 
@@ -302,7 +311,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"   (a) ours, one decode for all windows     {ours_s:8.2f} s  (median of {repeats})")
     print(f"   (b) reference, full decode per utterance {theirs_s:8.2f} s")
     print(f"   speed-up                                 {theirs_s / ours_s:8.1f} x")
-    print(f"   frames identical: {identical}   (and equal to the authors' rule on frame timestamps: {as_spec})")
+    print(f"   frames identical: {identical}   (and equal to the authors' loop on frame positions: {as_spec})")
     print(f"   stage run_job, stand-in processor ({FRAME_SIZE} px)  {stage_s:8.2f} s  "
           f"(median of {repeats}; {subs} substituted)")
     print(f"   stage run_job, videomae-base {REAL_CROP} px      {stage224_s:8.2f} s  "

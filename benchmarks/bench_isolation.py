@@ -111,9 +111,9 @@ def main(argv: list[str] | None = None) -> None:
         same = True
         for u in utterances:  # alternating, as above
             t0 = time.perf_counter()
-            plain = media.decode_audio(u.audio_path, max_samples=dataset.MAX_AUDIO_SAMPLES)
+            plain = media.decode_audio(u.audio_path)
             t1 = time.perf_counter()
-            isolated = media.decode_audio_isolated(u.audio_path, max_samples=dataset.MAX_AUDIO_SAMPLES)
+            isolated = media.decode_audio_isolated(u.audio_path)
             t2 = time.perf_counter()
             audio_before, audio_after = audio_before + t1 - t0, audio_after + t2 - t1
             same = same and np.array_equal(plain, isolated)

@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import builtins
 import codecs
+import dataclasses
+import hashlib
 import importlib
 import io
 import json
 import logging
+import math
 import pickle
 import queue
 import time
@@ -112,6 +115,7 @@ class Utterance:
     video_path: Path
     start: float | None  # seconds within the video (IEMOCAP); None when the CSV has no times
     end: float | None
+    source: str = ""  # the CSV file the row came from, for messages
 
     @property
     def key(self) -> str:
@@ -142,6 +146,8 @@ def read_csv_checked(path: str | Path, required_columns: Iterable[str]) -> pd.Da
     path = Path(path)
     try:
         frame = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig")
+    except pd.errors.EmptyDataError:
+        raise DataError(f"{path}: empty file (no header row; expected columns {', '.join(required_columns)})") from None
     except UnicodeDecodeError:
         log.warning("%s is not UTF-8; reading it as cp1252", path)
         try:
@@ -170,10 +176,11 @@ def check_data_dir(spec: DatasetSpec, data_dir: str | Path) -> Path:
 class MediaResolver:
     """Resolve CSV media paths against the data folder (docs/METHOD.md §1).
 
-    Authors' paths like ``../datasets/IEMOCAP/Session1/x.wav`` lose everything up
-    to and including ``datasets/IEMOCAP/``; relative paths are taken from the data
-    folder; ``DivX``/``Divx`` is whichever folder exists. Results are cached
-    because many IEMOCAP rows share one dialogue video.
+    Existing absolute paths are kept. Other paths like the authors'
+    ``../datasets/IEMOCAP/Session1/x.wav`` lose everything up to and including
+    ``datasets/IEMOCAP/``; relative paths are taken from the data folder;
+    ``DivX``/``Divx`` is whichever folder exists. Results are cached because many
+    IEMOCAP rows share one dialogue video.
     """
 
     def __init__(self, spec: DatasetSpec, data_dir: Path) -> None:
@@ -188,6 +195,8 @@ class MediaResolver:
 
     def _resolve(self, value: str) -> Path:
         text = value.replace("\\", "/")
+        if Path(text).is_absolute() and Path(text).exists():
+            return Path(text)  # an existing absolute path is meant as it is (e.g. a user's own recording)
         if self.marker in text:
             text = text.split(self.marker, 1)[1]
         path = Path(text)
@@ -238,7 +247,17 @@ def load_split(spec: DatasetSpec, data_dir: str | Path, split: str) -> list[Utte
             f"{path} not found; build it from the raw release with `{_preprocess_command(spec)}` "
             f"(the folder must contain {spec.data_readme})"
         )
-    frame = read_csv_checked(path, spec.required_columns)
+    return _read_utterances(spec, path, data_dir, split, labelled=True)
+
+
+def _read_utterances(spec: DatasetSpec, path: Path, data_dir: Path, split: str, labelled: bool) -> list[Utterance]:
+    """The rows of a prepared CSV as utterances, in file order.
+
+    ``labelled``: the ``Emotion`` column is required and checked; otherwise it is
+    not needed, ignored when present, and every label is :data:`LABEL_PAD`.
+    """
+    required = spec.required_columns if labelled else tuple(c for c in spec.required_columns if c != "Emotion")
+    frame = read_csv_checked(path, required)
     if frame.empty:
         raise DataError(f"{path}: no data rows")
     has_times = "Start_Time" in frame.columns and "End_Time" in frame.columns
@@ -246,12 +265,15 @@ def load_split(spec: DatasetSpec, data_dir: str | Path, split: str) -> list[Utte
     utterances = []
     seen: dict[tuple[int, int], int] = {}
     for index, record in enumerate(frame.to_dict("records"), start=1):
-        emotion = record["Emotion"]
-        if emotion not in spec.labels:
-            raise DataError(
-                f"{path}: row {index} (line {index + 1}): Emotion {emotion!r} is not one of "
-                f"{', '.join(spec.labels)}"
-            )
+        emotion, label = "", LABEL_PAD
+        if labelled:
+            emotion = record["Emotion"]
+            if emotion not in spec.labels:
+                raise DataError(
+                    f"{path}: row {index} (line {index + 1}): Emotion {emotion!r} is not one of "
+                    f"{', '.join(spec.labels)}"
+                )
+            label = spec.label_id(emotion)
         utterances.append(
             Utterance(
                 split=split,
@@ -262,11 +284,12 @@ def load_split(spec: DatasetSpec, data_dir: str | Path, split: str) -> list[Utte
                 speaker=record["Speaker"],
                 speaker_key=spec.speaker_of(record["Speaker"]),
                 emotion=emotion,
-                label=spec.label_id(emotion),
+                label=label,
                 audio_path=resolve(record[spec.audio_column]),
                 video_path=resolve(record[spec.video_column]),
                 start=_float_cell(path, index, "Start_Time", record["Start_Time"]) if has_times else None,
                 end=_float_cell(path, index, "End_Time", record["End_Time"]) if has_times else None,
+                source=str(path),
             )
         )
         utt = utterances[-1]
@@ -285,6 +308,47 @@ def load_split(spec: DatasetSpec, data_dir: str | Path, split: str) -> list[Utte
                 raise DataError(f"{path}: row {index} (line {index + 1}): Start_Time {utt.start} and End_Time "
                                 f"{utt.end} are not a time span (need 0 <= Start_Time <= End_Time)")
     return utterances
+
+
+def load_conversation(spec: DatasetSpec, path: str | Path, data_dir: str | Path) -> list[Utterance]:
+    """A user's conversation CSV (the prepared-CSV schema, ``Emotion`` optional and ignored), in file order.
+
+    Media paths resolve as in the dataset's CSVs (:class:`MediaResolver`; absolute
+    paths as they are); ``data_dir`` need not exist. The utterances' ``split`` is
+    ``conversation-<digest>``, a digest of what their stored frames depend on (ids,
+    video files with size and modification time, time windows), so frames stored
+    for one conversation are reused by a rerun but never by another conversation.
+    Errors name the file and the row: a missing file or column, no rows, a
+    (Dialogue_ID, Utterance_ID) pair given twice, more speakers in a dialogue than
+    the prompt has tokens.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"conversation CSV {path} not found")
+    utts = _read_utterances(spec, path, Path(data_dir), "conversation", labelled=False)
+    seen: dict[tuple[int, int], int] = {}
+    keys: dict[int, dict[str, str]] = {}
+    for utt in utts:
+        first = seen.setdefault((utt.dialogue_id, utt.utterance_id), utt.row)
+        if first != utt.row:
+            raise DataError(f"{path}: rows {first} and {utt.row} both have Dialogue_ID {utt.dialogue_id}, "
+                            f"Utterance_ID {utt.utterance_id}; each utterance needs its own pair")
+        speakers = keys.setdefault(utt.dialogue_id, {})
+        other = speakers.setdefault(utt.speaker_key, utt.speaker)
+        if other != utt.speaker:
+            log.warning("%s: row %d: speakers %r and %r of dialogue %d count as one speaker (%r): %s tells "
+                        "speakers apart by %s", path, utt.row, other, utt.speaker, utt.dialogue_id,
+                        utt.speaker_key, spec.name, spec.speaker_of.__doc__ or "its speaker rule")
+        if len(speakers) > len(SPEAKER_TOKENS):
+            raise DataError(f"{path}: row {utt.row}: dialogue {utt.dialogue_id} has more than "
+                            f"{len(SPEAKER_TOKENS)} speakers, the most the text prompt can tell apart")
+    digest = hashlib.sha256()
+    for utt in utts:
+        stat = utt.video_path.stat() if utt.video_path.is_file() else None
+        digest.update(repr((utt.key, str(utt.video_path), stat and (stat.st_size, stat.st_mtime_ns),
+                            window_of(spec, utt))).encode("utf-8"))
+    split = f"conversation-{digest.hexdigest()[:16]}"
+    return [dataclasses.replace(utt, split=split) for utt in utts]
 
 
 def group_dialogues(utts: Sequence[Utterance]) -> list[tuple[int, list[Utterance]]]:
@@ -331,34 +395,91 @@ def load_speaker2id(data_dir: str | Path) -> dict[str, int]:
 
 
 def fusion_speaker_ids(
-    spec: DatasetSpec, dialogue: Sequence[Utterance], speaker2id: dict[str, int] | None
+    spec: DatasetSpec, dialogue: Sequence[Utterance], speaker2id: dict[str, int] | None,
+    padding: int | None = None,
 ) -> list[int]:
     """Speaker ids of one dialogue for the fusion model's speaker embedding (docs/METHOD.md §5).
 
     IEMOCAP: 0/1... by order of appearance in the dialogue. MELD: the global id
-    from ``speaker2id.json``.
+    from ``speaker2id.json``. A speaker the model has no row for (MELD: not in the
+    map; IEMOCAP: beyond the first ``spec.n_speaker`` of the dialogue) is an error
+    naming the file and row, unless ``padding`` is given (prediction on a user's
+    conversation): then it gets the id ``padding``, the model's padding row, and a
+    warning says so.
     """
+    warned: set[str] = set()
+
+    def unknown(utt: Utterance, why: str) -> int:
+        if padding is None:
+            raise DataError(f"{utt.source or spec.csv_names[utt.split]}: row {utt.row}: {why}")
+        if utt.speaker not in warned:  # once per speaker and dialogue
+            warned.add(utt.speaker)
+            log.warning("%s: row %d: %s; it gets the fusion model's padding speaker row (id %d) in dialogue %d",
+                        utt.source, utt.row, why, padding, utt.dialogue_id)
+        return padding
+
     if spec.global_speaker_ids:
         if speaker2id is None:
             raise ValueError(f"{spec.name} needs speaker2id.json for fusion speaker ids")
-        ids = []
-        for utt in dialogue:
-            if utt.speaker not in speaker2id:
-                raise DataError(
-                    f"{spec.csv_names[utt.split]}: row {utt.row}: speaker {utt.speaker!r} is not in "
-                    f"{SPEAKER_MAP}; rebuild it with `{_preprocess_command(spec)}`"
-                )
-            ids.append(speaker2id[utt.speaker])
-        return ids
+        limit = math.inf if padding is None else padding
+        # In a dataset split, an unknown speaker means the map is stale.
+        rebuild = f"; rebuild it with `{_preprocess_command(spec)}`"
+        return [speaker2id[utt.speaker] if speaker2id.get(utt.speaker, limit) < limit else
+                unknown(utt, f"speaker {utt.speaker!r} is not in {SPEAKER_MAP}"
+                        f"{rebuild if utt.split in spec.csv_names else ''}")
+                for utt in dialogue]
     order: dict[str, int] = {}
     ids = [order.setdefault(utt.speaker_key, len(order)) for utt in dialogue]
     if len(order) > spec.n_speaker:
-        first = dialogue[0]
-        raise DataError(
-            f"{spec.csv_names[first.split]}: dialogue {first.dialogue_id} has {len(order)} speakers "
-            f"({', '.join(order)}); {spec.name} allows {spec.n_speaker}"
-        )
+        if padding is None:
+            first = dialogue[0]
+            raise DataError(
+                f"{first.source or spec.csv_names[first.split]}: dialogue {first.dialogue_id} has {len(order)} "
+                f"speakers ({', '.join(order)}); {spec.name} allows {spec.n_speaker}"
+            )
+        ids = [i if i < spec.n_speaker else
+               unknown(utt, f"speaker {utt.speaker!r} is speaker {i + 1} of dialogue {utt.dialogue_id}; "
+                            f"{spec.name} allows {spec.n_speaker}")
+               for i, utt in zip(ids, dialogue)]
     return ids
+
+
+# --------------------------------------------------------------------------- predictions on a conversation
+
+
+def prediction_table(spec: DatasetSpec, utterances: Sequence[Utterance], ordered: Sequence[Utterance],
+                     logits: torch.Tensor) -> pd.DataFrame:
+    """Predictions of a conversation in file order (``utterances``), from fusion logits in pickle order.
+
+    ``ordered`` are the same utterances in the order of ``logits``' rows (the
+    feature pickle's: grouped by dialogue). Columns: ``Dialogue_ID``,
+    ``Utterance_ID``, ``Speaker``, ``Utterance``, ``emotion`` (the argmax, as the
+    fusion stage predicts) and ``p_<label>`` (softmax) for every label.
+    """
+    if logits.shape != (len(ordered), spec.num_classes) or len(ordered) != len(utterances):
+        raise ValueError(f"{len(utterances)} utterances, {len(ordered)} ordered, logits {tuple(logits.shape)}")
+    row_of = {utt.key: i for i, utt in enumerate(ordered)}
+    index = torch.tensor([row_of[utt.key] for utt in utterances], dtype=torch.long)
+    logits = logits.detach().cpu()[index]
+    probs = torch.softmax(logits.double(), dim=-1).numpy()
+    table = pd.DataFrame({
+        "Dialogue_ID": [u.dialogue_id for u in utterances], "Utterance_ID": [u.utterance_id for u in utterances],
+        "Speaker": [u.speaker for u in utterances], "Utterance": [u.text for u in utterances],
+        "emotion": [spec.labels[i] for i in logits.argmax(-1).tolist()],
+    })
+    for j, label in enumerate(spec.labels):
+        table[f"p_{label}"] = probs[:, j]
+    return table
+
+
+def prediction_summary(table: pd.DataFrame, width: int = 48) -> str:
+    """A short console table: ids, speaker, emotion and its probability, the utterance cut to ``width``."""
+    probability = [row[f"p_{row['emotion']}"] for _, row in table.iterrows()]
+    short = table[["Dialogue_ID", "Utterance_ID", "Speaker", "emotion"]].assign(
+        p=[f"{p:.2f}" for p in probability],
+        Utterance=[t if len(t) <= width else t[: width - 3] + "..." for t in table["Utterance"]],
+    )
+    return short.to_string(index=False)
 
 
 # --------------------------------------------------------------------------- the text prompt
@@ -465,7 +586,7 @@ class TextField:
 
 
 class AudioField:
-    """16 kHz mono -> data2vec feature extractor -> first 400000 samples; right-padded with a mask."""
+    """16 kHz mono, whole clip -> data2vec feature extractor -> first 400000 samples; right-padded with a mask."""
 
     name = "audio"
 
@@ -476,15 +597,14 @@ class AudioField:
     def load(self, sample: Sample) -> tuple[np.ndarray, tuple[str, str] | None]:
         utt = sample.utterance
         try:
-            # Decoding stops early for clips that run for minutes (MELD's bad cuts);
-            # the normalisation then sees the same samples it would keep anyway.
             # In a supervised child process: a clip that crashes or hangs the decoder is substituted.
             notes: list[str] = []
-            wave = decode_audio_isolated(utt.audio_path, TARGET_SAMPLE_RATE, max_samples=self.max_samples,
-                                         notes=notes)
+            wave = decode_audio_isolated(utt.audio_path, TARGET_SAMPLE_RATE, notes=notes)
             problem = (str(utt.audio_path), "; ".join(notes), "audio decoded before the error") if notes else None
         except MediaError as err:
             wave, problem = np.zeros(TARGET_SAMPLE_RATE, dtype=np.float32), (str(utt.audio_path), err.reason)
+        # As the authors: normalise the WHOLE clip (its mean and variance), then keep
+        # the first max_samples (docs/METHOD.md §2); a minutes-long clip costs a few MB.
         values = self.extractor(wave, sampling_rate=TARGET_SAMPLE_RATE, return_tensors="np")["input_values"][0]
         return np.asarray(values[: self.max_samples], dtype=np.float32), problem
 
@@ -644,6 +764,7 @@ class Job:
     keys: tuple[str, ...]  # "split/dia_utt", for the report
     windows: tuple[tuple[float, float] | None, ...]
     outputs: tuple[Path, ...]
+    channel_order: str = "rgb"  # "bgr" reproduces the authors' OpenCV frames (docs/METHOD.md §7)
 
 
 def window_of(spec: DatasetSpec, utt: Utterance) -> tuple[float, float] | None:
@@ -653,7 +774,8 @@ def window_of(spec: DatasetSpec, utt: Utterance) -> tuple[float, float] | None:
     return max(utt.start - spec.video_window_pad, 0.0), utt.end + spec.video_window_pad
 
 
-def plan_jobs(spec: DatasetSpec, utterances: Sequence[Utterance], feature_dir: Path) -> list[Job]:
+def plan_jobs(spec: DatasetSpec, utterances: Sequence[Utterance], feature_dir: Path,
+              channel_order: str = "rgb") -> list[Job]:
     """Group utterances by source video, keeping only those whose output is missing.
 
     Temporary files left by a killed run are removed first; they are never read.
@@ -667,7 +789,7 @@ def plan_jobs(spec: DatasetSpec, utterances: Sequence[Utterance], feature_dir: P
             groups.setdefault(utt.video_path, []).append(utt)
     return [
         Job(video, tuple(f"{u.split}/{u.key}" for u in utts), tuple(window_of(spec, u) for u in utts),
-            tuple(frame_file(feature_dir, u.split, u.key) for u in utts))
+            tuple(frame_file(feature_dir, u.split, u.key) for u in utts), channel_order)
         for video, utts in groups.items()
     ]
 
@@ -680,25 +802,36 @@ def _init_worker(image_processor: Any) -> None:
     _codec = FrameCodec(image_processor)
 
 
-def run_job(job: Job) -> list[tuple[str, str, str]]:
-    """Decode one video once, store every window's frames; return substitutions."""
+FRAME_COUNT_NOTE = "frames chosen from the metadata count (the authors' rule)"
+
+
+def run_job(job: Job) -> list[tuple[str, str, str, str]]:
+    """Decode one video once, store every window's frames; return report rows
+    ``(key, path, reason, replacement)``: black-frame substitutions, and whole clips whose
+    metadata frame count differs from the decoded count (docs/METHOD.md §2)."""
     assert _codec is not None, "worker not initialised"
-    problems: list[tuple[str, str, str]] = []
+    problems: list[tuple[str, str, str, str]] = []
+    counts: dict[int, tuple[int, int]] = {}
     notes: list[str] = []
     try:
-        clips = decode_windows(job.video, job.windows, notes)
+        clips = decode_windows(job.video, job.windows, job.channel_order, counts, notes)
     except MediaError as err:
         clips, reason = [None] * len(job.windows), err.reason
     else:
         reason = "no frame in the utterance's time window"
-    for key, clip, out in zip(job.keys, clips, job.outputs):
+    for i, (key, clip, out) in enumerate(zip(job.keys, clips, job.outputs)):
+        counted = (f"metadata frame count {counts[i][0]}, decoded {counts[i][1]}"
+                   if i in counts and counts[i][0] != counts[i][1] else "")
         if clip is None:
-            problems.append((key, str(job.video), "; ".join([*notes, reason])))
+            reasons = "; ".join([*notes, reason] + ([counted] if counted else []))
+            problems.append((key, str(job.video), reasons, "black frames"))
             save_frames(out, _codec.black())
         else:
             if notes:  # partially decoded: the frames come from the part before the error
                 problems.append((key, str(job.video), "; ".join(notes), "frames decoded before the error"))
             save_frames(out, _codec.resize_crop(clip))
+            if counted:
+                problems.append((key, str(job.video), counted, FRAME_COUNT_NOTE))
     return problems
 
 

@@ -8,18 +8,22 @@
 2. runs, per dataset, the same pipeline as ``<DS>/run.sh`` (preparation + the
    eight stage scripts) with every artifact under ``DIR/<DS>/``;
 3. writes ``DIR/results.json`` (test accuracy / weighted F1 of the fusion
-   model, the majority-class baseline, seconds per stage) and ``DIR/results.md``.
+   model of the first seed, the majority-class baseline, seconds per stage, and
+   the seeds summary) and ``DIR/results.md`` (mean ± std over the fusion seeds,
+   the test-selected column for comparison with papers, per-class F1, plots).
 
 Random-weight stand-ins learn nothing at the learning rates meant for pretrained
 models (1e-5), so the demo trains the first stage for 5 epochs at
 ``--learning_rate 1e-3`` with a per-batch schedule, and the fusion model (16-40
 tiny training dialogues) for 60 epochs with ``--lr 1e-3 --batch_size 2
---dropout 0.1``; every other setting is the stage's default.
+--dropout 0.1`` and three seeds (``--fusion_seeds``); every other setting is the
+stage's default.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import time
 from pathlib import Path
@@ -28,36 +32,78 @@ from typing import Sequence
 from .dataset import feature_path, load_features
 from .pipeline import parser as pipeline_parser
 from .pipeline import run as run_pipeline
-from .utils import majority_weighted_f1, setup_logging, summary, write_json, write_text
+from .utils import (
+    SEED_SUMMARY_NOTE, TEST_SELECTED_NOTE, fusion_files, majority_weighted_f1, seed_tag, setup_logging, summary,
+    write_json, write_text,
+)
 
 log = logging.getLogger("magtkd")
 DATASETS = ("IEMOCAP", "MELD")
 
 
-def dataset_results(workdir: Path, name: str, seconds: dict[str, float]) -> dict:
-    """Test metrics recomputed from the fusion predictions, plus the majority-class baseline."""
-    import json
-
+def dataset_results(workdir: Path, name: str, seconds: dict[str, float], seeds: Sequence[int]) -> dict:
+    """Test metrics of the first seed's fusion model, recomputed from its predictions, the majority-class
+    baseline, and (several seeds) the seeds summary ``multimodal_fusion_seeds.json``."""
     save_dir = workdir / name / "save_model"
-    out = json.loads((save_dir / "multimodal_fusion_best.json").read_text(encoding="utf-8"))
+    first = fusion_files(save_dir, seed_tag(seeds[0], seeds))["predictions"]
+    out = json.loads(first.read_text(encoding="utf-8"))
     scores = summary(out["labels"], out["preds"])
     train = load_features(feature_path(workdir / name / "feature", "train"), keys=("text",))
     train_labels = [y for vid in train["vids"] for y in train["labels"][vid]]
-    return {
+    result = {
         "test_accuracy": scores["accuracy"],
         "test_weighted_f1": scores["weighted_f1"],
         "majority_weighted_f1": majority_weighted_f1(train_labels, out["labels"]),
         "test_utterances": len(out["labels"]),
         "seconds": seconds,
     }
+    if len(seeds) > 1:
+        result["seeds"] = json.loads((save_dir / "multimodal_fusion_seeds.json").read_text(encoding="utf-8"))
+    return result
 
 
-def markdown(results: dict) -> str:
-    lines = ["| dataset | test accuracy | test weighted F1 | majority-class weighted F1 | seconds |",
-             "|---|---|---|---|---|"]
+def markdown(results: dict, seeds: Sequence[int]) -> str:
+    """results.md: one row per dataset (mean ± std over seeds), then per-class F1 and the plots."""
+    if len(seeds) == 1:
+        lines = [f"Fusion model, seed {seeds[0]}, epoch selected on dev.", "",
+                 "| dataset | test accuracy | test weighted F1 | majority-class weighted F1 | seconds |",
+                 "|---|---|---|---|---|"]
+        for name, r in results.items():
+            lines.append(f"| {name} | {r['test_accuracy']:.4f} | {r['test_weighted_f1']:.4f} | "
+                         f"{r['majority_weighted_f1']:.4f} | {sum(r['seconds'].values()):.1f} |")
+        return "\n".join(lines) + "\n"
+
+    def pm(doc: dict, key: str, sub: str | None = None) -> str:
+        mean, std = (doc["mean"][key], doc["std"][key]) if sub is None else \
+            (doc["mean"][key][sub], doc["std"][key][sub])
+        return f"{mean:.4f} ± {std:.4f}"
+
+    lines = [f"Fusion model, {len(seeds)} seeds ({' '.join(map(str, seeds))}) per dataset. {SEED_SUMMARY_NOTE}",
+             TEST_SELECTED_NOTE, "",
+             "| dataset | test accuracy | test weighted F1 | test-selected weighted F1 (authors' protocol, "
+             "comparison only) | majority-class weighted F1 | seconds |", "|---|---|---|---|---|---|"]
     for name, r in results.items():
-        lines.append(f"| {name} | {r['test_accuracy']:.4f} | {r['test_weighted_f1']:.4f} | "
-                     f"{r['majority_weighted_f1']:.4f} | {sum(r['seconds'].values()):.1f} |")
+        doc = r["seeds"]
+        lines.append(f"| {name} | {pm(doc, 'test_accuracy')} | {pm(doc, 'test_weighted_f1')} | "
+                     f"{pm(doc, 'test_selected_weighted_f1')} | {r['majority_weighted_f1']:.4f} | "
+                     f"{sum(r['seconds'].values()):.1f} |")
+    lines += ["", f"First seed alone ({seeds[0]}; `test_accuracy` / `test_weighted_f1` in results.json): "
+              + ", ".join(f"{name} {r['test_accuracy']:.4f} / {r['test_weighted_f1']:.4f}"
+                          for name, r in results.items()) + "."]
+    for name, r in results.items():
+        doc, save = r["seeds"], f"{name}/save_model"
+        labels = list(doc["mean"]["test_per_class_f1"])
+        best = max(doc["seeds"], key=lambda row: row["dev_weighted_f1"])["seed"]
+        lines += ["", f"## {name}", "", "Per-class test F1 (mean ± std over seeds):", "",
+                  "| " + " | ".join(labels) + " |", "|" + "---|" * len(labels),
+                  "| " + " | ".join(pm(doc, "test_per_class_f1", label) for label in labels) + " |", "",
+                  f"Per seed: [{save}/multimodal_fusion_seeds.md]({save}/multimodal_fusion_seeds.md). "
+                  "Curves and confusion matrix of each seed: "
+                  + ", ".join(f"{seed} ([curves]({save}/multimodal_fusion_seed{seed}_curves.png), "
+                              f"[confusion]({save}/multimodal_fusion_seed{seed}_confusion.png))" for seed in seeds)
+                  + ".", "", f"Best dev seed ({best}):", "",
+                  f"![{name} curves]({save}/multimodal_fusion_curves.png)",
+                  f"![{name} confusion matrix]({save}/multimodal_fusion_confusion.png)"]
     return "\n".join(lines) + "\n"
 
 
@@ -71,6 +117,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--fusion_epochs", type=int, default=60)
     p.add_argument("--fusion_args", default="--lr 1e-3 --batch_size 2 --dropout 0.1",
                    help="flags for multimodal_fusion.py (a few tiny dialogues need small batches)")
+    p.add_argument("--fusion_seeds", type=int, nargs="+", default=[2024, 2025, 2026],
+                   help="one fusion model per seed; results.json's single-seed figures are the first seed's")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (tiny models run fastest on one; 0 = torch's default)")
     p.add_argument("--subprocess", action="store_true",
@@ -95,15 +143,15 @@ def main(argv: Sequence[str] | None = None) -> dict:
             "--save_dir", str(workdir / name / "save_model"), "--feature_dir", str(workdir / name / "feature"),
             "--device", "cpu", "--epochs", str(args.epochs), "--learning_rate", str(args.learning_rate),
             "--per_batch_schedule", "--fusion_epochs", str(args.fusion_epochs),
-            "--fusion_args", args.fusion_args, "--force",
+            "--fusion_args", f"{args.fusion_args} --seeds {' '.join(map(str, args.fusion_seeds))}", "--force",
             *([] if args.subprocess else ["--in_process"]),
         ])
         seconds = run_pipeline(stage_args)
-        results[name] = dataset_results(workdir, name, seconds)
-        log.info("demo %s: %s", name, {k: v for k, v in results[name].items() if k != "seconds"})
+        results[name] = dataset_results(workdir, name, seconds, args.fusion_seeds)
+        log.info("demo %s: %s", name, {k: v for k, v in results[name].items() if k not in ("seconds", "seeds")})
     total = round(time.time() - started, 1)
     write_json(workdir / "results.json", results)
-    table = markdown(results) + f"\nTotal wall time {total} s (data generation included).\n"
+    table = markdown(results, args.fusion_seeds) + f"\nTotal wall time {total} s (data generation included).\n"
     write_text(workdir / "results.md", table)
     print(table + f"Results: {workdir / 'results.json'}")
     return results

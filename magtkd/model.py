@@ -15,12 +15,16 @@ import math
 from pathlib import Path
 from typing import Mapping, NamedTuple, Sequence
 
+import numpy as np
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .dataset import AudioField, FrameCodec, TextField, VideoField, add_speaker_tokens
-from .utils import CheckpointError, UserError, mismatch, read_state_dict
+from .dataset import (
+    AudioField, DatasetSpec, FrameCodec, Sample, SampleDataset, TextField, VideoField, add_speaker_tokens, make_loader,
+)
+from .utils import CheckpointError, UserError, SubstitutionReport, load_checkpoint, mismatch, read_state_dict, representations
 
 log = logging.getLogger("magtkd")
 
@@ -364,6 +368,55 @@ def load_encoder(modality: str, pretrained_dir: Path, num_classes: int, feature_
     raise ValueError(f"unknown modality {modality!r}; expected text, audio or video")
 
 
+# The five first-stage models behind the feature keys (docs/METHOD.md §4), grouped by the input they
+# share so each clip is decoded once: modality -> {feature key: (checkpoint, the script that writes it)}.
+FIRST_STAGE: dict[str, dict[str, tuple[str, str]]] = {
+    "text": {"text": ("text.bin", "text.py")},
+    "audio": {"audio": ("audio.bin", "audio.py"),
+              "audio_kd": ("text_KD_audio.bin", "KD.py --student audio --teacher text")},
+    "video": {"video": ("video.bin", "video.py"),
+              "video_kd": ("text_KD_video.bin", "KD.py --student video --teacher text")},
+}
+
+
+def check_first_stage_checkpoints(spec: DatasetSpec, save_dir: Path) -> None:
+    """Fail before any work when one of the five checkpoints is missing, naming it and its script."""
+    for members in FIRST_STAGE.values():
+        for checkpoint, producer in members.values():
+            if not (Path(save_dir) / checkpoint).is_file():
+                raise CheckpointError(f"checkpoint {Path(save_dir) / checkpoint} not found: it is written by "
+                                      f"{spec.name}/{producer}")
+
+
+def first_stage_features(
+    spec: DatasetSpec, samples: Mapping[str, Sequence[Sample]], *, pretrained_dir: Path, save_dir: Path,
+    feature_dir: Path, device: torch.device, batch_size: int, num_workers: int, amp: bool,
+    report: SubstitutionReport | None = None,
+) -> dict[str, dict[str, np.ndarray]]:
+    """``{split: {feature key: (N, D) float32}}``: the five first-stage models over each split's samples.
+
+    One input group at a time (its encoders loaded from ``save_dir``, in eval
+    mode, then freed), in sample order; video reads the frames stored under
+    ``feature_dir``. Used by the extraction stage and by prediction, so both
+    compute the same features.
+    """
+    check_first_stage_checkpoints(spec, save_dir)
+    vectors: dict[str, dict[str, np.ndarray]] = {split: {} for split in samples}
+    for modality, members in FIRST_STAGE.items():
+        encoders, field = {}, None
+        for key, (checkpoint, producer) in members.items():
+            encoder, field = load_encoder(modality, pretrained_dir, spec.num_classes, feature_dir)
+            load_checkpoint(encoder, Path(save_dir) / checkpoint, f"{spec.name}/{producer}")
+            encoders[key] = encoder.to(device).eval()
+        for split, split_samples in samples.items():
+            loader = make_loader(SampleDataset(split_samples, [field]), batch_size, shuffle=False,
+                                 num_workers=num_workers)
+            vectors[split].update(representations(encoders, loader, device, amp, report))
+            log.info("%s: %s features for %s done", spec.name, "/".join(encoders), split)
+        del encoders
+    return vectors
+
+
 # --------------------------------------------------------------------------- distillation losses
 
 PEARSON_EPS = 1e-8
@@ -469,11 +522,15 @@ class MultiHeadAttention(nn.Module):
         self.proj_q = nn.Linear(hidden, hidden)
         self.proj_k = nn.Linear(hidden, hidden)
         self.proj_v = nn.Linear(hidden, hidden)
+        # The authors' order of random draws (docs/METHOD.md §5, Initialisation): xavier for q/k/v
+        # (weights first, then zero biases), and only THEN the output projection, which keeps
+        # PyTorch's default initialisation.
+        for linear in (self.proj_q, self.proj_k, self.proj_v):
+            nn.init.xavier_uniform_(linear.weight)
+        for linear in (self.proj_q, self.proj_k, self.proj_v):
+            nn.init.zeros_(linear.bias)
         self.fc = nn.Linear(hidden, hidden)
         self.dropout = nn.Dropout(dropout)
-        for linear in (self.proj_q, self.proj_k, self.proj_v, self.fc):
-            nn.init.xavier_uniform_(linear.weight)
-            nn.init.zeros_(linear.bias)
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         batch, length, _ = x.shape
@@ -584,18 +641,32 @@ class AnchorGatedTransformer(nn.Module):
         super().__init__()
         self.hidden, self.n_classes, self.n_speaker = hidden, n_classes, n_speaker
         self.separate_text_blocks = separate_text_blocks
-        # Row n_speaker is the padding row. The reference used id 2 on both
-        # datasets, which on MELD is a real speaker (docs/METHOD.md §5).
-        self.speaker_embeddings = nn.Embedding(n_speaker + 1, hidden, padding_idx=n_speaker)
-        nn.init.normal_(self.speaker_embeddings.weight, mean=0.0, std=0.1)
+        # Modules are BUILT in the authors' constructor order, so that right after
+        # torch.manual_seed(seed) they make the same random draws and get the same
+        # initial weights (docs/METHOD.md §5, Initialisation): speaker table (default
+        # normal, then normal(0, 0.1)), the nine blocks t_t a_t v_t a_a t_a v_a v_v t_v
+        # a_v, the nine gates in that order, features_reduce_t/a/v, the top-level fc
+        # (never used by the forward), w_t/a/v. Blocks the model does not use are drawn
+        # and discarded. They are then REGISTERED in our order (unchanged state_dict).
+        # Row n_speaker is the padding row (the authors used id 2, a real speaker on
+        # MELD); the table has the authors' shape (n_speaker + 1 rows), so the draws agree.
+        speaker_embeddings = nn.Embedding(n_speaker + 1, hidden, padding_idx=n_speaker)
+        nn.init.normal_(speaker_embeddings.weight, mean=0.0, std=0.1)
+        blocks = {name: TransformerBlock(hidden, n_head, dropout) for name in TEXT_ANCHOR + AUDIO_ANCHOR + VIDEO_ANCHOR}
+        gates = {name: Gate(hidden) for name in TEXT_ANCHOR + AUDIO_ANCHOR + VIDEO_ANCHOR}
+        reduce = {modality: nn.Linear(3 * hidden, hidden) for modality in ("t", "a", "v")}
+        nn.Linear(3 * hidden, hidden)  # the authors' unused top-level fc: drawn, discarded
+        heads = {modality: nn.Linear(hidden, n_classes) for modality in ("t", "a", "v")}
+
+        self.speaker_embeddings = speaker_embeddings
         names = AUDIO_ANCHOR + VIDEO_ANCHOR + (TEXT_ANCHOR if separate_text_blocks else TEXT_ANCHOR[:1])
         for name in names:
-            self.add_module(name, TransformerBlock(hidden, n_head, dropout))
-            self.add_module(f"{name}_gate", Gate(hidden))
+            self.add_module(name, blocks[name])
+            self.add_module(f"{name}_gate", gates[name])
         for modality in ("t", "a", "v"):
-            self.add_module(f"features_reduce_{modality}", nn.Linear(3 * hidden, hidden))
+            self.add_module(f"features_reduce_{modality}", reduce[modality])
         for modality in ("t", "a", "v"):
-            self.add_module(f"w_{modality}", nn.Linear(hidden, n_classes))
+            self.add_module(f"w_{modality}", heads[modality])
 
     @property
     def padding_speaker(self) -> int:
@@ -657,6 +728,28 @@ def infer_sizes_from_checkpoint(state: Mapping[str, torch.Tensor]) -> dict[str, 
         "n_classes": int(state["w_t.weight"].shape[0]),
         "separate_text_blocks": bool(has_a_t and not is_reference),
     }
+
+
+def fusion_sizes_for(spec: DatasetSpec, path: str | Path, speaker2id: Mapping[str, int] | None = None
+                     ) -> dict[str, int | bool]:
+    """:func:`infer_sizes_from_checkpoint` of the checkpoint at ``path``, checked against the dataset.
+
+    The class count must be the dataset's, and the speaker embedding must have a
+    row for every speaker id the dataset uses (MELD: every id of ``speaker2id``;
+    IEMOCAP: ``spec.n_speaker``), so a checkpoint trained for the other dataset is
+    refused with an error naming it.
+    """
+    sizes = infer_sizes_from_checkpoint(read_fusion_state(path))
+    needed = max(speaker2id.values()) + 1 if spec.global_speaker_ids and speaker2id else spec.n_speaker
+    problems = []
+    if sizes["n_classes"] != spec.num_classes:
+        problems.append(f"{sizes['n_classes']} classes, {spec.name} has {spec.num_classes} ({', '.join(spec.labels)})")
+    if sizes["n_speaker"] < needed:
+        problems.append(f"{sizes['n_speaker']} speaker rows (+ padding), {spec.name} needs {needed}")
+    if problems:
+        raise FusionCheckpointError(f"fusion checkpoint {path} was not trained for {spec.name}: it has "
+                                    f"{'; '.join(problems)}")
+    return sizes
 
 
 def read_fusion_state(path: str | Path) -> dict[str, torch.Tensor]:

@@ -149,6 +149,8 @@ def stage_argv(stage: Stage, ctx: Context, args: argparse.Namespace) -> list[str
             argv += ["--learning_rate", str(args.learning_rate)]
         if args.per_batch_schedule:
             argv += ["--per_batch_schedule", "True"]
+    if stage.kind in ("train", "fusion") and args.seeds:
+        argv += ["--seeds", *map(str, args.seeds)]
     if stage.kind == "fusion" and args.fusion_args:
         argv += shlex.split(args.fusion_args)
     return argv
@@ -228,6 +230,8 @@ def parser() -> argparse.ArgumentParser:
                    help="learning rate of the first-stage and KD trainings (default: each stage's own)")
     p.add_argument("--per_batch_schedule", action="store_true",
                    help="first-stage and KD schedules counted in batches (see text.py --help)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[int(s) for s in env("SEEDS", "").split()] or None,
+                   help="train every first-stage, KD and fusion model once per seed (see text.py --help)")
     p.add_argument("--fusion_args", default=env("FUSION_ARGS", ""),
                    help='extra flags for multimodal_fusion.py, e.g. "--lr 1e-3 --batch_size 2"')
     p.add_argument("--force", action="store_true", help="re-run stages whose outputs are up to date")

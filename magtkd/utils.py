@@ -146,24 +146,47 @@ def paths_parser(spec: DatasetSpec, script_dir: str | Path, description: str | N
 
 def training_parser(
     spec: DatasetSpec, script_dir: str | Path, description: str | None, *, epochs: int, batch_size: int,
-    learning_rate: float, seed: int = 2024,
+    learning_rate: float, seed: int = 2024, kd: bool = False,
 ) -> argparse.ArgumentParser:
     """The flags of every first-stage training script (text, audio, video, KD), with the given defaults.
 
     The reference's names (``--epochs --batch_size --seed --learning_rate --train``)
     plus ours; the script passes its dataset's defaults (docs/METHOD.md §2).
+    Precision as the authors (docs/METHOD.md §3): text/audio/video train in fp32
+    (``--amp True``: bf16 autocast on CUDA); KD (``kd=True``) runs under fp16
+    autocast with a gradient scaler (``--amp False``: fp32), its gradients
+    unscaled before clipping unless ``--reference_kd_clip True``.
     """
     parser = paths_parser(spec, script_dir, description)
     parser.add_argument("--epochs", type=positive_int, default=epochs)
     parser.add_argument("--batch_size", type=positive_int, default=batch_size)
     parser.add_argument("--seed", type=int, default=seed)
+    parser.add_argument("--seeds", type=int, nargs="+", default=None,
+                        help="train one model per seed (<name>_seed<S>.bin; the best dev one also as <name>.bin) "
+                             "and write <name>_seeds.json/.md; default: the single --seed")
     parser.add_argument("--train", type=str2bool, default=True,
                         help="True: train; False: evaluate the saved checkpoint on test")
     parser.add_argument("--learning_rate", type=positive_float, default=learning_rate)
     parser.add_argument("--per_batch_schedule", type=str2bool, default=False,
                         help="count warmup/total steps in batches instead of the reference's samples")
-    parser.add_argument("--amp", type=str2bool, default=True, help="bf16 autocast on CUDA (CPU runs fp32)")
+    if kd:
+        parser.add_argument("--amp", type=str2bool, default=True,
+                            help="fp16 autocast on CUDA with a gradient scaler, as the authors' KD (the scaler "
+                                 "also runs on CPU, where the forward stays fp32)")
+        parser.add_argument("--reference_kd_clip", type=str2bool, default=False,
+                            help="clip the still-SCALED gradients at 10, as the authors did (the update then sees "
+                                 "gradients of norm about 10/scale); default: unscale, then clip")
+    else:
+        parser.add_argument("--amp", type=str2bool, default=False,
+                            help="bf16 autocast on CUDA; default fp32, as the authors (CPU always runs fp32)")
+    add_determinism_flag(parser)
     return parser
+
+
+def add_determinism_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--deterministic", type=str2bool, default=True,
+                        help="cudnn.deterministic=True, benchmark=False, as the authors; False trades "
+                             "run-to-run reproducibility for speed")
 
 
 def resolve_device(name: str | None) -> torch.device:
@@ -183,12 +206,22 @@ def resolve_device(name: str | None) -> torch.device:
     return device
 
 
-def set_seed(seed: int) -> None:
+def set_seed(seed: int, deterministic: bool = True) -> None:
+    """Seed Python, numpy and torch, as the authors' scripts do (docs/METHOD.md §7).
+
+    ``PYTHONHASHSEED`` is exported for child processes (data-loading workers,
+    subprocesses); the running interpreter's hash seed was fixed at its start.
+    ``deterministic`` sets ``cudnn.deterministic = True`` and ``cudnn.benchmark = False``
+    (the authors' setting); False lets cuDNN pick the fastest, non-deterministic kernels.
+    """
+    os.environ["PYTHONHASHSEED"] = str(seed)
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
     if torch.cuda.is_available():
         torch.cuda.manual_seed_all(seed)
+    torch.backends.cudnn.deterministic = deterministic
+    torch.backends.cudnn.benchmark = not deterministic
 
 
 def setup_logging() -> None:
@@ -407,7 +440,7 @@ class SubstitutionReport:
             self.items.append(Substitution(key, path, reason, replacement))
             if path not in self._warned:
                 self._warned.add(path)
-                log.warning("unreadable media %s (%s): using %s", path, reason, replacement)
+                log.warning("media %s (%s): using %s", path, reason, replacement)
 
     def add_problem(self, key: str, problem: Sequence[str], replacement: str) -> None:
         """Record a ``(path, reason[, replacement])`` problem; a third item overrides ``replacement``
@@ -509,10 +542,65 @@ def check_fusion_record(save_dir: Path, dataset: str, checkpoint: Path) -> dict[
     return doc
 
 
+# The authors' first-stage modules (docs/METHOD.md §7): the pretrained encoder is ``text_model``
+# (a RobertaModel WITH its pooler, which the representation never uses) or ``model``
+# (data2vec / TimeSformer), the classifier ``W``; ours are ``backbone`` and ``classifier``
+# (+ the text ``project``). Entries of theirs that our modules lack and nothing reads.
+AUTHORS_BACKBONES = ("text_model.", "model.")
+AUTHORS_UNUSED = (".pooler.", "embeddings.position_ids")
+
+
+def from_authors_layout(model: nn.Module, state: Mapping[str, torch.Tensor], path: Path
+                        ) -> dict[str, torch.Tensor]:
+    """A first-stage state_dict as the authors' code writes it, renamed onto ``model``'s names.
+
+    ``text_model.*`` / ``model.*`` -> ``backbone.*``; the pooler (and a stored
+    ``position_ids`` buffer) are dropped; each other top-level Linear (``W``, and
+    the text projection whatever its name) goes to the one head Linear of ours
+    with its weight's shape. Anything that fits nowhere keeps its name, so the
+    strict check in `load_checkpoint` reports it. Our own checkpoints pass unchanged.
+    """
+    if any(k.startswith("backbone.") for k in state) or not any(k.startswith(AUTHORS_BACKBONES) for k in state):
+        return dict(state)
+    own = model.state_dict()
+    mapped: dict[str, torch.Tensor] = {}
+    dropped: list[str] = []
+    heads: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in state.items():
+        prefix = next((p for p in AUTHORS_BACKBONES if key.startswith(p)), None)
+        if prefix is None:
+            module, _, leaf = key.rpartition(".")
+            heads.setdefault(module, {})[leaf] = value
+            continue
+        ours = "backbone." + key[len(prefix):]
+        if ours not in own and any(part in key for part in AUTHORS_UNUSED):
+            dropped.append(key)
+        else:
+            mapped[ours] = value
+    our_heads = {k.rpartition(".")[0] for k in own if not k.startswith("backbone.")}
+    renamed = []
+    for module, params in heads.items():
+        weight = params.get("weight")
+        fits = [h for h in our_heads if weight is not None and set(params) == {"weight", "bias"}
+                and tuple(own[f"{h}.weight"].shape) == tuple(weight.shape)]
+        if module and len(fits) == 1:
+            our_heads.discard(fits[0])
+            mapped.update({f"{fits[0]}.{leaf}": v for leaf, v in params.items()})
+            renamed.append(f"{module} -> {fits[0]}")
+        else:  # unknown to us: left under its own name for the error message
+            mapped.update({f"{module}.{leaf}" if module else leaf: v for leaf, v in params.items()})
+    log.info("%s: laid out as the authors' code writes it; backbone renamed, heads %s, %d unused entries "
+             "dropped (%s)", path, ", ".join(renamed) or "none", len(dropped),
+             ", ".join(sorted({k.split(".pooler.")[0] + ".pooler" if ".pooler." in k else k for k in dropped})))
+    return mapped
+
+
 def load_checkpoint(model: nn.Module, path: Path, produced_by: str, labels: Sequence[str] | None = None) -> nn.Module:
-    """Load a plain state_dict strictly; errors name the file and the mismatched keys."""
+    """Load a plain state_dict strictly (ours, or the authors' layout, `from_authors_layout`);
+    errors name the file and the mismatched keys; a metrics JSON beside it must say complete and
+    name this dataset and ``labels`` (`check_checkpoint_record`)."""
     check_checkpoint_record(path, produced_by, labels)
-    state = read_state_dict(path, produced_by)
+    state = from_authors_layout(model, read_state_dict(path, produced_by), Path(path))
     problems = mismatch(model, state)
     if problems:
         raise CheckpointError(
@@ -602,10 +690,10 @@ def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
-def autocast(device: torch.device, amp: bool):
-    """bf16 autocast on CUDA (when enabled); plain fp32 on CPU."""
+def autocast(device: torch.device, amp: bool, dtype: torch.dtype = torch.bfloat16):
+    """Autocast to ``dtype`` on CUDA (when enabled); plain fp32 on CPU."""
     if amp and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+        return torch.autocast("cuda", dtype=dtype)
     return contextlib.nullcontext()
 
 
@@ -625,13 +713,14 @@ def note_problems(batch: Mapping[str, Any], dataset, report: SubstitutionReport 
 
 @torch.inference_mode()
 def predict(step: StepFn, loader, device: torch.device, amp: bool,
-            report: SubstitutionReport | None = None, desc: str = "eval") -> tuple[np.ndarray, np.ndarray]:
+            report: SubstitutionReport | None = None, desc: str = "eval",
+            amp_dtype: torch.dtype = torch.bfloat16) -> tuple[np.ndarray, np.ndarray]:
     """Gold labels and argmax predictions over a loader, in loader order."""
     labels, preds = [], []
     for batch in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=None):
         note_problems(batch, loader.dataset, report)
         batch = to_device(batch, device)
-        with autocast(device, amp):
+        with autocast(device, amp, amp_dtype):
             _, logits = step(batch, False)
         labels.append(batch["labels"].cpu())
         preds.append(logits.float().argmax(-1).cpu())
@@ -667,6 +756,7 @@ def substitution_report_path(checkpoint: Path, train: bool) -> Path:
 def test_report(labels: np.ndarray, preds: np.ndarray, names: Sequence[str]) -> dict:
     out = summary(labels, preds)
     out["per_class"] = per_class(labels, preds, names)
+    out["confusion"] = confusion(labels, preds, len(names))  # rows = gold, columns = predicted
     return out
 
 
@@ -683,6 +773,7 @@ def fit(
     label_names: Sequence[str],
     report: SubstitutionReport | None = None,
     grad_clip: float = 10.0,
+    amp_dtype: torch.dtype = torch.bfloat16,
 ) -> dict:
     """Train ``model`` (its trainable parameters) with dev selection, or evaluate its saved checkpoint.
 
@@ -692,20 +783,28 @@ def fit(
     clip 10, the reference's warmup schedule (docs/METHOD.md §2), and after each
     epoch the dev weighted F1; each new best saves ``checkpoint`` and reports
     test. The metrics JSON beside the checkpoint is rewritten every epoch.
+
+    Precision (docs/METHOD.md §3): with ``args.amp`` the forward runs under
+    ``amp_dtype`` autocast on CUDA. For ``torch.float16`` (KD) a gradient scaler
+    scales the loss (on CPU too, where the forward stays fp32); the gradients are
+    unscaled before clipping, or clipped while still scaled with
+    ``args.reference_kd_clip`` (the authors' order: the update then sees
+    gradients of norm at most ``grad_clip / scale``).
     """
     if not args.train:
         load_checkpoint(model, checkpoint, producer, label_names)
         model.to(device).eval()
         return evaluate(stage=stage, step=step, loader=loaders["test"], device=device, amp=args.amp,
-                        label_names=label_names, report=report)
+                        label_names=label_names, report=report, amp_dtype=amp_dtype)
     with output_lock(checkpoint.parent, checkpoint.stem):
         return _train(stage=stage, model=model, step=step, loaders=loaders, args=args, device=device,
-                      checkpoint=checkpoint, label_names=label_names, report=report, grad_clip=grad_clip)
+                      checkpoint=checkpoint, label_names=label_names, report=report, grad_clip=grad_clip,
+                      amp_dtype=amp_dtype)
 
 
 def _train(*, stage: str, model: nn.Module, step: StepFn, loaders: Mapping[str, Any], args: argparse.Namespace,
            device: torch.device, checkpoint: Path, label_names: Sequence[str], report: SubstitutionReport | None,
-           grad_clip: float) -> dict:
+           grad_clip: float, amp_dtype: torch.dtype) -> dict:
     """`fit`'s training, holding the checkpoint's lock. The metrics JSON is the set's completion record:
     it says ``complete: false`` before the first write of the checkpoint and true only after the last epoch."""
     metrics_path = checkpoint.with_suffix(".json")
@@ -718,6 +817,8 @@ def _train(*, stage: str, model: nn.Module, step: StepFn, loaders: Mapping[str, 
     epochs, amp = args.epochs, args.amp
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate)
+    scaler = torch.amp.GradScaler(device.type, enabled=bool(amp and amp_dtype == torch.float16))
+    clip_scaled = bool(getattr(args, "reference_kd_clip", False))
     train_loader = loaders["train"]
     scheduler = reference_schedule(
         optimizer, len(train_loader.dataset), len(train_loader), epochs, per_batch=args.per_batch_schedule
@@ -731,23 +832,26 @@ def _train(*, stage: str, model: nn.Module, step: StepFn, loaders: Mapping[str, 
         for batch in bar:
             note_problems(batch, train_loader.dataset, report)
             batch = to_device(batch, device)
-            with autocast(device, amp):
+            with autocast(device, amp, amp_dtype):
                 loss, _ = step(batch, True)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            scaler.scale(loss).backward()
+            if not clip_scaled:
+                scaler.unscale_(optimizer)  # clip the true gradients (a no-op without the scaler)
             torch.nn.utils.clip_grad_norm_(params, grad_clip)
-            optimizer.step()
+            scaler.step(optimizer)  # unscales first if not done above; skips steps with inf/nan gradients
+            scaler.update()
             scheduler.step()
             losses.append(loss.item())
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
         model.eval()
-        dev = summary(*predict(step, loaders["dev"], device, amp, report, "dev"))
+        dev = summary(*predict(step, loaders["dev"], device, amp, report, "dev", amp_dtype))
         row: dict[str, Any] = {"epoch": epoch, "train_loss": float(np.mean(losses)) if losses else 0.0,
                                "dev": dev, "seconds": round(time.time() - started, 2)}
         improved = dev["weighted_f1"] > best["dev_weighted_f1"]
         if improved:
             save_state_dict(checkpoint, model)
-            test = test_report(*predict(step, loaders["test"], device, amp, report, "test"), label_names)
+            test = test_report(*predict(step, loaders["test"], device, amp, report, "test", amp_dtype), label_names)
             row["test"] = {k: test[k] for k in ("accuracy", "weighted_f1")}
             best = {"epoch": epoch, "dev_weighted_f1": dev["weighted_f1"], "test": test}
         history.append(row)
@@ -761,6 +865,10 @@ def _train(*, stage: str, model: nn.Module, step: StepFn, loaders: Mapping[str, 
     if best["test"] is not None:
         log.info("%s: selected epoch %d (dev wF1 %.4f); test report:\n%s", stage, best["epoch"],
                  best["dev_weighted_f1"], _report_text(best["test"], label_names))
+        write_plots(checkpoint.with_suffix(""), f"{stage}, seed {args.seed}", [r["epoch"] for r in history],
+                    [r["train_loss"] for r in history], [r["dev"]["weighted_f1"] for r in history],
+                    [r["test"]["weighted_f1"] if "test" in r else None for r in history], best["epoch"],
+                    best["test"]["confusion"], label_names, "test (scored at each new best dev)")
     doc = _metrics_doc(stage, vars(args), history, best, checkpoint, facts, True)
     write_json(metrics_path, doc)  # last: publishes checkpoint + JSON as one complete set
     return doc
@@ -793,9 +901,10 @@ def _report_text(test: Mapping[str, Any], names: Sequence[str]) -> str:
 
 
 def evaluate(*, stage: str, step: StepFn, loader, device: torch.device, amp: bool,
-             label_names: Sequence[str], report: SubstitutionReport | None = None) -> dict:
+             label_names: Sequence[str], report: SubstitutionReport | None = None,
+             amp_dtype: torch.dtype = torch.bfloat16) -> dict:
     """``--train False``: test metrics of the loaded checkpoint."""
-    test = test_report(*predict(step, loader, device, amp, report, "test"), label_names)
+    test = test_report(*predict(step, loader, device, amp, report, "test", amp_dtype), label_names)
     log.info("%s: test report of the saved checkpoint:\n%s", stage, _report_text(test, label_names))
     return test
 
@@ -806,21 +915,56 @@ FUSION_CHECKPOINT = "multimodal_fusion_best.bin"
 FUSION_PREDICTIONS = "multimodal_fusion_best.json"
 FUSION_METRICS = "multimodal_fusion_metrics.json"
 
+
+def fusion_files(save_dir: Path, tag: str = "") -> dict[str, Path]:
+    """The fusion's artifacts; ``tag`` (`seed_tag`) names one seed's among several
+    (``multimodal_fusion_best_seed<S>.bin``, ...)."""
+    return {"checkpoint": save_dir / FUSION_CHECKPOINT.replace(".bin", f"{tag}.bin"),
+            "predictions": save_dir / FUSION_PREDICTIONS.replace(".json", f"{tag}.json"),
+            "metrics": save_dir / FUSION_METRICS.replace(".json", f"{tag}.json"),
+            **{kind: save_dir / f"multimodal_fusion{tag}_{kind}.png" for kind in PLOT_KINDS}}
+
+
+def recorded_fusion_args(save_dir: str | Path) -> dict[str, Any]:
+    """The arguments ``multimodal_fusion.py`` recorded in ``multimodal_fusion_metrics.json`` in ``save_dir``
+    (``{}`` when there is no such file): the settings a checkpoint does not show, such as ``n_head``."""
+    path = Path(save_dir) / FUSION_METRICS
+    if not path.is_file():
+        return {}
+    try:
+        recorded = json.loads(path.read_text(encoding="utf-8")).get("args")
+    except (ValueError, AttributeError) as err:
+        log.warning("%s is not a metrics file (%s); using the default fusion settings", path, err)
+        return {}
+    return recorded if isinstance(recorded, dict) else {}
+
+
 # objective(model output, labels (B, L), mask (B, L)) -> scalar loss over real utterances
 FusionObjective = Callable[[Any, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @torch.no_grad()
-def predict_dialogues(model: nn.Module, data: Any, batch_size: int) -> list[int]:
-    """Predictions for every real utterance of a :class:`~magtkd.dataset.DialogueSet`, flattened in
-    the pickle's dialogue order."""
+def dialogue_logits(model: nn.Module, data: Any, batch_size: int, progress: bool = False) -> torch.Tensor:
+    """(N, classes) text-anchor logits ``t_logits`` of every real utterance of a
+    :class:`~magtkd.dataset.DialogueSet`, flattened in the pickle's dialogue order (model in eval mode).
+
+    Their argmax is the prediction; their softmax the class probabilities.
+    """
     model.eval()
-    preds: list[int] = []
-    for idx in data.batches(batch_size):
+    chunks: list[torch.Tensor] = []
+    batches = data.batches(batch_size)
+    if progress:
+        batches = tqdm(batches, total=math.ceil(len(data) / batch_size), desc="dialogues", leave=False, disable=None)
+    for idx in batches:
         batch = data.collate(idx, model.padding_speaker)
         # Boolean indexing walks (dialogue, utterance) row-major: the flattened order.
-        preds.extend(model(*batch.inputs).t_logits.argmax(-1)[batch.mask].tolist())
-    return preds
+        chunks.append(model(*batch.inputs).t_logits[batch.mask].float())
+    return torch.cat(chunks) if chunks else torch.zeros(0, model.n_classes)
+
+
+def predict_dialogues(model: nn.Module, data: Any, batch_size: int) -> list[int]:
+    """Predictions (argmax of :func:`dialogue_logits`) for every real utterance, in the pickle's order."""
+    return dialogue_logits(model, data, batch_size).argmax(-1).tolist()
 
 
 def fusion_train_epoch(model: nn.Module, data: Any, objective: FusionObjective,
@@ -860,31 +1004,35 @@ def fusion_summary(stage: str, args: argparse.Namespace, sizes: dict, curve: lis
 
 
 def fit_fusion(*, stage: str, model: nn.Module, objective: FusionObjective, data: Mapping[str, Any],
-               args: argparse.Namespace, sizes: dict, label_names: Sequence[str], save_dir: Path) -> dict[str, Any]:
+               args: argparse.Namespace, sizes: dict, label_names: Sequence[str], save_dir: Path,
+               tag: str = "") -> dict[str, Any]:
     """Train the fusion model and keep the epoch with the best DEV weighted F1 (docs/METHOD.md §5).
 
     AdamW (``args.lr``, weight decay ``args.l2``), grad clip 10, the reference
     schedule counted in dialogues (``args.per_batch_schedule`` counts batches),
     the training dialogues shuffled by a generator seeded with ``args.seed``.
     Writes ``multimodal_fusion_best.bin`` and ``.json`` (test labels and
-    predictions) at each new best and ``multimodal_fusion_metrics.json`` after
-    every epoch.
+    predictions) at each new best, ``multimodal_fusion_metrics.json`` after
+    every epoch and the curves / confusion plots at the end (``tag``, e.g.
+    ``_seed2025``, goes into every name: `fusion_files`).
     """
     if args.epochs < 1 or args.batch_size < 1:
         raise UserError(f"--epochs ({args.epochs}) and --batch_size ({args.batch_size}) must be at least 1")
-    with output_lock(save_dir, "multimodal_fusion"):
-        names = (FUSION_CHECKPOINT, FUSION_PREDICTIONS, FUSION_METRICS)
-        remove_stale_temps(save_dir, names)
+    with output_lock(save_dir, f"multimodal_fusion{tag}"):
+        files = fusion_files(save_dir, tag)
+        remove_stale_temps(save_dir, [Path(files[k]).name for k in ("checkpoint", "predictions", "metrics")])
         # The metrics JSON is the set's completion record: incomplete before the .bin/.json change.
-        begin_outputs(save_dir / FUSION_METRICS, stage, args, dataset=stage.split()[0], labels=list(label_names),
+        begin_outputs(files["metrics"], stage, args, dataset=stage.split()[0], labels=list(label_names),
                       width=sizes.get("hidden"))
         return _train_fusion(stage=stage, model=model, objective=objective, data=data, args=args, sizes=sizes,
-                             label_names=label_names, save_dir=save_dir)
+                             label_names=label_names, save_dir=save_dir, tag=tag)
 
 
 def _train_fusion(*, stage: str, model: nn.Module, objective: FusionObjective, data: Mapping[str, Any],
-                  args: argparse.Namespace, sizes: dict, label_names: Sequence[str], save_dir: Path) -> dict[str, Any]:
+                  args: argparse.Namespace, sizes: dict, label_names: Sequence[str], save_dir: Path,
+                  tag: str) -> dict[str, Any]:
     names = list(label_names)
+    files = fusion_files(save_dir, tag)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.l2)
     n_batches = math.ceil(len(data["train"]) / args.batch_size)
     scheduler = reference_schedule(optimizer, len(data["train"]), n_batches, args.epochs, args.per_batch_schedule)
@@ -910,18 +1058,269 @@ def _train_fusion(*, stage: str, model: nn.Module, objective: FusionObjective, d
         if improved:
             # Selection on DEV weighted F1; the reference selected on test (leakage, docs/METHOD.md §7).
             best = {"epoch": epoch, "dev": scores["dev"], "test": scores["test"], "preds": preds["test"]}
-            save_state_dict(save_dir / FUSION_CHECKPOINT, model)
-            write_json(save_dir / FUSION_PREDICTIONS, {"labels": labels["test"], "preds": preds["test"]})
+            save_state_dict(files["checkpoint"], model)
+            write_json(files["predictions"], {"labels": labels["test"], "preds": preds["test"]})
         # Rewritten every epoch, so an interrupted run still documents what it selected.
         doc = fusion_summary(stage, args, sizes, curve, best, labels["test"], names, complete=epoch == args.epochs)
-        write_json(save_dir / FUSION_METRICS, doc)
+        write_json(files["metrics"], doc)
 
     matrix = doc["test_confusion"]["matrix"]
     log.info("%s: selected epoch %d (best dev weighted F1 %.4f); test accuracy %.4f, weighted F1 %.4f\n%s\n"
              "confusion matrix (rows = gold %s):\n%s", stage, best["epoch"], best["dev"]["weighted_f1"],
              best["test"]["accuracy"], best["test"]["weighted_f1"], report_text(labels["test"], best["preds"], names),
              names, "\n".join(" ".join(f"{c:5d}" for c in row) for row in matrix))
+    write_plots(save_dir / f"multimodal_fusion{tag}", f"{stage}, seed {args.seed}", [c["epoch"] for c in curve],
+                [c["train_loss"] for c in curve], [c["dev"]["weighted_f1"] for c in curve],
+                [c["test_not_used_for_selection"]["weighted_f1"] for c in curve], best["epoch"], matrix, names,
+                "test (not used for selection)")
     return {**doc, "labels": labels["test"], "preds": best["preds"],
-            "paths": {k: str(save_dir / v) for k, v in
-                      (("checkpoint", FUSION_CHECKPOINT), ("predictions", FUSION_PREDICTIONS),
-                       ("metrics", FUSION_METRICS))}}
+            "paths": {k: str(files[k]) for k in ("checkpoint", "predictions", "metrics")}}
+
+
+# --------------------------------------------------------------------------- several seeds: one summary
+
+SEED_SUMMARY_NOTE = ("Per seed, the epoch with the best dev weighted F1 is selected and test is scored at it. "
+                     "Mean ± sample standard deviation (n - 1) over seeds.")
+TEST_SELECTED_NOTE = ("test-selected weighted F1 = the best test weighted F1 over all epochs: the authors' "
+                      "protocol (the epoch chosen on test), shown only to compare with papers like for like.")
+
+
+def seed_list(args: argparse.Namespace) -> list[int]:
+    """The seeds to train: ``--seeds``, or the single ``--seed``."""
+    seeds = list(args.seeds) if getattr(args, "seeds", None) else [args.seed]
+    duplicates = sorted({s for s in seeds if seeds.count(s) > 1})
+    if duplicates:
+        raise SystemExit(f"--seeds lists {duplicates} more than once")
+    if len(seeds) > 1 and not getattr(args, "train", True):
+        raise SystemExit("--seeds with several seeds trains one model per seed; --train False evaluates the "
+                         "single saved checkpoint (give no --seeds)")
+    return seeds
+
+
+def seed_tag(seed: int, seeds: Sequence[int]) -> str:
+    """``_seed<S>`` for the files of one seed among several; '' for a single seed (the usual names)."""
+    return f"_seed{seed}" if len(seeds) > 1 else ""
+
+
+def seed_args(args: argparse.Namespace, seed: int) -> argparse.Namespace:
+    """``args`` with ``--seed`` set to this run's seed (it is recorded in the metrics JSON)."""
+    return argparse.Namespace(**{**vars(args), "seed": seed})
+
+
+def seeds_summary(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """``{"seeds": rows, "mean": ..., "std": ...}``: mean and sample standard deviation (n - 1; 0 for one
+    seed) over the rows of every numeric key but ``seed`` itself; nested dicts (per-class F1) key by key."""
+
+    def stats(values: list[Any]) -> tuple[Any, Any]:
+        if isinstance(values[0], Mapping):
+            pairs = {k: stats([v[k] for v in values]) for k in values[0]}
+            return {k: m for k, (m, _) in pairs.items()}, {k: s for k, (_, s) in pairs.items()}
+        array = np.asarray(values, dtype=np.float64)
+        return float(array.mean()), float(array.std(ddof=1)) if len(array) > 1 else 0.0
+
+    mean: dict[str, Any] = {}
+    std: dict[str, Any] = {}
+    for key, value in rows[0].items():
+        if key == "seed" or isinstance(value, bool) or not isinstance(value, (int, float, Mapping)):
+            continue
+        mean[key], std[key] = stats([row[key] for row in rows])
+    return {"seeds": [dict(row) for row in rows], "mean": mean, "std": std}
+
+
+def seeds_markdown(title: str, summary_doc: Mapping[str, Any], label_names: Sequence[str],
+                   selected_seed: int | None = None, kept_as: str | None = None) -> str:
+    """The seeds summary as a markdown table: one row per seed, then mean ± std."""
+    rows, mean, std = summary_doc["seeds"], summary_doc["mean"], summary_doc["std"]
+    keys = ["selected_epoch", "dev_weighted_f1", "test_accuracy", "test_weighted_f1"]
+    head = ["seed", "selected epoch (dev)", "dev wF1", "test accuracy", "test wF1"]
+    if "test_selected_weighted_f1" in rows[0]:
+        keys.append("test_selected_weighted_f1")
+        head.append("test-selected wF1 (authors' protocol, comparison only)")
+    head += [f"test F1 {name}" for name in label_names]
+
+    def values(doc: Mapping[str, Any]) -> list[float]:
+        return [doc[k] for k in keys] + [doc["test_per_class_f1"][name] for name in label_names]
+
+    lines = [f"# {title}: {len(rows)} seeds", "", SEED_SUMMARY_NOTE]
+    if "test_selected_weighted_f1" in keys:
+        lines.append(TEST_SELECTED_NOTE)
+    if selected_seed is not None and kept_as:
+        lines.append(f"The seed with the best dev weighted F1 ({selected_seed}) is also saved as `{kept_as}`.")
+    lines += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        epoch, *scores = values(row)
+        lines.append(f"| {row['seed']} | {epoch} | " + " | ".join(f"{v:.4f}" for v in scores) + " |")
+    (epoch_mean, *means), (epoch_std, *stds) = values(mean), values(std)
+    lines.append(f"| **mean ± std** | {epoch_mean:.1f} ± {epoch_std:.1f} | "
+                 + " | ".join(f"{m:.4f} ± {s:.4f}" for m, s in zip(means, stds)) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def copy_file(src: Path, dst: Path) -> None:
+    """Copy ``src`` onto ``dst`` atomically (streamed: checkpoints can be gigabytes)."""
+    import shutil
+
+    with atomic_path(dst) as tmp:
+        shutil.copyfile(src, tmp)
+
+
+def keep_best_seed(title: str, rows: Sequence[Mapping[str, Any]], label_names: Sequence[str],
+                   summary_stem: Path, copies: Mapping[int, Sequence[tuple[Path, Path]]]) -> dict[str, Any]:
+    """Write ``<summary_stem>_seeds.json`` / ``.md`` and copy the best-dev seed's files to the usual names.
+
+    ``copies[seed]`` lists (seed file, usual file) pairs; the last pair should be the checkpoint, so a
+    pipeline that checks the checkpoint's time sees it only once the rest is in place. A file of the
+    seed that is missing (a plot that could not be drawn) is logged and skipped. The best seed is the
+    first with the highest dev weighted F1.
+    """
+    doc = seeds_summary(rows)
+    best = max(rows, key=lambda r: r["dev_weighted_f1"])  # max keeps the first of equal scores
+    for src, dst in copies[best["seed"]]:
+        if src.is_file():
+            copy_file(src, dst)
+        else:
+            log.warning("%s: %s was not written, so %s is not updated", title, src, dst)
+    kept_as = copies[best["seed"]][-1][1].name if copies[best["seed"]] else None
+    write_json(summary_stem.with_name(f"{summary_stem.name}_seeds.json"), doc)
+    write_text(summary_stem.with_name(f"{summary_stem.name}_seeds.md"),
+               seeds_markdown(title, doc, label_names, best["seed"], kept_as))
+    mean, std = doc["mean"], doc["std"]
+    log.info("%s: %d seeds, best dev seed %d; test accuracy %.4f ± %.4f, weighted F1 %.4f ± %.4f%s", title, len(rows),
+             best["seed"], mean["test_accuracy"], std["test_accuracy"], mean["test_weighted_f1"],
+             std["test_weighted_f1"],
+             (f" (test-selected, authors' protocol: {mean['test_selected_weighted_f1']:.4f} ± "
+              f"{std['test_selected_weighted_f1']:.4f})" if "test_selected_weighted_f1" in mean else ""))
+    return {**doc, "best_seed": best["seed"]}
+
+
+def finish_seeds(results: Mapping[int, dict], checkpoint: Path, label_names: Sequence[str]) -> dict:
+    """After one `fit` per seed (checkpoints ``<name>_seed<S>.bin``): the seeds summary beside
+    ``checkpoint`` and the best-dev seed's checkpoint, metrics JSON and plots under the usual names.
+
+    With a single seed nothing is added: its result is returned as it is.
+    """
+    seeds = list(results)
+    if len(seeds) == 1:
+        return results[seeds[0]]
+    rows, copies = [], {}
+    for seed, result in results.items():
+        if result.get("test") is None:
+            raise SystemExit(f"{result['stage']} seed {seed}: no epoch was selected "
+                             f"(--epochs {result['args']['epochs']})")
+        test = result["test"]
+        rows.append({"seed": seed, "selected_epoch": result["selected_epoch"],
+                     "dev_weighted_f1": result["dev_weighted_f1"], "test_accuracy": test["accuracy"],
+                     "test_weighted_f1": test["weighted_f1"],
+                     "test_per_class_f1": {n: test["per_class"][n]["f1-score"] for n in label_names}})
+        own = checkpoint.with_name(f"{checkpoint.stem}{seed_tag(seed, seeds)}.bin")
+        copies[seed] = [(plot_path(own, kind), plot_path(checkpoint, kind)) for kind in PLOT_KINDS]
+        copies[seed] += [(own.with_suffix(".json"), checkpoint.with_suffix(".json")), (own, checkpoint)]
+    stage = next(iter(results.values()))["stage"]
+    summary_doc = keep_best_seed(stage, rows, label_names, checkpoint.with_suffix(""), copies)
+    return {**results[summary_doc["best_seed"]], "seeds": summary_doc}
+
+
+def finish_fusion_seeds(results: Mapping[int, dict], save_dir: Path, label_names: Sequence[str]) -> dict:
+    """`finish_seeds` for the fusion: rows also carry ``test_selected_weighted_f1`` (the best test weighted
+    F1 over epochs, the authors' selection), and the best-dev seed's checkpoint, predictions, metrics and
+    plots are copied to ``multimodal_fusion_best.{bin,json}``, ``multimodal_fusion_metrics.json``, ...."""
+    seeds = list(results)
+    if len(seeds) == 1:
+        return results[seeds[0]]
+    rows, copies = [], {}
+    usual = fusion_files(save_dir, "")
+    for seed, result in results.items():
+        test = result["test_at_selected"]
+        rows.append({"seed": seed, "selected_epoch": result["selected_epoch"],
+                     "dev_weighted_f1": result["dev_at_selected"]["weighted_f1"], "test_accuracy": test["accuracy"],
+                     "test_weighted_f1": test["weighted_f1"],
+                     "test_per_class_f1": {n: result["test_per_class"][n]["f1-score"] for n in label_names},
+                     "test_selected_weighted_f1": max(c["test_not_used_for_selection"]["weighted_f1"]
+                                                      for c in result["curve"])})
+        own = fusion_files(save_dir, seed_tag(seed, seeds))
+        copies[seed] = [(own[key], usual[key]) for key in
+                        ("curves", "confusion", "metrics", "predictions", "checkpoint")]
+    stage = next(iter(results.values()))["stage"]
+    summary_doc = keep_best_seed(stage, rows, label_names, save_dir / "multimodal_fusion", copies)
+    best = results[summary_doc["best_seed"]]
+    return {**best, "seeds": summary_doc, "paths": {**best["paths"], **{k: str(v) for k, v in usual.items()}}}
+
+
+# --------------------------------------------------------------------------- plots
+
+PLOT_KINDS = ("curves", "confusion")
+
+
+def plot_path(checkpoint: Path, kind: str) -> Path:
+    """``<name>_curves.png`` / ``<name>_confusion.png`` beside ``<name>.bin`` and its metrics JSON."""
+    return checkpoint.with_name(f"{checkpoint.stem}_{kind}.png")
+
+
+def write_plots(stem: Path, title: str, epochs: Sequence[int], train_loss: Sequence[float],
+                dev_f1: Sequence[float], test_f1: Sequence[float | None], selected_epoch: int,
+                matrix: Sequence[Sequence[int]], label_names: Sequence[str], test_label: str) -> None:
+    """``<stem>_curves.png`` (train loss; dev and test weighted F1 per epoch; the selected epoch marked) and
+    ``<stem>_confusion.png`` (row-normalised test confusion matrix at the selected epoch).
+
+    Drawn with the Agg canvas (no display, no pyplot state). A plot that cannot be drawn is logged and
+    skipped: it never fails a training run.
+    """
+    for kind in PLOT_KINDS:
+        path = stem.with_name(f"{stem.name}_{kind}.png")
+        try:
+            from matplotlib.backends.backend_agg import FigureCanvasAgg
+            from matplotlib.figure import Figure
+
+            # Fixed margins: a layout engine would double the drawing time (a run draws many plots)
+            figure = Figure(figsize=(10, 4) if kind == "curves" else (6, 5.4), dpi=100)
+            FigureCanvasAgg(figure)
+            if kind == "curves":
+                _draw_curves(figure, title, epochs, train_loss, dev_f1, test_f1, selected_epoch, test_label)
+            else:
+                _draw_confusion(figure, title, selected_epoch, matrix, label_names)
+            with atomic_path(path) as tmp:
+                figure.savefig(tmp, format="png")
+        except Exception as err:  # noqa: BLE001 - a plot is a convenience, never a reason to lose a run
+            log.warning("could not draw %s: %s: %s", path, type(err).__name__, err)
+
+
+def _draw_curves(figure: Any, title: str, epochs: Sequence[int], train_loss: Sequence[float],
+                 dev_f1: Sequence[float], test_f1: Sequence[float | None], selected_epoch: int,
+                 test_label: str) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    loss_ax, f1_ax = figure.subplots(1, 2)
+    loss_ax.plot(epochs, train_loss, marker="o", markersize=3, color="tab:gray")
+    loss_ax.set(title="train loss", xlabel="epoch", ylabel="mean batch loss")
+    f1_ax.plot(epochs, dev_f1, marker="o", markersize=3, label="dev (selects the epoch)", color="tab:blue")
+    measured = [(e, f) for e, f in zip(epochs, test_f1) if f is not None]
+    if measured:
+        f1_ax.plot(*zip(*measured), marker="s", markersize=4, label=test_label, color="tab:orange",
+                   linestyle="-" if len(measured) == len(epochs) else "none")
+    f1_ax.set(title="weighted F1", xlabel="epoch", ylabel="weighted F1")
+    for ax in (loss_ax, f1_ax):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.axvline(selected_epoch, color="tab:green", linestyle="--", label=f"selected epoch {selected_epoch}")
+        ax.grid(alpha=0.3)
+    f1_ax.legend(loc="best", fontsize="small")
+    figure.suptitle(title)
+    figure.subplots_adjust(left=0.07, right=0.98, bottom=0.12, top=0.85, wspace=0.22)
+
+
+def _draw_confusion(figure: Any, title: str, selected_epoch: int, matrix: Sequence[Sequence[int]],
+                    label_names: Sequence[str]) -> None:
+    counts = np.asarray(matrix, dtype=np.float64)
+    support = counts.sum(axis=1, keepdims=True)
+    rates = np.divide(counts, support, out=np.zeros_like(counts), where=support > 0)
+    ax = figure.subplots()
+    image = ax.imshow(rates, vmin=0.0, vmax=1.0, cmap="Blues")
+    figure.colorbar(image, ax=ax, label="fraction of the gold class")
+    ticks = range(len(label_names))
+    ax.set_xticks(ticks, labels=list(label_names), rotation=45, ha="right")
+    ax.set_yticks(ticks, labels=list(label_names))
+    ax.set(xlabel="predicted", ylabel="gold", title=f"{title}\ntest, epoch {selected_epoch} (row-normalised)")
+    for i in range(rates.shape[0]):
+        for j in range(rates.shape[1]):
+            ax.text(j, i, f"{rates[i, j]:.2f}", ha="center", va="center", fontsize="small",
+                    color="white" if rates[i, j] > 0.6 else "black")
+    figure.subplots_adjust(left=0.14, right=0.97, bottom=0.16, top=0.88)

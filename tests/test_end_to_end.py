@@ -38,6 +38,11 @@ def test_every_artifact_of_the_pipeline_exists_with_its_format(demo, dataset):
     for name in CHECKPOINTS[:-1]:
         doc = json.loads((paths["save_dir"] / name).with_suffix(".json").read_text(encoding="utf-8"))
         assert doc["selected_epoch"] >= 1 and 0 <= doc["test"]["weighted_f1"] <= 1
+    # Plots beside every metrics JSON: curves and the test confusion matrix at the selected epoch.
+    for stem in [n[:-4] for n in CHECKPOINTS[:-1]] + ["multimodal_fusion"]:
+        for kind in ("curves", "confusion"):
+            data = (paths["save_dir"] / f"{stem}_{kind}.png").read_bytes()
+            assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000, (stem, kind)
     assert json.loads((paths["save_dir"] / "multimodal_fusion_metrics.json").read_text())["selected_epoch"] >= 1
     # Stage 3: one uint8 frame file per utterance.
     for split in SPLITS:
@@ -59,7 +64,9 @@ def test_results_json_matches_the_predictions_and_beats_the_majority_class(demo,
     results = json.loads((demo["workdir"] / "results.json").read_text())
     assert set(results) == set(DATASETS)
     r = results[dataset]
-    out = json.loads((demo["workdir"] / dataset / "save_model" / "multimodal_fusion_best.json").read_text())
+    # The single-seed figures are those of the first of the demo's three fusion seeds.
+    save_dir = demo["workdir"] / dataset / "save_model"
+    out = json.loads((save_dir / "multimodal_fusion_best_seed2024.json").read_text())
     recomputed = summary(out["labels"], out["preds"])
     assert r["test_weighted_f1"] == pytest.approx(recomputed["weighted_f1"])
     assert r["test_accuracy"] == pytest.approx(recomputed["accuracy"])
@@ -71,6 +78,41 @@ def test_results_json_matches_the_predictions_and_beats_the_majority_class(demo,
     assert set(r["seconds"]) == {"preprocessing", "text", "audio", "frames", "video", "kd_audio", "kd_video",
                                  "features", "fusion"}
     assert "| " + dataset + " |" in (demo["workdir"] / "results.md").read_text()
+
+
+@pytest.mark.parametrize("dataset", DATASETS)
+def test_demo_reports_three_fusion_seeds_with_mean_std_and_both_protocols(demo, dataset):
+    results = json.loads((demo["workdir"] / "results.json").read_text())[dataset]
+    save_dir = demo["workdir"] / dataset / "save_model"
+    seeds = json.loads((save_dir / "multimodal_fusion_seeds.json").read_text())
+    assert results["seeds"] == seeds
+    assert [row["seed"] for row in seeds["seeds"]] == [2024, 2025, 2026]
+    for key in ("test_accuracy", "test_weighted_f1", "test_selected_weighted_f1"):
+        values = np.array([row[key] for row in seeds["seeds"]])
+        assert seeds["mean"][key] == pytest.approx(values.mean())
+        assert seeds["std"][key] == pytest.approx(values.std(ddof=1))
+    first = seeds["seeds"][0]
+    assert first["test_weighted_f1"] == pytest.approx(results["test_weighted_f1"])
+    assert first["test_accuracy"] == pytest.approx(results["test_accuracy"])
+    best = max(seeds["seeds"], key=lambda row: row["dev_weighted_f1"])["seed"]
+    assert (save_dir / "multimodal_fusion_best.bin").read_bytes() == \
+        (save_dir / f"multimodal_fusion_best_seed{best}.bin").read_bytes()
+
+    md = (demo["workdir"] / "results.md").read_text()
+    row = next(line for line in md.splitlines() if line.startswith(f"| {dataset} |"))
+    m, s = seeds["mean"], seeds["std"]
+    for key in ("test_accuracy", "test_weighted_f1", "test_selected_weighted_f1"):
+        assert f"{m[key]:.4f} ± {s[key]:.4f}" in row, key
+    assert "test-selected weighted F1 (authors' protocol" in md
+    spec = dataset_spec(dataset)
+    for label in spec.labels:  # per-class F1, mean ± std
+        f1_mean, f1_std = m["test_per_class_f1"][label], s["test_per_class_f1"][label]
+        assert f"{f1_mean:.4f} ± {f1_std:.4f}" in md, label
+    links = [part.split(")")[0] for part in md.split("](")[1:]]
+    pngs = [link for link in links if link.startswith(dataset + "/") and link.endswith(".png")]
+    assert f"{dataset}/save_model/multimodal_fusion_curves.png" in pngs
+    assert f"{dataset}/save_model/multimodal_fusion_seed2026_confusion.png" in pngs
+    assert all((demo["workdir"] / link).is_file() for link in pngs)
 
 
 def run_sh(dataset: str, workdir: Path, *extra: str) -> subprocess.CompletedProcess:

@@ -185,24 +185,23 @@ def test_normalised_frames_equal_processor_pixel_values(demo, dataset):
     assert checked >= 5
 
 
-def rule_positions(n: int) -> list[int]:
-    """docs/METHOD.md §2 sampling, written out independently of the library."""
-    if n < 8:
-        return list(range(n)) + [n - 1] * (8 - n)
-    step = n // 8
-    return [step * k - 1 for k in range(1, 9)]
-
-
-def expected_indices(video: Path, t0: float, t1: float) -> list[int]:
-    """Frame indices the docs/METHOD.md §2 rule picks from [t0, t1) of a constant-rate synthetic video."""
+def authors_loop(video: Path, t0: float, t1: float) -> list[int] | None:
+    """The frame indices the authors' OpenCV loop picks from [t0, t1] (docs/METHOD.md §2), written out
+    independently of the library: positions are 1-based after each read, step from the window's duration."""
     import av
 
     with av.open(str(video)) as container:
         stream = container.streams.video[0]
-        fps, total = stream.average_rate, stream.frames
+        fps, total = float(stream.average_rate), stream.frames
     assert total > 0
-    inside = [i for i in range(total) if t0 <= float(i / fps) < t1]
-    return [inside[p] for p in rule_positions(len(inside))]
+    step = max(int(fps * (t1 - t0) / 8), 1)
+    kept, count = [], 0
+    for i in range(total):
+        if t0 * fps <= i + 1 <= t1 * fps:
+            count += 1
+            if count % step == 0 and len(kept) < 8:
+                kept.append(i)
+    return kept + [kept[-1]] * (8 - len(kept)) if kept else None
 
 
 def test_decoded_frames_are_the_method_window_and_positions(generated):
@@ -215,16 +214,97 @@ def test_decoded_frames_are_the_method_window_and_positions(generated):
     clips = media.decode_windows(video, windows)  # all windows of the dialogue in one call
     assert len(clips) == len(group)
     for (t0, t1), clip in zip(windows, clips):
-        assert [read_index(frame) for frame in clip] == expected_indices(video, t0, t1)
+        assert [read_index(frame) for frame in clip] == authors_loop(video, t0, t1)
     # Single windows elsewhere, and short windows (n < 8: all frames, last repeated).
     for utt in utts[::17]:
         window = (max(utt.start - 1.0, 0.0), utt.end + 1.0)
         (clip,) = media.decode_windows(utt.video_path, [window])
-        assert [read_index(f) for f in clip] == expected_indices(utt.video_path, *window)
+        assert [read_index(f) for f in clip] == authors_loop(utt.video_path, *window)
+    # Short windows (positions 1..4; position 10 only; none): last frame repeated, or no frame.
     short = media.decode_windows(video, [(0.0, 0.45), (1.0, 1.05), (0.0, 0.0)])
-    assert [read_index(f) for f in short[0]] == [0, 1, 2, 3, 4, 4, 4, 4]
-    assert [read_index(f) for f in short[1]] == [10] * 8
-    assert short[2] is None  # empty window: no frame (the stage substitutes black frames)
+    assert [read_index(f) for f in short[0]] == [0, 1, 2, 3, 3, 3, 3, 3]
+    assert [read_index(f) for f in short[1]] == [9] * 8
+    assert short[2] is None  # no position in the window (the stage substitutes black frames)
+
+
+def _past_the_end_data(generated: Path, root: Path) -> tuple[Path, str]:
+    """A copy of the generated IEMOCAP CSVs (media linked) where one test utterance's window runs
+    past the end of its dialogue video; returns the data folder and that utterance's key."""
+    import csv
+
+    import av
+
+    source = generated / "datasets" / "IEMOCAP"
+    data_dir = root / "IEMOCAP"
+    data_dir.mkdir(parents=True)
+    for entry in source.iterdir():
+        if entry.is_dir():
+            (data_dir / entry.name).symlink_to(entry)
+    for split in SPLITS:
+        shutil.copy2(source / f"IEMOCAP_{split}.csv", data_dir / f"IEMOCAP_{split}.csv")
+    path = data_dir / "IEMOCAP_test.csv"
+    with open(path, newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    last = max(i for i, r in enumerate(rows) if r["Dialogue_ID"] == rows[0]["Dialogue_ID"])
+    with av.open(str(data_dir / rows[last]["Video_Path"])) as container:
+        stream = container.streams.video[0]
+        video_seconds = stream.frames / float(stream.average_rate)
+    rows[last]["End_Time"] = f"{video_seconds + 2.5:.4f}"  # window end = end + 1, 3.5 s past the end
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return data_dir, f"test/{rows[last]['Dialogue_ID']}_{rows[last]['Utterance_ID']}"
+
+
+@pytest.mark.parametrize("channel_order", ["rgb", "bgr"])
+def test_extraction_stage_stores_the_authors_frames(generated, tmp_path, monkeypatch, channel_order):
+    # The stage end to end on dialogue videos whose frames show their own index: every stored window
+    # holds exactly the frames the authors' loop picks, including one that runs past the end of the
+    # video (fewer than 8 kept, the last repeated). Resize/crop is replaced by the identity so that the
+    # stored frames can be read back.
+    data_dir, past_end = _past_the_end_data(generated, tmp_path / "datasets")
+    paths = {**generated_paths(generated, "IEMOCAP", tmp_path), "data_dir": data_dir}
+    monkeypatch.setattr(FrameCodec, "resize_crop", lambda self, frames: np.ascontiguousarray(
+        frames.transpose(0, 3, 1, 2)))
+    script("IEMOCAP", "video_feature_extract").main(flags(paths, num_workers=0, channel_order=channel_order))
+    checked, swapped = 0, 0
+    for utt in all_utterances(IEMOCAP, data_dir):
+        stored = np.load(frame_file(paths["feature_dir"], utt.split, utt.key)).transpose(0, 2, 3, 1)
+        if channel_order == "bgr":
+            rgb = media.decode_windows(utt.video_path, [(max(utt.start - 1.0, 0.0), utt.end + 1.0)])[0]
+            assert np.array_equal(stored, rgb[..., ::-1])
+            swapped += not np.array_equal(stored, rgb)  # coloured (not grey) frames show the swap
+            stored = stored[..., ::-1]
+        expected = authors_loop(utt.video_path, max(utt.start - 1.0, 0.0), utt.end + 1.0)
+        assert [read_index(frame) for frame in stored] == expected, f"{utt.split}/{utt.key}"
+        if f"{utt.split}/{utt.key}" == past_end:
+            assert len(set(expected)) < 8 and expected[-1] == expected[-2]
+        checked += 1
+    assert checked == len(expected_npy(IEMOCAP, data_dir))
+    assert SubstitutionReport.read(paths["feature_dir"] / "video" / "substitutions.tsv") == []
+    assert swapped == (checked if channel_order == "bgr" else 0)
+
+
+def test_meld_clip_with_wrong_frame_count_metadata_is_reported(generated, tmp_path, monkeypatch):
+    from magtkd import dataset
+
+    utt = load_split(MELD, generated / "datasets" / "MELD", "dev")[0]
+    dataset._init_worker(load_image_processor(generated / "pretrained_model"))
+    (job,) = dataset.plan_jobs(MELD, [utt], tmp_path)
+    assert job.windows == (None,) and dataset.run_job(job) == []  # metadata agrees with the decoded count
+    with media.av.open(str(utt.video_path)) as container:
+        decoded = sum(1 for _ in container.decode(video=0))
+    assert 8 < decoded < 24
+    # Metadata too high: the authors' step (metadata // 8) still decides; the clip is listed with both counts.
+    monkeypatch.setattr(media, "metadata_frame_count", lambda container, stream, fps: 24)
+    assert dataset.run_job(job) == [(f"dev/{utt.key}", str(utt.video_path),
+                                     f"metadata frame count 24, decoded {decoded}", dataset.FRAME_COUNT_NOTE)]
+    assert frame_file(tmp_path, "dev", utt.key).is_file()
+    # So high that no frame is kept (step beyond the clip): black frames, both counts in the reason.
+    monkeypatch.setattr(media, "metadata_frame_count", lambda container, stream, fps: 1000)
+    assert dataset.run_job(job) == [(f"dev/{utt.key}", str(utt.video_path), "no frame in the utterance's time "
+                                     f"window; metadata frame count 1000, decoded {decoded}", "black frames")]
 
 
 def test_window_rule_of_the_extraction_stage(generated):

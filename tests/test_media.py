@@ -14,7 +14,8 @@ from transformers import Wav2Vec2FeatureExtractor
 from magtkd import media as media_mod
 from magtkd.dataset import AudioField, Sample, SampleDataset, Utterance
 from magtkd.media import (
-    FRAMES_PER_CLIP, TARGET_SAMPLE_RATE, MediaError, decode_audio, decode_windows, sample_positions,
+    FRAMES_PER_CLIP, TARGET_SAMPLE_RATE, MediaError, clip_step, decode_audio, decode_windows, kept_indices,
+    window_frames, window_step,
 )
 from magtkd.utils import SubstitutionReport, note_problems
 from magtkd.synthetic.media import index_frame, read_index, tone, write_video, write_wav
@@ -69,12 +70,31 @@ def _indices(clip: np.ndarray) -> list[int]:
     return [read_index(frame) for frame in clip]
 
 
-def _expected(window, n_frames: int = N_FRAMES, fps: int = FPS) -> list[int] | None:
-    """Frame indices the docs/METHOD.md §2 rule selects: frames with t0 <= i/fps < t1, then sample_positions."""
-    inside = [i for i in range(n_frames) if window is None or window[0] <= i / fps < window[1]]
-    if not inside:
-        return None
-    return [inside[p] for p in sample_positions(len(inside))]
+def _expected(window, n_frames: int = N_FRAMES, fps: int = FPS, frame_count: int | None = None):
+    """The authors' OpenCV loop, written out over a video of ``n_frames`` frames (docs/METHOD.md §2).
+
+    Reads frames in order; OpenCV reports position ``i + 1`` after reading frame ``i``.
+    IEMOCAP window (ts, te): in the window when ts*fps <= position <= te*fps,
+    step = floor(fps * (te - ts) / 8). Whole clip (None): step = frame_count // 8.
+    A frame is kept when the running count in the window (1 for its first frame)
+    is a multiple of step (a step of 0 counts as 1); the first 8; the last kept
+    one repeated; None when nothing is kept.
+    """
+    if window is None:
+        step = (n_frames if frame_count is None else frame_count) // 8
+    else:
+        step = int(fps * (window[1] - window[0]) / 8)
+    step = max(step, 1)
+    kept, count = [], 0
+    for i in range(n_frames):
+        position = i + 1
+        if window is None or window[0] * fps <= position <= window[1] * fps:
+            count += 1
+            if count % step == 0:
+                kept.append(i)
+                if len(kept) == 8:
+                    break
+    return kept + [kept[-1]] * (8 - len(kept)) if kept else None
 
 
 @pytest.fixture(scope="module")
@@ -92,20 +112,24 @@ def _peak_hz(x: np.ndarray, sr: int) -> float:
 # ---------------------------------------------------------------- sampling rule
 
 
-@pytest.mark.parametrize(
-    "n, expected",
-    [
-        (0, []),
-        (1, [0] * 8),
-        (3, [0, 1, 2, 2, 2, 2, 2, 2]),
-        (8, [0, 1, 2, 3, 4, 5, 6, 7]),
-        (17, [1, 3, 5, 7, 9, 11, 13, 15]),
-        (100, [11, 23, 35, 47, 59, 71, 83, 95]),
-    ],
-)
-def test_sample_positions(n, expected):
+def test_window_rule_pieces():
     assert FRAMES_PER_CLIP == 8
-    assert sample_positions(n) == expected
+    # 1-based positions: [1.0 s, 2.0 s] at 10 fps are positions 10..20, i.e. frames 9..19.
+    assert window_frames(10, 1.0, 2.0) == (9, 19)
+    assert window_frames(10, 0.0, 1.0) == (0, 9)
+    assert window_frames(10, 2.05, 2.35) == (20, 22)
+    assert window_frames(29.97, 3.5, 6.25) == (104, 186)  # ceil(104.895) - 1, floor(187.31) - 1
+    # Step from the window's duration, not from the frames in it; 0 becomes 1.
+    assert window_step(10, 1.0, 2.0) == 1 and window_step(10, 0.0, 8.0) == 10
+    assert window_step(29.97, 3.5, 6.25) == 10  # floor(82.42 / 8)
+    assert window_step(10, 2.05, 2.35) == 1
+    assert clip_step(100) == 12 and clip_step(7) == 1 and clip_step(0) == 1
+    assert kept_indices(104, 186, 10) == [113, 123, 133, 143, 153, 163, 173, 183]
+    assert kept_indices(0, 1e9, 12) == [11, 23, 35, 47, 59, 71, 83, 95]
+    assert kept_indices(20, 22, 1) == [20, 21, 22]  # the caller repeats 22
+    assert kept_indices(5, 4, 1) == []
+    with pytest.raises(ValueError):
+        kept_indices(0, 10, 0)
 
 
 # ---------------------------------------------------------------- writers
@@ -147,18 +171,20 @@ def test_write_video_with_audio_and_wav(tmp_path):
 # ---------------------------------------------------------------- windowed video decoding
 
 
-def test_decode_windows_selects_exact_frames_with_one_open(indexed_avi, monkeypatch):
+def test_decode_windows_selects_the_authors_frames_with_one_open(indexed_avi, monkeypatch):
     windows = [
-        (0.0, 1.0),  # frames 0..9: boundary frame 10 (t = 1.0) excluded
-        (0.0, 1.5),  # 15 frames (step 1); an inclusive end would give 16 (step 2)
-        (0.5, 1.3),  # frames 5..12; an exclusive start would give 7 frames
-        (1.0, 5.0),  # overlaps the next one
-        (2.05, 2.35),  # 3 frames -> last repeated
+        (0.0, 1.0),  # positions 1..10 = frames 0..9, step 1
+        (0.0, 1.5),  # frames 0..14, step 1
+        (0.5, 1.3),  # positions 5..13 = frames 4..12
+        (1.0, 5.0),  # overlaps the next one; step 5
+        (2.05, 2.35),  # frames 20..22 -> last repeated
         (2.0, 12.0),
-        (18.0, 40.0),  # runs past the end
+        (15.0, 21.0),  # runs past the end of the 200-frame video: 7 kept, the last repeated
+        (18.0, 40.0),  # past the end, and the first multiple of its step (27) lies beyond it
         (25.0, 30.0),  # entirely beyond the end
-        (3.0, 3.0),  # empty
-        None,  # whole clip
+        (3.0, 3.0),  # position 30 only: one frame
+        (3.01, 3.05),  # no position inside
+        None,  # whole clip, step 200 // 8
         (0.0, 1.0),  # duplicate of the first
     ]
     log = _count_opens(monkeypatch, media_mod)
@@ -172,9 +198,23 @@ def test_decode_windows_selects_exact_frames_with_one_open(indexed_avi, monkeypa
         else:
             assert clip.shape == (8, 48, 64, 3) and clip.dtype == np.uint8
             assert _indices(clip) == expected, window
-    assert _expected((2.05, 2.35)) == [21, 22, 23, 23, 23, 23, 23, 23]
-    assert _expected((0.0, 1.5)) == list(range(8))
-    assert _expected((0.5, 1.3)) == list(range(5, 13))
+    # The rule by hand, where it differs from "timestamps in [ts, te), step = frames // 8":
+    assert _indices(clips[4]) == [20, 21, 22, 22, 22, 22, 22, 22]
+    assert _indices(clips[2]) == [4, 5, 6, 7, 8, 9, 10, 11]
+    assert _indices(clips[3]) == [13, 18, 23, 28, 33, 38, 43, 48]
+    assert _indices(clips[6]) == [155, 162, 169, 176, 183, 190, 197, 197]
+    assert clips[7] is None and clips[8] is None and clips[10] is None
+    assert _indices(clips[9]) == [29] * 8
+    assert _indices(clips[11]) == [24, 49, 74, 99, 124, 149, 174, 199]
+
+
+def test_decode_windows_channel_order(indexed_avi):
+    rgb, bgr = decode_windows(indexed_avi, [(0.0, 1.0)], "rgb")[0], decode_windows(indexed_avi, [(0.0, 1.0)], "bgr")[0]
+    assert np.array_equal(bgr, rgb[..., ::-1])
+    corner = rgb[0, -1, -1]  # background (30 + i, 90, 160) survives coding to within a few levels
+    assert abs(int(corner[0]) - 30) < 8 and abs(int(corner[2]) - 160) < 8
+    with pytest.raises(ValueError, match="channel_order"):
+        decode_windows(indexed_avi, [None], "yuv")
 
 
 def test_decode_windows_h264_mp4_with_audio(tmp_path):
@@ -183,16 +223,32 @@ def test_decode_windows_h264_mp4_with_audio(tmp_path):
     n = 40
     write_video(path, (index_frame(i, 48, 64) for i in range(n)), 25, codec="libx264",
                 audio=tone(300, n / 25, 44100, channels=2), sample_rate=44100)
-    whole, part = decode_windows(path, [None, (0.2, 0.9)])
-    assert _indices(whole) == _expected(None, n_frames=n, fps=25)
+    counts: dict = {}
+    whole, part = decode_windows(path, [None, (0.2, 0.9)], frame_counts=counts)
+    assert _indices(whole) == _expected(None, n_frames=n, fps=25) == [4, 9, 14, 19, 24, 29, 34, 39]
     assert _indices(part) == _expected((0.2, 0.9), n_frames=n, fps=25)
+    assert counts == {0: (n, n)}  # metadata and decoded counts agree
 
 
-def test_decode_windows_stops_after_last_window(indexed_avi, monkeypatch):
+def test_whole_clip_step_follows_the_metadata_count(indexed_avi, monkeypatch):
+    # Wrong metadata (real MELD clips have it): the authors' rule still decides, from the metadata
+    # count, and both counts are returned for the report.
+    monkeypatch.setattr(media_mod, "metadata_frame_count", lambda container, stream, fps: 100)
+    counts: dict = {}
+    (whole,) = decode_windows(indexed_avi, [None], frame_counts=counts)
+    assert _indices(whole) == _expected(None, frame_count=100) == [11, 23, 35, 47, 59, 71, 83, 95]
+    assert counts == {0: (100, N_FRAMES)}
+    monkeypatch.setattr(media_mod, "metadata_frame_count", lambda container, stream, fps: 1000)
+    (whole,) = decode_windows(indexed_avi, [None], frame_counts=counts)
+    assert _indices(whole) == _expected(None, frame_count=1000) == [124] * 8  # step 125: one frame
+
+
+def test_decode_windows_stops_after_last_kept_frame(indexed_avi, monkeypatch):
     log = _count_opens(monkeypatch, media_mod)
     clips = decode_windows(indexed_avi, [(0.5, 2.0), (1.0, 4.0)])
     assert [_indices(c) for c in clips] == [_expected((0.5, 2.0)), _expected((1.0, 4.0))]
-    assert log["frames"] <= 41 + 10  # frames up to t = 4.0, plus decoder look-ahead slack
+    assert _indices(clips[1]) == [11, 14, 17, 20, 23, 26, 29, 32]  # frames 9..39, step 3
+    assert log["frames"] <= 33 + 10  # frames up to the last kept one, plus decoder look-ahead slack
     assert log["frames"] < N_FRAMES
 
 
@@ -200,45 +256,23 @@ def test_decode_windows_keeps_frames_decoded_before_a_failure(indexed_avi, monke
     _count_opens(monkeypatch, media_mod, fail_after=45)  # frames 0..44 decode, then an error
     clips = decode_windows(indexed_avi, [(0.0, 2.0), (4.2, 6.0), (5.0, 8.0), None])
     assert _indices(clips[0]) == _expected((0.0, 2.0))
-    assert _indices(clips[1]) == [42, 43, 44, 44, 44, 44, 44, 44]  # partial window: what was read
+    assert _indices(clips[1]) == [42, 44, 44, 44, 44, 44, 44, 44]  # partial window: what was read
     assert clips[2] is None
-    assert _indices(clips[3]) == _expected(None, n_frames=45)
+    assert _indices(clips[3]) == [24] * 8
 
 
-def test_candidate_positions_cover_every_count_in_range():
-    for lo, hi in [(0, 70), (60, 75), (186, 214), (2790, 2970)]:
-        kept = media_mod._candidates(lo, hi)
-        for n in range(lo, hi + 1):
-            assert set(sample_positions(n)) <= kept, (lo, hi, n)
-    assert len(media_mod._candidates(2790, 2970)) < 0.1 * 2790
-
-
-def test_long_window_holds_few_frames(indexed_avi, monkeypatch):
+def test_windows_hold_only_their_kept_frames(indexed_avi, monkeypatch):
     held = []
-    real_pick = media_mod._pick
+    real_finish = media_mod._finish
 
-    def recording_pick(window):
-        held.append((window.count, len(window.frames)))
-        return real_pick(window)
+    def recording_finish(window):
+        held.append(len(window.frames))
+        return real_finish(window)
 
-    monkeypatch.setattr(media_mod, "_pick", recording_pick)
-    log = _count_opens(monkeypatch, media_mod)
-    whole, early = decode_windows(indexed_avi, [None, (0.0, 3.0)])
-    assert _indices(whole) == _expected(None) and _indices(early) == _expected((0.0, 3.0))
-    assert log["opens"] == 1
-    assert sorted(held) == [(30, 30), (N_FRAMES, held[-1][1])]  # a short window holds all
-    assert held[-1][1] <= 48  # the 200-frame clip holds only its candidate positions
-
-
-def test_mispredicted_frame_count_is_decoded_again_exactly(indexed_avi, monkeypatch):
-    # Wrong rate metadata (as in variable-frame-rate files): the first pass holds
-    # the wrong positions, a second pass with the exact count fixes them.
-    monkeypatch.setattr(media_mod, "_estimate_frames", lambda stream, start, end: 600.0)
-    log = _count_opens(monkeypatch, media_mod)
-    windows = [None, (2.0, 14.0), (0.0, 0.5)]
-    clips = decode_windows(indexed_avi, windows)
-    assert [_indices(c) for c in clips] == [_expected(w) for w in windows]
-    assert log["opens"] == 2
+    monkeypatch.setattr(media_mod, "_finish", recording_finish)
+    whole, long = decode_windows(indexed_avi, [None, (0.0, 19.0)])
+    assert _indices(whole) == _expected(None) and _indices(long) == _expected((0.0, 19.0))
+    assert held == [8, 8]  # 200- and 190-frame windows hold 8 frames each
 
 
 def test_decode_windows_media_errors(tmp_path):
@@ -287,18 +321,24 @@ def test_decode_wav_at_target_rate_is_exact(tmp_path):
     assert np.abs(decode_audio(tmp_path / "stereo.wav") - stereo.mean(axis=1)).max() <= 1.5 / 32767
 
 
-def test_decode_audio_max_samples_stops_early(tmp_path, monkeypatch):
-    path = tmp_path / "long.mp4"
-    write_video(path, (index_frame(i, 48, 64) for i in range(30)), 1, codec="libx264",
-                audio=tone(250, 30.0, 44100, channels=2), sample_rate=44100)
+def test_audio_field_normalises_the_whole_clip_then_keeps_the_head(tmp_path):
+    # docs/METHOD.md §2, as the authors: mean/variance of the WHOLE clip, then the first max_samples.
+    # A quiet first second and a loud rest make the two orders differ clearly.
+    rng = np.random.default_rng(5)
+    wave = np.concatenate([0.05 * tone(250, 1.0, 16000)[:, 0], 0.6 * tone(400, 3.0, 16000)[:, 0]])
+    wave = wave + 0.01 * rng.standard_normal(len(wave)).astype(np.float32)
+    path = tmp_path / "long.wav"
+    write_wav(path, wave, 16000)
     full = decode_audio(path)
-    log = _count_opens(monkeypatch, media_mod)
-    head = decode_audio(path, max_samples=16000)
-    assert head.shape == (16000,)
-    assert np.abs(head - full[:16000]).max() < 1e-4
-    assert log["opens"] == 1 and log["frames"] < 100  # ~1300 AAC frames in the clip
-    write_wav(tmp_path / "long.wav", tone(250, 3.0, 16000), 16000)
-    assert decode_audio(tmp_path / "long.wav", max_samples=1234).shape == (1234,)
+    assert full.shape == wave.shape  # the whole clip is decoded
+    extractor = Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=TARGET_SAMPLE_RATE, padding_value=0.0,
+                                         do_normalize=True, return_attention_mask=True)
+    values, problem = AudioField(extractor, max_samples=8000).load(_utterance_sample("test", 0, 0, path))
+    assert problem is None and values.shape == (8000,)
+    whole = (full - full.mean()) / np.sqrt(full.var() + 1e-7)
+    head_only = (full[:8000] - full[:8000].mean()) / np.sqrt(full[:8000].var() + 1e-7)
+    assert np.abs(values - whole[:8000]).max() < 1e-4
+    assert np.abs(values - head_only).max() > 1.0  # normalising only the kept part would differ
 
 
 def _utterance_sample(split: str, dialogue: int, utterance: int, path) -> Sample:
