@@ -67,6 +67,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help=f"speaker embedding rows without padding (default: {IEMOCAP.n_speaker}; "
                         "with --train False: from the checkpoint)")
     utils.add_determinism_flag(p)
+    utils.add_loop_flags(p, checkpointing=False)  # --grad_accum, --resume
     return utils.add_debug_flag(p).parse_args(argv)
 
 

@@ -34,12 +34,13 @@ def main(argv=None) -> dict:
                              "OpenCV frames (docs/METHOD.md §7)")
     args = parser.parse_args(argv)
     utils.setup_logging()
+    device = utils.resolve_device("cpu")  # frames are decoded on CPU; under torchrun this joins the group
 
     # Data: the utterances whose frames are still missing, grouped by source video
     utterances = [u for split in dataset.SPLITS for u in dataset.load_split(IEMOCAP, args.data_dir, split)]
     jobs = dataset.plan_jobs(IEMOCAP, utterances, args.feature_dir, args.channel_order)
     todo = sum(len(j.keys) for j in jobs)
-    utils.log_start("IEMOCAP video_feature_extract", args, "cpu",
+    utils.log_start("IEMOCAP video_feature_extract", args, device,
                     {"utterances": len(utterances), "to_extract": todo, "source_videos": len(jobs)})
 
     # "Model": the videomae-base image processor's resize and centre crop

@@ -68,6 +68,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "in the data, whichever is larger; "
                         "with --train False: from the checkpoint)")
     utils.add_determinism_flag(p)
+    utils.add_loop_flags(p, checkpointing=False)  # --grad_accum, --resume
     return utils.add_debug_flag(p).parse_args(argv)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import builtins
 import codecs
+import contextlib
 import dataclasses
 import hashlib
 import importlib
@@ -32,9 +33,8 @@ import pandas as pd
 import torch
 from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
 
-from . import media
+from . import media, utils
 from .media import FRAMES_PER_CLIP, TARGET_SAMPLE_RATE, DecoderProcess, MediaError, decode_audio_isolated, decode_windows
 from .utils import (InputMissing, SubstitutionReport, UserError, atomic_path, begin_outputs, check_complete,
                     finish_outputs, output_lock)
@@ -667,10 +667,19 @@ class SampleDataset(Dataset):
 
 def make_loader(dataset: SampleDataset, batch_size: int, shuffle: bool, num_workers: int,
                 seed: int = 0) -> DataLoader:
+    """A loader over ``dataset``; ``shuffle`` draws from a generator seeded with ``seed``.
+
+    Under torchrun each rank loads its shard: shuffled loaders through a DistributedSampler
+    (``seed`` + epoch), ordered ones every ``world_size``-th sample without padding, so that
+    gathering the ranks' outputs by ``batch["index"]`` covers every sample once.
+    """
     generator = torch.Generator().manual_seed(seed)
+    sampler = None
+    if utils.world_size() > 1:
+        sampler = utils.train_sampler(dataset, seed) if shuffle else utils.EvalShardSampler(len(dataset))
     return DataLoader(
-        dataset, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers,
-        collate_fn=dataset.collate, generator=generator, persistent_workers=False,
+        dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
+        num_workers=num_workers, collate_fn=dataset.collate, generator=generator, persistent_workers=False,
     )
 
 
@@ -857,13 +866,18 @@ def extract_frames(jobs: Sequence[Job], image_processor: Any, num_workers: int, 
     rewritten last with ``complete: true``.
     """
     video_dir = report_path.parent
-    with output_lock(video_dir, "frames"):
+    # Under torchrun each rank decodes its share of the videos (the report is gathered at the end);
+    # the lock is rank 0's.
+    single = utils.world_size() == 1
+    with output_lock(video_dir, "frames") if utils.is_main() else contextlib.nullcontext():
         record = frames_record(video_dir.parent)
-        begin_outputs(record, "video_feature_extract", args or {}, report=report_path.name)
+        if single:  # under torchrun no rank knows when the others finish: no completion record
+            begin_outputs(record, "video_feature_extract", args or {}, report=report_path.name)
         report = SubstitutionReport()
         if report_path.is_file():
             for item in SubstitutionReport.read(report_path):
                 report.add(item.key, item.path, item.reason, item.replacement)
+        jobs = utils.shard(jobs)
         _init_worker(image_processor)  # the parent writes black frames for crashed jobs
         # One supervised decoder process per worker, started here in the main thread.
         decoders = [DecoderProcess(media.VIDEO_TIMEOUT_S, _init_worker, (image_processor,)).start()
@@ -883,17 +897,19 @@ def extract_frames(jobs: Sequence[Job], image_processor: Any, num_workers: int, 
 
         try:
             with ThreadPoolExecutor(max(1, len(decoders))) as threads:
-                for problems in tqdm(threads.map(supervised, jobs), total=len(jobs), desc="videos", disable=None):
+                for problems in utils.progress(threads.map(supervised, jobs), total=len(jobs), desc="videos",
+                                               leave=True):
                     for problem in problems:
                         report.add_problem(problem[0], problem[1:], "black frames")
-                    if problems:  # keep the report current, so an interrupted run loses nothing
+                    if problems and single:  # keep the report current, so an interrupted run loses nothing
                         report.write(report_path)
         finally:
             for decoder in decoders:
                 decoder.close()
         report.write(report_path)
-        finish_outputs(record, "video_feature_extract", args or {}, report=report_path.name,
-                       substituted=len(report))
+        if single:
+            finish_outputs(record, "video_feature_extract", args or {}, report=report_path.name,
+                           substituted=len(report))
     return report
 
 

@@ -21,7 +21,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -180,6 +180,19 @@ def training_parser(
         parser.add_argument("--amp", type=str2bool, default=False,
                             help="bf16 autocast on CUDA; default fp32, as the authors (CPU always runs fp32)")
     add_determinism_flag(parser)
+    add_loop_flags(parser, checkpointing=True)
+    return parser
+
+
+def add_loop_flags(parser: argparse.ArgumentParser, checkpointing: bool) -> argparse.ArgumentParser:
+    """Memory and restart flags of every training loop (`fit`, `fit_fusion`)."""
+    parser.add_argument("--grad_accum", type=int, default=1,
+                        help="accumulate gradients over N batches per update (an N times larger batch)")
+    if checkpointing:
+        parser.add_argument("--grad_checkpointing", type=str2bool, default=False,
+                            help="recompute the Hugging Face backbone's activations in backward (less memory)")
+    parser.add_argument("--resume", type=str2bool, default=False,
+                        help="continue from the training state saved after the last completed epoch")
     return parser
 
 
@@ -190,12 +203,14 @@ def add_determinism_flag(parser: argparse.ArgumentParser) -> None:
 
 
 def resolve_device(name: str | None) -> torch.device:
+    """The device of this process; under ``torchrun`` also joins the process group (`init_distributed`)."""
     if name is None or name == "":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise UserError(f"--device {name}: not a device name; use cpu, cuda or cuda:N") from None
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        try:
+            device = torch.device(name)
+        except (RuntimeError, ValueError):
+            raise UserError(f"--device {name}: not a device name; use cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {name} requested but CUDA is not available on this machine; use --device cpu")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
@@ -203,7 +218,83 @@ def resolve_device(name: str | None) -> torch.device:
                         f"(cuda:0..cuda:{torch.cuda.device_count() - 1})")
     if device.type not in ("cpu", "cuda"):
         raise UserError(f"--device {name}: only cpu and cuda devices are supported")
+    return init_distributed(device)
+
+
+# --------------------------------------------------------------------------- several processes (torchrun)
+
+def world_size() -> int:
+    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+
+
+def rank() -> int:
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+def is_main() -> bool:
+    """Rank 0 (or the only process): the one that writes artifacts, logs and progress bars."""
+    return rank() == 0
+
+
+def init_distributed(device: torch.device) -> torch.device:
+    """Join the process group ``torchrun`` describes (WORLD_SIZE, RANK, LOCAL_RANK, MASTER_ADDR/PORT).
+
+    One process per device: CUDA processes take ``cuda:LOCAL_RANK`` and NCCL, CPU
+    processes gloo. Without ``torchrun`` (WORLD_SIZE unset or 1) the device is
+    returned unchanged. Ranks other than 0 log warnings only.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if not is_main():
+        logging.getLogger().setLevel(logging.WARNING)
     return device
+
+
+def progress(iterable, **kwargs) -> tqdm:
+    """A tqdm bar on rank 0 only (and only on a terminal, tqdm's ``disable=None``)."""
+    options = {"leave": False, "dynamic_ncols": True, **kwargs}
+    return tqdm(iterable, disable=None if is_main() else True, **options)
+
+
+def shard(items: Sequence[Any]) -> list[Any]:
+    """This rank's share of ``items`` (every ``world_size``-th item from ``rank``); all of them on one process."""
+    return list(items)[rank()::world_size()]
+
+
+def gather_objects(obj: Any) -> list[Any]:
+    """``obj`` of every rank, in rank order (``[obj]`` on one process)."""
+    if world_size() == 1:
+        return [obj]
+    out: list[Any] = [None] * world_size()
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+class EvalShardSampler(torch.utils.data.Sampler):
+    """Every ``world_size``-th index from ``rank``, in order: each item on exactly one rank, no padding
+    (a DistributedSampler would repeat items to even out the shards and count them twice)."""
+
+    def __init__(self, n: int) -> None:
+        self.indices = list(range(n))[rank()::world_size()]
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def train_sampler(dataset, seed: int) -> torch.utils.data.DistributedSampler | None:
+    """The training split's sampler under torchrun: a DistributedSampler shuffled by ``seed`` + epoch
+    (`fit` calls ``set_epoch`` every epoch); ``None`` on one process (the loader shuffles itself)."""
+    if world_size() == 1:
+        return None
+    return torch.utils.data.DistributedSampler(dataset, shuffle=True, seed=seed, drop_last=False)
 
 
 def set_seed(seed: int, deterministic: bool = True) -> None:
@@ -243,7 +334,7 @@ def log_start(stage: str, args: argparse.Namespace, device: torch.device,
               sizes: Mapping[str, int] | None = None) -> None:
     """Log resolved arguments, device and dataset sizes at the start of a stage."""
     log.info("%s: arguments %s", stage, {k: str(v) for k, v in sorted(vars(args).items())})
-    log.info("%s: device %s", stage, device)
+    log.info("%s: device %s world_size=%d", stage, device, world_size())
     if sizes:
         log.info("%s: sizes %s", stage, dict(sizes))
 
@@ -455,8 +546,14 @@ class SubstitutionReport:
         return len(self.items)
 
     def write(self, path: str | Path) -> Path:
-        """Write the report (also when empty, so a clean run is visible as such)."""
-        rows = sorted(set(self.items), key=lambda s: (s.key, s.path))
+        """Write the report (also when empty, so a clean run is visible as such).
+
+        Under torchrun every rank calls this: the ranks' items are gathered and rank 0 writes them.
+        """
+        items = [item for part in gather_objects(list(self.items)) for item in part]
+        if not is_main():
+            return Path(path)
+        rows = sorted(set(items), key=lambda s: (s.key, s.path))
         lines = [self.header] + [
             f"{s.key}\t{s.path}\t{s.reason.replace(chr(9), ' ')}\t{s.replacement}\n" for s in rows
         ]
@@ -540,6 +637,59 @@ def check_fusion_record(save_dir: Path, dataset: str, checkpoint: Path) -> dict[
             f"({Path(save_dir) / FUSION_METRICS}) but this is {producer}: pass the --save_dir of a {dataset} run"
         )
     return doc
+
+
+# The authors' first-stage modules (docs/METHOD.md §7): the pretrained encoder is ``text_model``
+# (a RobertaModel WITH its pooler, which the representation never uses) or ``model``
+# (data2vec / TimeSformer), the classifier ``W``; ours are ``backbone`` and ``classifier``
+# (+ the text ``project``). Entries of theirs that our modules lack and nothing reads.
+AUTHORS_BACKBONES = ("text_model.", "model.")
+AUTHORS_UNUSED = (".pooler.", "embeddings.position_ids")
+
+
+def from_authors_layout(model: nn.Module, state: Mapping[str, torch.Tensor], path: Path
+                        ) -> dict[str, torch.Tensor]:
+    """A first-stage state_dict as the authors' code writes it, renamed onto ``model``'s names.
+
+    ``text_model.*`` / ``model.*`` -> ``backbone.*``; the pooler (and a stored
+    ``position_ids`` buffer) are dropped; each other top-level Linear (``W``, and
+    the text projection whatever its name) goes to the one head Linear of ours
+    with its weight's shape. Anything that fits nowhere keeps its name, so the
+    strict check in `load_checkpoint` reports it. Our own checkpoints pass unchanged.
+    """
+    if any(k.startswith("backbone.") for k in state) or not any(k.startswith(AUTHORS_BACKBONES) for k in state):
+        return dict(state)
+    own = model.state_dict()
+    mapped: dict[str, torch.Tensor] = {}
+    dropped: list[str] = []
+    heads: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in state.items():
+        prefix = next((p for p in AUTHORS_BACKBONES if key.startswith(p)), None)
+        if prefix is None:
+            module, _, leaf = key.rpartition(".")
+            heads.setdefault(module, {})[leaf] = value
+            continue
+        ours = "backbone." + key[len(prefix):]
+        if ours not in own and any(part in key for part in AUTHORS_UNUSED):
+            dropped.append(key)
+        else:
+            mapped[ours] = value
+    our_heads = {k.rpartition(".")[0] for k in own if not k.startswith("backbone.")}
+    renamed = []
+    for module, params in heads.items():
+        weight = params.get("weight")
+        fits = [h for h in our_heads if weight is not None and set(params) == {"weight", "bias"}
+                and tuple(own[f"{h}.weight"].shape) == tuple(weight.shape)]
+        if module and len(fits) == 1:
+            our_heads.discard(fits[0])
+            mapped.update({f"{fits[0]}.{leaf}": v for leaf, v in params.items()})
+            renamed.append(f"{module} -> {fits[0]}")
+        else:  # unknown to us: left under its own name for the error message
+            mapped.update({f"{module}.{leaf}" if module else leaf: v for leaf, v in params.items()})
+    log.info("%s: laid out as the authors' code writes it; backbone renamed, heads %s, %d unused entries "
+             "dropped (%s)", path, ", ".join(renamed) or "none", len(dropped),
+             ", ".join(sorted({k.split(".pooler.")[0] + ".pooler" if ".pooler." in k else k for k in dropped})))
+    return mapped
 
 
 # The authors' first-stage modules (docs/METHOD.md §7): the pretrained encoder is ``text_model``
@@ -715,36 +865,65 @@ def note_problems(batch: Mapping[str, Any], dataset, report: SubstitutionReport 
 def predict(step: StepFn, loader, device: torch.device, amp: bool,
             report: SubstitutionReport | None = None, desc: str = "eval",
             amp_dtype: torch.dtype = torch.bfloat16) -> tuple[np.ndarray, np.ndarray]:
-    """Gold labels and argmax predictions over a loader, in loader order."""
-    labels, preds = [], []
-    for batch in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=None):
+    """Gold labels and argmax predictions over a loader, in dataset (CSV) order.
+
+    Under torchrun each rank scores its shard (`magtkd.dataset.make_loader`) and the
+    ranks' outputs are gathered and put back in order by sample index, each sample once.
+    """
+    index, labels, preds = [], [], []
+    for batch in progress(loader, desc=desc):
         note_problems(batch, loader.dataset, report)
+        index.append(batch["index"])
         batch = to_device(batch, device)
         with autocast(device, amp, amp_dtype):
             _, logits = step(batch, False)
         labels.append(batch["labels"].cpu())
         preds.append(logits.float().argmax(-1).cpu())
-    if not labels:
-        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
-    return torch.cat(labels).numpy(), torch.cat(preds).numpy()
+    local = {"labels": _cat(labels), "preds": _cat(preds)}
+    ordered = in_dataset_order(_cat(index), local)
+    return ordered["labels"], ordered["preds"]
+
+
+def _cat(chunks: list) -> np.ndarray:
+    if not chunks:
+        return np.zeros(0, dtype=np.int64)
+    if torch.is_tensor(chunks[0]):
+        return torch.cat(chunks).numpy()
+    return np.concatenate(chunks)
+
+
+def in_dataset_order(index: np.ndarray, outputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Gather per-sample ``outputs`` (rows aligned with ``index``) from every rank and sort them by index."""
+    # A rank with an empty shard (more ranks than samples) contributes nothing.
+    parts = [p for p in gather_objects((np.asarray(index), dict(outputs))) if len(p[0])] or [(index, outputs)]
+    index = np.concatenate([p[0] for p in parts])
+    order = np.argsort(index, kind="stable")
+    if len(np.unique(index)) != len(index):
+        raise RuntimeError("evaluation shards overlap: a sample was scored on more than one rank")
+    return {key: np.concatenate([p[1][key] for p in parts])[order] for key in outputs}
 
 
 @torch.inference_mode()
 def representations(models: Mapping[str, nn.Module], loader, device: torch.device, amp: bool,
                     report: SubstitutionReport | None = None) -> dict[str, np.ndarray]:
-    """(N, D) float32 representations of each encoder (``encoder.encode(batch)``), in loader order.
+    """(N, D) float32 representations of each encoder (``encoder.encode(batch)``), in dataset order
+    (gathered from every rank under torchrun).
 
     All encoders run on the same batches, so encoders sharing an input decode each clip once.
     """
     outputs: dict[str, list[np.ndarray]] = {key: [] for key in models}
-    for batch in tqdm(loader, desc="batches", leave=False, dynamic_ncols=True, disable=None):
+    index = []
+    for batch in progress(loader, desc="batches"):
         note_problems(batch, loader.dataset, report)
+        index.append(batch["index"])
         batch = to_device(batch, device)
         for key, encoder in models.items():
             with autocast(device, amp):
                 rep, _ = encoder.encode(batch)
             outputs[key].append(rep.float().cpu().numpy())
-    return {key: np.concatenate(chunks).astype(np.float32) for key, chunks in outputs.items()}
+    local = {key: np.concatenate(chunks).astype(np.float32) if chunks else np.zeros(0, np.float32)
+             for key, chunks in outputs.items()}
+    return in_dataset_order(_cat(index), local)
 
 
 def substitution_report_path(checkpoint: Path, train: bool) -> Path:
@@ -759,6 +938,199 @@ def test_report(labels: np.ndarray, preds: np.ndarray, names: Sequence[str]) -> 
     out["confusion"] = confusion(labels, preds, len(names))  # rows = gold, columns = predicted
     return out
 
+
+# --------------------------------------------------------------------------- updates, memory knobs, resume
+
+class StepModule(nn.Module):
+    """``step`` as a module over ``model``, so DistributedDataParallel sees the forward pass that
+    produces the loss (its gradient hooks sit on ``model``'s parameters)."""
+
+    def __init__(self, model: nn.Module, step: Callable[..., Any]) -> None:
+        super().__init__()
+        self.model = model
+        self.step = step
+
+    def forward(self, *args: Any) -> Any:
+        return self.step(*args)
+
+
+def wrap_for_training(model: nn.Module, step: Callable[..., Any], device: torch.device) -> nn.Module:
+    """``StepModule(model, step)``, inside DistributedDataParallel under torchrun.
+
+    ``find_unused_parameters``: data2vec's mask embedding only gets a gradient when a
+    time mask was drawn for the batch.
+    """
+    runner: nn.Module = StepModule(model, step)
+    if world_size() > 1:
+        runner = nn.parallel.DistributedDataParallel(
+            runner, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
+    return runner
+
+
+def enable_grad_checkpointing(model: nn.Module) -> list[str]:
+    """``--grad_checkpointing True``: the Hugging Face backbones inside ``model`` recompute their layers'
+    activations during backward (less memory, about a third more compute); returns their class names."""
+    found = [m for m in model.modules() if getattr(m, "supports_gradient_checkpointing", False)
+             and hasattr(m, "gradient_checkpointing_enable")]
+    if not found:
+        raise SystemExit(f"--grad_checkpointing True: {type(model).__name__} has no Hugging Face backbone")
+    for module in found:
+        # Non-reentrant checkpointing restores the RNG state, so dropout masks match the plain run.
+        module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return [type(m).__name__ for m in found]
+
+
+def groups(batches: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    """Consecutive batches in groups of ``size`` (the last group may be shorter): one update each."""
+    group: list[Any] = []
+    for batch in batches:
+        group.append(batch)
+        if len(group) == size:
+            yield group
+            group = []
+    if group:
+        yield group
+
+
+def update(runner: nn.Module, group: Sequence[Any], loss_of: Callable[[Any], torch.Tensor],
+           optimizer: torch.optim.Optimizer, scheduler, params: Sequence[nn.Parameter],
+           grad_clip: float, scaler: torch.amp.GradScaler | None = None, clip_scaled: bool = False) -> float:
+    """One optimizer update over the micro-batches of ``group`` (``--grad_accum``); returns its loss.
+
+    ``loss_of(batch)`` is the mean loss over the batch's items. Each micro-batch's
+    loss is weighted by its share of the group's items (`_count`), so the
+    accumulated gradient is that of the mean loss over the whole group: the same
+    update as one batch holding all of them, for losses that are means over items
+    (cross-entropy). Loss terms that relate the items of a batch to each other (the
+    KD correlation/relation terms, docs/METHOD.md §3) are computed per micro-batch.
+    Under DDP the gradients are all-reduced once, at the last micro-batch. With a
+    gradient ``scaler`` (fp16 KD, docs/METHOD.md §3) the gradients are unscaled
+    before clipping, or clipped while still scaled with ``clip_scaled`` (the
+    authors' order).
+    """
+    optimizer.zero_grad(set_to_none=True)
+    counts = [_count(batch) for batch in group]
+    total = sum(counts)
+    value = 0.0
+    for i, (batch, count) in enumerate(zip(group, counts)):
+        last = i == len(group) - 1
+        with contextlib.nullcontext() if last or not hasattr(runner, "no_sync") else runner.no_sync():
+            loss = loss_of(batch)
+            # A single batch backpropagates its loss as is: the plain update, bit for bit.
+            share = loss if len(group) == 1 else loss * (count / total)
+            (share if scaler is None else scaler.scale(share)).backward()
+        value += loss.item() * (count / total)
+    if scaler is not None and not clip_scaled:
+        scaler.unscale_(optimizer)  # clip the true gradients (a no-op when the scaler is disabled)
+    torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    if scaler is None:
+        optimizer.step()
+    else:
+        scaler.step(optimizer)  # unscales first if not done above; skips steps with inf/nan gradients
+        scaler.update()
+    scheduler.step()
+    return value
+
+
+def _count(batch: Any) -> float:
+    """Items of a batch the loss averages over: real utterances of a fusion batch, else samples."""
+    mask = getattr(batch, "mask", None)
+    if mask is not None:
+        return float(mask.sum())
+    return float(len(batch["labels"]))
+
+
+def state_path(checkpoint: Path) -> Path:
+    """The training state beside a checkpoint: ``text.bin`` -> ``text.state.pt``."""
+    return checkpoint.with_name(f"{checkpoint.stem}.state.pt")
+
+
+def _rng_state(generators: Sequence[torch.Generator]) -> dict[str, Any]:
+    name, key, pos, has_gauss, gauss = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": (name, torch.from_numpy(key.astype(np.int64)), int(pos), int(has_gauss), float(gauss)),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "generators": [g.get_state() for g in generators],
+    }
+
+
+def _set_rng_state(state: Mapping[str, Any], generators: Sequence[torch.Generator]) -> None:
+    random.setstate(state["python"])
+    name, key, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, key.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    for generator, saved in zip(generators, state["generators"]):
+        generator.set_state(saved)
+
+
+def _plain(obj: Any) -> Any:
+    """JSON-like copy (numpy scalars -> floats), loadable by ``torch.load(weights_only=True)``."""
+    return json.loads(json.dumps(obj, default=_json_default))
+
+
+# Flags that must match between the run that saved a training state and the run resuming it.
+RESUME_MUST_MATCH = ("epochs", "batch_size", "learning_rate", "lr", "l2", "seed", "grad_accum",
+                     "per_batch_schedule", "dropout", "student", "teacher")
+
+
+def save_training_state(path: Path, *, stage: str, epoch: int, model: nn.Module, optimizer, scheduler,
+                        generators: Sequence[torch.Generator], args: argparse.Namespace, **progress_: Any) -> None:
+    """Everything needed to continue after ``epoch``, written atomically by rank 0 (every rank's RNG
+    states are gathered into it)."""
+    rngs = gather_objects(_rng_state(generators))
+    if not is_main():
+        return
+    state = {
+        "stage": stage, "epoch": epoch, "world_size": world_size(),
+        "args": {k: str(v) for k, v in vars(args).items() if k in RESUME_MUST_MATCH},
+        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rngs,
+        "progress": _plain(progress_),
+    }
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def load_training_state(path: Path, *, stage: str, args: argparse.Namespace) -> dict[str, Any] | None:
+    """The saved state when ``args.resume`` (``None`` if there is none yet: training starts at epoch 1).
+
+    Without ``--resume`` an existing state file is never used: the log says it is
+    ignored and will be overwritten. A state saved with other training flags or
+    another number of processes is refused with a message naming them.
+    """
+    if not getattr(args, "resume", False):
+        if path.exists():
+            log.warning("%s: ignoring the training state %s of an earlier run (pass --resume True to continue "
+                        "it); it is overwritten after this run's first epoch", stage, path)
+        return None
+    if not path.is_file():
+        log.info("%s: --resume True but no training state at %s yet: starting at epoch 1", stage, path)
+        return None
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    now = {k: str(v) for k, v in vars(args).items() if k in RESUME_MUST_MATCH}
+    differ = {k: (state["args"].get(k), now[k]) for k in now if state["args"].get(k) != now[k]}
+    if state["world_size"] != world_size():
+        differ["world_size"] = (str(state["world_size"]), str(world_size()))
+    if differ:
+        raise SystemExit(f"{path} was saved with different settings ("
+                         + ", ".join(f"--{k} {old} then, {new} now" for k, (old, new) in sorted(differ.items()))
+                         + "); resume with the same flags, or delete the file to start over")
+    return state
+
+
+def restore_training_state(state: Mapping[str, Any], *, model: nn.Module, optimizer, scheduler,
+                           generators: Sequence[torch.Generator]) -> None:
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    _set_rng_state(state["rng"][rank()], generators)
+
+
+# --------------------------------------------------------------------------- first-stage loop
 
 def fit(
     *,
@@ -780,9 +1152,12 @@ def fit(
     ``args`` holds the training flags of `training_parser`. With ``args.train``
     False the checkpoint (written by ``producer``) is loaded and scored on the
     ``test`` loader only. Otherwise: AdamW at ``args.learning_rate``, grad-norm
-    clip 10, the reference's warmup schedule (docs/METHOD.md §2), and after each
-    epoch the dev weighted F1; each new best saves ``checkpoint`` and reports
-    test. The metrics JSON beside the checkpoint is rewritten every epoch.
+    clip 10, the reference's warmup schedule (docs/METHOD.md §2), one update per
+    ``args.grad_accum`` batches, and after each epoch the dev weighted F1; each new
+    best saves ``checkpoint`` and reports test. The metrics JSON beside the
+    checkpoint is rewritten every epoch, and the training state
+    (`state_path`) after it, which ``--resume True`` continues from. Under
+    torchrun the model trains in DistributedDataParallel and only rank 0 writes.
 
     Precision (docs/METHOD.md §3): with ``args.amp`` the forward runs under
     ``amp_dtype`` autocast on CUDA. For ``torch.float16`` (KD) a gradient scaler
@@ -796,7 +1171,9 @@ def fit(
         model.to(device).eval()
         return evaluate(stage=stage, step=step, loader=loaders["test"], device=device, amp=args.amp,
                         label_names=label_names, report=report, amp_dtype=amp_dtype)
-    with output_lock(checkpoint.parent, checkpoint.stem):
+    if args.grad_accum < 1:
+        raise UserError(f"--grad_accum must be at least 1, got {args.grad_accum}")
+    with output_lock(checkpoint.parent, checkpoint.stem) if is_main() else contextlib.nullcontext():
         return _train(stage=stage, model=model, step=step, loaders=loaders, args=args, device=device,
                       checkpoint=checkpoint, label_names=label_names, report=report, grad_clip=grad_clip,
                       amp_dtype=amp_dtype)
@@ -808,41 +1185,54 @@ def _train(*, stage: str, model: nn.Module, step: StepFn, loaders: Mapping[str, 
     """`fit`'s training, holding the checkpoint's lock. The metrics JSON is the set's completion record:
     it says ``complete: false`` before the first write of the checkpoint and true only after the last epoch."""
     metrics_path = checkpoint.with_suffix(".json")
-    remove_stale_temps(checkpoint.parent, (checkpoint.name, metrics_path.name,
-                                           substitution_report_path(checkpoint, True).name))
     facts = {"dataset": stage.split()[0], "labels": list(label_names),
              "width": int(getattr(getattr(model, "classifier", None), "in_features", 0)) or None}
-    begin_outputs(metrics_path, stage, args, checkpoint=checkpoint.name, **facts)
+    if is_main():
+        remove_stale_temps(checkpoint.parent, (checkpoint.name, metrics_path.name,
+                                               substitution_report_path(checkpoint, True).name))
+        begin_outputs(metrics_path, stage, args, checkpoint=checkpoint.name, **facts)
     model.to(device)
+    if args.grad_checkpointing:
+        log.info("%s: gradient checkpointing in %s", stage, ", ".join(enable_grad_checkpointing(model)))
     epochs, amp = args.epochs, args.amp
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate)
     scaler = torch.amp.GradScaler(device.type, enabled=bool(amp and amp_dtype == torch.float16))
     clip_scaled = bool(getattr(args, "reference_kd_clip", False))
     train_loader = loaders["train"]
+    updates_per_epoch = math.ceil(len(train_loader) / args.grad_accum)
     scheduler = reference_schedule(
-        optimizer, len(train_loader.dataset), len(train_loader), epochs, per_batch=args.per_batch_schedule
+        optimizer, len(train_loader.dataset), updates_per_epoch, epochs, per_batch=args.per_batch_schedule
     )
+    runner = wrap_for_training(model, step, device)
+    generators = [loader.generator for loader in loaders.values() if loader.generator is not None]
+    saved_state = state_path(checkpoint)
     history: list[dict] = []
     best = {"epoch": 0, "dev_weighted_f1": -math.inf, "test": None}
-    for epoch in range(1, epochs + 1):
+    first = 1
+    state = load_training_state(saved_state, stage=stage, args=args)
+    if state is not None:
+        restore_training_state(state, model=model, optimizer=optimizer, scheduler=scheduler, generators=generators)
+        history, best, first = state["progress"]["history"], state["progress"]["best"], state["epoch"] + 1
+        log.info("%s: resuming from epoch %d of %d (%s)", stage, state["epoch"], epochs, saved_state)
+
+    def loss_of(batch: dict) -> torch.Tensor:
+        note_problems(batch, train_loader.dataset, report)
+        batch = to_device(batch, device)
+        with autocast(device, amp, amp_dtype):
+            loss, _ = runner(batch, True)
+        return loss
+
+    for epoch in range(first, epochs + 1):
+        if isinstance(train_loader.sampler, torch.utils.data.DistributedSampler):
+            train_loader.sampler.set_epoch(epoch)  # a new shuffle of the shards every epoch
         model.train()
         started, losses = time.time(), []
-        bar = tqdm(train_loader, desc=f"{stage} epoch {epoch}/{epochs}", leave=False, dynamic_ncols=True, disable=None)
-        for batch in bar:
-            note_problems(batch, train_loader.dataset, report)
-            batch = to_device(batch, device)
-            with autocast(device, amp, amp_dtype):
-                loss, _ = step(batch, True)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if not clip_scaled:
-                scaler.unscale_(optimizer)  # clip the true gradients (a no-op without the scaler)
-            torch.nn.utils.clip_grad_norm_(params, grad_clip)
-            scaler.step(optimizer)  # unscales first if not done above; skips steps with inf/nan gradients
-            scaler.update()
-            scheduler.step()
-            losses.append(loss.item())
+        bar = progress(groups(train_loader, args.grad_accum), total=updates_per_epoch,
+                       desc=f"{stage} epoch {epoch}/{epochs}")
+        for group in bar:
+            losses.append(update(runner, group, loss_of, optimizer, scheduler, params, grad_clip,
+                                 scaler, clip_scaled))
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
         model.eval()
         dev = summary(*predict(step, loaders["dev"], device, amp, report, "dev", amp_dtype))
@@ -850,7 +1240,8 @@ def _train(*, stage: str, model: nn.Module, step: StepFn, loaders: Mapping[str, 
                                "dev": dev, "seconds": round(time.time() - started, 2)}
         improved = dev["weighted_f1"] > best["dev_weighted_f1"]
         if improved:
-            save_state_dict(checkpoint, model)
+            if is_main():
+                save_state_dict(checkpoint, model)
             test = test_report(*predict(step, loaders["test"], device, amp, report, "test", amp_dtype), label_names)
             row["test"] = {k: test[k] for k in ("accuracy", "weighted_f1")}
             best = {"epoch": epoch, "dev_weighted_f1": dev["weighted_f1"], "test": test}
@@ -861,7 +1252,10 @@ def _train(*, stage: str, model: nn.Module, step: StepFn, loaders: Mapping[str, 
             (f" | new best, saved; test acc {row['test']['accuracy']:.4f} wF1 {row['test']['weighted_f1']:.4f}"
              if improved else ""),
         )
-        write_json(metrics_path, _metrics_doc(stage, vars(args), history, best, checkpoint, facts, False))
+        if is_main():
+            write_json(metrics_path, _metrics_doc(stage, vars(args), history, best, checkpoint, facts, False))
+        save_training_state(saved_state, stage=stage, epoch=epoch, model=model, optimizer=optimizer,
+                            scheduler=scheduler, generators=generators, args=args, history=history, best=best)
     if best["test"] is not None:
         log.info("%s: selected epoch %d (dev wF1 %.4f); test report:\n%s", stage, best["epoch"],
                  best["dev_weighted_f1"], _report_text(best["test"], label_names))
@@ -870,7 +1264,8 @@ def _train(*, stage: str, model: nn.Module, step: StepFn, loaders: Mapping[str, 
                     [r["test"]["weighted_f1"] if "test" in r else None for r in history], best["epoch"],
                     best["test"]["confusion"], label_names, "test (scored at each new best dev)")
     doc = _metrics_doc(stage, vars(args), history, best, checkpoint, facts, True)
-    write_json(metrics_path, doc)  # last: publishes checkpoint + JSON as one complete set
+    if is_main():
+        write_json(metrics_path, doc)  # last: publishes checkpoint + JSON as one complete set
     return doc
 
 
@@ -914,6 +1309,7 @@ def evaluate(*, stage: str, step: StepFn, loader, device: torch.device, amp: boo
 FUSION_CHECKPOINT = "multimodal_fusion_best.bin"
 FUSION_PREDICTIONS = "multimodal_fusion_best.json"
 FUSION_METRICS = "multimodal_fusion_metrics.json"
+FUSION_STATE = "multimodal_fusion.state.pt"
 
 
 def fusion_files(save_dir: Path, tag: str = "") -> dict[str, Path]:
@@ -969,22 +1365,21 @@ def predict_dialogues(model: nn.Module, data: Any, batch_size: int) -> list[int]
 
 def fusion_train_epoch(model: nn.Module, data: Any, objective: FusionObjective,
                        optimizer: torch.optim.Optimizer, scheduler, batch_size: int,
-                       generator: torch.Generator, epoch: int, grad_clip: float = 10.0) -> float:
-    """One pass over shuffled training dialogues; returns the mean batch loss."""
+                       generator: torch.Generator, epoch: int, grad_clip: float = 10.0, grad_accum: int = 1) -> float:
+    """One pass over shuffled training dialogues, one update per ``grad_accum`` batches; returns the
+    mean update loss."""
     model.train()
     total, count = 0.0, 0
-    n_batches = math.ceil(len(data) / batch_size)
-    bar = tqdm(data.batches(batch_size, generator), total=n_batches, desc=f"fusion epoch {epoch}",
-               leave=False, disable=None)
-    for idx in bar:
-        batch = data.collate(idx, model.padding_speaker)
-        loss = objective(model(*batch.inputs), batch.labels, batch.mask)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        optimizer.step()
-        scheduler.step()
-        total, count = total + loss.item(), count + 1
+    n_updates = math.ceil(math.ceil(len(data) / batch_size) / grad_accum)
+    batches = (data.collate(idx, model.padding_speaker) for idx in data.batches(batch_size, generator))
+
+    def loss_of(batch: Any) -> torch.Tensor:
+        return objective(model(*batch.inputs), batch.labels, batch.mask)
+
+    bar = progress(groups(batches, grad_accum), total=n_updates, desc=f"fusion epoch {epoch}")
+    for group in bar:
+        loss = update(model, group, loss_of, optimizer, scheduler, list(model.parameters()), grad_clip)
+        total, count = total + loss, count + 1
         bar.set_postfix(loss=f"{total / count:.4f}")
     return total / max(count, 1)
 
@@ -1010,14 +1405,18 @@ def fit_fusion(*, stage: str, model: nn.Module, objective: FusionObjective, data
 
     AdamW (``args.lr``, weight decay ``args.l2``), grad clip 10, the reference
     schedule counted in dialogues (``args.per_batch_schedule`` counts batches),
-    the training dialogues shuffled by a generator seeded with ``args.seed``.
-    Writes ``multimodal_fusion_best.bin`` and ``.json`` (test labels and
-    predictions) at each new best, ``multimodal_fusion_metrics.json`` after
-    every epoch and the curves / confusion plots at the end (``tag``, e.g.
-    ``_seed2025``, goes into every name: `fusion_files`).
+    the training dialogues shuffled by a generator seeded with ``args.seed``, one
+    update per ``args.grad_accum`` batches. Writes ``multimodal_fusion_best.bin``
+    and ``.json`` (test labels and predictions) at each new best,
+    ``multimodal_fusion_metrics.json`` after every epoch and then the training
+    state ``multimodal_fusion.state.pt``, which ``args.resume`` continues from. The curves / confusion plots are drawn at the end (``tag``,
+    e.g. ``_seed2025``, goes into every name: `fusion_files`).
     """
-    if args.epochs < 1 or args.batch_size < 1:
-        raise UserError(f"--epochs ({args.epochs}) and --batch_size ({args.batch_size}) must be at least 1")
+    if args.epochs < 1 or args.batch_size < 1 or args.grad_accum < 1:
+        raise UserError(f"--epochs ({args.epochs}), --batch_size ({args.batch_size}) and --grad_accum "
+                        f"({args.grad_accum}) must be at least 1")
+    if world_size() > 1:
+        raise UserError("the fusion stage trains in one process (it takes minutes): run it with python, not torchrun")
     with output_lock(save_dir, f"multimodal_fusion{tag}"):
         files = fusion_files(save_dir, tag)
         remove_stale_temps(save_dir, [Path(files[k]).name for k in ("checkpoint", "predictions", "metrics")])
@@ -1034,16 +1433,24 @@ def _train_fusion(*, stage: str, model: nn.Module, objective: FusionObjective, d
     names = list(label_names)
     files = fusion_files(save_dir, tag)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.l2)
-    n_batches = math.ceil(len(data["train"]) / args.batch_size)
-    scheduler = reference_schedule(optimizer, len(data["train"]), n_batches, args.epochs, args.per_batch_schedule)
+    n_updates = math.ceil(math.ceil(len(data["train"]) / args.batch_size) / args.grad_accum)
+    scheduler = reference_schedule(optimizer, len(data["train"]), n_updates, args.epochs, args.per_batch_schedule)
     generator = torch.Generator().manual_seed(args.seed)
     labels = {split: data[split].flat_labels() for split in ("dev", "test")}
     curve: list[dict[str, Any]] = []
     best: dict[str, Any] = {}
-    for epoch in range(1, args.epochs + 1):
+    saved_state, first = save_dir / FUSION_STATE, 1
+    state = load_training_state(saved_state, stage=stage, args=args)
+    if state is not None:
+        restore_training_state(state, model=model, optimizer=optimizer, scheduler=scheduler, generators=[generator])
+        curve, best, first = state["progress"]["curve"], state["progress"]["best"], state["epoch"] + 1
+        log.info("%s: resuming from epoch %d of %d (%s)", stage, state["epoch"], args.epochs, saved_state)
+    # A resumed run that had already finished trains no epoch: its summary comes from the saved state.
+    doc = fusion_summary(stage, args, sizes, curve, best, labels["test"], names, complete=True) if best else {}
+    for epoch in range(first, args.epochs + 1):
         start = time.perf_counter()
         train_loss = fusion_train_epoch(model, data["train"], objective, optimizer, scheduler, args.batch_size,
-                                        generator, epoch)
+                                        generator, epoch, grad_accum=args.grad_accum)
         train_seconds = time.perf_counter() - start
         preds = {split: predict_dialogues(model, data[split], args.batch_size) for split in ("dev", "test")}
         scores = {split: summary(labels[split], preds[split]) for split in ("dev", "test")}
@@ -1063,7 +1470,11 @@ def _train_fusion(*, stage: str, model: nn.Module, objective: FusionObjective, d
         # Rewritten every epoch, so an interrupted run still documents what it selected.
         doc = fusion_summary(stage, args, sizes, curve, best, labels["test"], names, complete=epoch == args.epochs)
         write_json(files["metrics"], doc)
+        save_training_state(saved_state, stage=stage, epoch=epoch, model=model, optimizer=optimizer,
+                            scheduler=scheduler, generators=[generator], args=args, curve=curve, best=best)
 
+    if first > args.epochs:  # nothing left to train: publish the finished run's summary again (complete)
+        write_json(files["metrics"], doc)
     matrix = doc["test_confusion"]["matrix"]
     log.info("%s: selected epoch %d (best dev weighted F1 %.4f); test accuracy %.4f, weighted F1 %.4f\n%s\n"
              "confusion matrix (rows = gold %s):\n%s", stage, best["epoch"], best["dev"]["weighted_f1"],

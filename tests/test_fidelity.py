@@ -64,7 +64,7 @@ def _train_toy(tmp_path, amp: bool, reference_kd_clip: bool, amp_dtype=torch.flo
     from torch.optim.optimizer import register_optimizer_step_pre_hook
 
     hook = register_optimizer_step_pre_hook(record)
-    args = argparse.Namespace(train=True, epochs=2, learning_rate=1e-2, per_batch_schedule=True, amp=amp,
+    args = argparse.Namespace(train=True, seed=0, epochs=2, learning_rate=1e-2, per_batch_schedule=True, amp=amp,
                               reference_kd_clip=reference_kd_clip)
     utils.fit(stage="toy", model=net, step=step, loaders=loaders, args=args, device=torch.device("cpu"),
               checkpoint=tmp_path / f"toy_{amp}_{reference_kd_clip}.bin", producer="test", label_names=["a", "b", "c"],

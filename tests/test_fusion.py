@@ -78,8 +78,8 @@ def test_training_learns_and_writes_artifacts(trained, spec):
 
     save = root / "save"
     assert sorted(p.name for p in save.iterdir()) == [
-        "multimodal_fusion_best.bin", "multimodal_fusion_best.json", "multimodal_fusion_confusion.png",
-        "multimodal_fusion_curves.png", "multimodal_fusion_metrics.json"]
+        "multimodal_fusion.state.pt", "multimodal_fusion_best.bin", "multimodal_fusion_best.json",
+        "multimodal_fusion_confusion.png", "multimodal_fusion_curves.png", "multimodal_fusion_metrics.json"]
     preds = json.loads((save / "multimodal_fusion_best.json").read_text())
     assert set(preds) == {"labels", "preds"}
     n_test = sum(len(x) for x in load_dialogues(

@@ -1,6 +1,6 @@
 """Write the synthetic datasets and the tiny pretrained stand-ins.
 
-    python -m magtkd.synthetic --out DIR [--seed 0] [--what all|data|models]
+    python -m magtkd.synthetic --out DIR [--seed 0] [--what all|data|models] [--size tiny|real]
 
 Writes ``DIR/datasets/IEMOCAP`` and ``DIR/datasets/MELD`` (raw releases in the
 real formats, `magtkd.synthetic.iemocap` / `magtkd.synthetic.meld`) and
@@ -24,11 +24,12 @@ log = logging.getLogger("magtkd.synthetic")
 WHAT = ("all", "data", "models")
 
 
-def generate(out: Path, seed: int = 0, what: str = "all") -> dict[str, Path]:
+def generate(out: Path, seed: int = 0, what: str = "all", size: str = "tiny") -> dict[str, Path]:
     """Write the selected parts under ``out``; return ``{part: folder}``.
 
     Parts: ``IEMOCAP`` and ``MELD`` (``what`` in all/data) and the four
-    pretrained folder names (``what`` in all/models).
+    pretrained folder names (``what`` in all/models), ``size`` tiny or real
+    (the real architectures, about 2.6 GB of random weights; `magtkd.synthetic.models`).
     """
     if what not in WHAT:
         raise ValueError(f"what={what!r}; expected one of {', '.join(WHAT)}")
@@ -52,9 +53,9 @@ def generate(out: Path, seed: int = 0, what: str = "all") -> dict[str, Path]:
         from .text import corpus
 
         t0 = time.perf_counter()
-        folders = write_models(out / "pretrained_model", corpus(), seed)
+        folders = write_models(out / "pretrained_model", corpus(), seed, size)
         written.update(folders)
-        log.info("wrote %d pretrained stand-ins into %s (%.1f s)", len(folders), out / "pretrained_model",
+        log.info("wrote %d %s pretrained stand-ins into %s (%.1f s)", len(folders), size, out / "pretrained_model",
                  time.perf_counter() - t0)
     log.info("synthetic %s (seed %d) done in %.1f s", what, seed, time.perf_counter() - start)
     return written
@@ -68,9 +69,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
     parser.add_argument("--out", type=Path, required=True, help="folder to write datasets/ and pretrained_model/ into")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--what", choices=WHAT, default="all")
+    parser.add_argument("--size", choices=("tiny", "real"), default="tiny",
+                        help="model stand-ins: tiny (seconds on a CPU) or the real architectures (~2.6 GB)")
     args = parser.parse_args(None if argv is None else list(argv))
     setup_logging()
-    return generate(args.out, args.seed, args.what)
+    return generate(args.out, args.seed, args.what, args.size)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,272 @@
+"""Every first-stage step at the real model sizes: seconds per step and peak memory.
+
+    python benchmarks/bench_real_size.py                          # CPU, fp32
+    python benchmarks/bench_real_size.py --device cuda --amp True # a GPU in bf16 autocast
+    python benchmarks/bench_real_size.py --device cuda --amp False
+    python benchmarks/bench_real_size.py --grad_checkpointing True  # the memory knob's effect
+    python benchmarks/bench_real_size.py --keep DIR               # reuse/keep the 2.6 GB stand-ins in DIR
+
+It writes, into a temporary folder, the tiny generated IEMOCAP release
+(`magtkd.synthetic`, prepared by IEMOCAP/preprocessing.py) and the REAL-SIZE
+random-weight stand-ins (``python -m magtkd.synthetic --size real``: RoBERTa-large,
+data2vec-audio-base-960h, TimeSformer-base at 224 px x 8 frames, the videomae-base
+processor at 224 px). Then each stage runs in its own process, so that its peak
+memory is its own:
+
+- ``frames``: IEMOCAP/video_feature_extract.py over every utterance (224 px crops);
+  seconds per utterance.
+- ``text``, ``audio``, ``video``, ``KD audio``, ``KD video``: the stage's encoders
+  built as the scripts build them (`magtkd.model.load_encoder`, the text teacher of
+  KD frozen), batches from the stages' own loaders at the reference batch size 4,
+  then ONE training update exactly as `magtkd.utils.fit` does it
+  (`magtkd.utils.update`: forward, loss, backward, grad clip 10, AdamW, schedule
+  step) and ONE evaluation batch (inference mode, as `magtkd.utils.predict`).
+  The objectives are the scripts': cross-entropy, and for KD cross-entropy +
+  the correlation logit loss (IEMOCAP's defaults).
+- ``extract text/audio/video``: one batch of 4 test utterances (the features do not
+  depend on the batch size; extract_first_stage_features.py defaults to 16) through
+  the encoders that share that input (`magtkd.utils.representations`: text;
+  audio + audio_kd; video + video_kd).
+
+Columns: parameters (trainable / total in the process), seconds of the update and
+of the evaluation batch, peak memory (the process's peak RSS on CPU, including
+the ~0.5 GB of imports; ``torch.cuda.max_memory_allocated`` on CUDA), and the
+size of the training state `fit` saves every epoch for ``--resume`` (weights +
+two AdamW moments). A single step includes first-call overheads; it is a floor
+for memory and an upper bound for time, not a throughput figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+TRAIN_STAGES = ("text", "audio", "video", "kd_audio", "kd_video")
+EXTRACT_STAGES = ("extract_text", "extract_audio", "extract_video")
+STAGES = ("frames", *TRAIN_STAGES, *EXTRACT_STAGES)
+LABELS = {"frames": "frame extraction", "text": "text", "audio": "audio", "video": "video",
+          "kd_audio": "KD text->audio", "kd_video": "KD text->video", "extract_text": "extract text",
+          "extract_audio": "extract audio + audio_kd", "extract_video": "extract video + video_kd"}
+LEARNING_RATES = {"text": 1e-5, "audio": 5e-6, "video": 1e-5, "kd_audio": 1e-5, "kd_video": 1e-5}  # IEMOCAP's
+BATCH, EXTRACT_BATCH, NUM_CLASSES = 4, 4, 6
+
+
+def prepare(root: Path) -> None:
+    """The tiny IEMOCAP release (prepared) and the real-size stand-ins under ``root`` (skipped if present)."""
+    from IEMOCAP.preprocessing import main as prepare_iemocap
+    from magtkd.synthetic.__main__ import generate
+    from magtkd.synthetic.iemocap import write_iemocap
+
+    if not (root / "datasets" / "IEMOCAP" / "IEMOCAP_test.csv").is_file():
+        write_iemocap(root / "datasets" / "IEMOCAP", 0)
+        prepare_iemocap(["--data_dir", str(root / "datasets" / "IEMOCAP")])
+    if not (root / "pretrained_model" / "timesformer-base-finetuned-k400" / "model.safetensors").is_file():
+        generate(root, seed=0, what="models", size="real")
+
+
+def peak_memory(device) -> float:
+    """GB: torch.cuda.max_memory_allocated on CUDA, else the process's peak RSS."""
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    # VmHWM: the peak RSS of this process image. (ru_maxrss would also count the parent's
+    # RSS at fork time, which Linux carries over the exec.)
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024 / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # Linux: KiB
+
+
+def run_stage(stage: str, root: Path, device_name: str | None, amp: bool, checkpointing: bool) -> dict:
+    """One stage in this process; returns its row."""
+    import torch
+    import torch.nn.functional as F
+
+    from IEMOCAP.config import IEMOCAP
+    from magtkd import dataset, model, utils
+
+    utils.setup_logging()
+    device = utils.resolve_device(device_name)
+    pdir, data_dir, fdir = root / "pretrained_model", root / "datasets" / "IEMOCAP", root / "feature"
+    torch.manual_seed(0)
+    if stage == "frames":
+        from IEMOCAP.video_feature_extract import main as extract
+
+        start = time.perf_counter()
+        out = extract(["--data_dir", str(data_dir), "--pretrained_dir", str(pdir), "--feature_dir", str(fdir)])
+        seconds = time.perf_counter() - start
+        n = max(out["extracted"], 1)
+        return {"params": "-", "train_s": f"{seconds / n:.3f} s/utt", "eval_s": "-",
+                "peak_gb": peak_memory(torch.device("cpu")), "state_gb": "-",
+                "note": f"{out['extracted']} utterances from {out['videos']} videos in {seconds:.1f} s"}
+
+    samples = dataset.load_samples(IEMOCAP, data_dir)
+    if stage.startswith("extract_"):
+        modality = stage.split("_")[1]
+        keys = [modality] if modality == "text" else [modality, f"{modality}_kd"]
+        encoders, field = {}, None
+        for key in keys:
+            encoder, field = model.load_encoder(modality, pdir, NUM_CLASSES, fdir)
+            encoders[key] = encoder.to(device).eval()
+        loader = dataset.make_loader(dataset.SampleDataset(samples["test"][:EXTRACT_BATCH], [field]),
+                                     EXTRACT_BATCH, shuffle=False, num_workers=0)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        start = time.perf_counter()
+        utils.representations(encoders, loader, device, amp)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        total = sum(p.numel() for e in encoders.values() for p in e.parameters())
+        return {"params": f"0 / {total / 1e6:.1f}M", "train_s": "-",
+                "eval_s": f"{time.perf_counter() - start:.2f}", "peak_gb": peak_memory(device), "state_gb": "-",
+                "note": f"one batch of {EXTRACT_BATCH}"}
+
+    # Training stages: the encoders and fields the scripts build
+    kd = stage.startswith("kd_")
+    modality = stage.split("_")[1] if kd else stage
+    student, s_field = model.load_encoder(modality, pdir, NUM_CLASSES, fdir)
+    fields, teacher = [s_field], None
+    if kd:
+        teacher, t_field = model.load_encoder("text", pdir, NUM_CLASSES)
+        teacher.to(device).eval().requires_grad_(False)
+        fields = [t_field, s_field]
+    student.to(device)
+    if checkpointing:
+        utils.enable_grad_checkpointing(student)
+
+    def step(batch: dict, train: bool):
+        s_rep, s_logits = student.encode(batch)
+        if not train:
+            return None, s_logits
+        loss = F.cross_entropy(s_logits.float(), batch["labels"])
+        if kd:
+            with torch.no_grad():
+                _, t_logits = teacher.encode(batch)
+            loss = loss + model.logit_kd_loss(s_logits.float(), t_logits.float())
+        return loss, s_logits
+
+    train = next(iter(dataset.loaders(samples, fields, BATCH, 0, 2024, ("train",))["train"]))
+    dev = next(iter(dataset.loaders(samples, [s_field], BATCH, 0, 2024, ("dev",))["dev"]))
+    params = [p for p in student.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=LEARNING_RATES[stage])
+    scheduler = utils.reference_schedule(optimizer, len(samples["train"]), len(samples["train"]) // BATCH, 10)
+    runner = utils.wrap_for_training(student, step, device)
+
+    def loss_of(batch: dict) -> torch.Tensor:
+        batch = utils.to_device(batch, device)
+        with utils.autocast(device, amp):
+            loss, _ = runner(batch, True)
+        return loss
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    student.train()
+    start = time.perf_counter()
+    utils.update(runner, [train], loss_of, optimizer, scheduler, params, 10.0)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    train_s = time.perf_counter() - start
+    student.eval()
+    start = time.perf_counter()
+    with torch.inference_mode(), utils.autocast(device, amp):
+        step(utils.to_device(dev, device), False)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    eval_s = time.perf_counter() - start
+    n_train = sum(p.numel() for p in params)
+    n_total = n_train + sum(p.numel() for p in student.parameters() if not p.requires_grad)
+    if teacher is not None:
+        n_total += sum(p.numel() for p in teacher.parameters())
+    shape = {k: tuple(v.shape) for k, v in train.items() if k in ("text_ids", "audio_values", "video_pixels")}
+    return {"params": f"{n_train / 1e6:.1f}M / {n_total / 1e6:.1f}M", "train_s": f"{train_s:.2f}",
+            "eval_s": f"{eval_s:.2f}", "peak_gb": peak_memory(device),
+            "state_gb": f"{(sum(p.numel() for p in student.parameters()) * 4 + n_train * 8) / 1e9:.2f}",
+            "note": "train batch " + ", ".join(f"{k} {v}" for k, v in shape.items())}
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default=None, help="cpu, cuda; None = CUDA when available")
+    p.add_argument("--amp", default="False", choices=("True", "False"), help="bf16 autocast (CUDA only)")
+    p.add_argument("--grad_checkpointing", default="False", choices=("True", "False"))
+    p.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES))
+    p.add_argument("--keep", type=Path, default=None, help="folder for the stand-ins (kept; reused when present)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    p.add_argument("--child", choices=STAGES, help=argparse.SUPPRESS)
+    p.add_argument("--root", type=Path, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    amp, checkpointing = args.amp == "True", args.grad_checkpointing == "True"
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    if args.child:
+        row = run_stage(args.child, args.root, args.device, amp, checkpointing)
+        print("RESULT " + json.dumps(row), flush=True)
+        return
+
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="bench_real_size_") as tmp:
+        root = args.keep or Path(tmp)
+        t0 = time.perf_counter()
+        prepare(root)
+        setup_s = time.perf_counter() - t0
+        rows = []
+        order = [s for s in STAGES if s in args.stages]
+        if "frames" not in order and not (root / "feature" / "video").is_dir():
+            order.insert(0, "frames")  # the video stages read the stored frames
+        if "frames" in order:
+            shutil.rmtree(root / "feature" / "video", ignore_errors=True)  # time a full extraction
+        for stage in order:
+            cmd = [sys.executable, __file__, "--child", stage, "--root", str(root), "--amp", args.amp,
+                   "--grad_checkpointing", args.grad_checkpointing, "--threads", str(args.threads)]
+            if args.device:
+                cmd += ["--device", args.device]
+            t0 = time.perf_counter()
+            done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+            wall = time.perf_counter() - t0
+            result = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+            if done.returncode or not result:
+                print(done.stderr[-3000:], file=sys.stderr)
+                raise SystemExit(f"stage {stage} failed (exit {done.returncode})")
+            row = json.loads(result[-1][len("RESULT "):])
+            rows.append({"stage": LABELS[stage], **row, "process_s": wall})
+            print(f"  {LABELS[stage]}: {row} ({wall:.0f} s with start-up)", flush=True)
+
+    import platform
+
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    hardware = torch.cuda.get_device_name() if device.startswith("cuda") else \
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs"
+    print(f"\nreal-size stand-ins, IEMOCAP tiny data, batch {BATCH}; device {device} ({hardware}), "
+          f"amp {'bf16' if amp and device.startswith('cuda') else 'fp32'}, grad checkpointing {checkpointing}, "
+          f"torch {torch.__version__}, {time.strftime('%Y-%m-%d')}")
+    print(f"writing the data and stand-ins: {setup_s:.0f} s; load average at the end "
+          f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}\n")
+    memory = "peak CUDA GB" if device.startswith("cuda") else "peak RSS GB"
+    print(f"| stage | params (trainable / total) | s per update | s per eval batch | {memory} | state GB | notes |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['stage']} | {r['params']} | {r['train_s']} | {r['eval_s']} | {r['peak_gb']:.2f} | "
+              f"{r['state_gb']} | {r['note']} |")
+    print(f"\ntotal {time.perf_counter() - started:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
