@@ -297,8 +297,9 @@ def _read_utterances(spec: DatasetSpec, path: Path, data_dir: Path, split: str, 
         first = seen.setdefault((utt.dialogue_id, utt.utterance_id), index)
         if first != index:
             raise DataError(
-                f"{path}: row {index} (line {index + 1}) repeats Dialogue_ID {utt.dialogue_id}, Utterance_ID "
-                f"{utt.utterance_id} of row {first} (line {first + 1}); remove the duplicate row"
+                f"{path}: rows {first} and {index} (lines {first + 1} and {index + 1}) both have Dialogue_ID "
+                f"{utt.dialogue_id}, Utterance_ID {utt.utterance_id}; each utterance needs its own pair: "
+                "remove the duplicate row"
             )
         if utt.start is not None and utt.end is not None:
             if not (np.isfinite(utt.start) and np.isfinite(utt.end)):

@@ -330,7 +330,7 @@ def _csv(tmp_path: Path, rows: list[str]) -> Path:
 
 @pytest.mark.parametrize("rows, message", [
     (["0,0,hi,Ses01_M,neu,v.avi,a.wav,0,1", "0,1,yo,Ses01_F,neu,v.avi,b.wav,1,2", "0,0,hi,Ses01_M,neu,v.avi,a.wav,0,1"],
-     r"IEMOCAP_train.csv: row 3 \(line 4\) repeats Dialogue_ID 0, Utterance_ID 0 of row 1"),
+     r"IEMOCAP_train.csv: rows 1 and 3 \(lines 2 and 4\) both have Dialogue_ID 0, Utterance_ID 0"),
     (["0,0,hi,Ses01_M,neu,v.avi,a.wav,nan,1"], r"IEMOCAP_train.csv: row 1 \(line 2\).*must be finite"),
     (["0,0,hi,Ses01_M,neu,v.avi,a.wav,0,1", "0,1,yo,Ses01_F,neu,v.avi,b.wav,5,2"],
      r"IEMOCAP_train.csv: row 2 \(line 3\): Start_Time 5.0 and End_Time 2.0 are not a time span"),
