@@ -26,7 +26,7 @@ log = logging.getLogger("magtkd")
 def main(argv=None) -> dict:
     # Flags: the folders, the batch size (features do not depend on it) and autocast
     parser = utils.paths_parser(IEMOCAP, HERE, __doc__)
-    parser.add_argument("--batch_size", type=int, default=16, help="utterances per forward pass")
+    parser.add_argument("--batch_size", type=utils.positive_int, default=16, help="utterances per forward pass")
     parser.add_argument("--amp", type=utils.str2bool, default=False,
                         help="bf16 autocast on CUDA; default fp32, as the authors")
     args = parser.parse_args(argv)
@@ -46,20 +46,31 @@ def main(argv=None) -> dict:
                                          num_workers=args.num_workers, amp=args.amp, report=report)
 
     # Artifacts: one pickle per split, written atomically by rank 0 (under torchrun the ranks'
-    # representations were gathered in order), and the substitution report
+    # representations were gathered in order), and the substitution report; the completion record
+    # says incomplete before the first pickle changes and complete after the last
     paths = {}
-    for split in dataset.SPLITS if utils.is_main() else ():
-        utts = utterances[split]
-        speakers = [s for _, dialogue in dialogues[split] for s in dataset.fusion_speaker_ids(IEMOCAP, dialogue, None)]
-        features = dataset.assemble_features(
-            [u.dialogue_id for u in utts], [u.utterance_id for u in utts], [u.label for u in utts],
-            speakers, {key: np.asarray(v) for key, v in vectors[split].items()},
-        )
-        paths[split] = dataset.save_features(dataset.feature_path(args.feature_dir, split), features)
-        log.info("IEMOCAP: wrote %s (%d dialogues, %d utterances)", paths[split], len(features["vids"]), len(utts))
-    report.write(args.feature_dir / "first_stage_substitutions.tsv")
+    if utils.is_main():
+        with utils.output_lock(args.feature_dir, "first_stage_features"):
+            record = dataset.features_record(args.feature_dir)
+            pickles = [dataset.feature_path(args.feature_dir, split).name for split in dataset.SPLITS]
+            utils.remove_stale_temps(args.feature_dir, pickles)
+            utils.begin_outputs(record, "IEMOCAP/extract_first_stage_features.py", args, dataset=IEMOCAP.name,
+                                labels=list(IEMOCAP.labels), pickles=pickles)
+            paths = {}
+            for split in dataset.SPLITS:
+                utts = utterances[split]
+                speakers = [s for _, dialogue in dialogues[split] for s in dataset.fusion_speaker_ids(IEMOCAP, dialogue, None)]
+                features = dataset.assemble_features(
+                    [u.dialogue_id for u in utts], [u.utterance_id for u in utts], [u.label for u in utts],
+                    speakers, {key: np.asarray(v) for key, v in vectors[split].items()},
+                )
+                paths[split] = dataset.save_features(dataset.feature_path(args.feature_dir, split), features)
+                log.info("IEMOCAP: wrote %s (%d dialogues, %d utterances)", paths[split], len(features["vids"]), len(utts))
+            report.write(args.feature_dir / "first_stage_substitutions.tsv")
+            utils.finish_outputs(record, "IEMOCAP/extract_first_stage_features.py", args, dataset=IEMOCAP.name,
+                                 labels=list(IEMOCAP.labels), pickles=pickles, width=int(vectors["test"]["text"].shape[1]))
     return {"paths": {k: str(v) for k, v in paths.items()}, "substituted": len(report)}
 
 
 if __name__ == "__main__":
-    main()
+    utils.run(main)

@@ -29,6 +29,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 from IEMOCAP.config import DEV_DIALOGUES, IEMOCAP, TEST_SESSIONS  # noqa: E402
 from magtkd.dataset import SPLITS, DataError, check_data_dir  # noqa: E402
+from magtkd import utils  # noqa: E402
 from magtkd.utils import atomic_path  # noqa: E402
 
 
@@ -204,6 +205,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data_dir", type=Path, default=IEMOCAP.default_data_dir(HERE),
                         help="the unpacked IEMOCAP release; the CSVs are written here")
+    utils.add_debug_flag(parser)
     args = parser.parse_args(argv)
     try:
         frames = prepare_iemocap(args.data_dir)
@@ -216,4 +218,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    main()
+    utils.run(main)

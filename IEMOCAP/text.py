@@ -58,4 +58,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    utils.run(main)

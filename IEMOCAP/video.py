@@ -56,4 +56,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    utils.run(main)

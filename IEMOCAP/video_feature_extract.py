@@ -49,7 +49,7 @@ def main(argv=None) -> dict:
     # Loop and artifacts: one decode per source video; frames written atomically, then the report
     started = time.time()
     report_path = args.feature_dir / "video" / "substitutions.tsv"
-    report = dataset.extract_frames(jobs, processor, args.num_workers, report_path)
+    report = dataset.extract_frames(jobs, processor, args.num_workers, report_path, args)
     seconds = time.time() - started
     log.info("IEMOCAP: stored %d utterances from %d videos in %.1f s; %d substituted (see %s)",
              todo, len(jobs), seconds, len(report), report_path)
@@ -57,4 +57,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    utils.run(main)

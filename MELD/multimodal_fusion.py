@@ -33,17 +33,17 @@ log = logging.getLogger("magtkd")
 def parse_args(argv=None) -> argparse.Namespace:
     """The reference's flags with MELD's defaults, plus ours."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=utils.HelpFormatter)
-    p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (peak of the schedule)")
-    p.add_argument("--l2", type=float, default=1e-6, help="AdamW weight decay")
-    p.add_argument("--batch_size", type=int, default=16, help="dialogues per batch")
+    p.add_argument("--lr", type=utils.positive_float, default=1e-4, help="AdamW learning rate (peak of the schedule)")
+    p.add_argument("--l2", type=utils.nonnegative_float, default=1e-6, help="AdamW weight decay")
+    p.add_argument("--batch_size", type=utils.positive_int, default=16, help="dialogues per batch")
     p.add_argument("--seed", type=int, default=2024, help="seeds the model and the per-epoch shuffle")
     p.add_argument("--seeds", type=int, nargs="+", default=None,
                    help="train one model per seed (multimodal_fusion_best_seed<S>.bin; the best dev one also as "
                         "multimodal_fusion_best.bin) and write multimodal_fusion_seeds.json/.md; default: --seed")
-    p.add_argument("--epochs", type=int, default=30, help="training epochs")
+    p.add_argument("--epochs", type=utils.positive_int, default=30, help="training epochs")
     p.add_argument("--dropout", type=float, default=0.5, help="dropout everywhere in the model")
-    p.add_argument("--hidden_dim", type=int, default=None, help="default: the features' width")
-    p.add_argument("--n_head", type=int, default=8, help="attention heads (not stored in checkpoints)")
+    p.add_argument("--hidden_dim", type=utils.positive_int, default=None, help="default: the features' width")
+    p.add_argument("--n_head", type=utils.positive_int, default=8, help="attention heads (not stored in checkpoints)")
     p.add_argument("--clsNum", type=int, default=MELD.num_classes, help="number of classes")
     p.add_argument("--train", type=utils.str2bool, default=True,
                    help="True: train; False: evaluate the saved checkpoint on test")
@@ -69,7 +69,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "with --train False: from the checkpoint)")
     utils.add_determinism_flag(p)
     utils.add_loop_flags(p, checkpointing=False)  # --grad_accum, --resume
-    return p.parse_args(argv)
+    return utils.add_debug_flag(p).parse_args(argv)
 
 
 def main(argv=None) -> dict:
@@ -137,7 +137,12 @@ def evaluate(args: argparse.Namespace, device: torch.device) -> dict:
     """``--train False``: only the test pickle and the checkpoint are read; sizes come from the checkpoint."""
     stage = "MELD multimodal_fusion (evaluation)"
     checkpoint = args.save_dir / utils.FUSION_CHECKPOINT
+    record = utils.check_fusion_record(args.save_dir, MELD.name, checkpoint)
     sizes = model.infer_sizes_from_checkpoint(model.read_fusion_state(checkpoint))
+    if int(sizes["n_classes"]) != args.clsNum:
+        raise utils.UserError(f"checkpoint {checkpoint} predicts {sizes['n_classes']} classes"
+                              f"{' (' + str(record['dataset']) + ')' if record else ''} but this run has "
+                              f"{args.clsNum} (MELD, --clsNum); use the checkpoint MELD/multimodal_fusion.py writes")
     test = dataset.load_dialogues(dataset.feature_path(args.feature_dir, "test"), args.audio_feature,
                                   args.video_feature, device)
     width = model.fusion_width(args.hidden_dim, args.n_head, test.width, str(test.path))
@@ -166,4 +171,4 @@ def evaluate(args: argparse.Namespace, device: torch.device) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    utils.run(main)

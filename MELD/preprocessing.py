@@ -28,6 +28,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 from MELD.config import CLIP_DIRS, OFFICIAL_COLUMNS, OFFICIAL_CSV, MELD  # noqa: E402
 from magtkd.dataset import SPEAKER_MAP, SPLITS, DataError, check_data_dir, read_csv_checked  # noqa: E402
+from magtkd import utils  # noqa: E402
 from magtkd.utils import SubstitutionReport, atomic_path, write_json, write_text  # noqa: E402
 
 
@@ -147,6 +148,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data_dir", type=Path, default=MELD.default_data_dir(HERE),
                         help="folder with the official CSVs and clip folders; outputs are written here")
+    utils.add_debug_flag(parser)
     args = parser.parse_args(argv)
     try:
         result = prepare_meld(args.data_dir)
@@ -159,4 +161,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    main()
+    utils.run(main)

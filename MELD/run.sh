@@ -4,5 +4,7 @@
 # Environment: DATA_DIR PRETRAINED_DIR SAVE_DIR FEATURE_DIR DEVICE NUM_WORKERS EPOCHS FUSION_EPOCHS.
 # Stops at the first failing stage (named in the error); skips stages whose outputs are up to date.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+# No cd: relative --data_dir/--save_dir/... are the caller's, resolved against this directory.
+REPO="$(cd "$(dirname "$0")/.." && pwd)"
+export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 exec python -m magtkd.pipeline MELD "$@"

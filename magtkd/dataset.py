@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import builtins
 import codecs
+import contextlib
 import dataclasses
 import hashlib
 import importlib
@@ -20,8 +21,9 @@ import json
 import logging
 import math
 import pickle
+import queue
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
@@ -32,9 +34,10 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import DataLoader, Dataset
 
-from .media import FRAMES_PER_CLIP, TARGET_SAMPLE_RATE, MediaError, decode_audio, decode_windows
-from . import utils
-from .utils import SubstitutionReport, atomic_path
+from . import media, utils
+from .media import FRAMES_PER_CLIP, TARGET_SAMPLE_RATE, DecoderProcess, MediaError, decode_audio_isolated, decode_windows
+from .utils import (InputMissing, SubstitutionReport, UserError, atomic_path, begin_outputs, check_complete,
+                    finish_outputs, output_lock)
 
 log = logging.getLogger("magtkd")
 
@@ -91,7 +94,7 @@ class DatasetSpec:
 _DIVX_SPELLINGS = ("DivX", "Divx")
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """Bad content in a data file; the message names the file, row/column/key and what was expected."""
 
 
@@ -164,7 +167,7 @@ def check_data_dir(spec: DatasetSpec, data_dir: str | Path) -> Path:
     """Return ``data_dir`` as a Path, or fail saying what the folder must contain."""
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
-        raise FileNotFoundError(
+        raise InputMissing(
             f"{spec.name} data folder {data_dir} does not exist; it must contain {spec.data_readme}"
         )
     return data_dir
@@ -240,7 +243,7 @@ def load_split(spec: DatasetSpec, data_dir: str | Path, split: str) -> list[Utte
         raise KeyError(f"unknown split {split!r}; expected one of {', '.join(spec.csv_names)}")
     path = data_dir / spec.csv_names[split]
     if not path.is_file():
-        raise FileNotFoundError(
+        raise InputMissing(
             f"{path} not found; build it from the raw release with `{_preprocess_command(spec)}` "
             f"(the folder must contain {spec.data_readme})"
         )
@@ -260,6 +263,7 @@ def _read_utterances(spec: DatasetSpec, path: Path, data_dir: Path, split: str, 
     has_times = "Start_Time" in frame.columns and "End_Time" in frame.columns
     resolve = MediaResolver(spec, data_dir)
     utterances = []
+    seen: dict[tuple[int, int], int] = {}
     for index, record in enumerate(frame.to_dict("records"), start=1):
         emotion, label = "", LABEL_PAD
         if labelled:
@@ -288,6 +292,22 @@ def _read_utterances(spec: DatasetSpec, path: Path, data_dir: Path, split: str, 
                 source=str(path),
             )
         )
+        utt = utterances[-1]
+        # A repeated row would be counted twice in training, features and test metrics.
+        first = seen.setdefault((utt.dialogue_id, utt.utterance_id), index)
+        if first != index:
+            raise DataError(
+                f"{path}: rows {first} and {index} (lines {first + 1} and {index + 1}) both have Dialogue_ID "
+                f"{utt.dialogue_id}, Utterance_ID {utt.utterance_id}; each utterance needs its own pair: "
+                "remove the duplicate row"
+            )
+        if utt.start is not None and utt.end is not None:
+            if not (np.isfinite(utt.start) and np.isfinite(utt.end)):
+                raise DataError(f"{path}: row {index} (line {index + 1}): Start_Time {utt.start} / End_Time "
+                                f"{utt.end} must be finite numbers of seconds")
+            if utt.start < 0 or utt.end < utt.start:
+                raise DataError(f"{path}: row {index} (line {index + 1}): Start_Time {utt.start} and End_Time "
+                                f"{utt.end} are not a time span (need 0 <= Start_Time <= End_Time)")
     return utterances
 
 
@@ -363,7 +383,7 @@ def load_speaker2id(data_dir: str | Path) -> dict[str, int]:
     """Read ``data_dir/speaker2id.json`` (MELD, written by the preparation step)."""
     path = Path(data_dir) / SPEAKER_MAP
     if not path.is_file():
-        raise FileNotFoundError(
+        raise InputMissing(
             f"{path} not found; build it with `python MELD/preprocessing.py --data_dir {data_dir}`"
         )
     mapping = json.loads(path.read_text(encoding="utf-8"))
@@ -578,8 +598,10 @@ class AudioField:
     def load(self, sample: Sample) -> tuple[np.ndarray, tuple[str, str] | None]:
         utt = sample.utterance
         try:
-            wave = decode_audio(utt.audio_path, TARGET_SAMPLE_RATE)
-            problem = None
+            # In a supervised child process: a clip that crashes or hangs the decoder is substituted.
+            notes: list[str] = []
+            wave = decode_audio_isolated(utt.audio_path, TARGET_SAMPLE_RATE, notes=notes)
+            problem = (str(utt.audio_path), "; ".join(notes), "audio decoded before the error") if notes else None
         except MediaError as err:
             wave, problem = np.zeros(TARGET_SAMPLE_RATE, dtype=np.float32), (str(utt.audio_path), err.reason)
         # As the authors: normalise the WHOLE clip (its mean and variance), then keep
@@ -606,6 +628,8 @@ class VideoField:
     def __init__(self, codec: FrameCodec, feature_dir: Path) -> None:
         self.codec = codec
         self.feature_dir = Path(feature_dir)
+        check_complete(frames_record(self.feature_dir), f"the stored frames in {self.feature_dir / 'video'}",
+                       "video_feature_extract.py")
 
     def load(self, sample: Sample) -> torch.Tensor:
         utt = sample.utterance
@@ -704,6 +728,11 @@ class FrameCodec:
         return (pixels - self.mean) / self.std
 
 
+def frames_record(feature_dir: Path) -> Path:
+    """``<feature_dir>/video/extraction.json``: written last by video_feature_extract.py (completion record)."""
+    return Path(feature_dir) / "video" / "extraction.json"
+
+
 def frame_file(feature_dir: Path, split: str, key: str) -> Path:
     """``<feature_dir>/video/<split>/<Dialogue_ID>_<Utterance_ID>.npy`` (docs/METHOD.md §0)."""
     return Path(feature_dir) / "video" / split / f"{key}.npy"
@@ -717,12 +746,19 @@ def save_frames(path: Path, frames: np.ndarray) -> None:
 
 def load_frames(path: Path) -> np.ndarray:
     if not Path(path).is_file():
-        raise FileNotFoundError(
+        raise InputMissing(
             f"frame file {path} not found: run video_feature_extract.py for this dataset first"
         )
-    frames = np.load(path, allow_pickle=False)
+    try:
+        frames = np.load(path, allow_pickle=False)
+    except Exception as exc:  # truncated or not a .npy file
+        raise FeatureFileError(
+            f"cannot read frame file {path} ({type(exc).__name__}: {exc}); delete it and re-run "
+            "video_feature_extract.py for this dataset (it re-extracts missing files)"
+        ) from exc
     if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[1] != 3:
-        raise ValueError(f"{path}: expected uint8 frames of shape (8, 3, H, W), got {frames.dtype} {frames.shape}")
+        raise FeatureFileError(f"{path}: expected uint8 frames of shape (8, 3, H, W), got {frames.dtype} "
+                               f"{frames.shape}; delete it and re-run video_feature_extract.py")
     return frames
 
 
@@ -786,8 +822,9 @@ def run_job(job: Job) -> list[tuple[str, str, str, str]]:
     assert _codec is not None, "worker not initialised"
     problems: list[tuple[str, str, str, str]] = []
     counts: dict[int, tuple[int, int]] = {}
+    notes: list[str] = []
     try:
-        clips = decode_windows(job.video, job.windows, job.channel_order, counts)
+        clips = decode_windows(job.video, job.windows, job.channel_order, counts, notes)
     except MediaError as err:
         clips, reason = [None] * len(job.windows), err.reason
     else:
@@ -796,46 +833,84 @@ def run_job(job: Job) -> list[tuple[str, str, str, str]]:
         counted = (f"metadata frame count {counts[i][0]}, decoded {counts[i][1]}"
                    if i in counts and counts[i][0] != counts[i][1] else "")
         if clip is None:
-            problems.append((key, str(job.video), f"{reason}; {counted}" if counted else reason, "black frames"))
+            reasons = "; ".join([*notes, reason] + ([counted] if counted else []))
+            problems.append((key, str(job.video), reasons, "black frames"))
             save_frames(out, _codec.black())
         else:
+            if notes:  # partially decoded: the frames come from the part before the error
+                problems.append((key, str(job.video), "; ".join(notes), "frames decoded before the error"))
             save_frames(out, _codec.resize_crop(clip))
             if counted:
                 problems.append((key, str(job.video), counted, FRAME_COUNT_NOTE))
     return problems
 
 
-def extract_frames(jobs: Sequence[Job], image_processor: Any, num_workers: int, report_path: Path
-                   ) -> SubstitutionReport:
+def _substitute_job(job: Job, reason: str) -> list[tuple[str, str, str]]:
+    """Black frames for every window of a job whose decoder crashed or hung (the parent writes them)."""
+    assert _codec is not None
+    for out in job.outputs:
+        save_frames(out, _codec.black())
+    return [(key, str(job.video), reason) for key in job.keys]
+
+
+def extract_frames(jobs: Sequence[Job], image_processor: Any, num_workers: int, report_path: Path,
+                   args: Any = None) -> SubstitutionReport:
     """Run every job (one decode per source video, in parallel over videos) and keep the report current.
 
-    The report at ``report_path`` keeps what earlier, interrupted runs
-    substituted; it is rewritten whenever a job substitutes, and once at the end.
+    Each job runs in a supervised decoder process (`media.DecoderProcess`, one per
+    worker, ``max(num_workers, 1)`` of them): a source video that crashes or hangs
+    the decoder loses only its own windows (black frames, listed with the
+    reason) and the run goes on. The report at ``report_path`` keeps what
+    earlier, interrupted runs substituted; it is rewritten whenever a job
+    substitutes, and once at the end. ``<video>/extraction.json`` (the
+    completion record) says ``complete: false`` while this runs and is
+    rewritten last with ``complete: true``.
     """
-    report = SubstitutionReport()
-    if report_path.is_file():
-        for item in SubstitutionReport.read(report_path):
-            report.add(item.key, item.path, item.reason, item.replacement)
-    # Under torchrun each rank decodes its share of the videos; the report is gathered at the end.
-    jobs = utils.shard(jobs)
+    video_dir = report_path.parent
+    # Under torchrun each rank decodes its share of the videos (the report is gathered at the end);
+    # the lock is rank 0's.
     single = utils.world_size() == 1
-    pool = None
-    if num_workers > 1 and len(jobs) > 1:
-        pool = ProcessPoolExecutor(num_workers, initializer=_init_worker, initargs=(image_processor,))
-        results = pool.map(run_job, jobs)
-    else:
-        _init_worker(image_processor)
-        results = map(run_job, jobs)
-    try:
-        for problems in utils.progress(results, total=len(jobs), desc="videos", leave=True):
-            for key, path, reason, replacement in problems:
-                report.add(key, path, reason, replacement)
-            if problems and single:  # keep the report current, so an interrupted run loses nothing
-                report.write(report_path)
-    finally:
-        if pool is not None:
-            pool.shutdown()
-    report.write(report_path)
+    with output_lock(video_dir, "frames") if utils.is_main() else contextlib.nullcontext():
+        record = frames_record(video_dir.parent)
+        if single:  # under torchrun no rank knows when the others finish: no completion record
+            begin_outputs(record, "video_feature_extract", args or {}, report=report_path.name)
+        report = SubstitutionReport()
+        if report_path.is_file():
+            for item in SubstitutionReport.read(report_path):
+                report.add(item.key, item.path, item.reason, item.replacement)
+        jobs = utils.shard(jobs)
+        _init_worker(image_processor)  # the parent writes black frames for crashed jobs
+        # One supervised decoder process per worker, started here in the main thread.
+        decoders = [DecoderProcess(media.VIDEO_TIMEOUT_S, _init_worker, (image_processor,)).start()
+                    for _ in range(max(1, min(num_workers, len(jobs))))] if jobs else []
+        idle: queue.Queue = queue.Queue()
+        for decoder in decoders:
+            idle.put(decoder)
+
+        def supervised(job: Job) -> list[tuple[str, ...]]:
+            decoder = idle.get()
+            try:
+                return decoder.call(job.video, run_job, job)
+            except MediaError as err:
+                return _substitute_job(job, err.reason)
+            finally:
+                idle.put(decoder)
+
+        try:
+            with ThreadPoolExecutor(max(1, len(decoders))) as threads:
+                for problems in utils.progress(threads.map(supervised, jobs), total=len(jobs), desc="videos",
+                                               leave=True):
+                    for problem in problems:
+                        report.add_problem(problem[0], problem[1:], "black frames")
+                    if problems and single:  # keep the report current, so an interrupted run loses nothing
+                        report.write(report_path)
+        finally:
+            for decoder in decoders:
+                decoder.close()
+        report.write(report_path)
+        if single:
+            finish_outputs(record, "video_feature_extract", args or {}, report=report_path.name,
+                           substituted=len(report))
     return report
 
 
@@ -846,8 +921,13 @@ META_KEYS: tuple[str, ...] = ("speakers", "labels", "dia2utt")
 PICKLE_PROTOCOL = 4  # readable by every Python 3 the authors' tooling could have used
 
 
-class FeatureFileError(ValueError):
+class FeatureFileError(UserError, ValueError):
     """A feature pickle that is unsafe, malformed, or does not follow the docs/METHOD.md §4 layout."""
+
+
+def features_record(feature_dir: str | Path) -> Path:
+    """``<feature_dir>/first_stage_features.json``: written last by extract_first_stage_features.py."""
+    return Path(feature_dir) / "first_stage_features.json"
 
 
 def feature_path(feature_dir: str | Path, split: str) -> Path:
@@ -1000,7 +1080,8 @@ def load_features(path: str | Path, keys: Iterable[str] | None = None) -> dict[s
     except FeatureFileError:
         raise
     except Exception as exc:  # truncated file, not a pickle, refused codec, ...
-        raise FeatureFileError(f"cannot read feature file {path}: {type(exc).__name__}: {exc}") from exc
+        raise FeatureFileError(f"cannot read feature file {path}: {type(exc).__name__}: {exc}; it is written by "
+                               "extract_first_stage_features.py (re-run it)") from exc
     if not isinstance(data, dict):
         raise FeatureFileError(f"{path}: expected a pickled dict (docs/METHOD.md §4), got {type(data).__name__}")
     validate_features(data, path, wanted, strict=False)
@@ -1169,6 +1250,8 @@ def _stack(vectors: Sequence[np.ndarray], device: torch.device) -> torch.Tensor:
 
 def load_dialogues(path: Path, audio_key: str, video_key: str, device: torch.device) -> DialogueSet:
     """Load a feature pickle (restricted unpickler) for the fusion; the three streams must share one width."""
+    check_complete(features_record(path.parent), f"the feature pickles in {path.parent}",
+                   "extract_first_stage_features.py")
     feats = load_features(path, keys=("text", audio_key, video_key))
     if not feats["vids"]:
         raise FeatureFileError(f"{path}: 'vids' is empty; the split has no dialogues")

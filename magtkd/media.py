@@ -18,12 +18,15 @@ substitute silence / black frames and list the utterance in their report.
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import math
+import multiprocessing
 import os
+import signal
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import av
 import numpy as np
@@ -55,9 +58,13 @@ def open_checked(path: Path) -> av.container.InputContainer:
     if not path.is_file():
         raise MediaError(path, "file not found")
     try:
-        return _open(path)
+        container = _open(path)
     except (av.error.FFmpegError, OSError, ValueError) as exc:
         raise MediaError(path, f"cannot open: {exc}") from exc
+    if not container.streams:  # e.g. an mp4 cut before its moov atom: no stream is described
+        container.close()
+        raise MediaError(path, "cannot open: no streams (truncated or corrupt container)")
+    return container
 
 
 def _open(path: str | os.PathLike) -> av.container.InputContainer:
@@ -70,7 +77,8 @@ def _open(path: str | os.PathLike) -> av.container.InputContainer:
 
 
 
-def decode_audio(path: str | os.PathLike, target_sr: int = TARGET_SAMPLE_RATE) -> np.ndarray:
+def decode_audio(path: str | os.PathLike, target_sr: int = TARGET_SAMPLE_RATE,
+                 notes: list[str] | None = None) -> np.ndarray:
     """Decode the whole first audio stream of ``path`` to float32 mono of shape (n,) at ``target_sr``.
 
     The whole clip is decoded, also for MELD's clips that run for minutes: the
@@ -79,7 +87,20 @@ def decode_audio(path: str | os.PathLike, target_sr: int = TARGET_SAMPLE_RATE) -
     native rate (a 5-minute 48 kHz clip is 58 MB) while decoding. Raises
     `MediaError` naming the file when it is missing, cannot be opened, has no
     audio stream, or yields no samples. A decode error after some audio was
-    read keeps what was read (logged).
+    read keeps what was read (logged, and described in ``notes`` when given,
+    so the caller can report it).
+    """
+    native_sr, mono = decode_audio_native(path, notes)
+    if native_sr != target_sr:
+        mono = AF.resample(torch.from_numpy(mono), native_sr, target_sr).numpy()
+    return np.ascontiguousarray(mono, dtype=np.float32)
+
+
+def decode_audio_native(path: str | os.PathLike, notes: list[str] | None = None) -> tuple[int, np.ndarray]:
+    """``(native rate, float32 mono)`` of the first audio stream: `decode_audio` before resampling.
+
+    Only PyAV runs here (no torch), so this is what an isolated decoder process
+    runs (`decode_audio_isolated`).
     """
     path = Path(path)
     container = open_checked(path)
@@ -105,12 +126,11 @@ def decode_audio(path: str | os.PathLike, target_sr: int = TARGET_SAMPLE_RATE) -
             if not chunks:
                 raise MediaError(path, f"cannot decode audio: {exc}") from exc
             log.warning("%s: audio decoding stopped early (%s); keeping %d samples", path, exc, have)
+            if notes is not None:
+                notes.append(f"partial decode: audio stopped at {have / native_sr:.2f} s ({exc})")
     if not chunks or have == 0 or native_sr is None:
         raise MediaError(path, "no audio samples")
-    mono = np.concatenate(chunks)
-    if native_sr != target_sr:
-        mono = AF.resample(torch.from_numpy(mono), native_sr, target_sr).numpy()
-    return np.ascontiguousarray(mono, dtype=np.float32)
+    return native_sr, np.concatenate(chunks)
 
 
 # --------------------------------------------------------------------------- video
@@ -213,7 +233,7 @@ def _finish(window: _Window) -> np.ndarray | None:
 
 def decode_windows(
     path: str | os.PathLike, windows: Sequence[tuple[float, float] | None], channel_order: str = "rgb",
-    frame_counts: dict[int, tuple[int, int]] | None = None,
+    frame_counts: dict[int, tuple[int, int]] | None = None, notes: list[str] | None = None,
 ) -> list[np.ndarray | None]:
     """Sample ``FRAMES_PER_CLIP`` frames from each time window of one video, as the authors' loop does.
 
@@ -235,7 +255,8 @@ def decode_windows(
     after the last kept frame of the last window (or at the end, with a
     whole-clip window). Memory stays bounded: only the kept frames (at most 8
     per window) are converted and held. If decoding fails midway, every window
-    keeps the frames decoded before the failure. Raises `MediaError` if the
+    keeps the frames decoded before the failure (described in ``notes`` when
+    given). Raises `MediaError` if the
     file is missing, cannot be opened, has no video stream, or (time windows)
     no frame rate.
     """
@@ -284,7 +305,181 @@ def decode_windows(
             log.warning(
                 "%s: video decoding stopped early (%s); windows keep the frames read so far", path, exc
             )
+            if notes is not None:
+                notes.append(f"partial decode: video stopped after frame {decoded} ({exc})")
     if frame_counts is not None:
         for index, count in metadata.items():
             frame_counts[index] = (count, decoded)
     return [_finish(window) for window in requested]
+
+
+# --------------------------------------------------------------------------- isolated decoding
+
+# PyAV/FFmpeg can crash the whole process (a segfault on an mp4 cut inside its
+# moov atom) or hang on a broken file; no exception handler helps there. So
+# decoding runs in a long-lived child process that the parent supervises: a
+# crash or a hang past the timeout loses only the file in flight (a MediaError
+# naming the signal or the timeout), and the child is restarted for the next
+# file. Healthy files pay one pipe round trip each.
+AUDIO_TIMEOUT_S = 300.0  # one clip's whole audio (MELD has clips that run for minutes)
+VIDEO_TIMEOUT_S = 900.0  # one source video (an IEMOCAP dialogue video runs for minutes)
+CRASH_HOOK = "MAGTKD_TEST_DECODER_CRASH"  # tests: paths (os.pathsep-separated) whose decoding kills the child
+
+
+def _serve(conn: Any, parent_end: Any, initializer: Callable[..., None] | None, initargs: tuple) -> None:
+    """The decoder child's loop: run ``fn(*args)`` calls sent by the parent, reply ``(ok, value)``."""
+    parent_end.close()  # so the parent's death reads as end-of-file here
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    faulthandler.disable()  # a crash here is reported by the parent, naming the file
+    # A forked child must not enter OpenMP regions the parent's thread pool owned (GNU OpenMP
+    # deadlocks after fork); one intra-op thread keeps torch ops inline, as in DataLoader workers.
+    torch.set_num_threads(1)
+    if initializer is not None:
+        initializer(*initargs)
+    while True:
+        try:
+            request = conn.recv()
+        except (EOFError, OSError):
+            return
+        if request is None:
+            return
+        path, fn, args, hook = request
+        if hook and str(path) in hook.split(os.pathsep):
+            os.kill(os.getpid(), signal.SIGSEGV)
+        try:
+            reply = (True, fn(*args))
+        except Exception as exc:  # returned to the parent, which raises it there
+            reply = (False, exc if _picklable(exc) else MediaError(path, f"{type(exc).__name__}: {exc}"))
+        conn.send(reply)
+
+
+def _picklable(exc: BaseException) -> bool:
+    import pickle
+
+    try:
+        pickle.dumps(exc)
+    except Exception:
+        return False
+    return True
+
+
+class DecoderProcess:
+    """A supervised child process that runs decoding calls one at a time.
+
+    ``call(path, fn, *args)`` returns ``fn(*args)`` computed in the child, or
+    raises what it raised. If the child dies (signal, abort) or exceeds
+    ``timeout`` seconds, a `MediaError` for ``path`` says so ("decoder crashed
+    (signal 11)", "decoder timed out after 120 s") and the next call starts a
+    fresh child. ``initializer(*initargs)`` runs in each new child.
+    """
+
+    def __init__(self, timeout: float, initializer: Callable[..., None] | None = None, initargs: tuple = ()) -> None:
+        self.timeout = float(timeout)
+        self.initializer, self.initargs = initializer, initargs
+        self._process: Any = None
+        self._conn: Any = None
+        self._owner = os.getpid()
+
+    def _start(self) -> None:
+        # fork: the child starts at once with the parent's imports (the pools and
+        # DataLoader workers of this project fork the same way on Linux).
+        methods = multiprocessing.get_all_start_methods()
+        context = multiprocessing.get_context("fork" if "fork" in methods else None)
+        parent, child = context.Pipe()
+        self._process = context.Process(target=_serve, args=(child, parent, self.initializer, self.initargs),
+                                        daemon=True)
+        # DataLoader workers are daemonic, and multiprocessing refuses children of daemonic
+        # processes; this child is tied to its parent by the pipe (it exits at end-of-file) and
+        # is daemonic itself, so the worker's exit still ends it.
+        config = multiprocessing.current_process()._config
+        daemonic = config.get("daemon")
+        config["daemon"] = False
+        try:
+            self._process.start()
+        finally:
+            config["daemon"] = daemonic
+        child.close()
+        self._conn = parent
+
+    def start(self) -> "DecoderProcess":
+        """Start the child now (else the first `call` does)."""
+        if self._owner != os.getpid():  # inherited through a fork: the child belongs to the parent
+            self._process, self._conn, self._owner = None, None, os.getpid()
+        if self._process is None or not self._process.is_alive():
+            self._discard()
+            self._start()
+        return self
+
+    def call(self, path: str | os.PathLike, fn: Callable[..., Any], *args: Any) -> Any:
+        self.start()
+        try:
+            self._conn.send((str(path), fn, args, os.environ.get(CRASH_HOOK)))
+            ready = self._conn.poll(self.timeout)
+            if not ready:
+                self._discard(kill=True)
+                raise MediaError(path, f"decoder timed out after {self.timeout:g} s")
+            ok, value = self._conn.recv()
+        except (EOFError, ConnectionError, BrokenPipeError):
+            code = self._discard()
+            reason = (f"decoder crashed (signal {-code})" if code is not None and code < 0
+                      else f"decoder process exited (status {code})")
+            raise MediaError(path, reason) from None
+        if not ok:
+            raise value
+        return value
+
+    def _discard(self, kill: bool = False) -> int | None:
+        """Forget the current child (killed first when ``kill``); returns its exit code."""
+        process, conn = self._process, self._conn
+        self._process, self._conn = None, None
+        if conn is not None:
+            conn.close()
+        if process is None:
+            return None
+        if kill and process.is_alive():
+            process.kill()
+        process.join(5)
+        return process.exitcode
+
+    def close(self) -> None:
+        if self._conn is not None and self._owner == os.getpid():
+            try:
+                self._conn.send(None)
+            except OSError:
+                pass
+            if self._process is not None:
+                self._process.join(5)
+        self._discard(kill=True)
+
+    def __enter__(self) -> "DecoderProcess":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+_audio_decoder: DecoderProcess | None = None  # one per process (DataLoader workers get their own)
+
+
+def decode_audio_isolated(
+    path: str | os.PathLike, target_sr: int = TARGET_SAMPLE_RATE, notes: list[str] | None = None,
+) -> np.ndarray:
+    """`decode_audio`, with the PyAV part in a supervised child (`DecoderProcess`): a crash or hang
+    while decoding ``path`` raises a `MediaError` for ``path`` instead of taking the process down.
+    Resampling happens here, in the calling process."""
+    global _audio_decoder
+    if _audio_decoder is None or _audio_decoder._owner != os.getpid():
+        _audio_decoder = DecoderProcess(AUDIO_TIMEOUT_S)
+    _audio_decoder.timeout = AUDIO_TIMEOUT_S
+    native_sr, mono, child_notes = _audio_decoder.call(path, _decode_audio_with_notes, str(path))
+    if notes is not None:
+        notes.extend(child_notes)
+    if native_sr != target_sr:
+        mono = AF.resample(torch.from_numpy(mono), native_sr, target_sr).numpy()
+    return np.ascontiguousarray(mono, dtype=np.float32)
+
+
+def _decode_audio_with_notes(path: str) -> tuple[int, np.ndarray, list[str]]:
+    notes: list[str] = []
+    native_sr, mono = decode_audio_native(path, notes)
+    return native_sr, mono, notes

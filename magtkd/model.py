@@ -24,7 +24,7 @@ from torch import nn
 from .dataset import (
     AudioField, DatasetSpec, FrameCodec, Sample, SampleDataset, TextField, VideoField, add_speaker_tokens, make_loader,
 )
-from .utils import CheckpointError, SubstitutionReport, load_checkpoint, mismatch, read_state_dict, representations
+from .utils import CheckpointError, UserError, SubstitutionReport, load_checkpoint, mismatch, read_state_dict, representations
 
 log = logging.getLogger("magtkd")
 
@@ -57,7 +57,7 @@ TOKENIZER_FILES = ("tokenizer.json", "vocab.json")
 _HEAD_PREFIXES = {TEXT: ("lm_head.",), AUDIO: ("lm_head.",), VIDEO: ("classifier.",)}
 
 
-class PretrainedMissingError(FileNotFoundError):
+class PretrainedMissingError(UserError, FileNotFoundError):
     """A pretrained folder, or a file in it, is missing; the message says how to download it."""
 
 

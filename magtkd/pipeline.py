@@ -4,8 +4,10 @@
 
 (``IEMOCAP/run.sh`` and ``MELD/run.sh`` call this.) Stages run in the seed
 README's order and the run stops at the first failure, naming the stage. A stage
-whose outputs all exist and are newer than its inputs is skipped (``--force``
-re-runs everything). Each stage runs as its own process, exactly as a user would
+whose outputs all exist, are newer than its inputs and whose completion record
+says the run finished is skipped (``--force`` re-runs everything); a stage whose
+record says its run was interrupted is re-run. Relative folders are taken from
+the directory the command was called from. Each stage runs as its own process, exactly as a user would
 run the script; ``--in_process`` calls the scripts' ``main()`` instead (used by
 the demo to save interpreter start-ups).
 """
@@ -26,7 +28,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import Callable, Sequence
 
-from .dataset import SPLITS, DatasetSpec, feature_path
+from .dataset import SPLITS, DatasetSpec, feature_path, features_record, frames_record
+from . import utils
 from .utils import setup_logging
 
 log = logging.getLogger("magtkd")
@@ -55,12 +58,16 @@ class Context:
     def bins(self, *names: str) -> list[Path]:
         return [self.save_dir / n for n in names]
 
+    def checkpoints(self, *names: str) -> list[Path]:
+        """Checkpoints with their metrics JSON (the completion record `utils.fit` writes last)."""
+        return [self.save_dir / f"{n}{suffix}" for n in names for suffix in (".bin", ".json")]
+
     def frames_done(self) -> list[Path]:
-        # Written last by video_feature_extract.py, after every frame file.
-        return [self.feature_dir / "video" / "substitutions.tsv"]
+        # The completion record, written last by video_feature_extract.py, after every frame file.
+        return [frames_record(self.feature_dir)]
 
     def pickles(self) -> list[Path]:
-        return [feature_path(self.feature_dir, s) for s in SPLITS]
+        return [feature_path(self.feature_dir, s) for s in SPLITS] + [features_record(self.feature_dir)]
 
     def raw(self) -> list[Path]:
         if self.spec.name == "IEMOCAP":
@@ -80,25 +87,41 @@ class Stage:
 
 STAGES = (
     Stage("preprocessing", "preprocessing.py", (), "prepare", Context.raw, Context.csvs),
-    Stage("text", "text.py", (), "train", Context.csvs, lambda c: c.bins("text.bin")),
-    Stage("audio", "audio.py", (), "train", Context.csvs, lambda c: c.bins("audio.bin")),
+    Stage("text", "text.py", (), "train", Context.csvs, lambda c: c.checkpoints("text")),
+    Stage("audio", "audio.py", (), "train", Context.csvs, lambda c: c.checkpoints("audio")),
     Stage("frames", "video_feature_extract.py", (), "frames", Context.csvs, Context.frames_done),
-    Stage("video", "video.py", (), "train", Context.frames_done, lambda c: c.bins("video.bin")),
+    Stage("video", "video.py", (), "train", Context.frames_done, lambda c: c.checkpoints("video")),
     Stage("kd_audio", "KD.py", ("--student", "audio", "--teacher", "text"), "train",
-          lambda c: c.bins("text.bin", "audio.bin"), lambda c: c.bins("text_KD_audio.bin")),
+          lambda c: c.bins("text.bin", "audio.bin"), lambda c: c.checkpoints("text_KD_audio")),
     Stage("kd_video", "KD.py", ("--student", "video", "--teacher", "text"), "train",
-          lambda c: c.bins("text.bin") + c.frames_done(), lambda c: c.bins("text_KD_video.bin")),
+          lambda c: c.bins("text.bin") + c.frames_done(), lambda c: c.checkpoints("text_KD_video")),
     Stage("features", "extract_first_stage_features.py", (), "extract",
           lambda c: c.bins("text.bin", "audio.bin", "video.bin", "text_KD_audio.bin", "text_KD_video.bin"),
           Context.pickles),
     Stage("fusion", "multimodal_fusion.py", (), "fusion", Context.pickles,
-          lambda c: c.bins("multimodal_fusion_best.bin", "multimodal_fusion_best.json")),
+          lambda c: c.bins("multimodal_fusion_best.bin", "multimodal_fusion_best.json",
+                           "multimodal_fusion_metrics.json")),
 )
+
+# Completion records among the outputs: written last by their stage, they say ``complete: true``
+# only when the whole artifact set is published.
+RECORDS = ("text.json", "audio.json", "video.json", "text_KD_audio.json", "text_KD_video.json",
+           "extraction.json", "first_stage_features.json", "multimodal_fusion_metrics.json")
+
+
+def incomplete(outputs: Sequence[Path]) -> Path | None:
+    """The first completion record among ``outputs`` that does not say ``complete: true``."""
+    for path in outputs:
+        if path.name in RECORDS and path.exists():
+            record = utils.read_record(path)
+            if record is None or record.get("complete") is not True:
+                return path
+    return None
 
 
 def up_to_date(inputs: Sequence[Path], outputs: Sequence[Path]) -> bool:
-    """All outputs exist and none is older than any existing input."""
-    if not outputs or not all(p.exists() for p in outputs):
+    """All outputs exist, their completion records say complete, and none is older than any existing input."""
+    if not outputs or not all(p.exists() for p in outputs) or incomplete(outputs) is not None:
         return False
     newest_input = max((p.stat().st_mtime for p in inputs if p.exists()), default=0.0)
     return min(p.stat().st_mtime for p in outputs) >= newest_input
@@ -153,18 +176,23 @@ def run(args: argparse.Namespace) -> dict[str, float]:
     """Run (or skip) each stage in order; returns seconds per stage that ran."""
     spec = dataset_spec(args.dataset)
     script_dir = REPO / spec.name
+    # Relative folders are the caller's (resolved against the working directory), never the repository's.
     ctx = Context(
         spec,
-        Path(args.data_dir or spec.default_data_dir(script_dir)),
-        Path(args.pretrained_dir or spec.default_pretrained_dir(script_dir)),
-        Path(args.save_dir or spec.default_save_dir(script_dir)),
-        Path(args.feature_dir or spec.default_feature_dir(script_dir)),
+        Path(args.data_dir or spec.default_data_dir(script_dir)).absolute(),
+        Path(args.pretrained_dir or spec.default_pretrained_dir(script_dir)).absolute(),
+        Path(args.save_dir or spec.default_save_dir(script_dir)).absolute(),
+        Path(args.feature_dir or spec.default_feature_dir(script_dir)).absolute(),
     )
     seconds: dict[str, float] = {}
     for stage in STAGES:
         if not args.force and up_to_date(stage.inputs(ctx), stage.outputs(ctx)):
             log.info("[%s] %s: outputs up to date, skipped", spec.name, stage.name)
             continue
+        unfinished = incomplete(stage.outputs(ctx))
+        if unfinished is not None:
+            log.warning("[%s] %s: %s says its last run did not finish; re-running %s", spec.name, stage.name,
+                        unfinished, stage.script)
         argv = stage_argv(stage, ctx, args)
         log.info("[%s] %s: %s %s", spec.name, stage.name, stage.script, " ".join(argv))
         started = time.time()
@@ -179,7 +207,7 @@ def run(args: argparse.Namespace) -> dict[str, float]:
     return seconds
 
 
-class PipelineError(RuntimeError):
+class PipelineError(utils.UserError, RuntimeError):
     """A stage failed; the message names it."""
 
 
@@ -192,12 +220,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--save_dir", default=env("SAVE_DIR"))
     p.add_argument("--feature_dir", default=env("FEATURE_DIR"))
     p.add_argument("--device", default=env("DEVICE"))
-    p.add_argument("--num_workers", type=int, default=int(env("NUM_WORKERS", "0")))
-    p.add_argument("--epochs", type=int, default=int(env("EPOCHS")) if env("EPOCHS") else None,
+    p.add_argument("--num_workers", type=utils.nonnegative_int, default=int(env("NUM_WORKERS", "0")))
+    p.add_argument("--epochs", type=utils.positive_int, default=int(env("EPOCHS")) if env("EPOCHS") else None,
                    help="epochs of the first-stage and KD trainings (default: each stage's own)")
-    p.add_argument("--fusion_epochs", type=int,
+    p.add_argument("--fusion_epochs", type=utils.positive_int,
                    default=int(env("FUSION_EPOCHS")) if env("FUSION_EPOCHS") else None)
-    p.add_argument("--learning_rate", type=float,
+    p.add_argument("--learning_rate", type=utils.positive_float,
                    default=float(env("LEARNING_RATE")) if env("LEARNING_RATE") else None,
                    help="learning rate of the first-stage and KD trainings (default: each stage's own)")
     p.add_argument("--per_batch_schedule", action="store_true",
@@ -208,7 +236,7 @@ def parser() -> argparse.ArgumentParser:
                    help='extra flags for multimodal_fusion.py, e.g. "--lr 1e-3 --batch_size 2"')
     p.add_argument("--force", action="store_true", help="re-run stages whose outputs are up to date")
     p.add_argument("--in_process", action="store_true", help="call each script's main() in this process")
-    return p
+    return utils.add_debug_flag(p)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, float]:
@@ -222,4 +250,4 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
 
 
 if __name__ == "__main__":
-    main()
+    utils.run(main)

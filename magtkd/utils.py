@@ -36,6 +36,75 @@ if TYPE_CHECKING:
 log = logging.getLogger("magtkd")
 
 
+# --------------------------------------------------------------------------- user errors and the entry point
+
+class UserError(Exception):
+    """A mistake the user can fix (a flag, a file, a CSV row, a checkpoint that does not fit).
+
+    `run` prints its message as one line and exits with status 2 (no traceback
+    unless ``--debug``); the message names the flag/file/row/key and what to do.
+    The library's own error types (DataError, FeatureFileError, CheckpointError,
+    ...) derive from it.
+    """
+
+
+class InputMissing(UserError, FileNotFoundError):
+    """An input file or folder that does not exist; the message says which stage writes it."""
+
+
+def run(main: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | None = None) -> None:
+    """The stage scripts' entry point: ``if __name__ == "__main__": utils.run(main)``.
+
+    User errors (`UserError`, and ``SystemExit`` carrying a message) become one
+    line on stderr and exit status 2; with ``--debug`` on the command line they
+    keep their traceback. Anything else is unexpected and keeps its traceback.
+    ``main(argv)`` called directly (tests) raises as usual.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    try:
+        main(argv)
+    except UserError as err:
+        if debug:
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except SystemExit as err:
+        if isinstance(err.code, str) and not debug:
+            message = err.code if err.code.startswith("error: ") else f"error: {err.code}"
+            print(message, file=sys.stderr)
+            raise SystemExit(2) from None
+        raise
+
+
+def add_debug_flag(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--debug", action="store_true",
+                        help="show the full traceback of errors in the input (flags, files, data)")
+    return parser
+
+
+def _checked_number(kind: type, low: float, inclusive: bool, what: str) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if not (value >= low if inclusive else value > low) or value != value:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+
+    parse.__name__ = what  # argparse names the type in its messages
+    return parse
+
+
+# Flag types that refuse values which would silently do nothing (``--epochs 0``) or fail deep
+# inside torch (``--batch_size 0``, ``--learning_rate -1``): the error names the flag.
+positive_int = _checked_number(int, 1, True, "an integer >= 1")
+nonnegative_int = _checked_number(int, 0, True, "an integer >= 0")
+positive_float = _checked_number(float, 0.0, False, "a number > 0")
+nonnegative_float = _checked_number(float, 0.0, True, "a number >= 0")
+
+
 # --------------------------------------------------------------------------- flags, device, seed, logging
 
 
@@ -71,8 +140,8 @@ def paths_parser(spec: DatasetSpec, script_dir: str | Path, description: str | N
     parser.add_argument("--feature_dir", type=Path, default=spec.default_feature_dir(script_dir),
                         help="stored frames and first-stage feature pickles")
     parser.add_argument("--device", default=None, help="cuda, cuda:1 or cpu; None = CUDA when available, else CPU")
-    parser.add_argument("--num_workers", type=int, default=0, help="data-loading worker processes")
-    return parser
+    parser.add_argument("--num_workers", type=nonnegative_int, default=0, help="data-loading worker processes")
+    return add_debug_flag(parser)
 
 
 def training_parser(
@@ -89,15 +158,15 @@ def training_parser(
     unscaled before clipping unless ``--reference_kd_clip True``.
     """
     parser = paths_parser(spec, script_dir, description)
-    parser.add_argument("--epochs", type=int, default=epochs)
-    parser.add_argument("--batch_size", type=int, default=batch_size)
+    parser.add_argument("--epochs", type=positive_int, default=epochs)
+    parser.add_argument("--batch_size", type=positive_int, default=batch_size)
     parser.add_argument("--seed", type=int, default=seed)
     parser.add_argument("--seeds", type=int, nargs="+", default=None,
                         help="train one model per seed (<name>_seed<S>.bin; the best dev one also as <name>.bin) "
                              "and write <name>_seeds.json/.md; default: the single --seed")
     parser.add_argument("--train", type=str2bool, default=True,
                         help="True: train; False: evaluate the saved checkpoint on test")
-    parser.add_argument("--learning_rate", type=float, default=learning_rate)
+    parser.add_argument("--learning_rate", type=positive_float, default=learning_rate)
     parser.add_argument("--per_batch_schedule", type=str2bool, default=False,
                         help="count warmup/total steps in batches instead of the reference's samples")
     if kd:
@@ -138,9 +207,17 @@ def resolve_device(name: str | None) -> torch.device:
     if name is None or name == "":
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:
-        device = torch.device(name)
+        try:
+            device = torch.device(name)
+        except (RuntimeError, ValueError):
+            raise UserError(f"--device {name}: not a device name; use cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"--device {name} requested but CUDA is not available on this machine")
+        raise UserError(f"--device {name} requested but CUDA is not available on this machine; use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s) "
+                        f"(cuda:0..cuda:{torch.cuda.device_count() - 1})")
+    if device.type not in ("cpu", "cuda"):
+        raise UserError(f"--device {name}: only cpu and cuda devices are supported")
     return init_distributed(device)
 
 
@@ -319,6 +396,113 @@ def save_state_dict(path: str | os.PathLike, model: nn.Module) -> None:
         torch.save(state, tmp)
 
 
+# --------------------------------------------------------------------------- complete outputs, locks
+
+def remove_stale_temps(folder: str | os.PathLike, names: Sequence[str]) -> None:
+    """Delete the temp files `atomic_path` leaves when a write of one of ``names`` was killed.
+
+    Only this stage's names are touched (other stages may be writing into the same folder).
+    """
+    for name in names:
+        for stray in Path(folder).glob(f".{name}.*.tmp"):
+            log.info("removing %s, left by an interrupted write", stray)
+            stray.unlink(missing_ok=True)
+
+
+def begin_outputs(record: str | os.PathLike, stage: str, args: argparse.Namespace | Mapping[str, Any],
+                  **facts: Any) -> None:
+    """Mark an artifact set as being rewritten: its completion record says ``complete: false``.
+
+    Written BEFORE any artifact of the set changes, so a run killed midway
+    leaves a set that says it is incomplete (and `run.sh` redoes the stage).
+    """
+    write_json(record, {"stage": stage, "complete": False, **facts, "args": _args_doc(args)})
+
+
+def finish_outputs(record: str | os.PathLike, stage: str, args: argparse.Namespace | Mapping[str, Any],
+                   **facts: Any) -> None:
+    """Publish an artifact set: the completion record is written last, naming the stage and its arguments."""
+    write_json(record, {"stage": stage, "complete": True, **facts, "args": _args_doc(args)})
+
+
+def _args_doc(args: argparse.Namespace | Mapping[str, Any]) -> dict[str, Any]:
+    items = vars(args).items() if isinstance(args, argparse.Namespace) else args.items()
+    return {k: str(v) if isinstance(v, Path) else v for k, v in items}
+
+
+def read_record(record: str | os.PathLike) -> dict[str, Any] | None:
+    """A completion record (or metrics JSON) as a dict; None when absent or unreadable."""
+    try:
+        doc = json.loads(Path(record).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def check_complete(record: str | os.PathLike, what: str, producer: str) -> dict[str, Any] | None:
+    """Refuse an artifact set whose record says its run did not finish.
+
+    No record at all is accepted (artifacts made elsewhere, e.g. the authors'
+    checkpoints or features); returns the record when there is one.
+    """
+    doc = read_record(record)
+    if doc is None and Path(record).exists():
+        raise UserError(f"{record} is unreadable (an interrupted write?); re-run {producer} to rebuild {what}")
+    if doc is not None and doc.get("complete") is False:
+        raise UserError(f"{what} is incomplete: the run of {producer} that writes it did not finish "
+                        f"({record} says complete: false); re-run {producer}")
+    return doc
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def output_lock(folder: str | os.PathLike, name: str) -> Iterator[Path]:
+    """Hold ``<folder>/.<name>.lock`` (holding the owner's PID) while a stage writes its artifact set.
+
+    A second run writing the same set into the same folder stops with a clear
+    message; a lock left by a process that no longer runs is taken over (logged).
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = folder / f".{name}.lock"
+    while True:
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                text = lock.read_text().strip()
+                age = time.time() - lock.stat().st_mtime
+            except OSError:
+                continue  # released meanwhile: try again
+            owner = int(text) if text.isdigit() else None
+            if (owner is not None and _pid_alive(owner)) or (owner is None and age < 10):
+                raise UserError(
+                    f"{folder} is in use: another run (PID {owner if owner is not None else '?'}) is writing "
+                    f"{name} there (lock {lock}); wait for it to finish, or write elsewhere (--save_dir/--feature_dir)"
+                )
+            log.warning("taking over the stale lock %s of PID %s, which is no longer running", lock, owner)
+            lock.unlink(missing_ok=True)
+            continue
+        with os.fdopen(fd, "w") as handle:
+            handle.write(f"{os.getpid()}\n")
+        break
+    try:
+        yield lock
+    finally:
+        with contextlib.suppress(OSError):
+            if lock.read_text().strip() == str(os.getpid()):
+                lock.unlink()
+
+
 # --------------------------------------------------------------------------- substitution report
 
 
@@ -348,6 +532,11 @@ class SubstitutionReport:
             if path not in self._warned:
                 self._warned.add(path)
                 log.warning("media %s (%s): using %s", path, reason, replacement)
+
+    def add_problem(self, key: str, problem: Sequence[str], replacement: str) -> None:
+        """Record a ``(path, reason[, replacement])`` problem; a third item overrides ``replacement``
+        (a partially decoded file keeps what was decoded)."""
+        self.add(key, problem[0], problem[1], problem[2] if len(problem) > 2 else replacement)
 
     def extend(self, other: "SubstitutionReport") -> None:
         for item in other.items:
@@ -379,16 +568,23 @@ class SubstitutionReport:
 
 # --------------------------------------------------------------------------- checkpoints
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint that is missing or does not fit the model it is loaded into."""
 
 
 def read_state_dict(path: str | Path, produced_by: str) -> dict[str, torch.Tensor]:
-    """``torch.load`` (tensors only) a plain state_dict; a missing file names the stage that writes it."""
+    """``torch.load`` (tensors only) a plain state_dict; a missing or unreadable file names the stage that writes it."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} not found: it is written by {produced_by}")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated zip, not a checkpoint, refused global, ...
+        message = str(exc).splitlines()[0] if str(exc) else ""
+        raise CheckpointError(
+            f"cannot read checkpoint {path} ({type(exc).__name__}: {message[:200]}); it is truncated or "
+            f"not a checkpoint: re-run {produced_by}"
+        ) from exc
     if not isinstance(state, dict):
         raise CheckpointError(f"{path} is not a state_dict (got {type(state).__name__})")
     return state
@@ -411,6 +607,36 @@ def mismatch(model: nn.Module, state: Mapping[str, torch.Tensor]) -> str:
                 f"unexpected keys: {show(unexpected)}" if unexpected else "",
                 f"shape mismatches: {show(shapes)}" if shapes else ""]
     return "; ".join(p for p in problems if p)
+
+
+def check_checkpoint_record(path: Path, produced_by: str, labels: Sequence[str] | None = None) -> None:
+    """Refuse a checkpoint whose metrics JSON says its run did not finish or that it belongs to another
+    dataset / label list (both sides named). Checkpoints without a JSON (the authors') are accepted."""
+    path = Path(path)
+    record = path.with_suffix(".json")
+    doc = check_complete(record, f"checkpoint {path}", produced_by)
+    if doc is None:
+        return
+    expected = produced_by.split("/", 1)[0] if "/" in produced_by else None
+    if expected and doc.get("dataset") not in (None, expected):
+        raise CheckpointError(f"checkpoint {path} was trained on {doc['dataset']} ({record}) but this run "
+                              f"needs a {expected} checkpoint written by {produced_by}")
+    if labels is not None and doc.get("labels") is not None and list(doc["labels"]) != list(labels):
+        raise CheckpointError(f"checkpoint {path} has labels {doc['labels']} ({record}); this run needs "
+                              f"{list(labels)}: use the checkpoint {produced_by} writes for this dataset")
+
+
+def check_fusion_record(save_dir: Path, dataset: str, checkpoint: Path) -> dict[str, Any] | None:
+    """The fusion's metrics JSON (its completion record) must say complete and name ``dataset``;
+    a checkpoint without one (the authors') is accepted."""
+    producer = f"{dataset}/multimodal_fusion.py"
+    doc = check_complete(Path(save_dir) / FUSION_METRICS, f"the fusion checkpoint {checkpoint}", producer)
+    if doc is not None and doc.get("dataset") not in (None, dataset):
+        raise CheckpointError(
+            f"fusion checkpoint {checkpoint} was trained on {doc['dataset']} features "
+            f"({Path(save_dir) / FUSION_METRICS}) but this is {producer}: pass the --save_dir of a {dataset} run"
+        )
+    return doc
 
 
 # The authors' first-stage modules (docs/METHOD.md §7): the pretrained encoder is ``text_model``
@@ -466,9 +692,64 @@ def from_authors_layout(model: nn.Module, state: Mapping[str, torch.Tensor], pat
     return mapped
 
 
-def load_checkpoint(model: nn.Module, path: Path, produced_by: str) -> nn.Module:
+# The authors' first-stage modules (docs/METHOD.md §7): the pretrained encoder is ``text_model``
+# (a RobertaModel WITH its pooler, which the representation never uses) or ``model``
+# (data2vec / TimeSformer), the classifier ``W``; ours are ``backbone`` and ``classifier``
+# (+ the text ``project``). Entries of theirs that our modules lack and nothing reads.
+AUTHORS_BACKBONES = ("text_model.", "model.")
+AUTHORS_UNUSED = (".pooler.", "embeddings.position_ids")
+
+
+def from_authors_layout(model: nn.Module, state: Mapping[str, torch.Tensor], path: Path
+                        ) -> dict[str, torch.Tensor]:
+    """A first-stage state_dict as the authors' code writes it, renamed onto ``model``'s names.
+
+    ``text_model.*`` / ``model.*`` -> ``backbone.*``; the pooler (and a stored
+    ``position_ids`` buffer) are dropped; each other top-level Linear (``W``, and
+    the text projection whatever its name) goes to the one head Linear of ours
+    with its weight's shape. Anything that fits nowhere keeps its name, so the
+    strict check in `load_checkpoint` reports it. Our own checkpoints pass unchanged.
+    """
+    if any(k.startswith("backbone.") for k in state) or not any(k.startswith(AUTHORS_BACKBONES) for k in state):
+        return dict(state)
+    own = model.state_dict()
+    mapped: dict[str, torch.Tensor] = {}
+    dropped: list[str] = []
+    heads: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in state.items():
+        prefix = next((p for p in AUTHORS_BACKBONES if key.startswith(p)), None)
+        if prefix is None:
+            module, _, leaf = key.rpartition(".")
+            heads.setdefault(module, {})[leaf] = value
+            continue
+        ours = "backbone." + key[len(prefix):]
+        if ours not in own and any(part in key for part in AUTHORS_UNUSED):
+            dropped.append(key)
+        else:
+            mapped[ours] = value
+    our_heads = {k.rpartition(".")[0] for k in own if not k.startswith("backbone.")}
+    renamed = []
+    for module, params in heads.items():
+        weight = params.get("weight")
+        fits = [h for h in our_heads if weight is not None and set(params) == {"weight", "bias"}
+                and tuple(own[f"{h}.weight"].shape) == tuple(weight.shape)]
+        if module and len(fits) == 1:
+            our_heads.discard(fits[0])
+            mapped.update({f"{fits[0]}.{leaf}": v for leaf, v in params.items()})
+            renamed.append(f"{module} -> {fits[0]}")
+        else:  # unknown to us: left under its own name for the error message
+            mapped.update({f"{module}.{leaf}" if module else leaf: v for leaf, v in params.items()})
+    log.info("%s: laid out as the authors' code writes it; backbone renamed, heads %s, %d unused entries "
+             "dropped (%s)", path, ", ".join(renamed) or "none", len(dropped),
+             ", ".join(sorted({k.split(".pooler.")[0] + ".pooler" if ".pooler." in k else k for k in dropped})))
+    return mapped
+
+
+def load_checkpoint(model: nn.Module, path: Path, produced_by: str, labels: Sequence[str] | None = None) -> nn.Module:
     """Load a plain state_dict strictly (ours, or the authors' layout, `from_authors_layout`);
-    errors name the file and the mismatched keys."""
+    errors name the file and the mismatched keys; a metrics JSON beside it must say complete and
+    name this dataset and ``labels`` (`check_checkpoint_record`)."""
+    check_checkpoint_record(path, produced_by, labels)
     state = from_authors_layout(model, read_state_dict(path, produced_by), Path(path))
     problems = mismatch(model, state)
     if problems:
@@ -577,7 +858,7 @@ def note_problems(batch: Mapping[str, Any], dataset, report: SubstitutionReport 
         for index, problem in zip(batch["index"].tolist(), problems):
             if problem is not None:
                 utt = dataset.samples[index].utterance
-                report.add(f"{utt.split}/{utt.key}", problem[0], problem[1], replacement)
+                report.add_problem(f"{utt.split}/{utt.key}", problem, replacement)
 
 
 @torch.inference_mode()
@@ -886,12 +1167,30 @@ def fit(
     gradients of norm at most ``grad_clip / scale``).
     """
     if not args.train:
-        load_checkpoint(model, checkpoint, producer)
+        load_checkpoint(model, checkpoint, producer, label_names)
         model.to(device).eval()
         return evaluate(stage=stage, step=step, loader=loaders["test"], device=device, amp=args.amp,
                         label_names=label_names, report=report, amp_dtype=amp_dtype)
     if args.grad_accum < 1:
-        raise SystemExit(f"--grad_accum must be at least 1, got {args.grad_accum}")
+        raise UserError(f"--grad_accum must be at least 1, got {args.grad_accum}")
+    with output_lock(checkpoint.parent, checkpoint.stem) if is_main() else contextlib.nullcontext():
+        return _train(stage=stage, model=model, step=step, loaders=loaders, args=args, device=device,
+                      checkpoint=checkpoint, label_names=label_names, report=report, grad_clip=grad_clip,
+                      amp_dtype=amp_dtype)
+
+
+def _train(*, stage: str, model: nn.Module, step: StepFn, loaders: Mapping[str, Any], args: argparse.Namespace,
+           device: torch.device, checkpoint: Path, label_names: Sequence[str], report: SubstitutionReport | None,
+           grad_clip: float, amp_dtype: torch.dtype) -> dict:
+    """`fit`'s training, holding the checkpoint's lock. The metrics JSON is the set's completion record:
+    it says ``complete: false`` before the first write of the checkpoint and true only after the last epoch."""
+    metrics_path = checkpoint.with_suffix(".json")
+    facts = {"dataset": stage.split()[0], "labels": list(label_names),
+             "width": int(getattr(getattr(model, "classifier", None), "in_features", 0)) or None}
+    if is_main():
+        remove_stale_temps(checkpoint.parent, (checkpoint.name, metrics_path.name,
+                                               substitution_report_path(checkpoint, True).name))
+        begin_outputs(metrics_path, stage, args, checkpoint=checkpoint.name, **facts)
     model.to(device)
     if args.grad_checkpointing:
         log.info("%s: gradient checkpointing in %s", stage, ", ".join(enable_grad_checkpointing(model)))
@@ -907,7 +1206,7 @@ def fit(
     )
     runner = wrap_for_training(model, step, device)
     generators = [loader.generator for loader in loaders.values() if loader.generator is not None]
-    metrics_path, saved_state = checkpoint.with_suffix(".json"), state_path(checkpoint)
+    saved_state = state_path(checkpoint)
     history: list[dict] = []
     best = {"epoch": 0, "dev_weighted_f1": -math.inf, "test": None}
     first = 1
@@ -954,7 +1253,7 @@ def fit(
              if improved else ""),
         )
         if is_main():
-            write_json(metrics_path, _metrics_doc(stage, vars(args), history, best, checkpoint))
+            write_json(metrics_path, _metrics_doc(stage, vars(args), history, best, checkpoint, facts, False))
         save_training_state(saved_state, stage=stage, epoch=epoch, model=model, optimizer=optimizer,
                             scheduler=scheduler, generators=generators, args=args, history=history, best=best)
     if best["test"] is not None:
@@ -965,12 +1264,18 @@ def fit(
                         [r["train_loss"] for r in history], [r["dev"]["weighted_f1"] for r in history],
                         [r["test"]["weighted_f1"] if "test" in r else None for r in history], best["epoch"],
                         best["test"]["confusion"], label_names, "test (scored at each new best dev)")
-    return _metrics_doc(stage, vars(args), history, best, checkpoint)
+    doc = _metrics_doc(stage, vars(args), history, best, checkpoint, facts, True)
+    if is_main():
+        write_json(metrics_path, doc)  # last: publishes checkpoint + JSON as one complete set
+    return doc
 
 
-def _metrics_doc(stage: str, args: Mapping[str, Any], history: list[dict], best: dict, checkpoint: Path) -> dict:
+def _metrics_doc(stage: str, args: Mapping[str, Any], history: list[dict], best: dict, checkpoint: Path,
+                 facts: Mapping[str, Any], complete: bool) -> dict:
     return {
         "stage": stage,
+        "complete": complete,
+        **facts,
         "checkpoint": checkpoint.name,
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in args.items()},
         "selection": "best dev weighted F1",
@@ -1084,7 +1389,8 @@ def fusion_summary(stage: str, args: argparse.Namespace, sizes: dict, curve: lis
                    test_labels: list[int], names: list[str], complete: bool) -> dict[str, Any]:
     """Content of ``multimodal_fusion_metrics.json``: dev drives selection; test is reported at it."""
     return {
-        "stage": stage, "complete": complete, "args": vars(args), "sizes": sizes,
+        "stage": stage, "complete": complete, "dataset": stage.split()[0], "labels": list(names),
+        "width": sizes.get("hidden"), "args": vars(args), "sizes": sizes,
         "selection": "best dev weighted F1", "selected_epoch": best["epoch"],
         "dev_at_selected": best["dev"], "test_at_selected": best["test"],
         "test_per_class": per_class(test_labels, best["preds"], names),
@@ -1109,10 +1415,23 @@ def fit_fusion(*, stage: str, model: nn.Module, objective: FusionObjective, data
     e.g. ``_seed2025``, goes into every name: `fusion_files`).
     """
     if args.epochs < 1 or args.batch_size < 1 or args.grad_accum < 1:
-        raise SystemExit(f"--epochs ({args.epochs}), --batch_size ({args.batch_size}) and --grad_accum "
-                         f"({args.grad_accum}) must be at least 1")
+        raise UserError(f"--epochs ({args.epochs}), --batch_size ({args.batch_size}) and --grad_accum "
+                        f"({args.grad_accum}) must be at least 1")
     if world_size() > 1:
-        raise SystemExit("the fusion stage trains in one process (it takes minutes): run it with python, not torchrun")
+        raise UserError("the fusion stage trains in one process (it takes minutes): run it with python, not torchrun")
+    with output_lock(save_dir, f"multimodal_fusion{tag}"):
+        files = fusion_files(save_dir, tag)
+        remove_stale_temps(save_dir, [Path(files[k]).name for k in ("checkpoint", "predictions", "metrics")])
+        # The metrics JSON is the set's completion record: incomplete before the .bin/.json change.
+        begin_outputs(files["metrics"], stage, args, dataset=stage.split()[0], labels=list(label_names),
+                      width=sizes.get("hidden"))
+        return _train_fusion(stage=stage, model=model, objective=objective, data=data, args=args, sizes=sizes,
+                             label_names=label_names, save_dir=save_dir, tag=tag)
+
+
+def _train_fusion(*, stage: str, model: nn.Module, objective: FusionObjective, data: Mapping[str, Any],
+                  args: argparse.Namespace, sizes: dict, label_names: Sequence[str], save_dir: Path,
+                  tag: str) -> dict[str, Any]:
     names = list(label_names)
     files = fusion_files(save_dir, tag)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.l2)
@@ -1157,6 +1476,8 @@ def fit_fusion(*, stage: str, model: nn.Module, objective: FusionObjective, data
         save_training_state(saved_state, stage=stage, epoch=epoch, model=model, optimizer=optimizer,
                             scheduler=scheduler, generators=[generator], args=args, curve=curve, best=best)
 
+    if first > args.epochs:  # nothing left to train: publish the finished run's summary again (complete)
+        write_json(files["metrics"], doc)
     matrix = doc["test_confusion"]["matrix"]
     log.info("%s: selected epoch %d (best dev weighted F1 %.4f); test accuracy %.4f, weighted F1 %.4f\n%s\n"
              "confusion matrix (rows = gold %s):\n%s", stage, best["epoch"], best["dev"]["weighted_f1"],

@@ -323,19 +323,23 @@ def test_window_rule_of_the_extraction_stage(generated):
 
 @pytest.fixture(scope="module")
 def extracted(generated, tmp_path_factory):
-    """One uninterrupted in-process IEMOCAP frame extraction, counting container opens per path."""
+    """One uninterrupted in-process IEMOCAP frame extraction, counting container opens per path.
+
+    Decoding runs in a supervised child process, so opens are logged to a file (one line each)."""
     tmp = tmp_path_factory.mktemp("frames_once")
     paths = generated_paths(generated, "IEMOCAP", tmp)
-    opens: Counter = Counter()
+    opened = tmp / "opened.txt"
     real_open = media._open
 
     def counting_open(path):
-        opens[Path(path)] += 1
+        with open(opened, "a", encoding="utf-8") as handle:
+            handle.write(f"{path}\n")
         return real_open(path)
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(media, "_open", counting_open)
         result = script("IEMOCAP", "video_feature_extract").main(flags(paths, num_workers=0))
+    opens = Counter(Path(line) for line in opened.read_text(encoding="utf-8").splitlines())
     return {"paths": paths, "opens": opens, "result": result}
 
 
