@@ -219,7 +219,7 @@ def test_load_conversation_checks(demo, tmp_path, caplog):
     source = pd.read_csv(data_dir / IEMOCAP.csv_names["test"], dtype=str, keep_default_na=False).iloc[:3]
     twice = pd.concat([source, source.iloc[:1]])
     twice.to_csv(tmp_path / "twice.csv", index=False)
-    with pytest.raises(DataError, match=r"twice\.csv: rows 1 and 4 both have Dialogue_ID"):
+    with pytest.raises(DataError, match=r"twice\.csv: rows 1 and 4 \(lines 2 and 5\) both have Dialogue_ID"):
         load_conversation(IEMOCAP, tmp_path / "twice.csv", data_dir)
     with pytest.raises(FileNotFoundError, match=r"conversation CSV .*absent\.csv not found"):
         load_conversation(IEMOCAP, tmp_path / "absent.csv", data_dir)

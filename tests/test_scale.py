@@ -119,7 +119,7 @@ def test_grad_accum_update_equals_a_larger_batch(tmp_path: Path) -> None:
 
 
 def test_grad_accum_flag_is_checked(tmp_path: Path) -> None:
-    with pytest.raises(SystemExit, match="--grad_accum must be at least 1"):
+    with pytest.raises(utils.UserError, match="--grad_accum must be at least 1"):
         toy_fit(tmp_path, batch_size=4, grad_accum=0)
 
 
