@@ -692,59 +692,6 @@ def from_authors_layout(model: nn.Module, state: Mapping[str, torch.Tensor], pat
     return mapped
 
 
-# The authors' first-stage modules (docs/METHOD.md §7): the pretrained encoder is ``text_model``
-# (a RobertaModel WITH its pooler, which the representation never uses) or ``model``
-# (data2vec / TimeSformer), the classifier ``W``; ours are ``backbone`` and ``classifier``
-# (+ the text ``project``). Entries of theirs that our modules lack and nothing reads.
-AUTHORS_BACKBONES = ("text_model.", "model.")
-AUTHORS_UNUSED = (".pooler.", "embeddings.position_ids")
-
-
-def from_authors_layout(model: nn.Module, state: Mapping[str, torch.Tensor], path: Path
-                        ) -> dict[str, torch.Tensor]:
-    """A first-stage state_dict as the authors' code writes it, renamed onto ``model``'s names.
-
-    ``text_model.*`` / ``model.*`` -> ``backbone.*``; the pooler (and a stored
-    ``position_ids`` buffer) are dropped; each other top-level Linear (``W``, and
-    the text projection whatever its name) goes to the one head Linear of ours
-    with its weight's shape. Anything that fits nowhere keeps its name, so the
-    strict check in `load_checkpoint` reports it. Our own checkpoints pass unchanged.
-    """
-    if any(k.startswith("backbone.") for k in state) or not any(k.startswith(AUTHORS_BACKBONES) for k in state):
-        return dict(state)
-    own = model.state_dict()
-    mapped: dict[str, torch.Tensor] = {}
-    dropped: list[str] = []
-    heads: dict[str, dict[str, torch.Tensor]] = {}
-    for key, value in state.items():
-        prefix = next((p for p in AUTHORS_BACKBONES if key.startswith(p)), None)
-        if prefix is None:
-            module, _, leaf = key.rpartition(".")
-            heads.setdefault(module, {})[leaf] = value
-            continue
-        ours = "backbone." + key[len(prefix):]
-        if ours not in own and any(part in key for part in AUTHORS_UNUSED):
-            dropped.append(key)
-        else:
-            mapped[ours] = value
-    our_heads = {k.rpartition(".")[0] for k in own if not k.startswith("backbone.")}
-    renamed = []
-    for module, params in heads.items():
-        weight = params.get("weight")
-        fits = [h for h in our_heads if weight is not None and set(params) == {"weight", "bias"}
-                and tuple(own[f"{h}.weight"].shape) == tuple(weight.shape)]
-        if module and len(fits) == 1:
-            our_heads.discard(fits[0])
-            mapped.update({f"{fits[0]}.{leaf}": v for leaf, v in params.items()})
-            renamed.append(f"{module} -> {fits[0]}")
-        else:  # unknown to us: left under its own name for the error message
-            mapped.update({f"{module}.{leaf}" if module else leaf: v for leaf, v in params.items()})
-    log.info("%s: laid out as the authors' code writes it; backbone renamed, heads %s, %d unused entries "
-             "dropped (%s)", path, ", ".join(renamed) or "none", len(dropped),
-             ", ".join(sorted({k.split(".pooler.")[0] + ".pooler" if ".pooler." in k else k for k in dropped})))
-    return mapped
-
-
 def load_checkpoint(model: nn.Module, path: Path, produced_by: str, labels: Sequence[str] | None = None) -> nn.Module:
     """Load a plain state_dict strictly (ours, or the authors' layout, `from_authors_layout`);
     errors name the file and the mismatched keys; a metrics JSON beside it must say complete and
