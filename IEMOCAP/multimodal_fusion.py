@@ -61,6 +61,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--feature_loss", type=utils.str2bool, default=True, help="add L_feat(X', T') to KD(X')")
     p.add_argument("--separate_text_blocks", type=utils.str2bool, nargs="?", const=True, default=False,
                    help="text-anchor paths use their own a_t/v_t blocks and gates (the reference shares t_t)")
+    p.add_argument("--packed", type=utils.str2bool, default=True,
+                   help="False: compute every layer on the padded (dialogues x longest) grid, as the authors' code; "
+                        "the same results, slower (docs/METHOD.md §5, Speed)")
     p.add_argument("--per_batch_schedule", type=utils.str2bool, nargs="?", const=True, default=False,
                    help="count warmup/total steps in batches instead of the reference's dialogues")
     p.add_argument("--n_speaker", type=int, default=None,
@@ -104,12 +107,12 @@ def main(argv=None) -> dict:
             loss = loss + model.feature_kd_loss(feat, t_feat)
         return loss
 
-    def objective(out: model.FusionOutput, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        target, t_logits, t_feat = labels[mask], out.t_logits[mask], out.t_feat[mask]
+    def objective(out: model.FusionOutput, target: torch.Tensor) -> torch.Tensor:
+        t_logits, t_feat = out.t_logits, out.t_feat
         # Terms built in this order (CE first), so gradients accumulate exactly as in the reference
         ce_t = F.cross_entropy(t_logits, target)
-        kd_a = anchor_kd(out.a_logits[mask], out.a_feat[mask], t_logits, t_feat, target)
-        kd_v = anchor_kd(out.v_logits[mask], out.v_feat[mask], t_logits, t_feat, target)
+        kd_a = anchor_kd(out.a_logits, out.a_feat, t_logits, t_feat, target)
+        kd_v = anchor_kd(out.v_logits, out.v_feat, t_logits, t_feat, target)
         return ce_t + args.alpha * kd_a + args.beta * kd_v
 
     # Per seed: a fresh model, then the loop with dev selection; checkpoint + test predictions at each best,
@@ -157,7 +160,7 @@ def evaluate(args: argparse.Namespace, device: torch.device) -> dict:
     fusion = model.AnchorGatedTransformer(width, n_classes, n_speaker, args.n_head, args.dropout, separate)
     model.load_fusion_checkpoint(fusion, checkpoint)
     fusion.to(device)
-    labels, preds = test.flat_labels(), utils.predict_dialogues(fusion, test, args.batch_size)
+    labels, preds = test.flat_labels(), utils.predict_dialogues(fusion, test, args.batch_size, args.packed)
     scores = utils.summary(labels, preds)
     names = list(IEMOCAP.labels) if n_classes == IEMOCAP.num_classes else [str(i) for i in range(n_classes)]
     report = utils.report_text(labels, preds, names)

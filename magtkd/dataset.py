@@ -1174,17 +1174,30 @@ LABEL_PAD = -1  # label of padded positions in a fusion batch
 
 @dataclass
 class DialogueBatch:
-    text: torch.Tensor  # (B, L, H)
+    """Whole dialogues for the fusion model. Packed (``index`` set): the real utterances' rows,
+    dialogue after dialogue (docs/METHOD.md §5, "Speed"); padded: (B, L, ...) grids, the authors' layout."""
+
+    text: torch.Tensor  # (N, H) packed, (B, L, H) padded
     audio: torch.Tensor
     video: torch.Tensor
-    speakers: torch.Tensor  # (B, L), padding = n_speaker
-    labels: torch.Tensor  # (B, L), padding = LABEL_PAD
+    speakers: torch.Tensor  # (N,) packed, (B, L) padded with padding = n_speaker
+    labels: torch.Tensor  # (N,) packed, (B, L) padded with padding = LABEL_PAD
     mask: torch.Tensor  # (B, L) bool, True for real utterances
+    index: torch.Tensor | None = None  # (N,) flat position of each row in the B x L grid
+    positions: torch.Tensor | None = None  # (N,) position of each row in its dialogue
 
     @property
-    def inputs(self) -> tuple[torch.Tensor, ...]:
+    def inputs(self) -> tuple[torch.Tensor | None, ...]:
         """The fusion model's arguments: ``model(*batch.inputs)``."""
-        return self.text, self.audio, self.video, self.speakers, self.mask
+        return self.text, self.audio, self.video, self.speakers, self.mask, self.index, self.positions
+
+    def rows(self, x: torch.Tensor) -> torch.Tensor:
+        """The real utterances of an input or output of this batch, (N, ...), in the flattened order."""
+        return x if self.index is not None else x[self.mask]
+
+    def __len__(self) -> int:
+        """Real utterances in the batch (what the loss averages over)."""
+        return len(self.index) if self.index is not None else int(self.mask.sum())
 
 
 @dataclass
@@ -1220,17 +1233,30 @@ class DialogueSet:
         for start in range(0, n, batch_size):
             yield order[start:start + batch_size]
 
-    def collate(self, indices: Sequence[int], pad_speaker: int) -> DialogueBatch:
-        """Pad whole dialogues to the longest in the batch (tensors stay on the data's device)."""
-        lengths = torch.tensor([len(self.labels[i]) for i in indices], device=self.labels[0].device)
-        longest = int(lengths.max())
+    def collate(self, indices: Sequence[int], pad_speaker: int, packed: bool = True) -> DialogueBatch:
+        """Dialogues ``indices`` as one batch (tensors stay on the data's device): packed rows, or
+        padded to the longest (``packed=False``, the authors' layout; ``pad_speaker`` fills speakers)."""
+        lengths = [len(self.labels[i]) for i in indices]
+        longest, device = max(lengths), self.labels[0].device
+        # Built on the host from the known lengths: no device round trip in the step.
+        mask = (torch.arange(longest)[None, :] < torch.tensor(lengths)[:, None]).to(device)
+        if not packed:
+            return DialogueBatch(
+                text=pad_sequence([self.text[i] for i in indices], batch_first=True),
+                audio=pad_sequence([self.audio[i] for i in indices], batch_first=True),
+                video=pad_sequence([self.video[i] for i in indices], batch_first=True),
+                speakers=pad_sequence([self.speakers[i] for i in indices], batch_first=True,
+                                      padding_value=pad_speaker),
+                labels=pad_sequence([self.labels[i] for i in indices], batch_first=True, padding_value=LABEL_PAD),
+                mask=mask,
+            )
+        index = torch.cat([torch.arange(n) + row * longest for row, n in enumerate(lengths)])
+        positions = torch.cat([torch.arange(n) for n in lengths])
         return DialogueBatch(
-            text=pad_sequence([self.text[i] for i in indices], batch_first=True),
-            audio=pad_sequence([self.audio[i] for i in indices], batch_first=True),
-            video=pad_sequence([self.video[i] for i in indices], batch_first=True),
-            speakers=pad_sequence([self.speakers[i] for i in indices], batch_first=True, padding_value=pad_speaker),
-            labels=pad_sequence([self.labels[i] for i in indices], batch_first=True, padding_value=LABEL_PAD),
-            mask=torch.arange(longest, device=lengths.device)[None, :] < lengths[:, None],
+            text=torch.cat([self.text[i] for i in indices]), audio=torch.cat([self.audio[i] for i in indices]),
+            video=torch.cat([self.video[i] for i in indices]), speakers=torch.cat([self.speakers[i] for i in indices]),
+            labels=torch.cat([self.labels[i] for i in indices]), mask=mask, index=index.to(device),
+            positions=positions.to(device),
         )
 
     def check_ids(self, what: str, limit: int, hint: str) -> None:

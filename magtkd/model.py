@@ -491,6 +491,75 @@ class FusionCheckpointError(CheckpointError):
     """A fusion checkpoint that is missing or does not fit the model."""
 
 
+class Layout:
+    """Where the utterances of a fusion batch sit, and how the streams are laid out.
+
+    ``mask`` (batch, length) is True for real utterances. With ``index`` the streams
+    are PACKED: rows (N, hidden) of the real utterances only, dialogue after
+    dialogue, at flat positions ``index`` of the batch x length grid and at
+    ``positions`` within their dialogue. Without it they are PADDED (batch, length,
+    hidden), the authors' layout. Both compute the same function of the real
+    utterances (docs/METHOD.md §5, "Speed"): only attention needs the grid, so the
+    per-utterance layers (projections, feed-forward, gates, heads) skip the padding.
+    Dropout draws its mask over the whole grid in both layouts, so a seed gives the
+    same masks, and the same training run, as the padded model.
+    """
+
+    def __init__(self, mask: torch.Tensor, index: torch.Tensor | None = None,
+                 positions: torch.Tensor | None = None) -> None:
+        self.mask, self.index, self.positions = mask, index, positions
+        self.key_padding = ~mask  # True where the KEY position is padding
+
+    @property
+    def packed(self) -> bool:
+        return self.index is not None
+
+    @property
+    def length(self) -> int:
+        return self.mask.size(1)
+
+    def grid(self, x: torch.Tensor) -> torch.Tensor:
+        """(batch, length, ...) view of ``x``; packed rows are scattered into zeros."""
+        if not self.packed:
+            return x
+        batch, length = self.mask.shape
+        flat = x.new_zeros(batch * length, *x.shape[1:]).index_copy(0, self.index, x)
+        return flat.view(batch, length, *x.shape[1:])
+
+    def rows(self, grid: torch.Tensor) -> torch.Tensor:
+        """The inverse of :meth:`grid`: the real utterances' rows of a (batch, length, ...) tensor."""
+        if not self.packed:
+            return grid
+        return grid.reshape(-1, *grid.shape[2:]).index_select(0, self.index)
+
+    def positional(self, pe: torch.Tensor) -> torch.Tensor:
+        """The sinusoidal rows ``pe`` (1, max_len, hidden) for this layout's positions."""
+        if self.length > pe.size(1):
+            raise ValueError(f"dialogue of {self.length} utterances exceeds the positional encoding's {pe.size(1)}")
+        return pe[0].index_select(0, self.positions) if self.packed else pe[:, :self.length]
+
+    def dropout(self, x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+        """``F.dropout`` of the padded stream, applied to this layout's rows.
+
+        Packed rows get the rows of a mask drawn over the whole grid, with the same
+        generator calls as ``F.dropout``, so the same units are kept (bit for bit on
+        CPU, which the tests check). On CPU ``F.dropout`` fills its mask with
+        ``bernoulli_(1 - p)``, one float64 uniform per element kept when below
+        ``1 - p``; ``torch.rand(..., float64) < 1 - p`` makes the same draws about
+        three times faster. Elsewhere ``native_dropout`` of ones draws its mask.
+        """
+        if not self.packed or not training or p == 0:
+            return F.dropout(x, p, training)
+        if p >= 1:
+            return x * 0.0
+        grid_shape = (*self.mask.shape, *x.shape[1:])
+        if x.device.type == "cpu":
+            keep = self.rows(torch.rand(grid_shape, dtype=torch.float64) < 1 - p)
+            return x * keep.to(x.dtype).div_(1 - p)
+        scale = torch.native_dropout(x.new_ones(grid_shape), p, True)[0]
+        return x * self.rows(scale)
+
+
 class PositionalEncoding(nn.Module):
     """Sinusoidal positions (max 512) plus the speaker embedding, added to a stream."""
 
@@ -504,11 +573,8 @@ class PositionalEncoding(nn.Module):
         # Persistent: the reference's checkpoints hold ``<block>.pos_emb.pe`` (1, 512, H).
         self.register_buffer("pe", pe.unsqueeze(0), persistent=True)
 
-    def forward(self, x: torch.Tensor, speaker_emb: torch.Tensor) -> torch.Tensor:
-        length = x.size(1)
-        if length > self.pe.size(1):
-            raise ValueError(f"dialogue of {length} utterances exceeds the positional encoding's {self.pe.size(1)}")
-        return x + self.pe[:, :length] + speaker_emb
+    def forward(self, x: torch.Tensor, speaker_emb: torch.Tensor, layout: Layout) -> torch.Tensor:
+        return x + layout.positional(self.pe) + speaker_emb
 
 
 class MultiHeadAttention(nn.Module):
@@ -536,17 +602,17 @@ class MultiHeadAttention(nn.Module):
         batch, length, _ = x.shape
         return x.view(batch, length, self.n_head, self.d_head).transpose(1, 2)
 
-    def forward(self, key_value: torch.Tensor, query: torch.Tensor, key_padding: torch.Tensor) -> torch.Tensor:
-        """``key_padding``: (batch, length) bool, True where the KEY position is padding."""
-        q = self._heads(self.proj_q(query)) / math.sqrt(self.d_head)
-        k = self._heads(self.proj_k(key_value))
-        v = self._heads(self.proj_v(key_value))
+    def forward(self, key_value: torch.Tensor, query: torch.Tensor, layout: Layout) -> torch.Tensor:
+        """Projections on the layout's rows; scores and softmax on the (batch, length) grid."""
+        q = self._heads(layout.grid(self.proj_q(query))) / math.sqrt(self.d_head)
+        k = self._heads(layout.grid(self.proj_k(key_value)))
+        v = self._heads(layout.grid(self.proj_v(key_value)))
         scores = q @ k.transpose(-2, -1)  # (batch, head, query, key)
         # Mask padded KEYS (the Nov-2025 fix; the May-2025 release masked the wrong axis, docs/METHOD.md §7).
-        scores = scores.masked_fill(key_padding[:, None, None, :], MASK_VALUE)
+        scores = scores.masked_fill(layout.key_padding[:, None, None, :], MASK_VALUE)
         attn = self.dropout(torch.softmax(scores, dim=-1))
-        context = (attn @ v).transpose(1, 2).reshape(query.shape)
-        return self.fc(context)
+        context = (attn @ v).transpose(1, 2)
+        return self.fc(layout.rows(context.reshape(*context.shape[:2], -1)))
 
 
 class FeedForward(nn.Module):
@@ -560,9 +626,9 @@ class FeedForward(nn.Module):
         self.dropout_1 = nn.Dropout(dropout)
         self.dropout_2 = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        inner = self.dropout_1(F.gelu(self.w_1(self.layer_norm(x))))
-        return x + self.dropout_2(self.w_2(inner))
+    def forward(self, x: torch.Tensor, layout: Layout) -> torch.Tensor:
+        inner = layout.dropout(F.gelu(self.w_1(self.layer_norm(x))), self.dropout_1.p, self.training)
+        return x + layout.dropout(self.w_2(inner), self.dropout_2.p, self.training)
 
 
 class TransformerLayer(nn.Module):
@@ -577,12 +643,11 @@ class TransformerLayer(nn.Module):
         self.layer_norm = nn.LayerNorm(hidden, eps=1e-6)
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor, key_padding: torch.Tensor, cross: bool,
-                first: bool) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, y: torch.Tensor, layout: Layout, cross: bool, first: bool) -> torch.Tensor:
         if not first:
             y = self.layer_norm(y)
-        context = self.self_attn(x if cross else y, y, key_padding)
-        return self.feed_forward(self.dropout(context) + y)
+        context = self.self_attn(x if cross else y, y, layout)
+        return self.feed_forward(layout.dropout(context, self.dropout.p, self.training) + y, layout)
 
 
 class TransformerBlock(nn.Module):
@@ -596,20 +661,19 @@ class TransformerBlock(nn.Module):
         )
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor, speaker_emb: torch.Tensor,
+    def forward(self, x: torch.Tensor, y: torch.Tensor, layout: Layout, speaker_emb: torch.Tensor,
                 cross: bool) -> torch.Tensor:
-        """``mask``: (batch, length) bool, True for real utterances. Returns the new Y."""
-        key_padding = ~mask
+        """Returns the new Y (in ``layout``)."""
         if cross:
             # Cross block: both streams get position + speaker embedding, then dropout.
-            x = self.dropout(self.pos_emb(x, speaker_emb))
-            y = self.dropout(self.pos_emb(y, speaker_emb))
+            x = layout.dropout(self.pos_emb(x, speaker_emb, layout), self.dropout.p, self.training)
+            y = layout.dropout(self.pos_emb(y, speaker_emb, layout), self.dropout.p, self.training)
         else:
             # Self block: position + speaker embedding only (docs/METHOD.md §5).
-            y = self.pos_emb(y, speaker_emb)
+            y = self.pos_emb(y, speaker_emb, layout)
             x = y
         for i, layer in enumerate(self.transformer_inter):
-            y = layer(x, y, key_padding, cross, first=i == 0)
+            y = layer(x, y, layout, cross, first=i == 0)
         return y
 
 
@@ -625,10 +689,11 @@ class Gate(nn.Module):
 
 
 class FusionOutput(NamedTuple):
-    t_logits: torch.Tensor  # the prediction (batch, length, classes)
+    """The model's outputs in the batch's layout: rows (N, ...) when packed, else (batch, length, ...)."""
+    t_logits: torch.Tensor  # the prediction (N, classes)
     a_logits: torch.Tensor
     v_logits: torch.Tensor
-    t_feat: torch.Tensor  # T' (batch, length, hidden)
+    t_feat: torch.Tensor  # T' (N, hidden)
     a_feat: torch.Tensor  # A'
     v_feat: torch.Tensor  # V'
 
@@ -672,32 +737,37 @@ class AnchorGatedTransformer(nn.Module):
     def padding_speaker(self) -> int:
         return self.n_speaker
 
-    def _path(self, name: str, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor, spk: torch.Tensor,
+    def _path(self, name: str, x: torch.Tensor, y: torch.Tensor, layout: Layout, spk: torch.Tensor,
               cross: bool) -> torch.Tensor:
         # Reference behaviour: all text-anchor paths use the t_t block and gate.
         if name in TEXT_ANCHOR and not self.separate_text_blocks:
             name = "t_t"
         block, gate = getattr(self, name), getattr(self, f"{name}_gate")
-        return gate(block(x, y, mask, spk, cross=cross))
+        return gate(block(x, y, layout, spk, cross=cross))
 
     def forward(self, text: torch.Tensor, audio: torch.Tensor, video: torch.Tensor, speakers: torch.Tensor,
-                mask: torch.Tensor) -> FusionOutput:
-        """Streams (batch, length, hidden); ``speakers`` (batch, length) long; ``mask`` True = real utterance."""
+                mask: torch.Tensor, index: torch.Tensor | None = None,
+                positions: torch.Tensor | None = None) -> FusionOutput:
+        """``mask`` (batch, length) True = real utterance. With ``index``/``positions`` (see
+        :class:`Layout`) the streams are packed rows (N, hidden) and ``speakers`` (N,), and so are the
+        outputs; without, they are padded (batch, length, hidden) / (batch, length), padded speakers
+        = :attr:`padding_speaker`."""
+        layout = Layout(mask, index, positions)
         spk = self.speaker_embeddings(speakers)
-        a_a = self._path("a_a", audio, audio, mask, spk, cross=False)
-        t_a = self._path("t_a", text, audio, mask, spk, cross=True)
-        v_a = self._path("v_a", video, audio, mask, spk, cross=True)
+        a_a = self._path("a_a", audio, audio, layout, spk, cross=False)
+        t_a = self._path("t_a", text, audio, layout, spk, cross=True)
+        v_a = self._path("v_a", video, audio, layout, spk, cross=True)
         a_feat = self.features_reduce_a(torch.cat([a_a, t_a, v_a], dim=-1))
 
-        v_v = self._path("v_v", video, video, mask, spk, cross=False)
-        t_v = self._path("t_v", text, video, mask, spk, cross=True)
-        a_v = self._path("a_v", audio, video, mask, spk, cross=True)
+        v_v = self._path("v_v", video, video, layout, spk, cross=False)
+        t_v = self._path("t_v", text, video, layout, spk, cross=True)
+        a_v = self._path("a_v", audio, video, layout, spk, cross=True)
         v_feat = self.features_reduce_v(torch.cat([v_v, t_v, a_v], dim=-1))
 
         # The text anchor attends to the fused A' and V', not to the raw streams.
-        t_t = self._path("t_t", text, text, mask, spk, cross=False)
-        a_t = self._path("a_t", a_feat, text, mask, spk, cross=True)
-        v_t = self._path("v_t", v_feat, text, mask, spk, cross=True)
+        t_t = self._path("t_t", text, text, layout, spk, cross=False)
+        a_t = self._path("a_t", a_feat, text, layout, spk, cross=True)
+        v_t = self._path("v_t", v_feat, text, layout, spk, cross=True)
         t_feat = self.features_reduce_t(torch.cat([t_t, a_t, v_t], dim=-1))
 
         return FusionOutput(self.w_t(t_feat), self.w_a(a_feat), self.w_v(v_feat), t_feat, a_feat, v_feat)

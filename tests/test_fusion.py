@@ -13,7 +13,7 @@ from conftest import script
 from IEMOCAP.config import IEMOCAP
 from magtkd.dataset import DialogueSet, feature_path, load_dialogues
 from magtkd.model import (
-    AnchorGatedTransformer, FusionCheckpointError, feature_kd_loss, infer_sizes_from_checkpoint,
+    AnchorGatedTransformer, FusionCheckpointError, Layout, feature_kd_loss, infer_sizes_from_checkpoint,
     load_fusion_checkpoint, logit_kd_loss,
 )
 from magtkd.synthetic.features import write_synthetic_features
@@ -245,36 +245,89 @@ def _dialogues(lengths, n_speaker, seed=0):
     )
 
 
-def _logits(model, data, indices):
-    batch = data.collate(indices, model.padding_speaker)
+def _logits(model, data, indices, packed=True):
+    """Per dialogue of ``indices``: its utterances' t_logits, and the batch."""
+    batch = data.collate(indices, model.padding_speaker, packed)
     with torch.no_grad():
-        out = model(*batch.inputs)
-    return [out.t_logits[i, : len(data.labels[j])] for i, j in enumerate(indices)], batch
+        rows = batch.rows(model(*batch.inputs).t_logits)
+    return list(rows.split([len(data.labels[i]) for i in indices])), batch
 
 
-def test_padding_does_not_change_real_utterances():
+@pytest.mark.parametrize("packed", [True, False])
+def test_padding_does_not_change_real_utterances(packed):
     torch.manual_seed(0)
     model = AnchorGatedTransformer(H, C, N_SPK, n_head=2).eval()
     data = _dialogues([3, 5, 2, 40, 17], N_SPK)
-    alone, _ = _logits(model, data, [0, 1])
-    padded, batch = _logits(model, data, [0, 1, 2, 3, 4])  # dialogue 3 pads the others to 40
-    assert batch.mask.shape == (5, 40) and int(batch.mask.sum()) == 67
+    alone, _ = _logits(model, data, [0, 1], packed)
+    padded, batch = _logits(model, data, [0, 1, 2, 3, 4], packed)  # dialogue 3 pads the others to 40
+    assert batch.mask.shape == (5, 40) and int(batch.mask.sum()) == 67 and len(batch) == 67
     for a, b in zip(alone, padded[:2]):
         assert torch.allclose(a, b, atol=1e-5)
-    single, _ = _logits(model, data, [2])
+    single, _ = _logits(model, data, [2], packed)
     assert torch.allclose(single[0], padded[2], atol=1e-5)
 
 
-def fusion_objective(out, labels, mask, alpha=0.7, beta=0.8, feature_loss=True):
-    """``CE(W_t T') + alpha KD(A') + beta KD(V')`` over the ``mask``ed utterances (docs/METHOD.md §5), with
+def test_packed_batch_holds_the_real_utterances_in_the_flattened_order():
+    data = _dialogues([3, 1, 4], N_SPK)
+    packed = data.collate([2, 0, 1], N_SPK)
+    padded = data.collate([2, 0, 1], N_SPK, packed=False)
+    assert packed.text.shape == (8, H) and padded.text.shape == (3, 4, H)
+    assert packed.index.tolist() == [0, 1, 2, 3, 4, 5, 6, 8] and packed.positions.tolist() == [0, 1, 2, 3, 0, 1, 2, 0]
+    for name in ("text", "audio", "video", "speakers", "labels"):
+        assert torch.equal(getattr(packed, name), padded.rows(getattr(padded, name)))
+    assert torch.equal(packed.mask, padded.mask)
+
+
+def test_packed_training_step_equals_the_padded_one():
+    """The same seed gives the same dropout masks and outputs in both layouts (bit for bit on CPU),
+    and gradients equal up to float summation order (docs/METHOD.md §5, Speed)."""
+    torch.manual_seed(1)
+    model = AnchorGatedTransformer(H, C, N_SPK, n_head=2, dropout=0.5).train()
+    data = _dialogues([3, 7, 1, 12, 5], N_SPK)
+    results = {}
+    for packed in (False, True):
+        batch = data.collate([0, 1, 2, 3, 4], model.padding_speaker, packed)
+        torch.manual_seed(5)
+        rows = [batch.rows(o) for o in model(*batch.inputs)]
+        model.zero_grad()
+        (F.cross_entropy(rows[0], batch.rows(batch.labels)) + sum(r.pow(2).mean() for r in rows[1:])).backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results[packed] = rows, grads, torch.rand(3)
+    for a, b in zip(results[False][0], results[True][0]):
+        assert torch.equal(a, b)
+    assert results[False][1].keys() == results[True][1].keys()
+    for name, grad in results[False][1].items():
+        assert torch.allclose(grad, results[True][1][name], rtol=1e-5, atol=1e-7), name
+    assert torch.equal(results[False][2], results[True][2])  # the generator advanced alike
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
+def test_packed_dropout_keeps_the_units_f_dropout_keeps(p):
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1], [1, 0, 0]], dtype=torch.bool)
+    layout = Layout(mask, mask.flatten().nonzero().squeeze(1), None)
+    x = torch.randn(3, 3, 16)
+    torch.manual_seed(3)
+    expected = F.dropout(x, p, True)[mask]
+    torch.manual_seed(3)
+    assert torch.equal(layout.dropout(x[mask], p, True), expected)
+
+
+def fusion_objective(out, target, alpha=0.7, beta=0.8, feature_loss=True):
+    """``CE(W_t T') + alpha KD(A') + beta KD(V')`` over the real utterances' rows (docs/METHOD.md §5), with
     ``KD(X') = CE(W_x X') + L_logit(W_x X', W_t T') [+ L_feat(X', T')]``."""
-    target, t_logits, t_feat = labels[mask], out.t_logits[mask], out.t_feat[mask]
 
     def kd(logits, feat):
-        loss = F.cross_entropy(logits[mask], target) + logit_kd_loss(logits[mask], t_logits)
-        return loss + feature_kd_loss(feat[mask], t_feat) if feature_loss else loss
+        loss = F.cross_entropy(logits, target) + logit_kd_loss(logits, out.t_logits)
+        return loss + feature_kd_loss(feat, out.t_feat) if feature_loss else loss
 
-    return F.cross_entropy(t_logits, target) + alpha * kd(out.a_logits, out.a_feat) + beta * kd(out.v_logits, out.v_feat)
+    return F.cross_entropy(out.t_logits, target) + alpha * kd(out.a_logits, out.a_feat) + beta * kd(out.v_logits, out.v_feat)
+
+
+def _loss(model, batch, keep=None):
+    """The objective over the batch's real utterances (``keep``: a (B, L) mask of those to count)."""
+    out = model(*batch.inputs)
+    rows = batch.rows if keep is None else (lambda x: x[keep])
+    return fusion_objective(type(out)(*map(rows, out)), rows(batch.labels))
 
 
 def test_loss_ignores_padding():
@@ -282,13 +335,12 @@ def test_loss_ignores_padding():
     model = AnchorGatedTransformer(H, C, N_SPK, n_head=2).eval()
     data = _dialogues([3, 5, 30], N_SPK)
     with torch.no_grad():
-        b1 = data.collate([0, 1], model.padding_speaker)
-        l1 = fusion_objective(model(*b1.inputs), b1.labels, b1.mask)
+        l1 = _loss(model, data.collate([0, 1], model.padding_speaker))
         # Same two dialogues padded to 30 by a third one that is then masked out of the loss.
-        b2 = data.collate([0, 1, 2], model.padding_speaker)
-        mask = b2.mask.clone()
-        mask[2] = False
-        l2 = fusion_objective(model(*b2.inputs), b2.labels, mask)
+        b2 = data.collate([0, 1, 2], model.padding_speaker, packed=False)
+        keep = b2.mask.clone()
+        keep[2] = False
+        l2 = _loss(model, b2, keep)
     assert l1.item() == pytest.approx(l2.item(), rel=1e-5)
 
 
@@ -298,15 +350,15 @@ def test_meld_padding_row_is_not_a_real_speaker():
     assert model.padding_speaker == N_SPK and model.speaker_embeddings.num_embeddings == N_SPK + 1
     data = _dialogues([4, 9], N_SPK)
     data.speakers[0] = torch.tensor([2, 2, 5, 2])  # speaker 2 (Joey's row in the reference's numbering)
-    before, batch = _logits(model, data, [0, 1])
+    before, batch = _logits(model, data, [0, 1], packed=False)
     assert batch.speakers[0, 4:].tolist() == [N_SPK] * 5  # padding uses the extra row
     with torch.no_grad():
         model.speaker_embeddings.weight[N_SPK] += 10.0  # the padding row must not matter
-    after_pad, _ = _logits(model, data, [0, 1])
+    after_pad, _ = _logits(model, data, [0, 1], packed=False)
     assert torch.allclose(before[0], after_pad[0], atol=1e-5)
     with torch.no_grad():
         model.speaker_embeddings.weight[2] += 10.0  # a real speaker's row must matter
-    after_real, _ = _logits(model, data, [0, 1])
+    after_real, _ = _logits(model, data, [0, 1], packed=False)
     assert not torch.allclose(before[0], after_real[0], atol=1e-3)
 
 
