@@ -1,19 +1,37 @@
-"""Benchmark the fusion stage (docs/METHOD.md §5) on CPU: seconds per training epoch and peak RSS.
+"""Benchmark the fusion stage (docs/METHOD.md §5) on CPU: our training epoch against the authors' loop.
 
     python benchmarks/bench_fusion.py            # IEMOCAP- and MELD-sized synthetic features, width 768
     python benchmarks/bench_fusion.py --quick    # a smaller run (width 128, 1/8 of the dialogues)
+    python benchmarks/bench_fusion.py --epochs 3 --datasets MELD
 
-Each dataset runs in a fresh subprocess (so its peak RSS is its own) through
-``<DS>/multimodal_fusion.py``'s ``main`` with the reference's hyperparameters (batch 16
-dialogues, lr 1e-4, dropout 0.5, 8 heads). The synthetic pickles are written
-to a temporary folder by the parent first. Training seconds are the stage's own
-per-epoch ``train_seconds``; ``eval`` is dev + test prediction per epoch.
+The synthetic pickles have the real splits' sizes and spread of dialogue lengths
+(``SIZES``), so a batch of 16 random dialogues carries the padding it carries on
+the real data. On the same features, each in a fresh subprocess (its peak RSS is
+its own), the script times:
+
+- ``authors``: the authors' training loop, rebuilt here from their code's
+  structure: a Dataset that turns each dialogue's lists into tensors at every
+  access, one-hot speaker matrices, a pandas ``collate_fn`` padding sequence-first,
+  lengths read back per dialogue from the utterance mask, the padding speaker set
+  in a per-dialogue loop, every layer computed on the padded grid, the default
+  (per-tensor) AdamW, ``loss.item()`` and CPU copies of the predictions at every
+  step. The model is ours with ``packed=False``, which the tests show computes
+  the authors' function; the objective is the stage's.
+- ``ours``: ``<DS>/multimodal_fusion.py``'s ``main`` (packed rows, fused AdamW,
+  no host round trip in the step); its own per-epoch ``train_seconds``.
+
+Both: the reference's hyperparameters (batch 16 dialogues, lr 1e-4, dropout 0.5,
+8 heads), torch's default threads, the same seed, initial weights and batches.
+Their losses are not compared: the authors' sequence-first tensors make dropout
+fill its masks in another memory order. That our packed step equals the padded
+one (same dropout draws, same outputs) is what ``tests/test_fusion.py`` checks.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import resource
 import subprocess
@@ -24,33 +42,151 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-# Real split sizes (docs/METHOD.md §1): split -> (dialogues, utterances).
+# Real splits (docs/METHOD.md §1): split -> (dialogues, utterances, std of dialogue length, longest).
 SIZES = {
-    "IEMOCAP": {"train": (108, 5163), "dev": (12, 647), "test": (31, 1623)},
-    "MELD": {"train": (1038, 9989), "dev": (114, 1109), "test": (280, 2610)},
+    "IEMOCAP": {"train": (108, 5163, 15.4, 94), "dev": (12, 647, 24.0, 110), "test": (31, 1623, 17.4, 91)},
+    "MELD": {"train": (1038, 9989, 5.8, 24), "dev": (114, 1109, 5.4, 23), "test": (280, 2610, 5.7, 33)},
 }
+# The stage's defaults per dataset: audio / video feature keys, alpha, beta, L_feat (docs/METHOD.md §5).
+OBJECTIVE = {"IEMOCAP": ("audio_kd", "video", 0.7, 0.8, True), "MELD": ("audio_kd", "video_kd", 0.01, 0.08, False)}
+
+
+def authors_epochs(name: str, feature_dir: Path, epochs: int, seed: int = 2024) -> list[dict]:
+    """The authors' loop (see the module docstring) for ``epochs`` epochs: per-epoch seconds."""
+    import numpy as np
+    import pandas as pd
+    import torch
+    import torch.nn.functional as F
+    from torch.nn.utils.rnn import pad_sequence
+    from torch.utils.data import DataLoader, Dataset
+
+    from magtkd import model, utils
+    from magtkd.dataset import feature_path, load_features
+    from magtkd.pipeline import dataset_spec
+
+    spec = dataset_spec(name)
+    audio_key, video_key, alpha, beta, feature_loss = OBJECTIVE[name]
+
+    class AuthorsDataset(Dataset):
+        def __init__(self, split: str) -> None:
+            self.f = load_features(feature_path(feature_dir, split), keys=("text", audio_key, video_key))
+            self.keys = list(self.f["vids"])
+
+        def __len__(self) -> int:
+            return len(self.keys)
+
+        def __getitem__(self, i: int):
+            vid, f = self.keys[i], self.f
+            speakers = f["speakers"][vid]
+            return (torch.FloatTensor(np.array(f["text"][vid])), torch.FloatTensor(np.array(f[video_key][vid])),
+                    torch.FloatTensor(np.array(f[audio_key][vid])),
+                    torch.FloatTensor([[1 if s == k else 0 for k in range(spec.n_speaker)] for s in speakers]),
+                    torch.FloatTensor([1] * len(speakers)), torch.LongTensor(f["labels"][vid]), vid)
+
+        @staticmethod
+        def collate_fn(data):
+            dat = pd.DataFrame(data)
+            return [pad_sequence(dat[i]) if i < 4 else pad_sequence(dat[i], True) if i < 6 else dat[i].tolist()
+                    for i in dat]
+
+    def objective(out: model.FusionOutput, target: torch.Tensor) -> torch.Tensor:
+        def kd(logits, feat):
+            loss = F.cross_entropy(logits, target) + model.logit_kd_loss(logits, out.t_logits)
+            return loss + model.feature_kd_loss(feat, out.t_feat) if feature_loss else loss
+        return (F.cross_entropy(out.t_logits, target) + alpha * kd(out.a_logits, out.a_feat)
+                + beta * kd(out.v_logits, out.v_feat))
+
+    train = AuthorsDataset("train")
+    width = int(train.f["text"][train.keys[0]][0].shape[0])
+    torch.manual_seed(seed)
+    fusion = model.AnchorGatedTransformer(width, spec.num_classes, spec.n_speaker, 8, 0.5)
+    optimizer = torch.optim.AdamW(fusion.parameters(), lr=1e-4, weight_decay=1e-6)
+    n_batches = math.ceil(len(train) / 16)
+    scheduler = utils.reference_schedule(optimizer, len(train), n_batches, epochs, False)
+    # The stage's shuffle (a generator seeded with the seed, one permutation per epoch), so both loops
+    # see the same batches; the loader's own generator keeps it off the global one.
+    order = torch.Generator().manual_seed(seed)
+    rows = []
+    for epoch in range(1, epochs + 1):
+        start = time.perf_counter()
+        loader = DataLoader(train, batch_size=16, sampler=torch.randperm(len(train), generator=order).tolist(),
+                            collate_fn=train.collate_fn, generator=torch.Generator())
+        fusion.train()
+        losses, preds, labels, masks = [], [], [], []
+        for data in loader:
+            optimizer.zero_grad()
+            textf, visuf, acouf, qmask, umask, label = data[:-1]
+            qmask = qmask.permute(1, 0, 2)
+            lengths = [(umask[j] == 1).nonzero().tolist()[-1][0] + 1 for j in range(len(umask))]
+            spk_idx = torch.argmax(qmask, -1)
+            for i, x in enumerate(lengths):
+                spk_idx[i, x:] = spec.n_speaker  # the padding row, dialogue by dialogue
+            mask = umask.bool()
+            out = fusion(textf.permute(1, 0, 2), acouf.permute(1, 0, 2), visuf.permute(1, 0, 2), spk_idx, mask)
+            loss = objective(model.FusionOutput(*(o[mask] for o in out)), label[mask])
+            preds.append(torch.argmax(out.t_logits, -1).view(-1).cpu().numpy())
+            labels.append(label.view(-1).cpu().numpy())
+            masks.append(umask.view(-1).cpu().numpy())
+            losses.append(loss.item() * masks[-1].sum())
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(fusion.parameters(), 10.0)
+            optimizer.step()
+            scheduler.step()
+        rows.append({"epoch": epoch, "train_seconds": time.perf_counter() - start,
+                     "train_loss": float(np.sum(losses) / np.sum(np.concatenate(masks)))})
+    return rows
 
 
 def child(args: argparse.Namespace) -> None:
-    """Run the stage in this (fresh) process and print one JSON line of measurements."""
-    from magtkd.pipeline import REPO, load_script
+    """Run one loop in this (fresh) process and print one JSON line of measurements."""
+    import torch
 
-    fusion = load_script(REPO / args.child / "multimodal_fusion.py")
-    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     start = time.perf_counter()
-    result = fusion.main([
-        "--feature_dir", str(Path(args.work) / "feature"), "--save_dir", str(Path(args.work) / "save"),
-        "--epochs", str(args.epochs), "--device", "cpu",
-    ])
-    curve = result["curve"]
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    feature_dir = Path(args.work) / "feature"
+    if args.loop == "authors":
+        curve = authors_epochs(args.child, feature_dir, args.epochs)
+    else:
+        from magtkd.pipeline import REPO, load_script
+
+        fusion = load_script(REPO / args.child / "multimodal_fusion.py")
+        curve = fusion.main(["--feature_dir", str(feature_dir), "--save_dir", str(Path(args.work) / "save"),
+                             "--epochs", str(args.epochs), "--device", "cpu"])["curve"]
     print(json.dumps({
         "train_seconds": [c["train_seconds"] for c in curve],
-        "eval_seconds": [c["eval_seconds"] for c in curve],
+        "train_loss": [c["train_loss"] for c in curve],
         "total_seconds": time.perf_counter() - start,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "rss_after_imports_mib": rss_before / 1024,
-        "torch_threads": __import__("torch").get_num_threads(),
+        "torch_threads": torch.get_num_threads(),
     }))
+
+
+def run_child(name: str, loop: str, work: str, epochs: int) -> dict:
+    proc = subprocess.run(
+        [sys.executable, __file__, "--child", name, "--loop", loop, "--work", work, "--epochs", str(epochs)],
+        capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"},
+    )
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stderr)
+        raise SystemExit(f"{name} {loop} benchmark failed (exit {proc.returncode})")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def padding_ratio(feature_dir: Path, seed: int = 0, batch: int = 16, draws: int = 50) -> float:
+    """Padded grid cells per real utterance of random batches of the training split."""
+    import numpy as np
+
+    from magtkd.dataset import feature_path, load_features
+
+    f = load_features(feature_path(feature_dir, "train"), keys=("text",))
+    lengths = np.array([len(f["labels"][v]) for v in f["vids"]])
+    rng, ratios = np.random.default_rng(seed), []
+    for _ in range(draws):
+        order = lengths[rng.permutation(len(lengths))]
+        ratios.append(sum(len(c) * c.max() for c in np.array_split(order, math.ceil(len(order) / batch)))
+                      / lengths.sum())
+    return float(np.mean(ratios))
 
 
 def parent(args: argparse.Namespace) -> None:
@@ -61,30 +197,26 @@ def parent(args: argparse.Namespace) -> None:
     shrink = 8 if args.quick else 1
     rows = []
     for name in args.datasets:
-        sizes = {s: (max(1, d // shrink), max(d // shrink, u // shrink)) for s, (d, u) in SIZES[name].items()}
+        sizes = {s: (max(1, d // shrink), max(d // shrink, u // shrink)) for s, (d, u, _, _) in SIZES[name].items()}
         with tempfile.TemporaryDirectory(prefix=f"bench_fusion_{name}_") as work:
-            t0 = time.perf_counter()
             write_synthetic_features(Path(work) / "feature", dataset_spec(name), {s: d for s, (d, _) in sizes.items()},
-                                     width=width, seed=0, n_utterances={s: u for s, (_, u) in sizes.items()})
-            write_s = time.perf_counter() - t0
-            proc = subprocess.run(
-                [sys.executable, __file__, "--child", name, "--work", work, "--epochs", str(args.epochs)],
-                capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"},
-            )
-            if proc.returncode != 0:
-                sys.stderr.write(proc.stderr)
-                raise SystemExit(f"{name} benchmark failed (exit {proc.returncode})")
-            m = json.loads(proc.stdout.strip().splitlines()[-1])
-        train = m["train_seconds"]
-        rows.append((name, sizes["train"], width, sum(train) / len(train), min(train),
-                     sum(m["eval_seconds"]) / len(train), m["peak_rss_mib"], m["rss_after_imports_mib"],
-                     m["torch_threads"], write_s))
-    print(f"fusion benchmark on CPU ({os.cpu_count()} cores), batch 16 dialogues, {args.epochs} epochs each")
-    print(f"{'dataset':8} {'train dlg/utt':>14} {'width':>5} {'s/epoch':>8} {'min':>7} {'eval s':>7} "
-          f"{'peak RSS MiB':>12} {'of it imports':>13} {'threads':>7} {'write s':>7}")
-    for name, (d, u), w, mean, fastest, ev, rss, base, threads, ws in rows:
-        print(f"{name:8} {f'{d}/{u}':>14} {w:5d} {mean:8.2f} {fastest:7.2f} {ev:7.2f} {rss:12.0f} {base:13.0f} "
-              f"{threads:7d} {ws:7.1f}")
+                                     width=width, seed=0, n_utterances={s: u for s, (_, u) in sizes.items()},
+                                     length_sd={s: sd for s, (_, _, sd, _) in SIZES[name].items()},
+                                     max_len=max(longest for *_, longest in SIZES[name].values()))
+            ratio = padding_ratio(Path(work) / "feature")
+            measured = {loop: run_child(name, loop, work, args.epochs) for loop in ("authors", "ours")}
+        rows.append((name, sizes["train"], width, ratio, measured))
+    load = os.getloadavg()[0]
+    print(f"fusion training epoch on CPU ({os.cpu_count()} cores, 1-min load average {load:.1f} at the end), "
+          f"batch 16 dialogues, {args.epochs} epochs each; seconds per epoch: mean (min)")
+    print(f"{'dataset':8} {'train dlg/utt':>14} {'width':>5} {'padding':>7} {'authors s':>15} {'ours s':>15} "
+          f"{'speed-up':>8} {'peak RSS MiB a/o':>16} {'threads':>7}")
+    for name, (d, u), w, ratio, m in rows:
+        a, o = m["authors"]["train_seconds"], m["ours"]["train_seconds"]
+        mean_a, mean_o = sum(a) / len(a), sum(o) / len(o)
+        print(f"{name:8} {f'{d}/{u}':>14} {w:5d} {ratio:7.2f} {f'{mean_a:.2f} ({min(a):.2f})':>15} "
+              f"{f'{mean_o:.2f} ({min(o):.2f})':>15} {mean_a / mean_o:7.2f}x "
+              f"{m['authors']['peak_rss_mib']:7.0f}/{m['ours']['peak_rss_mib']:<8.0f} {m['ours']['torch_threads']:7d}")
 
 
 def main() -> None:
@@ -93,6 +225,7 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--datasets", nargs="+", default=["IEMOCAP", "MELD"], choices=sorted(SIZES))
     p.add_argument("--child", help=argparse.SUPPRESS)
+    p.add_argument("--loop", choices=("authors", "ours"), help=argparse.SUPPRESS)
     p.add_argument("--work", help=argparse.SUPPRESS)
     args = p.parse_args()
     child(args) if args.child else parent(args)

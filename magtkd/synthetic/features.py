@@ -29,14 +29,29 @@ def _per_split(value: int | Mapping[str, int] | None, split: str) -> int | None:
     return int(value[split])
 
 
-def _lengths(rng: np.random.Generator, n_dialogues: int, n_utterances: int | None, max_len: int) -> np.ndarray:
-    """Dialogue lengths: random in [2, max_len], or summing exactly to ``n_utterances``."""
+def _lengths(rng: np.random.Generator, n_dialogues: int, n_utterances: int | None, max_len: int,
+             sd: float | None = None) -> np.ndarray:
+    """Dialogue lengths: random in [2, max_len], or summing exactly to ``n_utterances``: near the mean
+    (multinomial), or spread with standard deviation ``sd`` (gamma, at most ``max_len``)."""
     if n_utterances is None:
         return rng.integers(2, max_len + 1, size=n_dialogues)
     if n_utterances < n_dialogues:
         raise ValueError(f"{n_utterances} utterances cannot fill {n_dialogues} dialogues")
-    extra = rng.multinomial(n_utterances - n_dialogues, np.full(n_dialogues, 1.0 / n_dialogues))
-    return 1 + extra
+    if sd is None:
+        extra = rng.multinomial(n_utterances - n_dialogues, np.full(n_dialogues, 1.0 / n_dialogues))
+        return 1 + extra
+    if n_utterances > n_dialogues * max_len:
+        raise ValueError(f"{n_utterances} utterances do not fit {n_dialogues} dialogues of at most {max_len}")
+    mean = n_utterances / n_dialogues
+    shape = (mean / sd) ** 2
+    lengths = np.clip(np.round(rng.gamma(shape, mean / shape, size=n_dialogues)), 1, max_len).astype(int)
+    while (diff := n_utterances - int(lengths.sum())) != 0:  # one utterance at a time to the exact total
+        i = int(rng.integers(n_dialogues))
+        if diff > 0 and lengths[i] < max_len:
+            lengths[i] += 1
+        elif diff < 0 and lengths[i] > 1:
+            lengths[i] -= 1
+    return lengths
 
 
 def _speakers(rng: np.random.Generator, spec: DatasetSpec, length: int, pool: int) -> list[int]:
@@ -52,11 +67,14 @@ def write_synthetic_features(
     feature_dir: str | Path, spec: DatasetSpec, n_dialogues: int | Mapping[str, int] = 8, width: int = 16,
     seed: int = 0, *, n_utterances: Mapping[str, int] | None = None, max_len: int = 10, noise: float = 1.0,
     prototype_scale: float = 4.0, n_global_speakers: int | None = None,
+    length_sd: Mapping[str, float] | None = None,
 ) -> dict[str, Path]:
     """Write ``first_stage_{train,dev,test}_features.pkl`` into ``feature_dir``; return split -> path.
 
     ``n_dialogues`` / ``n_utterances``: per split (int or split -> int); without
-    ``n_utterances`` each dialogue has 2..``max_len`` utterances. Prototypes have
+    ``n_utterances`` each dialogue has 2..``max_len`` utterances; with it and
+    ``length_sd`` (split -> standard deviation) the lengths spread like a real
+    release's, up to ``max_len`` (padding then costs what it costs on real data). Prototypes have
     unit-variance entries times ``prototype_scale``; ``noise`` is the noise std.
     The default signal is strong on purpose: with weak signals and tiny widths
     the non-detached logit-KD terms of the IEMOCAP objective can pull the model
@@ -68,7 +86,8 @@ def write_synthetic_features(
     prototypes = {key: rng.normal(0.0, prototype_scale, size=(n_classes, width)) for key in FEATURE_KEYS}
     paths: dict[str, Path] = {}
     for split in SPLITS:
-        lengths = _lengths(rng, _per_split(n_dialogues, split), _per_split(n_utterances, split), max_len)
+        lengths = _lengths(rng, _per_split(n_dialogues, split), _per_split(n_utterances, split), max_len,
+                           None if length_sd is None else length_sd[split])
         dialogue_ids, utterance_ids, speakers = [], [], []
         for dia, length in enumerate(lengths):
             dialogue_ids += [dia] * int(length)
