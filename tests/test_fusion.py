@@ -17,7 +17,7 @@ from magtkd.model import (
     load_fusion_checkpoint, logit_kd_loss,
 )
 from magtkd.synthetic.features import write_synthetic_features
-from magtkd.utils import predict_dialogues
+from magtkd.utils import dialogue_logits, predict_dialogues
 from MELD.config import MELD
 
 WIDTH = 16
@@ -99,6 +99,19 @@ def test_training_learns_and_writes_artifacts(trained, spec):
     state = torch.load(save / "multimodal_fusion_best.bin", weights_only=True)
     assert state["speaker_embeddings.weight"].shape == (defaults["n_speaker"] + 1, WIDTH)
     assert not any(k.startswith(("a_t.", "v_t.", "fc.")) for k in state)
+
+
+def test_padded_grid_trains_the_same_run(trained, tmp_path):
+    """``--packed False`` (the authors' padded computation) retraces the packed run: the same
+    curve up to float summation order, the same selected epoch and test predictions."""
+    root, packed = trained["IEMOCAP"]
+    padded = fusion_main(IEMOCAP, ["--feature_dir", str(root / "feature"), "--save_dir", str(tmp_path / "save"),
+                                   *FAST, "--packed", "False"])
+    assert [c["train_loss"] for c in padded["curve"]] == pytest.approx([c["train_loss"] for c in packed["curve"]],
+                                                                         rel=1e-4)
+    assert [c["dev"] for c in padded["curve"]] == [c["dev"] for c in packed["curve"]]
+    assert padded["selected_epoch"] == packed["selected_epoch"] and padded["preds"] == packed["preds"]
+    assert all(c["train_seconds"] > 0 for c in packed["curve"])
 
 
 def test_eval_round_trip_reads_only_test_pickle(trained, tmp_path):
@@ -203,6 +216,9 @@ def test_reference_checkpoint_same_predictions_through_the_stage(tmp_path):
     model.load_state_dict({k: v for k, v in state.items() if k in model.state_dict()})
     test = load_dialogues(feature_path(tmp_path / "feature", "test"), "audio_kd", "video_kd", torch.device("cpu"))
     assert result["preds"] == predict_dialogues(model, test, batch_size=1)
+    # ... and like the authors' computation: every layer on the padded grid (docs/METHOD.md §5, Speed)
+    assert result["preds"] == predict_dialogues(model, test, batch_size=16, packed=False)
+    assert torch.allclose(dialogue_logits(model, test, 16), dialogue_logits(model, test, 16, packed=False), atol=1e-5)
 
 
 def test_wrong_shape_and_missing_keys_are_named(tmp_path):
