@@ -153,7 +153,13 @@ def test_frame_extraction_survives_a_crashing_clip(bad_meld, crash_hook, generat
     feature_dir = tmp_path / "feature"
     argv = ["--data_dir", str(bad_meld["data_dir"]), "--pretrained_dir", str(generated / "pretrained_model"),
             "--feature_dir", str(feature_dir), "--num_workers", str(workers)]
+    (feature_dir / "video" / "test").mkdir(parents=True)
+    strays = [feature_dir / "video" / name for name in
+              (".substitutions.tsv.k1ll.tmp", ".extraction.json.k1ll.tmp", "test/.0_0.npy.k1ll.tmp")]
+    for stray in strays:  # left by a killed run's writes
+        stray.write_bytes(b"")
     result = script("MELD", "video_feature_extract").main(argv)
+    assert not any(stray.exists() for stray in strays)
     total = sum(len(load_split(MELD, bad_meld["data_dir"], s)) for s in ds.SPLITS)
     assert result["extracted"] == total
     items = {s.key: s for s in SubstitutionReport.read(feature_dir / "video" / "substitutions.tsv")}
@@ -195,9 +201,11 @@ def test_audio_loading_survives_a_crashing_clip(demo, bad_meld, crash_hook, tmp_
 def test_interrupted_training_is_incomplete_and_redone(generated, tmp_path, monkeypatch):
     paths = {"data_dir": generated / "datasets" / "MELD", "pretrained_dir": generated / "pretrained_model",
              "save_dir": tmp_path / "save_model", "feature_dir": tmp_path / "feature"}
-    stray = paths["save_dir"] / ".text.bin.dead1234.tmp"
-    stray.parent.mkdir(parents=True)
-    stray.write_bytes(b"")
+    # Temp files killed writes leave: the checkpoint, the training state (the largest write) and a plot.
+    strays = [paths["save_dir"] / f".{name}.dead1234.tmp" for name in ("text.bin", "text.state.pt", "text_curves.png")]
+    strays[0].parent.mkdir(parents=True)
+    for stray in strays:
+        stray.write_bytes(b"")
     real_predict, calls = utils.predict, []
 
     def dies_in_epoch_two(*args, **kwargs):
@@ -210,7 +218,7 @@ def test_interrupted_training_is_incomplete_and_redone(generated, tmp_path, monk
     with pytest.raises(KeyboardInterrupt):
         script("MELD", "text").main(flags(paths, epochs=2, batch_size=8, learning_rate=1e-3))
     monkeypatch.undo()
-    assert not stray.exists()  # the killed write's temp file is removed at the next start
+    assert not any(stray.exists() for stray in strays)  # the killed writes' temp files are removed at the next start
     assert not (paths["save_dir"] / ".text.lock").exists()
     assert (paths["save_dir"] / "text.bin").is_file()  # a valid-looking checkpoint of epoch 1 ...
     record = json.loads((paths["save_dir"] / "text.json").read_text())
@@ -271,11 +279,13 @@ def test_fusion_removes_stale_temps_and_publishes_a_complete_record(demo, tmp_pa
     feature_dir = stage_paths(demo["workdir"], "IEMOCAP")["feature_dir"]
     save_dir = tmp_path / "save"
     save_dir.mkdir()
-    stray = save_dir / ".multimodal_fusion_best.bin.x1y2.tmp"
-    stray.write_bytes(b"")
+    strays = [save_dir / f".{name}.x1y2.tmp" for name in
+              ("multimodal_fusion_best.bin", "multimodal_fusion.state.pt", "multimodal_fusion_confusion.png")]
+    for stray in strays:
+        stray.write_bytes(b"")
     script("IEMOCAP", "multimodal_fusion").main(["--feature_dir", str(feature_dir), "--save_dir", str(save_dir),
                                                  "--epochs", "1", "--batch_size", "4"])
-    assert not stray.exists()
+    assert not any(stray.exists() for stray in strays)
     record = json.loads((save_dir / utils.FUSION_METRICS).read_text())
     assert record["complete"] is True and record["dataset"] == "IEMOCAP"
     assert record["labels"] == list(IEMOCAP.labels) and record["width"] > 0
