@@ -193,6 +193,22 @@ def test_audio_loading_survives_a_crashing_clip(demo, bad_meld, crash_hook, tmp_
     assert items[keys["random"]].replacement == "audio decoded before the error"
     assert "no streams" in items[keys["moovless"]].reason  # not "no audio stream"
     assert "cannot open" in items[keys["half"]].reason and "cannot open" in items[keys["empty"]].reason
+    if items[keys["crash_video"]].reason.startswith("no audio stream"):  # its moov cut before the audio track
+        assert "file truncated ('moov' box" in items[keys["crash_video"]].reason
+
+
+def test_a_track_lost_to_truncation_is_not_reported_as_a_clip_without_that_stream(generated, tmp_path):
+    clip = next((generated / "datasets" / "MELD" / "train_splits").glob("*.mp4"))
+    data = clip.read_bytes()
+    moov = data.rfind(b"moov") - 4
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(data[: moov + 200])
+    assert media.missing_stream(cut, "audio").reason == (
+        f"no audio stream: file truncated ('moov' box at byte {moov} needs "
+        f"{int.from_bytes(data[moov:moov + 4], 'big')} bytes, the file ends 200 bytes in)")
+    assert media.missing_stream(clip, "video").reason == "no video stream"  # whole: the stream is simply absent
+    wav = next((generated / "datasets" / "IEMOCAP").rglob("*.wav"))  # not an mp4: nothing to say about boxes
+    assert media.missing_stream(wav, "audio").reason == "no audio stream"
 
 
 # --------------------------------------------------------------------------- outputs that know they are complete
