@@ -432,9 +432,11 @@ def test_unexpected_failures_keep_their_traceback():
 def test_run_sh_resolves_relative_folders_against_the_callers_directory(tmp_path):
     run = subprocess.run(["bash", str(REPO / "MELD" / "run.sh"), "--data_dir", "relative/MELD"],
                          capture_output=True, text=True, cwd=tmp_path, timeout=300)
-    assert run.returncode != 0
+    assert run.returncode == 2  # the stage's user error passes through, named once, without the command's repr
     assert str(tmp_path / "relative" / "MELD") in run.stderr
     assert not (REPO / "relative").exists()
+    assert run.stderr.strip().splitlines()[-1].endswith(
+        "[MELD] stage 'preprocessing' (preprocessing.py) failed (exit status 2; its message is above)")
 
 
 # --------------------------------------------------------------------------- one run per output set
