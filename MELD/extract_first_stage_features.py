@@ -54,7 +54,7 @@ def main(argv=None) -> dict:
         with utils.output_lock(args.feature_dir, "first_stage_features"):
             record = dataset.features_record(args.feature_dir)
             pickles = [dataset.feature_path(args.feature_dir, split).name for split in dataset.SPLITS]
-            utils.remove_stale_temps(args.feature_dir, pickles)
+            utils.remove_stale_temps(args.feature_dir, [*pickles, record.name, "first_stage_substitutions.tsv"])
             utils.begin_outputs(record, "MELD/extract_first_stage_features.py", args, dataset=MELD.name,
                                 labels=list(MELD.labels), pickles=pickles)
             paths = {}

@@ -872,6 +872,8 @@ def extract_frames(jobs: Sequence[Job], image_processor: Any, num_workers: int, 
     single = utils.world_size() == 1
     with output_lock(video_dir, "frames") if utils.is_main() else contextlib.nullcontext():
         record = frames_record(video_dir.parent)
+        if utils.is_main():  # the report's and record's (the frames' own: plan_jobs)
+            utils.remove_stale_temps(video_dir, (report_path.name, record.name))
         if single:  # under torchrun no rank knows when the others finish: no completion record
             begin_outputs(record, "video_feature_extract", args or {}, report=report_path.name)
         report = SubstitutionReport()

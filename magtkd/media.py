@@ -67,6 +67,28 @@ def open_checked(path: Path) -> av.container.InputContainer:
     return container
 
 
+def missing_stream(path: Path, kind: str) -> MediaError:
+    """"no <kind> stream", saying so when the file is cut short: an mp4 cut inside its moov atom still
+    opens with the streams described before the cut, and its lost track is damage, not a silent clip."""
+    try:
+        with open(path, "rb") as handle:
+            size, offset = os.fstat(handle.fileno()).st_size, 0
+            while offset + 8 <= size:  # the ISO-BMFF top-level boxes: 32-bit size (1: 64-bit follows) + type
+                handle.seek(offset)
+                header = handle.read(16)
+                box, kind_of_box = int.from_bytes(header[:4], "big"), header[4:8].decode("latin-1")
+                box = int.from_bytes(header[8:16], "big") if box == 1 and len(header) == 16 else box
+                if box < 8 or (offset == 0 and kind_of_box != "ftyp"):  # "to the end", or not an mp4 (wav, avi)
+                    break
+                if offset + box > size:
+                    return MediaError(path, f"no {kind} stream: file truncated ({kind_of_box!r} box at byte "
+                                            f"{offset} needs {box} bytes, the file ends {size - offset} bytes in)")
+                offset += box
+    except OSError:
+        pass
+    return MediaError(path, f"no {kind} stream")
+
+
 def _open(path: str | os.PathLike) -> av.container.InputContainer:
     """Open a media container for reading (single entry point so tests can count opens)."""
     return av.open(str(path), "r")
@@ -106,7 +128,7 @@ def decode_audio_native(path: str | os.PathLike, notes: list[str] | None = None)
     container = open_checked(path)
     with container:
         if not container.streams.audio:
-            raise MediaError(path, "no audio stream")
+            raise missing_stream(path, "audio")
         stream = container.streams.audio[0]
         # Convert whatever sample format the codec emits to planar float at the
         # stream's own rate and layout; down-mixing and resampling happen below.
@@ -280,7 +302,7 @@ def decode_windows(
     decoded = 0
     with container:
         if not container.streams.video:
-            raise MediaError(path, "no video stream")
+            raise missing_stream(path, "video")
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"  # frame-level threads: same frames, faster decode
         wanted: dict[int, list[_Window]] = {}

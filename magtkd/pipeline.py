@@ -198,6 +198,11 @@ def run(args: argparse.Namespace) -> dict[str, float]:
         started = time.time()
         try:
             run_script(script_dir / stage.script, argv, args.in_process)
+        except subprocess.CalledProcessError as err:  # the stage printed its own message (a user error: one line)
+            status = err.returncode
+            how = f"killed by signal {-status}" if status < 0 else f"exit status {status}"
+            raise PipelineError(f"[{spec.name}] stage '{stage.name}' ({stage.script}) failed ({how}; its message is "
+                                f"above)", status if status > 0 else 1) from err
         except SystemExit as err:  # argparse errors and explicit exits of an in-process stage
             if err.code not in (0, None):
                 raise PipelineError(f"[{spec.name}] stage '{stage.name}' ({stage.script}) failed: {err}") from err
@@ -208,7 +213,11 @@ def run(args: argparse.Namespace) -> dict[str, float]:
 
 
 class PipelineError(utils.UserError, RuntimeError):
-    """A stage failed; the message names it."""
+    """A stage failed; the message names it. ``status``: the exit status to pass on (2: the stage's user error)."""
+
+    def __init__(self, message: str, status: int = 1) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 def parser() -> argparse.ArgumentParser:
@@ -246,7 +255,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         return run(args)
     except PipelineError as err:
         log.error("%s", err)
-        raise SystemExit(1) from err
+        raise SystemExit(err.status) from err
 
 
 if __name__ == "__main__":

@@ -1133,8 +1133,9 @@ def _train(*, stage: str, model: nn.Module, step: StepFn, loaders: Mapping[str, 
     facts = {"dataset": stage.split()[0], "labels": list(label_names),
              "width": int(getattr(getattr(model, "classifier", None), "in_features", 0)) or None}
     if is_main():
-        remove_stale_temps(checkpoint.parent, (checkpoint.name, metrics_path.name,
-                                               substitution_report_path(checkpoint, True).name))
+        remove_stale_temps(checkpoint.parent, (checkpoint.name, metrics_path.name, state_path(checkpoint).name,
+                                               substitution_report_path(checkpoint, True).name,
+                                               *(plot_path(checkpoint, kind).name for kind in PLOT_KINDS)))
         begin_outputs(metrics_path, stage, args, checkpoint=checkpoint.name, **facts)
     model.to(device)
     if args.grad_checkpointing:
@@ -1375,7 +1376,9 @@ def fit_fusion(*, stage: str, model: nn.Module, objective: FusionObjective, data
         raise UserError("the fusion stage trains in one process (it takes minutes): run it with python, not torchrun")
     with output_lock(save_dir, f"multimodal_fusion{tag}"):
         files = fusion_files(save_dir, tag)
-        remove_stale_temps(save_dir, [Path(files[k]).name for k in ("checkpoint", "predictions", "metrics")])
+        # Every file of the set, the training state (the largest write, so the likeliest to be killed) included.
+        remove_stale_temps(save_dir, [*(Path(f).name for f in files.values()),
+                                      FUSION_STATE.replace(".state.pt", f"{tag}.state.pt")])
         # The metrics JSON is the set's completion record: incomplete before the .bin/.json change.
         begin_outputs(files["metrics"], stage, args, dataset=stage.split()[0], labels=list(label_names),
                       width=sizes.get("hidden"))

@@ -361,10 +361,15 @@ def extracted_twice(demo, generated, tmp_path_factory):
     for batch_size in (1, 8):
         feature_dir = tmp_path_factory.mktemp(f"features_bs{batch_size}")
         shutil.copytree(paths["feature_dir"] / "video", feature_dir / "video")
+        strays = [feature_dir / f".{name}.k1ll.tmp" for name in  # left by a killed run's writes
+                  ("first_stage_test_features.pkl", "first_stage_features.json", "first_stage_substitutions.tsv")]
+        for stray in strays:
+            stray.write_bytes(b"")
         before = {name: digest(paths["save_dir"] / name) for name in CHECKPOINTS.values()}
         script("IEMOCAP", "extract_first_stage_features").main(
             flags({**paths, "data_dir": data_dir, "feature_dir": feature_dir}, batch_size=batch_size, device="cpu"))
         assert {name: digest(paths["save_dir"] / name) for name in CHECKPOINTS.values()} == before
+        assert not any(stray.exists() for stray in strays)  # removed at the start
         out[batch_size] = {split: load_features(feature_path(feature_dir, split)) for split in SPLITS}
     # The demo's own extraction (--batch_size 16, all rows), for the rows kept here.
     out[16] = {split: load_features(feature_path(paths["feature_dir"], split)) for split in SPLITS}

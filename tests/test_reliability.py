@@ -153,7 +153,13 @@ def test_frame_extraction_survives_a_crashing_clip(bad_meld, crash_hook, generat
     feature_dir = tmp_path / "feature"
     argv = ["--data_dir", str(bad_meld["data_dir"]), "--pretrained_dir", str(generated / "pretrained_model"),
             "--feature_dir", str(feature_dir), "--num_workers", str(workers)]
+    (feature_dir / "video" / "test").mkdir(parents=True)
+    strays = [feature_dir / "video" / name for name in
+              (".substitutions.tsv.k1ll.tmp", ".extraction.json.k1ll.tmp", "test/.0_0.npy.k1ll.tmp")]
+    for stray in strays:  # left by a killed run's writes
+        stray.write_bytes(b"")
     result = script("MELD", "video_feature_extract").main(argv)
+    assert not any(stray.exists() for stray in strays)
     total = sum(len(load_split(MELD, bad_meld["data_dir"], s)) for s in ds.SPLITS)
     assert result["extracted"] == total
     items = {s.key: s for s in SubstitutionReport.read(feature_dir / "video" / "substitutions.tsv")}
@@ -187,6 +193,22 @@ def test_audio_loading_survives_a_crashing_clip(demo, bad_meld, crash_hook, tmp_
     assert items[keys["random"]].replacement == "audio decoded before the error"
     assert "no streams" in items[keys["moovless"]].reason  # not "no audio stream"
     assert "cannot open" in items[keys["half"]].reason and "cannot open" in items[keys["empty"]].reason
+    if items[keys["crash_video"]].reason.startswith("no audio stream"):  # its moov cut before the audio track
+        assert "file truncated ('moov' box" in items[keys["crash_video"]].reason
+
+
+def test_a_track_lost_to_truncation_is_not_reported_as_a_clip_without_that_stream(generated, tmp_path):
+    clip = next((generated / "datasets" / "MELD" / "train_splits").glob("*.mp4"))
+    data = clip.read_bytes()
+    moov = data.rfind(b"moov") - 4
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(data[: moov + 200])
+    assert media.missing_stream(cut, "audio").reason == (
+        f"no audio stream: file truncated ('moov' box at byte {moov} needs "
+        f"{int.from_bytes(data[moov:moov + 4], 'big')} bytes, the file ends 200 bytes in)")
+    assert media.missing_stream(clip, "video").reason == "no video stream"  # whole: the stream is simply absent
+    wav = next((generated / "datasets" / "IEMOCAP").rglob("*.wav"))  # not an mp4: nothing to say about boxes
+    assert media.missing_stream(wav, "audio").reason == "no audio stream"
 
 
 # --------------------------------------------------------------------------- outputs that know they are complete
@@ -195,9 +217,11 @@ def test_audio_loading_survives_a_crashing_clip(demo, bad_meld, crash_hook, tmp_
 def test_interrupted_training_is_incomplete_and_redone(generated, tmp_path, monkeypatch):
     paths = {"data_dir": generated / "datasets" / "MELD", "pretrained_dir": generated / "pretrained_model",
              "save_dir": tmp_path / "save_model", "feature_dir": tmp_path / "feature"}
-    stray = paths["save_dir"] / ".text.bin.dead1234.tmp"
-    stray.parent.mkdir(parents=True)
-    stray.write_bytes(b"")
+    # Temp files killed writes leave: the checkpoint, the training state (the largest write) and a plot.
+    strays = [paths["save_dir"] / f".{name}.dead1234.tmp" for name in ("text.bin", "text.state.pt", "text_curves.png")]
+    strays[0].parent.mkdir(parents=True)
+    for stray in strays:
+        stray.write_bytes(b"")
     real_predict, calls = utils.predict, []
 
     def dies_in_epoch_two(*args, **kwargs):
@@ -210,7 +234,7 @@ def test_interrupted_training_is_incomplete_and_redone(generated, tmp_path, monk
     with pytest.raises(KeyboardInterrupt):
         script("MELD", "text").main(flags(paths, epochs=2, batch_size=8, learning_rate=1e-3))
     monkeypatch.undo()
-    assert not stray.exists()  # the killed write's temp file is removed at the next start
+    assert not any(stray.exists() for stray in strays)  # the killed writes' temp files are removed at the next start
     assert not (paths["save_dir"] / ".text.lock").exists()
     assert (paths["save_dir"] / "text.bin").is_file()  # a valid-looking checkpoint of epoch 1 ...
     record = json.loads((paths["save_dir"] / "text.json").read_text())
@@ -271,11 +295,13 @@ def test_fusion_removes_stale_temps_and_publishes_a_complete_record(demo, tmp_pa
     feature_dir = stage_paths(demo["workdir"], "IEMOCAP")["feature_dir"]
     save_dir = tmp_path / "save"
     save_dir.mkdir()
-    stray = save_dir / ".multimodal_fusion_best.bin.x1y2.tmp"
-    stray.write_bytes(b"")
+    strays = [save_dir / f".{name}.x1y2.tmp" for name in
+              ("multimodal_fusion_best.bin", "multimodal_fusion.state.pt", "multimodal_fusion_confusion.png")]
+    for stray in strays:
+        stray.write_bytes(b"")
     script("IEMOCAP", "multimodal_fusion").main(["--feature_dir", str(feature_dir), "--save_dir", str(save_dir),
                                                  "--epochs", "1", "--batch_size", "4"])
-    assert not stray.exists()
+    assert not any(stray.exists() for stray in strays)
     record = json.loads((save_dir / utils.FUSION_METRICS).read_text())
     assert record["complete"] is True and record["dataset"] == "IEMOCAP"
     assert record["labels"] == list(IEMOCAP.labels) and record["width"] > 0
@@ -406,9 +432,11 @@ def test_unexpected_failures_keep_their_traceback():
 def test_run_sh_resolves_relative_folders_against_the_callers_directory(tmp_path):
     run = subprocess.run(["bash", str(REPO / "MELD" / "run.sh"), "--data_dir", "relative/MELD"],
                          capture_output=True, text=True, cwd=tmp_path, timeout=300)
-    assert run.returncode != 0
+    assert run.returncode == 2  # the stage's user error passes through, named once, without the command's repr
     assert str(tmp_path / "relative" / "MELD") in run.stderr
     assert not (REPO / "relative").exists()
+    assert run.stderr.strip().splitlines()[-1].endswith(
+        "[MELD] stage 'preprocessing' (preprocessing.py) failed (exit status 2; its message is above)")
 
 
 # --------------------------------------------------------------------------- one run per output set
