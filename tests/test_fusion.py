@@ -13,7 +13,7 @@ from conftest import script
 from IEMOCAP.config import IEMOCAP
 from magtkd.dataset import DialogueSet, feature_path, load_dialogues
 from magtkd.model import (
-    AnchorGatedTransformer, FusionCheckpointError, Layout, feature_kd_loss, infer_sizes_from_checkpoint,
+    AnchorGatedTransformer, FusionCheckpointError, Layout, dropout, feature_kd_loss, infer_sizes_from_checkpoint,
     load_fusion_checkpoint, logit_kd_loss,
 )
 from magtkd.synthetic.features import write_synthetic_features
@@ -315,6 +315,16 @@ def test_packed_training_step_equals_the_padded_one():
     for name, grad in results[False][1].items():
         assert torch.allclose(grad, results[True][1][name], rtol=1e-5, atol=1e-7), name
     assert torch.equal(results[False][2], results[True][2])  # the generator advanced alike
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
+def test_dropout_draws_f_dropout_s_mask(p):
+    x = torch.randn(4, 3, 5, 7)
+    torch.manual_seed(3)
+    expected, after = F.dropout(x, p, True), torch.rand(2)
+    torch.manual_seed(3)
+    assert torch.equal(dropout(x, p, True), expected) and torch.equal(torch.rand(2), after)
+    assert torch.equal(dropout(x, p, False), x)
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
