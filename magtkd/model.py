@@ -544,6 +544,8 @@ class Layout:
         are kept as in the padded model (bit for bit on CPU, which the tests check)."""
         if not self.packed or not training or p == 0 or p >= 1:
             return dropout(x, p, training)
+        if self.mask.numel() * x[0].numel() < 65536 and x.device.type == "cpu":
+            return F.dropout(self.grid(x), p, True)[self.mask]  # small batches: fewer calls
         grid_shape = (*self.mask.shape, *x.shape[1:])
         if x.device.type == "cpu":
             keep = self.rows(torch.rand(grid_shape, dtype=torch.float64) < 1 - p)
@@ -560,8 +562,8 @@ def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     ``1 / (1 - p)``; ``torch.rand(..., float64) < 1 - p`` makes the same generator
     calls. Elsewhere (and for strided tensors) ``F.dropout`` itself runs.
     """
-    if not training or p == 0 or p >= 1 or x.device.type != "cpu" or not x.is_contiguous():
-        return F.dropout(x, p, training)
+    if not training or p == 0 or p >= 1 or x.device.type != "cpu" or not x.is_contiguous() or x.numel() < 65536:
+        return F.dropout(x, p, training)  # small tensors: one call costs less than four
     keep = torch.rand(x.shape, dtype=torch.float64) < 1 - p
     return x * keep.to(x.dtype).div_(1 - p)
 

@@ -318,8 +318,9 @@ def test_packed_training_step_equals_the_padded_one():
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
-def test_dropout_draws_f_dropout_s_mask(p):
-    x = torch.randn(4, 3, 5, 7)
+@pytest.mark.parametrize("small", [True, False])
+def test_dropout_draws_f_dropout_s_mask(p, small):
+    x = torch.randn(4, 3, 5, 7) if small else torch.randn(64, 32, 40)
     torch.manual_seed(3)
     expected, after = F.dropout(x, p, True), torch.rand(2)
     torch.manual_seed(3)
