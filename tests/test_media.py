@@ -386,3 +386,29 @@ def test_bad_audio_raises_and_audio_field_substitutes_silence(tmp_path, caplog):
     assert all("cannot open" in s.reason for s in report.items)
     assert sum(str(corrupt) in r.getMessage() for r in caplog.records) == 1  # warned once per file
     note_problems(batch, dataset, None)  # no report: nothing to record, no error
+
+
+# ---------------------------------------------------------------- stored frames: resize/crop
+
+
+@pytest.mark.parametrize("edge, crop", [(224, 224), (32, 32), (40, 36)])
+def test_resize_crop_equals_the_image_processor(edge, crop):
+    # FrameCodec.resize_crop calls the processor's resize/crop on the 8 frames at once (issue 15's
+    # speed-up); the stored pixels must be exactly those of the processor called on the frame list.
+    import torch
+    from transformers import VideoMAEImageProcessor
+
+    from magtkd.dataset import FrameCodec
+
+    processor = VideoMAEImageProcessor(size={"shortest_edge": edge}, crop_size={"height": crop, "width": crop})
+    codec = FrameCodec(processor)
+    rng = np.random.default_rng(edge)
+    for height, width in [(480, 640), (239, 321), (100, 60), (20, 30)]:
+        frames = rng.integers(0, 256, (FRAMES_PER_CLIP, height, width, 3), dtype=np.uint8)
+        frames[:, : height // 2] = frames[:, :1]  # smooth rows too, not only noise
+        out = processor(list(frames), do_rescale=False, do_normalize=False, return_tensors="pt")
+        expected = out["pixel_values"][0].round().clamp(0, 255).to(torch.uint8).numpy()
+        got = codec.resize_crop(frames)
+        assert got.dtype == np.uint8 and got.flags.c_contiguous
+        assert got.shape == expected.shape == (FRAMES_PER_CLIP, 3, crop, crop)
+        assert np.array_equal(got, expected), (height, width)
