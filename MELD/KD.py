@@ -9,6 +9,8 @@ Writes  MELD/MELD/save_model/text_KD_audio.bin or text_KD_video.bin, and its .js
         (<name> = text_KD_audio / text_KD_video), <name>_curves.png, <name>_confusion.png;
         --seeds S1 S2 ...: those per seed (<name>_seed<S>.*), the best dev seed's also under the
         names above, and <name>_seeds.json/.md (mean ± std over seeds)
+Caches  audio students: each clip's decoded 16 kHz samples in MELD/feature/audio_cache/ (read back by later epochs
+        and stages; --audio_cache_dir DIR elsewhere, --audio_cache False: decode every time)
 
 MELD objective: CE + 0.1 L_logit + L_feat (--logit_weight 0.1, --feature_weight 1).
 """
@@ -33,6 +35,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--logit_weight", type=float, default=0.1, help="weight of the correlation logit loss")
     parser.add_argument("--feature_weight", type=float, default=1.0, help="weight of the relational feature loss")
     parser.add_argument("--tau", type=float, default=2.0, help="logit-loss temperature")
+    utils.add_audio_cache_flags(parser)
     args = parser.parse_args(argv)
     utils.setup_logging()
     device = utils.resolve_device(args.device)
@@ -69,7 +72,7 @@ def main(argv=None) -> dict:
         # draws its random numbers exactly as a run with that single seed)
         utils.set_seed(seed, args.deterministic)
         student, s_field = model.load_encoder(args.student, args.pretrained_dir, MELD.num_classes,
-                                              args.feature_dir)
+                                              args.feature_dir, utils.audio_cache_dir(args))
         if args.train:
             teacher, t_field = model.load_encoder(args.teacher, args.pretrained_dir, MELD.num_classes)
             utils.load_checkpoint(teacher, args.save_dir / f"{args.teacher}.bin", f"MELD/{args.teacher}.py")

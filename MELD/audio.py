@@ -6,6 +6,8 @@ Reads   datasets/MELD/{train,dev,test}_meld_emo.csv, the mp4 clips, pretrained_m
 Writes  MELD/MELD/save_model/audio.bin, audio.json, audio_substitutions.tsv (unreadable audio),
         audio_curves.png, audio_confusion.png; --seeds S1 S2 ...: those per seed (audio_seed<S>.*),
         the best dev seed's also under the names above, and audio_seeds.json/.md (mean ± std)
+Caches  each clip's decoded 16 kHz samples in MELD/feature/audio_cache/ (read back by later epochs
+        and stages; --audio_cache_dir DIR elsewhere, --audio_cache False: decode every time)
 
 MELD audio is decoded straight from the mp4 clips (AAC, 44.1/48 kHz stereo -> 16 kHz mono),
 normalised by the feature extractor and cut to 400000 samples; batches are right-padded with a mask.
@@ -25,6 +27,7 @@ from magtkd import dataset, model, utils  # noqa: E402
 def main(argv=None) -> dict:
     # Flags: the reference's names, MELD's defaults
     parser = utils.training_parser(MELD, HERE, __doc__, epochs=10, batch_size=4, learning_rate=1e-5)
+    utils.add_audio_cache_flags(parser)
     args = parser.parse_args(argv)
     utils.setup_logging()
     device = utils.resolve_device(args.device)
@@ -48,7 +51,8 @@ def main(argv=None) -> dict:
     for seed in seeds:
         # Model: data2vec-audio (time masking length 3) -> first frame -> Linear(hidden, 7)
         utils.set_seed(seed, args.deterministic)
-        encoder, field = model.load_encoder("audio", args.pretrained_dir, MELD.num_classes)
+        encoder, field = model.load_encoder("audio", args.pretrained_dir, MELD.num_classes,
+                                           audio_cache=utils.audio_cache_dir(args))
         loaders = dataset.loaders(samples, [field], args.batch_size, args.num_workers, seed)
         results[seed] = utils.fit(
             stage="MELD audio", model=encoder, step=step, loaders=loaders, args=utils.seed_args(args, seed),

@@ -6,6 +6,8 @@ Reads   datasets/MELD/{train,dev,test}_meld_emo.csv, speaker2id.json, the mp4 cl
         and MELD/MELD/save_model/{text,audio,video,text_KD_audio,text_KD_video}.bin
 Writes  MELD/feature/first_stage_{train,dev,test}_features.pkl (keys vids, text, audio, video,
         audio_kd, video_kd, speakers, labels, dia2utt) and first_stage_substitutions.tsv
+Caches  each clip's decoded 16 kHz samples in MELD/feature/audio_cache/ (read back by later epochs
+        and stages; --audio_cache_dir DIR elsewhere, --audio_cache False: decode every time)
 
 Speakers in the pickles are the global ids of datasets/MELD/speaker2id.json.
 """
@@ -29,6 +31,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--batch_size", type=utils.positive_int, default=16, help="utterances per forward pass")
     parser.add_argument("--amp", type=utils.str2bool, default=False,
                         help="bf16 autocast on CUDA; default fp32, as the authors")
+    utils.add_audio_cache_flags(parser)
     args = parser.parse_args(argv)
     utils.setup_logging()
     device = utils.resolve_device(args.device)
@@ -44,7 +47,8 @@ def main(argv=None) -> dict:
     report = utils.SubstitutionReport()
     vectors = model.first_stage_features(MELD, samples, pretrained_dir=args.pretrained_dir, save_dir=args.save_dir,
                                          feature_dir=args.feature_dir, device=device, batch_size=args.batch_size,
-                                         num_workers=args.num_workers, amp=args.amp, report=report)
+                                         num_workers=args.num_workers, amp=args.amp, report=report,
+                                         audio_cache=utils.audio_cache_dir(args))
 
     # Artifacts: one pickle per split, written atomically by rank 0 (under torchrun the ranks'
     # representations were gathered in order), and the substitution report; the completion record

@@ -11,6 +11,8 @@ Writes  predictions.csv (Dialogue_ID, Utterance_ID, Speaker, Utterance, emotion,
         of the 7 labels; the file's order, several dialogues allowed), predictions_substitutions.tsv
         beside it (unreadable media and what replaced it), and under MELD/feature/predict/ the
         conversation's frames (video/conversation-<digest>/) and feature pickle
+Caches  each clip's decoded 16 kHz samples in MELD/feature/audio_cache/ (read back by later epochs
+        and stages; --audio_cache_dir DIR elsewhere, --audio_cache False: decode every time)
 
 The pipeline's own code runs: frame extraction (stage 3), the five first-stage models (stage 7)
 and the fusion model in evaluation mode (stage 8). Speakers not in speaker2id.json get the fusion
@@ -47,6 +49,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--n_head", type=int, default=None, help="attention heads (default: as trained, else 8)")
     parser.add_argument("--unknown_speakers", choices=("padding", "error"), default="padding",
                         help="speakers not in speaker2id.json: the model's padding row (warning) or an error")
+    utils.add_audio_cache_flags(parser)
     args = parser.parse_args(argv)
     utils.setup_logging()
     device = utils.resolve_device(args.device)
@@ -83,7 +86,7 @@ def main(argv=None) -> dict:
     vectors = model.first_stage_features(
         MELD, {split: dataset.build_samples(ordered)}, pretrained_dir=args.pretrained_dir, save_dir=args.save_dir,
         feature_dir=work_dir, device=device, batch_size=args.batch_size, num_workers=args.num_workers,
-        amp=args.amp, report=report)[split]
+        amp=args.amp, report=report, audio_cache=utils.audio_cache_dir(args))[split]
     features = dataset.assemble_features([u.dialogue_id for u in ordered], [u.utterance_id for u in ordered],
                                          [u.label for u in ordered], speakers, vectors)
     pickle_path = dataset.save_features(dataset.feature_path(work_dir, split), features)

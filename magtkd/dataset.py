@@ -586,21 +586,123 @@ class TextField:
         return {"text_ids": ids, "text_mask": mask}
 
 
+class AudioCache:
+    """Each source file's decoded 16 kHz mono samples, stored the first time a stage decodes it.
+
+    One ``<folder>/<sha1 of the resolved source path>.npz`` per source file holds the
+    float32 samples exactly as `media.decode_audio_isolated` returned them (so a hit
+    gives bit-identical samples) and a JSON record of the source path, size,
+    modification time (ns), sample rate and the decoder's notes. A hit needs all of
+    these to match the file as it is now; a changed file (size or mtime) is decoded
+    again and its entry replaced. Notes of a partial decode are stored and handed
+    back on every hit, so each stage reports the substitution again. Failed decodes
+    (`MediaError`) are not stored: the failure may be passing (a timeout on a busy
+    machine) and is reported anew by each stage that meets it. An entry that cannot
+    be read is decoded again (warning naming it); entries are written atomically,
+    so DataLoader workers and torchrun ranks can share the folder. If the folder
+    cannot be written the clip is still returned (warning, once per folder).
+    ``folder=None``: decode every time.
+    """
+
+    def __init__(self, folder: str | Path | None) -> None:
+        self.folder = None if folder is None else Path(folder)
+        self._warned = False
+        if self.folder is not None and self.folder.is_dir():
+            # Temporary files of a killed run; an hour's age spares another process's write in flight.
+            cutoff = time.time() - 3600
+            for stray in self.folder.glob(".*.tmp"):
+                with contextlib.suppress(OSError):
+                    if stray.stat().st_mtime < cutoff:
+                        stray.unlink()
+
+    def entry(self, source: str | Path) -> Path:
+        assert self.folder is not None
+        digest = hashlib.sha1(str(Path(source).resolve()).encode("utf-8", "surrogateescape")).hexdigest()
+        return self.folder / f"{digest}.npz"
+
+    def load(self, source: str | Path, sample_rate: int = TARGET_SAMPLE_RATE,
+             notes: list[str] | None = None) -> np.ndarray:
+        """The samples of ``source`` (cached, or decoded in the supervised child and stored); raises
+        `MediaError` as `media.decode_audio_isolated` does. The decoder's notes are appended to ``notes``."""
+        notes = [] if notes is None else notes
+        if self.folder is None:
+            return decode_audio_isolated(source, sample_rate, notes=notes)
+        source = Path(source)
+        key = self._key(source, sample_rate)
+        entry = self.entry(source)
+        if key is not None and entry.is_file():
+            hit = self._read(entry, key)
+            if hit is not None:
+                notes.extend(hit[1])
+                return hit[0]
+        decoded_notes: list[str] = []
+        samples = decode_audio_isolated(source, sample_rate, notes=decoded_notes)
+        notes.extend(decoded_notes)
+        # Keyed by the file as it was before decoding: a file replaced meanwhile is decoded again next time.
+        if key is not None and key == self._key(source, sample_rate):
+            self._write(entry, samples, {**key, "notes": decoded_notes})
+        return samples
+
+    @staticmethod
+    def _key(source: Path, sample_rate: int) -> dict[str, Any] | None:
+        try:
+            stat = source.stat()
+        except OSError:
+            return None  # missing: the decoder raises the MediaError naming it
+        return {"source": str(source.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
+                "sample_rate": int(sample_rate)}
+
+    @staticmethod
+    def _read(entry: Path, key: dict[str, Any]) -> tuple[np.ndarray, list[str]] | None:
+        try:
+            with np.load(entry, allow_pickle=False) as data:
+                record = json.loads(str(data["record"]))
+                if any(record.get(k) != v for k, v in key.items()):
+                    return None  # the source changed (or another file hashed here): decode again
+                samples = data["samples"]
+            if samples.dtype != np.float32 or samples.ndim != 1 or not isinstance(record.get("notes"), list):
+                raise ValueError(f"unexpected content (samples {samples.dtype} {samples.shape})")
+        except Exception as exc:  # truncated, not an .npz, or malformed: the source is decoded again
+            log.warning("audio cache entry %s for %s cannot be read (%s: %s); decoding the file again",
+                        entry, key["source"], type(exc).__name__, exc)
+            return None
+        return samples, [str(n) for n in record["notes"]]
+
+    def _write(self, entry: Path, samples: np.ndarray, record: dict[str, Any]) -> None:
+        try:
+            with atomic_path(entry) as tmp:
+                with open(tmp, "wb") as handle:
+                    np.savez(handle, samples=np.ascontiguousarray(samples, dtype=np.float32),
+                             record=np.array(json.dumps(record)))
+        except OSError as exc:
+            if not self._warned:
+                log.warning("cannot write the audio cache in %s (%s); clips are decoded again each time",
+                            self.folder, exc)
+                self._warned = True
+
+
 class AudioField:
-    """16 kHz mono, whole clip -> data2vec feature extractor -> first 400000 samples; right-padded with a mask."""
+    """16 kHz mono, whole clip -> data2vec feature extractor -> first 400000 samples; right-padded with a mask.
+
+    ``cache_dir``: where decoded clips are stored for later epochs and stages (`AudioCache`); None decodes
+    every time.
+    """
 
     name = "audio"
 
-    def __init__(self, feature_extractor, max_samples: int = MAX_AUDIO_SAMPLES) -> None:
+    def __init__(self, feature_extractor, max_samples: int = MAX_AUDIO_SAMPLES,
+                 cache_dir: str | Path | None = None) -> None:
         self.extractor = feature_extractor
         self.max_samples = max_samples
+        self.cache = AudioCache(cache_dir)
 
     def load(self, sample: Sample) -> tuple[np.ndarray, tuple[str, str] | None]:
         utt = sample.utterance
         try:
-            # In a supervised child process: a clip that crashes or hangs the decoder is substituted.
+            # Decoded once (then read from the cache), in a supervised child process: a clip that
+            # crashes or hangs the decoder is substituted.
             notes: list[str] = []
-            wave = decode_audio_isolated(utt.audio_path, TARGET_SAMPLE_RATE, notes=notes)
+            wave = self.cache.load(utt.audio_path, TARGET_SAMPLE_RATE, notes=notes)
             problem = (str(utt.audio_path), "; ".join(notes), "audio decoded before the error") if notes else None
         except MediaError as err:
             wave, problem = np.zeros(TARGET_SAMPLE_RATE, dtype=np.float32), (str(utt.audio_path), err.reason)
@@ -713,10 +815,24 @@ class FrameCodec:
         self.std = torch.tensor(image_processor.image_std, dtype=torch.float32).view(1, 3, 1, 1)
 
     def resize_crop(self, frames: np.ndarray) -> np.ndarray:
-        """(8, H, W, 3) RGB uint8 -> (8, 3, h, w) uint8: the processor without rescale/normalise."""
-        out = self.processor(list(frames), do_rescale=False, do_normalize=False, return_tensors="pt")
-        pixels = out["pixel_values"][0]
-        return pixels.round().clamp(0, 255).to(torch.uint8).numpy()
+        """(8, H, W, 3) RGB uint8 -> (8, 3, h, w) uint8: the processor without rescale/normalise.
+
+        The processor's own ``resize`` and ``center_crop`` (its size rule, bilinear
+        antialiased uint8 resize, crop offsets) on the 8 frames as one channels-last
+        view. Calling the processor on a list of frames gives the same pixels (tested)
+        but first copies every full-size frame to channels-first one at a time: 10x
+        slower at 640x480, most of frame extraction's time (issue 15's profile).
+        """
+        p = self.processor
+        if not all(hasattr(p, name) for name in ("resize", "center_crop", "do_resize", "do_center_crop")):
+            out = p(list(frames), do_rescale=False, do_normalize=False, return_tensors="pt")
+            return out["pixel_values"][0].round().clamp(0, 255).to(torch.uint8).numpy()
+        pixels = torch.from_numpy(np.ascontiguousarray(frames, dtype=np.uint8)).permute(0, 3, 1, 2)
+        if p.do_resize:
+            pixels = p.resize(pixels, p.size, p.resample)
+        if p.do_center_crop:
+            pixels = p.center_crop(pixels, p.crop_size)
+        return pixels.contiguous().numpy()
 
     def black(self) -> np.ndarray:
         """The substitute for an utterance whose frames cannot be read (docs/METHOD.md §6)."""

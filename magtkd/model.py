@@ -350,16 +350,17 @@ def load_video_encoder(pretrained_dir: Path, num_classes: int) -> VideoEncoder:
     return VideoEncoder(load_video_backbone(pretrained_dir), num_classes)
 
 
-def load_encoder(modality: str, pretrained_dir: Path, num_classes: int, feature_dir: Path | None = None
-                 ) -> tuple[nn.Module, object]:
+def load_encoder(modality: str, pretrained_dir: Path, num_classes: int, feature_dir: Path | None = None,
+                 audio_cache: Path | None = None) -> tuple[nn.Module, object]:
     """``(encoder, data field)`` of one modality: the encoder initialised from its pretrained folder, and
-    the `magtkd.dataset` field that turns samples into its input (video reads stored frames from ``feature_dir``)."""
+    the `magtkd.dataset` field that turns samples into its input (video reads stored frames from ``feature_dir``;
+    audio stores decoded clips in ``audio_cache``, `magtkd.dataset.AudioCache`, None: decode every time)."""
     if modality == "text":
         encoder, tokenizer = load_text_encoder(pretrained_dir, num_classes)
         return encoder, TextField(tokenizer)
     if modality == "audio":
         encoder, extractor = load_audio_encoder(pretrained_dir, num_classes)
-        return encoder, AudioField(extractor)
+        return encoder, AudioField(extractor, cache_dir=audio_cache)
     if modality == "video":
         if feature_dir is None:
             raise ValueError("the video encoder reads stored frames: pass feature_dir")
@@ -391,21 +392,21 @@ def check_first_stage_checkpoints(spec: DatasetSpec, save_dir: Path) -> None:
 def first_stage_features(
     spec: DatasetSpec, samples: Mapping[str, Sequence[Sample]], *, pretrained_dir: Path, save_dir: Path,
     feature_dir: Path, device: torch.device, batch_size: int, num_workers: int, amp: bool,
-    report: SubstitutionReport | None = None,
+    report: SubstitutionReport | None = None, audio_cache: Path | None = None,
 ) -> dict[str, dict[str, np.ndarray]]:
     """``{split: {feature key: (N, D) float32}}``: the five first-stage models over each split's samples.
 
     One input group at a time (its encoders loaded from ``save_dir``, in eval
     mode, then freed), in sample order; video reads the frames stored under
-    ``feature_dir``. Used by the extraction stage and by prediction, so both
-    compute the same features.
+    ``feature_dir``, audio the clips cached in ``audio_cache`` (decoded and stored on a miss).
+    Used by the extraction stage and by prediction, so both compute the same features.
     """
     check_first_stage_checkpoints(spec, save_dir)
     vectors: dict[str, dict[str, np.ndarray]] = {split: {} for split in samples}
     for modality, members in FIRST_STAGE.items():
         encoders, field = {}, None
         for key, (checkpoint, producer) in members.items():
-            encoder, field = load_encoder(modality, pretrained_dir, spec.num_classes, feature_dir)
+            encoder, field = load_encoder(modality, pretrained_dir, spec.num_classes, feature_dir, audio_cache)
             load_checkpoint(encoder, Path(save_dir) / checkpoint, f"{spec.name}/{producer}")
             encoders[key] = encoder.to(device).eval()
         for split, split_samples in samples.items():

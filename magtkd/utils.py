@@ -202,6 +202,24 @@ def add_determinism_flag(parser: argparse.ArgumentParser) -> None:
                              "run-to-run reproducibility for speed")
 
 
+def add_audio_cache_flags(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """``--audio_cache``/``--audio_cache_dir`` of the stages that decode audio (`audio_cache_dir`)."""
+    parser.add_argument("--audio_cache", type=str2bool, default=True,
+                        help="store each clip's decoded 16 kHz samples the first time (keyed by the source "
+                             "file's path, size and mtime; identical samples) and read them in later epochs "
+                             "and stages; False: decode every time")
+    parser.add_argument("--audio_cache_dir", type=Path, default=None,
+                        help="the audio cache folder; None: <feature_dir>/audio_cache")
+    return parser
+
+
+def audio_cache_dir(args: argparse.Namespace) -> Path | None:
+    """The audio cache folder the flags name (`add_audio_cache_flags`); None when caching is off."""
+    if not args.audio_cache:
+        return None
+    return Path(args.audio_cache_dir) if args.audio_cache_dir is not None else Path(args.feature_dir) / "audio_cache"
+
+
 def resolve_device(name: str | None) -> torch.device:
     """The device of this process; under ``torchrun`` also joins the process group (`init_distributed`)."""
     if name is None or name == "":

@@ -455,6 +455,26 @@ def test_audio_substitution_report_lists_silence(demo, meld_faults):
     assert "no audio" in next(s.reason for s in items if s.key in meld_faults["no_audio"])
 
 
+@pytest.mark.parametrize("dataset", ["IEMOCAP", "MELD"])
+def test_audio_cache_holds_each_readable_clip_once(demo, meld_faults, dataset, monkeypatch):
+    # The demo's audio stages stored every readable clip once in <feature_dir>/audio_cache (failures are
+    # not stored: each stage reports them again); a later read gives the samples decoding gives.
+    from magtkd import dataset as dataset_mod
+    from magtkd.dataset import AudioCache
+
+    paths = stage_paths(demo["workdir"], dataset)
+    cache = AudioCache(paths["feature_dir"] / "audio_cache")
+    unreadable = meld_faults["missing"] | meld_faults["corrupt"] | meld_faults["no_audio"] if dataset == "MELD" else set()
+    utterances = all_utterances(DATASETS[dataset], paths["data_dir"])
+    readable = [u for u in utterances if f"{u.split}/{u.key}" not in unreadable]
+    assert len(readable) < len(utterances) or dataset == "IEMOCAP"
+    assert {p.name for p in cache.folder.glob("*.npz")} == {cache.entry(u.audio_path).name for u in readable}
+    assert not list(cache.folder.glob(".*.tmp"))
+    monkeypatch.setattr(dataset_mod, "decode_audio_isolated", lambda *a, **k: pytest.fail("decoded again"))
+    for utt in readable[:: max(len(readable) // 4, 1)]:
+        assert np.array_equal(cache.load(utt.audio_path), media.decode_audio(utt.audio_path)), utt.key
+
+
 # --------------------------------------------------------------------------- audio batching
 
 

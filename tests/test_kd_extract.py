@@ -156,8 +156,8 @@ class Watch:
         load, fit = magtkd_utils.load_checkpoint, magtkd_utils.fit
         logit, feature = magtkd_model.logit_kd_loss, magtkd_model.feature_kd_loss
 
-        def watched_build(modality, pretrained_dir, num_classes, feature_dir=None):
-            model, field = build(modality, pretrained_dir, num_classes, feature_dir)
+        def watched_build(modality, pretrained_dir, num_classes, feature_dir=None, audio_cache=None):
+            model, field = build(modality, pretrained_dir, num_classes, feature_dir, audio_cache)
             if modality == "text":  # the teacher
                 model.register_forward_pre_hook(self._teacher_call)
             self.built.append(modality)

@@ -386,3 +386,186 @@ def test_bad_audio_raises_and_audio_field_substitutes_silence(tmp_path, caplog):
     assert all("cannot open" in s.reason for s in report.items)
     assert sum(str(corrupt) in r.getMessage() for r in caplog.records) == 1  # warned once per file
     note_problems(batch, dataset, None)  # no report: nothing to record, no error
+
+
+# ---------------------------------------------------------------- stored frames: resize/crop
+
+
+@pytest.mark.parametrize("edge, crop", [(224, 224), (32, 32), (40, 36)])
+def test_resize_crop_equals_the_image_processor(edge, crop):
+    # FrameCodec.resize_crop calls the processor's resize/crop on the 8 frames at once (issue 15's
+    # speed-up); the stored pixels must be exactly those of the processor called on the frame list.
+    import torch
+    from transformers import VideoMAEImageProcessor
+
+    from magtkd.dataset import FrameCodec
+
+    processor = VideoMAEImageProcessor(size={"shortest_edge": edge}, crop_size={"height": crop, "width": crop})
+    codec = FrameCodec(processor)
+    rng = np.random.default_rng(edge)
+    for height, width in [(480, 640), (239, 321), (100, 60), (20, 30)]:
+        frames = rng.integers(0, 256, (FRAMES_PER_CLIP, height, width, 3), dtype=np.uint8)
+        frames[:, : height // 2] = frames[:, :1]  # smooth rows too, not only noise
+        out = processor(list(frames), do_rescale=False, do_normalize=False, return_tensors="pt")
+        expected = out["pixel_values"][0].round().clamp(0, 255).to(torch.uint8).numpy()
+        got = codec.resize_crop(frames)
+        assert got.dtype == np.uint8 and got.flags.c_contiguous
+        assert got.shape == expected.shape == (FRAMES_PER_CLIP, 3, crop, crop)
+        assert np.array_equal(got, expected), (height, width)
+
+
+# ---------------------------------------------------------------- audio cache (decoded once)
+
+
+def _count_decodes(monkeypatch, fail: bool = False) -> list:
+    """Count (or refuse) calls of the decoder the audio cache uses."""
+    from magtkd import dataset as dataset_mod
+
+    calls: list = []
+    real = dataset_mod.decode_audio_isolated
+
+    def decode(path, *args, **kwargs):
+        calls.append(str(path))
+        if fail:
+            raise AssertionError(f"decoded {path} again")
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(dataset_mod, "decode_audio_isolated", decode)
+    return calls
+
+
+def _clips(tmp_path):
+    wav = tmp_path / "utt.wav"  # IEMOCAP: a wav at 22.05 kHz, so that the cached samples are resampled ones
+    write_wav(wav, tone(330, 0.7, 22050, noise=0.05, rng=np.random.default_rng(1)), 22050)
+    mp4 = tmp_path / "dia1_utt2.mp4"  # MELD: stereo AAC in an mp4
+    write_video(mp4, (index_frame(i, 48, 64) for i in range(8)), 10, codec="libx264",
+                audio=tone(440, 0.8, 48000, channels=2), sample_rate=48000)
+    return wav, mp4
+
+
+def test_audio_cache_hit_is_bit_identical_and_does_not_decode(tmp_path, monkeypatch):
+    from magtkd.dataset import AudioCache
+
+    cache = AudioCache(tmp_path / "cache")
+    for path in _clips(tmp_path):
+        direct = media_mod.decode_audio_isolated(path)
+        calls = _count_decodes(monkeypatch)
+        first = cache.load(path)
+        assert calls == [str(path)] and first.dtype == np.float32 and np.array_equal(first, direct)
+        assert cache.entry(path).is_file()
+        monkeypatch.undo()
+        _count_decodes(monkeypatch, fail=True)
+        again = AudioCache(tmp_path / "cache").load(path)  # a later stage: a new cache object, same folder
+        assert again.dtype == np.float32 and np.array_equal(again, direct)
+        monkeypatch.undo()
+    assert not list((tmp_path / "cache").glob(".*.tmp"))
+
+    # The field the audio stages load through gives the same values with and without the cache.
+    extractor = Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=TARGET_SAMPLE_RATE, padding_value=0.0,
+                                         do_normalize=True, return_attention_mask=True)
+    sample = _utterance_sample("train", 1, 2, tmp_path / "dia1_utt2.mp4")
+    plain, _ = AudioField(extractor).load(sample)
+    _count_decodes(monkeypatch, fail=True)
+    cached, problem = AudioField(extractor, cache_dir=tmp_path / "cache").load(sample)
+    assert problem is None and np.array_equal(plain, cached)
+
+
+def test_audio_cache_decodes_a_changed_file_again(tmp_path, monkeypatch):
+    import os
+
+    from magtkd.dataset import AudioCache
+
+    wav, _ = _clips(tmp_path)
+    cache = AudioCache(tmp_path / "cache")
+    calls = _count_decodes(monkeypatch)
+    before = cache.load(wav)
+    cache.load(wav)
+    assert len(calls) == 1
+    stat = wav.stat()
+    os.utime(wav, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))  # touched: same size, new mtime
+    assert np.array_equal(cache.load(wav), before) and len(calls) == 2
+    write_wav(wav, tone(500, 0.5, 22050), 22050)  # replaced by another clip
+    after = cache.load(wav)
+    assert len(calls) == 3 and after.shape != before.shape
+    assert np.array_equal(after, media_mod.decode_audio(wav))
+    cache.load(wav)
+    assert len(calls) == 3
+
+
+def test_audio_cache_corrupt_entry_is_decoded_again_and_failures_are_not_stored(tmp_path, monkeypatch, caplog):
+    from magtkd.dataset import AudioCache
+
+    wav, _ = _clips(tmp_path)
+    cache = AudioCache(tmp_path / "cache")
+    expected = cache.load(wav)
+    entry = cache.entry(wav)
+    entry.write_bytes(entry.read_bytes()[:100])  # truncated, as by a full disk
+    calls = _count_decodes(monkeypatch)
+    with caplog.at_level(logging.WARNING, logger="magtkd"):
+        assert np.array_equal(cache.load(wav), expected)
+    assert calls == [str(wav)]
+    assert any(str(entry) in r.getMessage() and "decoding the file again" in r.getMessage() for r in caplog.records)
+    assert np.array_equal(AudioCache(tmp_path / "cache").load(wav), expected) and len(calls) == 1  # rewritten
+
+    # An unreadable clip raises every time (each stage reports it) and leaves no entry.
+    corrupt = tmp_path / "corrupt.mp4"
+    corrupt.write_bytes(np.random.default_rng(3).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    for _ in range(2):
+        with pytest.raises(MediaError, match="cannot open"):
+            cache.load(corrupt)
+    assert calls.count(str(corrupt)) == 2 and not cache.entry(corrupt).exists()
+    with pytest.raises(MediaError, match="not found"):
+        cache.load(tmp_path / "missing.wav")
+
+
+def test_audio_cache_replays_partial_decode_notes_and_writes_atomically(tmp_path, monkeypatch, caplog):
+    from magtkd import dataset as dataset_mod
+    from magtkd.dataset import AudioCache
+
+    wav, _ = _clips(tmp_path)
+    real = dataset_mod.decode_audio_isolated
+
+    def partial(path, sample_rate, notes):
+        notes.append("partial decode: audio stopped at 0.40 s (injected)")
+        return real(path, sample_rate)[:6400]
+
+    monkeypatch.setattr(dataset_mod, "decode_audio_isolated", partial)
+    extractor = Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=TARGET_SAMPLE_RATE, padding_value=0.0,
+                                         do_normalize=True, return_attention_mask=True)
+    field = AudioField(extractor, cache_dir=tmp_path / "cache")
+    sample = _utterance_sample("train", 1, 0, wav)
+    first = field.load(sample)
+    _count_decodes(monkeypatch, fail=True)
+    second = field.load(sample)  # from the cache: the substitution is reported again
+    assert first[1] == second[1] == (str(wav), "partial decode: audio stopped at 0.40 s (injected)",
+                                     "audio decoded before the error")
+    assert np.array_equal(first[0], second[0]) and len(first[0]) == 6400
+
+    # A write that fails midway leaves neither an entry nor a temporary file; the clip is still returned.
+    monkeypatch.undo()
+    other = tmp_path / "other.wav"
+    write_wav(other, tone(200, 0.3, 16000), 16000)
+
+    def broken_savez(handle, **arrays):
+        handle.write(b"PK partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(np, "savez", broken_savez)
+    cache = AudioCache(tmp_path / "cache")
+    with caplog.at_level(logging.WARNING, logger="magtkd"):
+        assert np.array_equal(cache.load(other), media_mod.decode_audio(other))
+    assert not cache.entry(other).exists() and not list((tmp_path / "cache").glob(".*.tmp"))
+    assert any("cannot write the audio cache" in r.getMessage() for r in caplog.records)
+
+
+def test_audio_cache_flags():
+    import argparse
+    from pathlib import Path
+
+    from magtkd.utils import add_audio_cache_flags, audio_cache_dir
+
+    parser = add_audio_cache_flags(argparse.ArgumentParser())
+    parser.add_argument("--feature_dir", type=Path, default=Path("feat"))
+    assert audio_cache_dir(parser.parse_args([])) == Path("feat") / "audio_cache"
+    assert audio_cache_dir(parser.parse_args(["--audio_cache_dir", "/x/c"])) == Path("/x/c")
+    assert audio_cache_dir(parser.parse_args(["--audio_cache", "False"])) is None
