@@ -61,9 +61,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--feature_loss", type=utils.str2bool, default=False, help="add L_feat(X', T') to KD(X')")
     p.add_argument("--separate_text_blocks", type=utils.str2bool, nargs="?", const=True, default=False,
                    help="text-anchor paths use their own a_t/v_t blocks and gates (the reference shares t_t)")
-    p.add_argument("--packed", type=utils.str2bool, default=True,
-                   help="False: compute every layer on the padded (dialogues x longest) grid, as the authors' code; "
-                        "the same results, slower (docs/METHOD.md §5, Speed)")
+    p.add_argument("--packed", type=utils.str2bool, nargs="?", const=True, default=None,
+                   help="per-utterance layers on the real utterances only (True) or on the padded (dialogues x "
+                        "longest) grid as the authors' code (False); the same results. Default: packed for batches "
+                        "large enough to gain (docs/METHOD.md §5, Speed)")
     p.add_argument("--per_batch_schedule", type=utils.str2bool, nargs="?", const=True, default=False,
                    help="count warmup/total steps in batches instead of the reference's dialogues")
     p.add_argument("--n_speaker", type=int, default=None,

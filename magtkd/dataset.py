@@ -1288,6 +1288,7 @@ def feature_width(features: Mapping[str, Any], key: str) -> int:
 # --------------------------------------------------------------------------- fusion: dialogues as tensors
 
 LABEL_PAD = -1  # label of padded positions in a fusion batch
+PACK_MIN_VALUES = 65536  # a batch's grid (dialogues x longest x width) from which packing pays on CPU
 
 
 @dataclass
@@ -1351,11 +1352,15 @@ class DialogueSet:
         for start in range(0, n, batch_size):
             yield order[start:start + batch_size]
 
-    def collate(self, indices: Sequence[int], pad_speaker: int, packed: bool = True) -> DialogueBatch:
+    def collate(self, indices: Sequence[int], pad_speaker: int, packed: bool | None = None) -> DialogueBatch:
         """Dialogues ``indices`` as one batch (tensors stay on the data's device): packed rows, or
-        padded to the longest (``packed=False``, the authors' layout; ``pad_speaker`` fills speakers)."""
+        padded to the longest (``packed=False``, the authors' layout; ``pad_speaker`` fills speakers).
+        ``None`` packs a batch whose grid holds at least ``PACK_MIN_VALUES`` values: below that,
+        the few extra calls of packing cost more than the padding (tiny test models)."""
         lengths = [len(self.labels[i]) for i in indices]
         longest, device = max(lengths), self.labels[0].device
+        if packed is None:
+            packed = len(indices) * longest * self.width >= PACK_MIN_VALUES
         # Built on the host from the known lengths: no device round trip in the step.
         mask = (torch.arange(longest)[None, :] < torch.tensor(lengths)[:, None]).to(device)
         if not packed:

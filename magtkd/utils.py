@@ -1306,12 +1306,13 @@ FusionObjective = Callable[[Any, torch.Tensor], torch.Tensor]
 
 @torch.no_grad()
 def dialogue_logits(model: nn.Module, data: Any, batch_size: int, progress: bool = False,
-                    packed: bool = True) -> torch.Tensor:
+                    packed: bool | None = None) -> torch.Tensor:
     """(N, classes) text-anchor logits ``t_logits`` of every real utterance of a
     :class:`~magtkd.dataset.DialogueSet`, flattened in the pickle's dialogue order (model in eval mode).
 
     Their argmax is the prediction; their softmax the class probabilities. ``packed``
-    False computes on the padded grid, as the authors' code did (same values, slower).
+    False computes on the padded grid, as the authors' code did (same values); ``None``
+    packs the batches where it pays (:meth:`~magtkd.dataset.DialogueSet.collate`).
     """
     model.eval()
     chunks: list[torch.Tensor] = []
@@ -1324,7 +1325,7 @@ def dialogue_logits(model: nn.Module, data: Any, batch_size: int, progress: bool
     return torch.cat(chunks) if chunks else torch.zeros(0, model.n_classes)
 
 
-def predict_dialogues(model: nn.Module, data: Any, batch_size: int, packed: bool = True) -> list[int]:
+def predict_dialogues(model: nn.Module, data: Any, batch_size: int, packed: bool | None = None) -> list[int]:
     """Predictions (argmax of :func:`dialogue_logits`) for every real utterance, in the pickle's order."""
     return dialogue_logits(model, data, batch_size, packed=packed).argmax(-1).tolist()
 
@@ -1332,12 +1333,12 @@ def predict_dialogues(model: nn.Module, data: Any, batch_size: int, packed: bool
 def fusion_train_epoch(model: nn.Module, data: Any, objective: FusionObjective,
                        optimizer: torch.optim.Optimizer, scheduler, batch_size: int,
                        generator: torch.Generator, epoch: int, grad_clip: float = 10.0, grad_accum: int = 1,
-                       packed: bool = True) -> float:
+                       packed: bool | None = None) -> float:
     """One pass over shuffled training dialogues, one update per ``grad_accum`` batches; returns the
     mean update loss.
 
-    Batches are packed (docs/METHOD.md §5, "Speed"; ``packed`` False: the authors' padded grid, same
-    results, slower) and the loss stays on the device until the epoch ends: no host round trip per step.
+    Batches are packed where it pays (docs/METHOD.md §5, "Speed"; ``packed`` True/False forces it,
+    False is the authors' padded grid: same results) and the loss stays on the device until the epoch ends: no host round trip per step.
     """
     model.train()
     total, count = torch.zeros((), dtype=torch.float64), 0

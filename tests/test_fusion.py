@@ -101,12 +101,14 @@ def test_training_learns_and_writes_artifacts(trained, spec):
     assert not any(k.startswith(("a_t.", "v_t.", "fc.")) for k in state)
 
 
-def test_padded_grid_trains_the_same_run(trained, tmp_path):
-    """``--packed False`` (the authors' padded computation) retraces the packed run: the same
-    curve up to float summation order, the same selected epoch and test predictions."""
-    root, packed = trained["IEMOCAP"]
-    padded = fusion_main(IEMOCAP, ["--feature_dir", str(root / "feature"), "--save_dir", str(tmp_path / "save"),
-                                   *FAST, "--packed", "False"])
+def test_packed_rows_train_the_same_run(trained, tmp_path):
+    """``--packed True`` retraces the run on the padded grid (the authors' computation, which the
+    default picks for batches this small): the same curve up to float summation order, the same
+    selected epoch and test predictions."""
+    root, padded = trained["IEMOCAP"]
+    assert padded["args"]["packed"] is None
+    packed = fusion_main(IEMOCAP, ["--feature_dir", str(root / "feature"), "--save_dir", str(tmp_path / "save"),
+                                   *FAST, "--packed", "True"])
     assert [c["train_loss"] for c in padded["curve"]] == pytest.approx([c["train_loss"] for c in packed["curve"]],
                                                                          rel=1e-4)
     assert [c["dev"] for c in padded["curve"]] == [c["dev"] for c in packed["curve"]]
@@ -285,8 +287,12 @@ def test_padding_does_not_change_real_utterances(packed):
 
 def test_packed_batch_holds_the_real_utterances_in_the_flattened_order():
     data = _dialogues([3, 1, 4], N_SPK)
-    packed = data.collate([2, 0, 1], N_SPK)
+    packed = data.collate([2, 0, 1], N_SPK, packed=True)
     padded = data.collate([2, 0, 1], N_SPK, packed=False)
+    assert data.collate([2, 0, 1], N_SPK).index is None  # 3 x 4 x 16 values: too small to gain from packing
+    big = _dialogues([64], N_SPK)
+    big.text = big.audio = big.video = [torch.zeros(64, 1024)]
+    assert big.collate([0], N_SPK).index is not None  # 64 x 1024 values: packed
     assert packed.text.shape == (8, H) and padded.text.shape == (3, 4, H)
     assert packed.index.tolist() == [0, 1, 2, 3, 4, 5, 6, 8] and packed.positions.tolist() == [0, 1, 2, 3, 0, 1, 2, 0]
     for name in ("text", "audio", "video", "speakers", "labels"):
