@@ -481,6 +481,7 @@ def feature_kd_loss(student_feat: torch.Tensor, teacher_feat: torch.Tensor) -> t
 
 MAX_LEN = 512  # longest dialogue the positional encoding covers
 MASK_VALUE = -1e9  # score given to padded keys before the softmax
+SMALL_DROPOUT = 65536  # values below which one F.dropout call costs less than drawing the mask ourselves
 
 # Blocks by anchor: (name, key/value stream, query stream). docs/METHOD.md §5, "Forward".
 AUDIO_ANCHOR = ("a_a", "t_a", "v_a")
@@ -545,7 +546,7 @@ class Layout:
         are kept as in the padded model (bit for bit on CPU, which the tests check)."""
         if not self.packed or not training or p == 0 or p >= 1:
             return dropout(x, p, training)
-        if self.mask.numel() * x[0].numel() < 65536 and x.device.type == "cpu":
+        if self.mask.numel() * x[0].numel() < SMALL_DROPOUT and x.device.type == "cpu":
             return F.dropout(self.grid(x), p, True)[self.mask]  # small batches: fewer calls
         grid_shape = (*self.mask.shape, *x.shape[1:])
         if x.device.type == "cpu":
@@ -563,8 +564,9 @@ def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     ``1 / (1 - p)``; ``torch.rand(..., float64) < 1 - p`` makes the same generator
     calls. Elsewhere (and for strided tensors) ``F.dropout`` itself runs.
     """
-    if not training or p == 0 or p >= 1 or x.device.type != "cpu" or not x.is_contiguous() or x.numel() < 65536:
-        return F.dropout(x, p, training)  # small tensors: one call costs less than four
+    if (not training or p == 0 or p >= 1 or x.device.type != "cpu" or not x.is_contiguous()
+            or x.numel() < SMALL_DROPOUT):
+        return F.dropout(x, p, training)
     keep = torch.rand(x.shape, dtype=torch.float64) < 1 - p
     return x * keep.to(x.dtype).div_(1 - p)
 
