@@ -222,17 +222,17 @@ def fusion_command(features: Path, save_dir: Path, *extra: str) -> list[str]:
 
 def test_fusion_killed_and_resumed_ends_bit_identical(demo: dict, tmp_path: Path, caplog) -> None:
     features = demo["workdir"] / "IEMOCAP" / "feature"
-    epochs = ["--epochs", "12"]
+    epochs = ["--epochs", "6"]
     full = subprocess.run(fusion_command(features, tmp_path / "full", *epochs), env=ENV, capture_output=True,
                           text=True, cwd=REPO)
     assert full.returncode == 0, full.stderr[-2000:]
     save_dir = tmp_path / "resumed"
     killed_at = kill_after_first_epoch(fusion_command(features, save_dir, *epochs), save_dir / utils.FUSION_STATE)
-    assert 1 <= killed_at < 12
+    assert 1 <= killed_at < 6
     again = subprocess.run(fusion_command(features, save_dir, *epochs, "--resume", "True"), env=ENV,
                            capture_output=True, text=True, cwd=REPO)
     assert again.returncode == 0, again.stderr[-2000:]
-    assert f"resuming from epoch {killed_at} of 12" in again.stderr
+    assert f"resuming from epoch {killed_at} of 6" in again.stderr
 
     load = lambda path: torch.load(path, map_location="cpu", weights_only=True)  # noqa: E731
     assert_same_tensors(load(save_dir / utils.FUSION_CHECKPOINT), load(tmp_path / "full" / utils.FUSION_CHECKPOINT))
@@ -245,8 +245,8 @@ def test_fusion_killed_and_resumed_ends_bit_identical(demo: dict, tmp_path: Path
     # Other training flags: refused, naming them. Without --resume: the state is ignored, and says so.
     fusion = script("IEMOCAP", "multimodal_fusion")
     argv = fusion_command(features, save_dir)[2:]
-    with pytest.raises(SystemExit, match="--epochs 12 then, 13 now"):
-        fusion.main(argv + ["--epochs", "13", "--resume", "True"])
+    with pytest.raises(SystemExit, match="--epochs 6 then, 7 now"):
+        fusion.main(argv + ["--epochs", "7", "--resume", "True"])
     caplog.set_level("INFO", logger="magtkd")
     fusion.main(argv + ["--epochs", "1"])
     assert "ignoring the training state" in caplog.text and "resuming" not in caplog.text
