@@ -546,29 +546,30 @@ class Layout:
         are kept as in the padded model (bit for bit on CPU, which the tests check)."""
         if not self.packed or not training or p == 0 or p >= 1:
             return dropout(x, p, training)
-        if self.mask.numel() * x[0].numel() < SMALL_DROPOUT and x.device.type == "cpu":
-            return F.dropout(self.grid(x), p, True)[self.mask]  # small batches: fewer calls
-        grid_shape = (*self.mask.shape, *x.shape[1:])
-        if x.device.type == "cpu":
-            keep = self.rows(torch.rand(grid_shape, dtype=torch.float64) < 1 - p)
-            return x * keep.to(x.dtype).div_(1 - p)
-        scale = torch.native_dropout(x.new_ones(grid_shape), p, True)[0]  # F.dropout's draws off the CPU
-        return x * self.rows(scale)
+        return x * self.rows(_dropout_noise((*self.mask.shape, *x.shape[1:]), p, x))
+
+
+def _dropout_noise(shape: Sequence[int], p: float, like: torch.Tensor) -> torch.Tensor:
+    """The tensor ``F.dropout`` multiplies a ``shape`` input by (0 or ``1 / (1 - p)``), drawn with
+    its generator calls.
+
+    On CPU ``F.dropout`` fills its mask with ``bernoulli_(1 - p)``, which draws one
+    float64 uniform per element and keeps it when below ``1 - p``, then divides by
+    ``1 - p``; ``torch.rand(..., float64) < 1 - p`` makes the same draws about three
+    times faster. Elsewhere ``native_dropout`` of ones draws ``F.dropout``'s mask.
+    """
+    if like.device.type == "cpu":
+        return (torch.rand(shape, dtype=torch.float64) < 1 - p).to(like.dtype).div_(1 - p)
+    return torch.native_dropout(like.new_ones(shape), p, True)[0]
 
 
 def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
-    """``F.dropout``, with its CPU mask drawn about three times faster: the same tensor, bit for bit.
-
-    On CPU ``F.dropout`` fills its mask with ``bernoulli_(1 - p)``, which draws one
-    float64 uniform per element and keeps it when below ``1 - p``, then scales by
-    ``1 / (1 - p)``; ``torch.rand(..., float64) < 1 - p`` makes the same generator
-    calls. Elsewhere (and for strided tensors) ``F.dropout`` itself runs.
-    """
+    """``F.dropout``, with its CPU mask drawn faster (:func:`_dropout_noise`): the same tensor, bit for
+    bit. Small tensors, where one call costs less, strided ones and other devices run ``F.dropout``."""
     if (not training or p == 0 or p >= 1 or x.device.type != "cpu" or not x.is_contiguous()
             or x.numel() < SMALL_DROPOUT):
         return F.dropout(x, p, training)
-    keep = torch.rand(x.shape, dtype=torch.float64) < 1 - p
-    return x * keep.to(x.dtype).div_(1 - p)
+    return x * _dropout_noise(x.shape, p, x)
 
 
 class PositionalEncoding(nn.Module):
