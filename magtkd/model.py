@@ -13,7 +13,7 @@ import json
 import logging
 import math
 from pathlib import Path
-from typing import Mapping, NamedTuple, Sequence
+from typing import Callable, Mapping, NamedTuple, Sequence
 
 import numpy as np
 
@@ -546,12 +546,13 @@ class Layout:
         are kept as in the padded model (bit for bit on CPU, which the tests check)."""
         if not self.packed or not training or p == 0 or p >= 1:
             return dropout(x, p, training)
-        return x * self.rows(_dropout_noise((*self.mask.shape, *x.shape[1:]), p, x))
+        return x * _dropout_noise((*self.mask.shape, *x.shape[1:]), p, x, self.rows)
 
 
-def _dropout_noise(shape: Sequence[int], p: float, like: torch.Tensor) -> torch.Tensor:
+def _dropout_noise(shape: Sequence[int], p: float, like: torch.Tensor,
+                   select: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """The tensor ``F.dropout`` multiplies a ``shape`` input by (0 or ``1 / (1 - p)``), drawn with
-    its generator calls.
+    its generator calls; ``select`` (e.g. :meth:`Layout.rows`) keeps part of it, decided only there.
 
     On CPU ``F.dropout`` fills its mask with ``bernoulli_(1 - p)``, which draws one
     float64 uniform per element and keeps it when below ``1 - p``, then divides by
@@ -559,8 +560,12 @@ def _dropout_noise(shape: Sequence[int], p: float, like: torch.Tensor) -> torch.
     times faster. Elsewhere ``native_dropout`` of ones draws ``F.dropout``'s mask.
     """
     if like.device.type == "cpu":
-        return (torch.rand(shape, dtype=torch.float64) < 1 - p).to(like.dtype).div_(1 - p)
-    return torch.native_dropout(like.new_ones(shape), p, True)[0]
+        uniforms = torch.rand(shape, dtype=torch.float64)
+        if select is not None:  # every draw is made; only the selected ones are compared and scaled
+            uniforms = select(uniforms)
+        return (uniforms < 1 - p).to(like.dtype).div_(1 - p)
+    noise = torch.native_dropout(like.new_ones(shape), p, True)[0]
+    return noise if select is None else select(noise)
 
 
 def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
