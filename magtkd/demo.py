@@ -6,7 +6,8 @@
    learnable label signal) into ``DIR/datasets/`` and tiny random-weight
    stand-ins of the four pretrained models into ``DIR/pretrained_model/``;
 2. runs, per dataset, the same pipeline as ``<DS>/run.sh`` (preparation + the
-   eight stage scripts) with every artifact under ``DIR/<DS>/``;
+   eight stage scripts) with every artifact under ``DIR/<DS>/``; the two datasets
+   side by side in two processes on a machine with two cores or more (``--jobs``);
 3. writes ``DIR/results.json`` (test accuracy / weighted F1 of the fusion
    model of the first seed, the majority-class baseline, seconds per stage, and
    the seeds summary) and ``DIR/results.md`` (mean ± std over the fusion seeds,
@@ -25,7 +26,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import multiprocessing
+import os
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Sequence
 
@@ -107,6 +111,32 @@ def markdown(results: dict, seeds: Sequence[int]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def run_dataset(workdir: Path, name: str, args: argparse.Namespace, worker: bool = False) -> dict:
+    """One dataset's pipeline (the stages of ``<DS>/run.sh``, in this process) and its `dataset_results`.
+    ``worker``: this is a process of its own, running beside the other dataset's (logging set up here,
+    tqdm bars off so two processes do not draw over each other; the epoch lines stay)."""
+    if worker:
+        os.environ["TQDM_DISABLE"] = "1"
+        setup_logging()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    stage_args = pipeline_parser().parse_args([
+        name, "--data_dir", str(workdir / "datasets" / name),
+        "--pretrained_dir", str(workdir / "pretrained_model"),
+        "--save_dir", str(workdir / name / "save_model"), "--feature_dir", str(workdir / name / "feature"),
+        "--device", "cpu", "--epochs", str(args.epochs), "--learning_rate", str(args.learning_rate),
+        "--per_batch_schedule", "--fusion_epochs", str(args.fusion_epochs),
+        "--fusion_args", f"{args.fusion_args} --seeds {' '.join(map(str, args.fusion_seeds))}", "--force",
+        *([] if args.subprocess else ["--in_process"]),
+    ])
+    seconds = run_pipeline(stage_args)
+    result = dataset_results(workdir, name, seconds, args.fusion_seeds)
+    log.info("demo %s: %s", name, {k: v for k, v in result.items() if k not in ("seconds", "seeds")})
+    return result
+
+
 def main(argv: Sequence[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", type=Path, required=True)
@@ -123,32 +153,26 @@ def main(argv: Sequence[str] | None = None) -> dict:
                    help="torch CPU threads (tiny models run fastest on one; 0 = torch's default)")
     p.add_argument("--subprocess", action="store_true",
                    help="run every stage as its own process, exactly like run.sh (slower)")
+    p.add_argument("--jobs", type=int, default=0,
+                   help="datasets run side by side in this many processes (0 = one per dataset, at most one per "
+                        "CPU core; 1 = one after the other in this process)")
     args = p.parse_args(None if argv is None else list(argv))
     setup_logging()
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
     workdir = args.workdir.resolve()
     started = time.time()
 
     from .synthetic.__main__ import generate
 
     generate(workdir, seed=args.seed)
-    results: dict = {}
-    for name in args.datasets:
-        stage_args = pipeline_parser().parse_args([
-            name, "--data_dir", str(workdir / "datasets" / name),
-            "--pretrained_dir", str(workdir / "pretrained_model"),
-            "--save_dir", str(workdir / name / "save_model"), "--feature_dir", str(workdir / name / "feature"),
-            "--device", "cpu", "--epochs", str(args.epochs), "--learning_rate", str(args.learning_rate),
-            "--per_batch_schedule", "--fusion_epochs", str(args.fusion_epochs),
-            "--fusion_args", f"{args.fusion_args} --seeds {' '.join(map(str, args.fusion_seeds))}", "--force",
-            *([] if args.subprocess else ["--in_process"]),
-        ])
-        seconds = run_pipeline(stage_args)
-        results[name] = dataset_results(workdir, name, seconds, args.fusion_seeds)
-        log.info("demo %s: %s", name, {k: v for k, v in results[name].items() if k not in ("seconds", "seeds")})
+    # The datasets' pipelines share nothing but the generated pretrained folder (read only), and each
+    # runs on one thread: side by side in their own processes they finish in the time of the longer one.
+    jobs = min(args.jobs or os.cpu_count() or 1, len(args.datasets))
+    if jobs > 1:
+        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = {name: pool.submit(run_dataset, workdir, name, args, True) for name in args.datasets}
+            results = {name: future.result() for name, future in futures.items()}
+    else:
+        results = {name: run_dataset(workdir, name, args) for name in args.datasets}
     total = round(time.time() - started, 1)
     write_json(workdir / "results.json", results)
     table = markdown(results, args.fusion_seeds) + f"\nTotal wall time {total} s (data generation included).\n"

@@ -219,6 +219,9 @@ class PipelineError(utils.UserError, RuntimeError):
         super().__init__(message)
         self.status = status
 
+    def __reduce__(self):  # keeps the status when the error crosses a process boundary (the demo's --jobs)
+        return type(self), (str(self), self.status)
+
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

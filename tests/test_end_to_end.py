@@ -154,4 +154,15 @@ def test_run_sh_stops_at_the_first_failing_stage_and_names_it(demo, tmp_path):
 def test_demo_help_lists_its_flags():
     out = subprocess.run([sys.executable, "-m", "magtkd.demo", "--help"], capture_output=True, text=True,
                          cwd=REPO, timeout=120)
-    assert out.returncode == 0 and "--workdir" in out.stdout
+    assert out.returncode == 0 and "--workdir" in out.stdout and "--jobs" in out.stdout
+
+
+def test_a_stage_failure_keeps_its_exit_status_when_it_comes_from_a_demo_worker_process():
+    # The demo runs the datasets side by side in worker processes; their errors come back pickled.
+    import pickle
+
+    from magtkd.pipeline import PipelineError
+
+    err = pickle.loads(pickle.dumps(PipelineError("[MELD] stage 'text' (text.py) failed: --epochs 0", 2)))
+    assert isinstance(err, PipelineError)
+    assert (str(err), err.status) == ("[MELD] stage 'text' (text.py) failed: --epochs 0", 2)
