@@ -203,12 +203,14 @@ def write_video(
             vstream = out.add_stream(codec, rate=int(fps))
             vstream.width, vstream.height, vstream.pix_fmt = width, height, "yuv420p"
             vstream.time_base = Fraction(1, int(fps))
-            # One encoder thread: frame-threaded x264 output depends on thread timing. Even so, about
-            # one tiny libx264 clip in a hundred still comes out differently from run to run (at most
-            # 2 levels apart once decoded; the same frames converted to yuv420p beforehand, zeroed line
-            # padding, x264's lookahead threads off: no change; cause not found), so generated MELD
-            # clips, and the demo's MELD figures, can differ slightly between runs (README, Results).
+            # The generated data must be the same bytes for the same seed. One encoder thread:
+            # frame-threaded x264 output depends on thread timing. And a constant quantizer: with its
+            # default rate control (CRF) x264 still encoded about one tiny clip in a hundred differently
+            # from run to run (at most 2 levels apart once decoded); with QP 23 three runs of the MELD
+            # tree came out identical.
             vstream.codec_context.thread_count = 1
+            if codec == "libx264":
+                vstream.codec_context.options = {"qp": "23"}
             astream = None
             if audio_data is not None:
                 layout = _layout(audio_data.shape[1])
