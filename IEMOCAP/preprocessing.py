@@ -179,6 +179,7 @@ def prepare_iemocap(data_dir: Path) -> dict[str, pd.DataFrame]:
     """Build and write ``data_dir/IEMOCAP_{split}.csv`` (atomically); return the tables."""
     data_dir = Path(data_dir)
     frames = build_frames(data_dir)
+    utils.remove_stale_temps(data_dir, list(IEMOCAP.csv_names.values()))  # left by a killed earlier run
     for split, frame in frames.items():
         with atomic_path(data_dir / IEMOCAP.csv_names[split]) as tmp:
             frame.to_csv(tmp, index=False, encoding="utf-8", lineterminator="\n")

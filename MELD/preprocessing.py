@@ -116,6 +116,7 @@ def prepare_meld(data_dir: Path) -> MeldPrepared:
     frames = {split: with_video_paths(read_official(data_dir, split), split) for split in SPLITS}
     speakers = speaker_map(frames)
     problems = [p for split in SPLITS for p in check_clips(data_dir, split, frames[split])]
+    utils.remove_stale_temps(data_dir, [*MELD.csv_names.values(), SPEAKER_MAP, REPORT_NAME])  # a killed run's temps
     for split, frame in frames.items():
         with atomic_path(data_dir / MELD.csv_names[split]) as tmp:
             frame.to_csv(tmp, index=False, encoding="utf-8", lineterminator="\n")

@@ -1568,15 +1568,17 @@ def keep_best_seed(title: str, rows: Sequence[Mapping[str, Any]], label_names: S
     """
     doc = seeds_summary(rows)
     best = max(rows, key=lambda r: r["dev_weighted_f1"])  # max keeps the first of equal scores
+    summary_names = [f"{summary_stem.name}_seeds.json", f"{summary_stem.name}_seeds.md"]
+    remove_stale_temps(summary_stem.parent, summary_names + sorted({dst.name for pairs in copies.values()
+                                                                    for _, dst in pairs}))
     for src, dst in copies[best["seed"]]:
         if src.is_file():
             copy_file(src, dst)
         else:
             log.warning("%s: %s was not written, so %s is not updated", title, src, dst)
     kept_as = copies[best["seed"]][-1][1].name if copies[best["seed"]] else None
-    write_json(summary_stem.with_name(f"{summary_stem.name}_seeds.json"), doc)
-    write_text(summary_stem.with_name(f"{summary_stem.name}_seeds.md"),
-               seeds_markdown(title, doc, label_names, best["seed"], kept_as))
+    write_json(summary_stem.with_name(summary_names[0]), doc)
+    write_text(summary_stem.with_name(summary_names[1]), seeds_markdown(title, doc, label_names, best["seed"], kept_as))
     mean, std = doc["mean"], doc["std"]
     log.info("%s: %d seeds, best dev seed %d; test accuracy %.4f ± %.4f, weighted F1 %.4f ± %.4f%s", title, len(rows),
              best["seed"], mean["test_accuracy"], std["test_accuracy"], mean["test_weighted_f1"],

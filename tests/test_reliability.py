@@ -452,6 +452,39 @@ def test_second_fusion_run_into_the_same_folder_stops(demo, tmp_path):
     assert not (save_dir / utils.FUSION_CHECKPOINT).exists()
 
 
+@pytest.mark.parametrize("dataset", ["IEMOCAP", "MELD"])
+def test_preprocessing_removes_the_temps_of_a_killed_run(generated, tmp_path, dataset):
+    data_dir = tmp_path / dataset
+    shutil.copytree(generated / "datasets" / dataset, data_dir)
+    spec = {"IEMOCAP": IEMOCAP, "MELD": MELD}[dataset]
+    names = list(spec.csv_names.values()) + (["speaker2id.json", "preparation_report.tsv"] if dataset == "MELD" else [])
+    strays = [data_dir / f".{name}.k1ll.tmp" for name in names]
+    for stray in strays:
+        stray.write_bytes(b"half a file")
+    script(dataset, "preprocessing").main(["--data_dir", str(data_dir)])
+    assert [stray.name for stray in strays if stray.exists()] == []
+    assert all((data_dir / name).stat().st_size > 0 for name in names)
+
+
+def test_seeds_summary_removes_the_temps_of_a_killed_run(tmp_path):
+    stem = tmp_path / "multimodal_fusion"
+    copies = {}
+    for seed in (1, 2):
+        own = tmp_path / f"multimodal_fusion_best_seed{seed}.bin"
+        own.write_bytes(bytes([seed]))
+        copies[seed] = [(own, tmp_path / "multimodal_fusion_best.bin")]
+    strays = [tmp_path / f".{name}.k1ll.tmp" for name in
+              ("multimodal_fusion_seeds.json", "multimodal_fusion_seeds.md", "multimodal_fusion_best.bin")]
+    for stray in strays:
+        stray.write_bytes(b"")
+    rows = [{"seed": seed, "selected_epoch": 1, "dev_weighted_f1": f1, "test_accuracy": 0.5, "test_weighted_f1": f1,
+             "test_per_class_f1": {"a": f1}} for seed, f1 in ((1, 0.4), (2, 0.6))]
+    doc = utils.keep_best_seed("test", rows, ["a"], stem, copies)
+    assert doc["best_seed"] == 2 and (tmp_path / "multimodal_fusion_best.bin").read_bytes() == bytes([2])
+    assert [stray.name for stray in strays if stray.exists()] == []
+    assert json.loads((tmp_path / "multimodal_fusion_seeds.json").read_text())["mean"]["test_weighted_f1"] == 0.5
+
+
 def test_stale_lock_of_a_dead_process_is_taken_over(tmp_path, caplog):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
