@@ -37,8 +37,8 @@ from .dataset import feature_path, load_features
 from .pipeline import parser as pipeline_parser
 from .pipeline import run as run_pipeline
 from .utils import (
-    SEED_SUMMARY_NOTE, TEST_SELECTED_NOTE, fusion_files, majority_weighted_f1, seed_tag, setup_logging, summary,
-    write_json, write_text,
+    SEED_SUMMARY_NOTE, TEST_SELECTED_NOTE, fusion_files, majority_weighted_f1, nonnegative_int, positive_float,
+    positive_int, seed_tag, setup_logging, summary, write_json, write_text,
 )
 
 log = logging.getLogger("magtkd")
@@ -142,18 +142,18 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--workdir", type=Path, required=True)
     p.add_argument("--seed", type=int, default=0, help="seed of the generated data and models")
     p.add_argument("--datasets", nargs="+", choices=DATASETS, default=list(DATASETS))
-    p.add_argument("--epochs", type=int, default=5, help="first-stage and KD epochs")
-    p.add_argument("--learning_rate", type=float, default=1e-3, help="first-stage and KD learning rate")
-    p.add_argument("--fusion_epochs", type=int, default=60)
+    p.add_argument("--epochs", type=positive_int, default=5, help="first-stage and KD epochs")
+    p.add_argument("--learning_rate", type=positive_float, default=1e-3, help="first-stage and KD learning rate")
+    p.add_argument("--fusion_epochs", type=positive_int, default=60)
     p.add_argument("--fusion_args", default="--lr 1e-3 --batch_size 2 --dropout 0.1",
                    help="flags for multimodal_fusion.py (a few tiny dialogues need small batches)")
     p.add_argument("--fusion_seeds", type=int, nargs="+", default=[2024, 2025, 2026],
                    help="one fusion model per seed; results.json's single-seed figures are the first seed's")
-    p.add_argument("--threads", type=int, default=1,
+    p.add_argument("--threads", type=nonnegative_int, default=1,
                    help="torch CPU threads (tiny models run fastest on one; 0 = torch's default)")
     p.add_argument("--subprocess", action="store_true",
                    help="run every stage as its own process, exactly like run.sh (slower)")
-    p.add_argument("--jobs", type=int, default=0,
+    p.add_argument("--jobs", type=nonnegative_int, default=0,
                    help="datasets run side by side in this many processes (0 = one per dataset, at most one per "
                         "CPU core; 1 = one after the other in this process)")
     args = p.parse_args(None if argv is None else list(argv))

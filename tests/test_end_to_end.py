@@ -157,6 +157,14 @@ def test_demo_help_lists_its_flags():
     assert out.returncode == 0 and "--workdir" in out.stdout and "--jobs" in out.stdout
 
 
+def test_demo_refuses_a_bad_flag_before_generating_anything(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "magtkd.demo", "--workdir", str(tmp_path / "w"), "--epochs", "0"],
+                         capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert out.returncode == 2
+    assert "argument --epochs: expected an integer >= 1, got '0'" in out.stderr
+    assert not (tmp_path / "w").exists()
+
+
 def test_a_stage_failure_keeps_its_exit_status_when_it_comes_from_a_demo_worker_process():
     # The demo runs the datasets side by side in worker processes; their errors come back pickled.
     import pickle
