@@ -15,6 +15,7 @@ Caches  audio students: each clip's decoded 16 kHz samples in IEMOCAP/feature/au
 IEMOCAP objective: CE + L_logit (--logit_weight 1, --feature_weight 0).
 """
 
+import functools
 import sys
 from pathlib import Path
 
@@ -24,7 +25,23 @@ import torch.nn.functional as F
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 from IEMOCAP.config import IEMOCAP  # noqa: E402
-from magtkd import dataset, model, utils  # noqa: E402
+from magtkd import dataset, engine, model, pretrained, results, utils  # noqa: E402
+from magtkd.artifacts import StageFiles, SubstitutionReport, kd_name  # noqa: E402
+
+
+def objective(student, batch: dict, *, teacher, logit_weight: float, feature_weight: float,
+              tau: float) -> torch.Tensor:
+    """CE + logit_weight * L_logit(student, teacher) + feature_weight * L_feat(student, teacher)
+    (docs/METHOD.md §3); the teacher is frozen and sees the same batch."""
+    s_rep, s_logits = student.encode(batch)
+    with torch.no_grad():
+        t_rep, t_logits = teacher.encode(batch)
+    s_logits, t_logits = s_logits.float(), t_logits.float()
+    loss = F.cross_entropy(s_logits, batch["labels"])
+    loss = loss + logit_weight * model.logit_kd_loss(s_logits, t_logits, tau=tau)
+    if feature_weight:
+        loss = loss + feature_weight * model.feature_kd_loss(s_rep.float(), t_rep.float())
+    return loss
 
 
 def main(argv=None) -> dict:
@@ -40,61 +57,61 @@ def main(argv=None) -> dict:
     utils.setup_logging()
     device = utils.resolve_device(args.device)
     seeds = utils.seed_list(args)
-    checkpoint = args.save_dir / f"{args.teacher}_KD_{args.student}.bin"
-    stage = f"IEMOCAP KD {args.teacher}->{args.student}"
+    name, stage = kd_name(args.teacher, args.student), f"IEMOCAP KD {args.teacher}->{args.student}"
+    usual = StageFiles.first_stage(args.save_dir, name)
 
     # Data: one dialogue-prefix sample per utterance, in CSV order (read once for all seeds)
     samples = dataset.load_samples(IEMOCAP, args.data_dir)
     utils.log_start(stage, args, device, {s: len(v) for s, v in samples.items()})
-    report = utils.SubstitutionReport()
+    report = SubstitutionReport()
 
-    # Objective: CE + logit_weight * L_logit(student, teacher) + feature_weight * L_feat(student, teacher),
-    # on the current seed's student and teacher (built below)
-    def step(batch: dict, train: bool):
-        s_rep, s_logits = student.encode(batch)
-        if not train:
-            return None, s_logits
-        with torch.no_grad():
-            t_rep, t_logits = teacher.encode(batch)
-        s_logits, t_logits = s_logits.float(), t_logits.float()
-        loss = F.cross_entropy(s_logits, batch["labels"])
-        loss = loss + args.logit_weight * model.logit_kd_loss(s_logits, t_logits, tau=args.tau)
-        if args.feature_weight:
-            loss = loss + args.feature_weight * model.feature_kd_loss(s_rep.float(), t_rep.float())
-        return loss, s_logits
-
-    # Per seed: fresh models, then train with dev selection (--train False: evaluate the saved student alone
-    # on test); training batches also carry the teacher's input, dev/test batches only the student's
-    results = {}
+    runs, files = {}, {}
     for seed in seeds:
         # Models: the student (audio from audio.bin; video from the pretrained TimeSformer) and, for
         # training only, the frozen text teacher from text.bin (built again per seed, so that each seed
         # draws its random numbers exactly as a run with that single seed)
         utils.set_seed(seed, args.deterministic)
-        student, s_field = model.load_encoder(args.student, args.pretrained_dir, IEMOCAP.num_classes,
-                                              args.feature_dir, utils.audio_cache_dir(args))
+        student, s_field = pretrained.load_encoder(args.student, args.pretrained_dir, IEMOCAP.num_classes,
+                                                   args.feature_dir, utils.audio_cache_dir(args))
         if args.train:
-            teacher, t_field = model.load_encoder(args.teacher, args.pretrained_dir, IEMOCAP.num_classes)
-            utils.load_checkpoint(teacher, args.save_dir / f"{args.teacher}.bin", f"IEMOCAP/{args.teacher}.py")
+            teacher, t_field = pretrained.load_encoder(args.teacher, args.pretrained_dir, IEMOCAP.num_classes)
+            model.load_checkpoint(teacher, args.save_dir / f"{args.teacher}.bin", f"IEMOCAP/{args.teacher}.py",
+                                  IEMOCAP.name)
             teacher.to(device).eval().requires_grad_(False)
             if args.student == "audio":
-                utils.load_checkpoint(student, args.save_dir / "audio.bin", "IEMOCAP/audio.py")
+                model.load_checkpoint(student, args.save_dir / "audio.bin", "IEMOCAP/audio.py", IEMOCAP.name)
         student.to(device)
+        # Training batches also carry the teacher's input, dev/test batches only the student's
         loaders = dataset.loaders(samples, [s_field], args.batch_size, args.num_workers, seed, ("dev", "test"))
         if args.train:
             loaders.update(dataset.loaders(samples, [t_field, s_field], args.batch_size, args.num_workers, seed,
                                            ("train",)))
-        results[seed] = utils.fit(
-            stage=stage, model=student, step=step, loaders=loaders, args=utils.seed_args(args, seed), device=device,
-            checkpoint=args.save_dir / f"{args.teacher}_KD_{args.student}{utils.seed_tag(seed, seeds)}.bin",
-            producer=f"IEMOCAP/KD.py --student {args.student}", label_names=IEMOCAP.labels, report=report,
-            amp_dtype=torch.float16)
+        data = engine.SampleBatches(loaders, device, report)
+        files[seed] = StageFiles.first_stage(args.save_dir, name, utils.seed_tag(seed, seeds))
+        # fp16 autocast with a gradient scaler, as the authors (docs/METHOD.md §3)
+        config = engine.FitConfig.first_stage(args, IEMOCAP, stage=stage, script=f"IEMOCAP/KD.py --student {args.student}",
+                                              files=files[seed], seed=seed, width=student.width,
+                                              amp_dtype=torch.float16, clip_scaled=args.reference_kd_clip)
+        if not args.train:
+            result = engine.evaluate_checkpoint(student, data, config)
+            if args.student == "audio":
+                report.write(usual.eval_substitutions)
+            return result
+
+        # Optimizer, schedule and gradient scaler: AdamW; the authors' warmup counted in samples
+        optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=args.learning_rate)
+        scheduler = engine.reference_schedule(optimizer, data.n_train, data.updates_per_epoch(args.grad_accum),
+                                              args.epochs, args.per_batch_schedule)
+        scaler = torch.amp.GradScaler(device.type, enabled=args.amp)
+        loss = functools.partial(objective, teacher=teacher, logit_weight=args.logit_weight,
+                                 feature_weight=args.feature_weight, tau=args.tau)
+        runs[seed] = engine.fit(student, loss, data, optimizer, scheduler, config, scaler)
 
     # Artifacts: the substitution report of audio students; with several seeds <name>_seeds.json/.md and
     # the best dev seed's files also as {teacher}_KD_{student}.bin/.json
     if args.student == "audio":
-        report.write(utils.substitution_report_path(checkpoint, args.train))
-    return utils.finish_seeds(results, checkpoint, IEMOCAP.labels)
+        report.write(usual.substitutions)
+    return results.finish_seeds(runs, files, usual, IEMOCAP.labels)
 
 
 if __name__ == "__main__":

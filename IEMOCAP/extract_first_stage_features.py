@@ -12,18 +12,15 @@ Caches  each clip's decoded 16 kHz samples in IEMOCAP/feature/audio_cache/ (read
 Speakers in the pickles are 0/1 by order of appearance in the dialogue.
 """
 
-import logging
 import sys
 from pathlib import Path
-
-import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 from IEMOCAP.config import IEMOCAP  # noqa: E402
-from magtkd import dataset, model, utils  # noqa: E402
+from magtkd import dataset, features, utils  # noqa: E402
+from magtkd.artifacts import SubstitutionReport  # noqa: E402
 
-log = logging.getLogger("magtkd")
 
 def main(argv=None) -> dict:
     # Flags: the folders, the batch size (features do not depend on it) and autocast
@@ -38,41 +35,19 @@ def main(argv=None) -> dict:
 
     # Data: every utterance of every split in the pickles' order (CSV order grouped by dialogue)
     dialogues = {s: dataset.group_dialogues(dataset.load_split(IEMOCAP, args.data_dir, s)) for s in dataset.SPLITS}
-    utterances = {s: [u for _, dialogue in dialogues[s] for u in dialogue] for s in dataset.SPLITS}
-    samples = {s: dataset.build_samples(utts) for s, utts in utterances.items()}
+    samples = {s: dataset.build_samples([u for _, dialogue in dialogues[s] for u in dialogue]) for s in dataset.SPLITS}
     utils.log_start("IEMOCAP extract_first_stage_features", args, device, {s: len(v) for s, v in samples.items()})
 
     # Models: the five first-stage checkpoints, one input group at a time (each clip decoded once)
-    report = utils.SubstitutionReport()
-    vectors = model.first_stage_features(IEMOCAP, samples, pretrained_dir=args.pretrained_dir, save_dir=args.save_dir,
-                                         feature_dir=args.feature_dir, device=device, batch_size=args.batch_size,
-                                         num_workers=args.num_workers, amp=args.amp, report=report,
-                                         audio_cache=utils.audio_cache_dir(args))
+    report = SubstitutionReport()
+    vectors = features.first_stage_features(IEMOCAP, samples, pretrained_dir=args.pretrained_dir,
+                                            save_dir=args.save_dir, feature_dir=args.feature_dir, device=device,
+                                            batch_size=args.batch_size, num_workers=args.num_workers, amp=args.amp,
+                                            report=report, audio_cache=utils.audio_cache_dir(args))
 
-    # Artifacts: one pickle per split, written atomically by rank 0 (under torchrun the ranks'
-    # representations were gathered in order), and the substitution report; the completion record
-    # says incomplete before the first pickle changes and complete after the last
-    paths = {}
-    if utils.is_main():
-        with utils.output_lock(args.feature_dir, "first_stage_features"):
-            record = dataset.features_record(args.feature_dir)
-            pickles = [dataset.feature_path(args.feature_dir, split).name for split in dataset.SPLITS]
-            utils.remove_stale_temps(args.feature_dir, [*pickles, record.name, "first_stage_substitutions.tsv"])
-            utils.begin_outputs(record, "IEMOCAP/extract_first_stage_features.py", args, dataset=IEMOCAP.name,
-                                labels=list(IEMOCAP.labels), pickles=pickles)
-            paths = {}
-            for split in dataset.SPLITS:
-                utts = utterances[split]
-                speakers = [s for _, dialogue in dialogues[split] for s in dataset.fusion_speaker_ids(IEMOCAP, dialogue, None)]
-                features = dataset.assemble_features(
-                    [u.dialogue_id for u in utts], [u.utterance_id for u in utts], [u.label for u in utts],
-                    speakers, {key: np.asarray(v) for key, v in vectors[split].items()},
-                )
-                paths[split] = dataset.save_features(dataset.feature_path(args.feature_dir, split), features)
-                log.info("IEMOCAP: wrote %s (%d dialogues, %d utterances)", paths[split], len(features["vids"]), len(utts))
-            report.write(args.feature_dir / "first_stage_substitutions.tsv")
-            utils.finish_outputs(record, "IEMOCAP/extract_first_stage_features.py", args, dataset=IEMOCAP.name,
-                                 labels=list(IEMOCAP.labels), pickles=pickles, width=int(vectors["test"]["text"].shape[1]))
+    # Artifacts: one pickle per split and the substitution report, published as one set by rank 0
+    # (under torchrun the ranks' representations were gathered in order)
+    paths = features.write_feature_pickles(IEMOCAP, dialogues, vectors, args.feature_dir, report, args)
     return {"paths": {k: str(v) for k, v in paths.items()}, "substituted": len(report)}
 
 

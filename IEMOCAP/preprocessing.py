@@ -28,9 +28,9 @@ import pandas as pd
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 from IEMOCAP.config import DEV_DIALOGUES, IEMOCAP, TEST_SESSIONS  # noqa: E402
-from magtkd.dataset import SPLITS, DataError, check_data_dir  # noqa: E402
+from magtkd.dataset import SPLITS, check_data_dir  # noqa: E402
 from magtkd import utils  # noqa: E402
-from magtkd.utils import atomic_path  # noqa: E402
+from magtkd.artifacts import atomic_path, remove_stale_temps  # noqa: E402
 
 
 COLUMNS = list(IEMOCAP.required_columns)
@@ -179,7 +179,7 @@ def prepare_iemocap(data_dir: Path) -> dict[str, pd.DataFrame]:
     """Build and write ``data_dir/IEMOCAP_{split}.csv`` (atomically); return the tables."""
     data_dir = Path(data_dir)
     frames = build_frames(data_dir)
-    utils.remove_stale_temps(data_dir, list(IEMOCAP.csv_names.values()))  # left by a killed earlier run
+    remove_stale_temps(data_dir, list(IEMOCAP.csv_names.values()))  # left by a killed earlier run
     for split, frame in frames.items():
         with atomic_path(data_dir / IEMOCAP.csv_names[split]) as tmp:
             frame.to_csv(tmp, index=False, encoding="utf-8", lineterminator="\n")
@@ -210,8 +210,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         frames = prepare_iemocap(args.data_dir)
-    except (FileNotFoundError, DataError) as exc:
-        raise SystemExit(f"error: {exc}") from exc
+    except FileNotFoundError as exc:  # DataError is a UserError already
+        raise utils.InputMissing(str(exc)) from exc
     for split in SPLITS:
         print(f"wrote {args.data_dir / IEMOCAP.csv_names[split]}")
     print(summary(frames))

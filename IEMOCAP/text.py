@@ -14,12 +14,16 @@ the representation is the mask token's hidden state projected to the audio/video
 import sys
 from pathlib import Path
 
-import torch.nn.functional as F
+import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 from IEMOCAP.config import IEMOCAP  # noqa: E402
-from magtkd import dataset, model, utils  # noqa: E402
+from magtkd import dataset, engine, model, pretrained, results, utils  # noqa: E402
+from magtkd.artifacts import StageFiles  # noqa: E402
+
+# Objective: cross-entropy on the mask token's logits
+objective = model.encoder_cross_entropy
 
 
 def main(argv=None) -> dict:
@@ -29,32 +33,32 @@ def main(argv=None) -> dict:
     utils.setup_logging()
     device = utils.resolve_device(args.device)
     seeds = utils.seed_list(args)
-    checkpoint = args.save_dir / "text.bin"
 
     # Data: one dialogue-prefix sample per utterance, in CSV order (read once, shared by all seeds)
     samples = dataset.load_samples(IEMOCAP, args.data_dir)
     utils.log_start("IEMOCAP text", args, device, {s: len(v) for s, v in samples.items()})
 
-    # Objective: cross-entropy on the mask token's logits (of the current seed's encoder, built below)
-    def step(batch: dict, train: bool):
-        _, logits = encoder.encode(batch)
-        return F.cross_entropy(logits.float(), batch["labels"]), logits
-
-    # Per seed: a fresh model, then train with dev selection (--train False: evaluate the saved checkpoint
-    # on test); text<tag>.bin at each new best dev score, its .json after every epoch, plots at the end
-    results = {}
+    runs, files = {}, {}
     for seed in seeds:
         # Model: RoBERTa-large (+ speaker tokens) -> Linear(hidden, D) -> Linear(D, 6)
         utils.set_seed(seed, args.deterministic)
-        encoder, field = model.load_encoder("text", args.pretrained_dir, IEMOCAP.num_classes)
-        loaders = dataset.loaders(samples, [field], args.batch_size, args.num_workers, seed)
-        results[seed] = utils.fit(
-            stage="IEMOCAP text", model=encoder, step=step, loaders=loaders, args=utils.seed_args(args, seed),
-            device=device, checkpoint=args.save_dir / f"text{utils.seed_tag(seed, seeds)}.bin",
-            producer="IEMOCAP/text.py", label_names=IEMOCAP.labels)
+        encoder, field = pretrained.load_encoder("text", args.pretrained_dir, IEMOCAP.num_classes)
+        encoder.to(device)
+        data = engine.SampleBatches(dataset.loaders(samples, [field], args.batch_size, args.num_workers, seed), device)
+        files[seed] = StageFiles.first_stage(args.save_dir, "text", utils.seed_tag(seed, seeds))
+        config = engine.FitConfig.first_stage(args, IEMOCAP, stage="IEMOCAP text", script="IEMOCAP/text.py",
+                                              files=files[seed], seed=seed, width=encoder.width)
+        if not args.train:
+            return engine.evaluate_checkpoint(encoder, data, config)
 
-    # Artifacts of several seeds: text_seeds.json/.md; the best dev seed's files also as text.bin/.json
-    return utils.finish_seeds(results, checkpoint, IEMOCAP.labels)
+        # Optimizer and schedule: AdamW; the authors' warmup counted in samples, stepped per update
+        optimizer = torch.optim.AdamW([p for p in encoder.parameters() if p.requires_grad], lr=args.learning_rate)
+        scheduler = engine.reference_schedule(optimizer, data.n_train, data.updates_per_epoch(args.grad_accum),
+                                              args.epochs, args.per_batch_schedule)
+        runs[seed] = engine.fit(encoder, objective, data, optimizer, scheduler, config)
+
+    # Several seeds: text_seeds.json/.md; the best dev seed's files also as text.bin/.json
+    return results.finish_seeds(runs, files, StageFiles.first_stage(args.save_dir, "text"), IEMOCAP.labels)
 
 
 if __name__ == "__main__":

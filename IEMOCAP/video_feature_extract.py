@@ -21,7 +21,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 from IEMOCAP.config import IEMOCAP  # noqa: E402
-from magtkd import dataset, model, utils  # noqa: E402
+from magtkd import dataset, features, pretrained, utils  # noqa: E402
+from magtkd.artifacts import FRAMES_REPORT  # noqa: E402
 
 log = logging.getLogger("magtkd")
 
@@ -38,18 +39,18 @@ def main(argv=None) -> dict:
 
     # Data: the utterances whose frames are still missing, grouped by source video
     utterances = [u for split in dataset.SPLITS for u in dataset.load_split(IEMOCAP, args.data_dir, split)]
-    jobs = dataset.plan_jobs(IEMOCAP, utterances, args.feature_dir, args.channel_order)
+    jobs = features.plan_jobs(IEMOCAP, utterances, args.feature_dir, args.channel_order)
     todo = sum(len(j.keys) for j in jobs)
     utils.log_start("IEMOCAP video_feature_extract", args, device,
                     {"utterances": len(utterances), "to_extract": todo, "source_videos": len(jobs)})
 
     # "Model": the videomae-base image processor's resize and centre crop
-    processor = model.load_image_processor(args.pretrained_dir)
+    processor = pretrained.load_image_processor(args.pretrained_dir)
 
     # Loop and artifacts: one decode per source video; frames written atomically, then the report
     started = time.time()
-    report_path = args.feature_dir / "video" / "substitutions.tsv"
-    report = dataset.extract_frames(jobs, processor, args.num_workers, report_path, args)
+    report_path = args.feature_dir / "video" / FRAMES_REPORT
+    report = features.extract_frames(jobs, processor, args.num_workers, report_path, args)
     seconds = time.time() - started
     log.info("IEMOCAP: stored %d utterances from %d videos in %.1f s; %d substituted (see %s)",
              todo, len(jobs), seconds, len(report), report_path)

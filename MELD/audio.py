@@ -16,12 +16,16 @@ normalised by the feature extractor and cut to 400000 samples; batches are right
 import sys
 from pathlib import Path
 
-import torch.nn.functional as F
+import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 from MELD.config import MELD  # noqa: E402
-from magtkd import dataset, model, utils  # noqa: E402
+from magtkd import dataset, engine, model, pretrained, results, utils  # noqa: E402
+from magtkd.artifacts import StageFiles, SubstitutionReport  # noqa: E402
+
+# Objective: cross-entropy on the first frame's logits
+objective = model.encoder_cross_entropy
 
 
 def main(argv=None) -> dict:
@@ -32,37 +36,41 @@ def main(argv=None) -> dict:
     utils.setup_logging()
     device = utils.resolve_device(args.device)
     seeds = utils.seed_list(args)
-    checkpoint = args.save_dir / "audio.bin"
+    usual = StageFiles.first_stage(args.save_dir, "audio")
 
     # Data (read once for all seeds): one sample per utterance; missing, corrupt or silent clips become
     # silence and are reported
     samples = dataset.load_samples(MELD, args.data_dir)
     utils.log_start("MELD audio", args, device, {s: len(v) for s, v in samples.items()})
-    report = utils.SubstitutionReport()
+    report = SubstitutionReport()
 
-    # Objective: cross-entropy (on the current seed's encoder, built below)
-    def step(batch: dict, train: bool):
-        _, logits = encoder.encode(batch)
-        return F.cross_entropy(logits.float(), batch["labels"]), logits
-
-    # Per seed: a fresh model, then train with dev selection (--train False: evaluate the saved checkpoint
-    # on test); audio<tag>.bin at each new best dev score, its .json after every epoch, plots at the end
-    results = {}
+    runs, files = {}, {}
     for seed in seeds:
         # Model: data2vec-audio (time masking length 3) -> first frame -> Linear(hidden, 7)
         utils.set_seed(seed, args.deterministic)
-        encoder, field = model.load_encoder("audio", args.pretrained_dir, MELD.num_classes,
-                                           audio_cache=utils.audio_cache_dir(args))
+        encoder, field = pretrained.load_encoder("audio", args.pretrained_dir, MELD.num_classes,
+                                                 audio_cache=utils.audio_cache_dir(args))
+        encoder.to(device)
         loaders = dataset.loaders(samples, [field], args.batch_size, args.num_workers, seed)
-        results[seed] = utils.fit(
-            stage="MELD audio", model=encoder, step=step, loaders=loaders, args=utils.seed_args(args, seed),
-            device=device, checkpoint=args.save_dir / f"audio{utils.seed_tag(seed, seeds)}.bin",
-            producer="MELD/audio.py", label_names=MELD.labels, report=report)
+        data = engine.SampleBatches(loaders, device, report)
+        files[seed] = StageFiles.first_stage(args.save_dir, "audio", utils.seed_tag(seed, seeds))
+        config = engine.FitConfig.first_stage(args, MELD, stage="MELD audio", script="MELD/audio.py",
+                                              files=files[seed], seed=seed, width=encoder.width)
+        if not args.train:
+            result = engine.evaluate_checkpoint(encoder, data, config)
+            report.write(usual.eval_substitutions)
+            return result
+
+        # Optimizer and schedule: AdamW; the authors' warmup counted in samples, stepped per update
+        optimizer = torch.optim.AdamW([p for p in encoder.parameters() if p.requires_grad], lr=args.learning_rate)
+        scheduler = engine.reference_schedule(optimizer, data.n_train, data.updates_per_epoch(args.grad_accum),
+                                              args.epochs, args.per_batch_schedule)
+        runs[seed] = engine.fit(encoder, objective, data, optimizer, scheduler, config)
 
     # Artifacts: the substitution report (all seeds); with several seeds audio_seeds.json/.md and the
     # best dev seed's files also as audio.bin/.json
-    report.write(utils.substitution_report_path(checkpoint, args.train))
-    return utils.finish_seeds(results, checkpoint, MELD.labels)
+    report.write(usual.substitutions)
+    return results.finish_seeds(runs, files, usual, MELD.labels)
 
 
 if __name__ == "__main__":

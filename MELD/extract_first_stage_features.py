@@ -12,18 +12,15 @@ Caches  each clip's decoded 16 kHz samples in MELD/feature/audio_cache/ (read ba
 Speakers in the pickles are the global ids of datasets/MELD/speaker2id.json.
 """
 
-import logging
 import sys
 from pathlib import Path
-
-import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 from MELD.config import MELD  # noqa: E402
-from magtkd import dataset, model, utils  # noqa: E402
+from magtkd import dataset, features, utils  # noqa: E402
+from magtkd.artifacts import SubstitutionReport  # noqa: E402
 
-log = logging.getLogger("magtkd")
 
 def main(argv=None) -> dict:
     # Flags: the folders, the batch size (features do not depend on it) and autocast
@@ -38,42 +35,21 @@ def main(argv=None) -> dict:
 
     # Data: every utterance of every split in the pickles' order (CSV order grouped by dialogue)
     dialogues = {s: dataset.group_dialogues(dataset.load_split(MELD, args.data_dir, s)) for s in dataset.SPLITS}
-    utterances = {s: [u for _, dialogue in dialogues[s] for u in dialogue] for s in dataset.SPLITS}
-    samples = {s: dataset.build_samples(utts) for s, utts in utterances.items()}
-    speaker2id = dataset.load_speaker2id(args.data_dir)
+    samples = {s: dataset.build_samples([u for _, dialogue in dialogues[s] for u in dialogue]) for s in dataset.SPLITS}
+    speaker2id = dataset.load_speaker2id(args.data_dir)  # checked before the models run
     utils.log_start("MELD extract_first_stage_features", args, device, {s: len(v) for s, v in samples.items()})
 
     # Models: the five first-stage checkpoints, one input group at a time (each clip decoded once)
-    report = utils.SubstitutionReport()
-    vectors = model.first_stage_features(MELD, samples, pretrained_dir=args.pretrained_dir, save_dir=args.save_dir,
-                                         feature_dir=args.feature_dir, device=device, batch_size=args.batch_size,
-                                         num_workers=args.num_workers, amp=args.amp, report=report,
-                                         audio_cache=utils.audio_cache_dir(args))
+    report = SubstitutionReport()
+    vectors = features.first_stage_features(MELD, samples, pretrained_dir=args.pretrained_dir,
+                                            save_dir=args.save_dir, feature_dir=args.feature_dir, device=device,
+                                            batch_size=args.batch_size, num_workers=args.num_workers, amp=args.amp,
+                                            report=report, audio_cache=utils.audio_cache_dir(args))
 
-    # Artifacts: one pickle per split, written atomically by rank 0 (under torchrun the ranks'
-    # representations were gathered in order), and the substitution report; the completion record
-    # says incomplete before the first pickle changes and complete after the last
-    paths = {}
-    if utils.is_main():
-        with utils.output_lock(args.feature_dir, "first_stage_features"):
-            record = dataset.features_record(args.feature_dir)
-            pickles = [dataset.feature_path(args.feature_dir, split).name for split in dataset.SPLITS]
-            utils.remove_stale_temps(args.feature_dir, [*pickles, record.name, "first_stage_substitutions.tsv"])
-            utils.begin_outputs(record, "MELD/extract_first_stage_features.py", args, dataset=MELD.name,
-                                labels=list(MELD.labels), pickles=pickles)
-            paths = {}
-            for split in dataset.SPLITS:
-                utts = utterances[split]
-                speakers = [s for _, dialogue in dialogues[split] for s in dataset.fusion_speaker_ids(MELD, dialogue, speaker2id)]
-                features = dataset.assemble_features(
-                    [u.dialogue_id for u in utts], [u.utterance_id for u in utts], [u.label for u in utts],
-                    speakers, {key: np.asarray(v) for key, v in vectors[split].items()},
-                )
-                paths[split] = dataset.save_features(dataset.feature_path(args.feature_dir, split), features)
-                log.info("MELD: wrote %s (%d dialogues, %d utterances)", paths[split], len(features["vids"]), len(utts))
-            report.write(args.feature_dir / "first_stage_substitutions.tsv")
-            utils.finish_outputs(record, "MELD/extract_first_stage_features.py", args, dataset=MELD.name,
-                                 labels=list(MELD.labels), pickles=pickles, width=int(vectors["test"]["text"].shape[1]))
+    # Artifacts: one pickle per split and the substitution report, published as one set by rank 0
+    # (under torchrun the ranks' representations were gathered in order)
+    paths = features.write_feature_pickles(MELD, dialogues, vectors, args.feature_dir, report, args,
+                                           speaker2id)
     return {"paths": {k: str(v) for k, v in paths.items()}, "substituted": len(report)}
 
 

@@ -29,7 +29,7 @@ sys.path.insert(0, str(HERE.parent))
 from MELD.config import CLIP_DIRS, OFFICIAL_COLUMNS, OFFICIAL_CSV, MELD  # noqa: E402
 from magtkd.dataset import SPEAKER_MAP, SPLITS, DataError, check_data_dir, read_csv_checked  # noqa: E402
 from magtkd import utils  # noqa: E402
-from magtkd.utils import SubstitutionReport, atomic_path, write_json, write_text  # noqa: E402
+from magtkd.artifacts import SubstitutionReport, atomic_path, remove_stale_temps, write_json, write_text  # noqa: E402
 
 
 REPORT_NAME = "preparation_report.tsv"
@@ -116,7 +116,7 @@ def prepare_meld(data_dir: Path) -> MeldPrepared:
     frames = {split: with_video_paths(read_official(data_dir, split), split) for split in SPLITS}
     speakers = speaker_map(frames)
     problems = [p for split in SPLITS for p in check_clips(data_dir, split, frames[split])]
-    utils.remove_stale_temps(data_dir, [*MELD.csv_names.values(), SPEAKER_MAP, REPORT_NAME])  # a killed run's temps
+    remove_stale_temps(data_dir, [*MELD.csv_names.values(), SPEAKER_MAP, REPORT_NAME])  # a killed run's temps
     for split, frame in frames.items():
         with atomic_path(data_dir / MELD.csv_names[split]) as tmp:
             frame.to_csv(tmp, index=False, encoding="utf-8", lineterminator="\n")
@@ -153,8 +153,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         result = prepare_meld(args.data_dir)
-    except (FileNotFoundError, DataError) as exc:
-        raise SystemExit(f"error: {exc}") from exc
+    except FileNotFoundError as exc:  # DataError is a UserError already
+        raise utils.InputMissing(str(exc)) from exc
     for split in SPLITS:
         print(f"wrote {args.data_dir / MELD.csv_names[split]}")
     print(summary(args.data_dir, result))

@@ -18,12 +18,16 @@ substitute silence / black frames and list the utterance in their report.
 
 from __future__ import annotations
 
+import contextlib
 import faulthandler
+import hashlib
+import json
 import logging
 import math
 import multiprocessing
 import os
 import signal
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -32,6 +36,8 @@ import av
 import numpy as np
 import torch
 import torchaudio.functional as AF
+
+from .artifacts import atomic_path
 
 log = logging.getLogger("magtkd")
 
@@ -505,3 +511,100 @@ def _decode_audio_with_notes(path: str) -> tuple[int, np.ndarray, list[str]]:
     notes: list[str] = []
     native_sr, mono = decode_audio_native(path, notes)
     return native_sr, mono, notes
+
+
+# --------------------------------------------------------------------------- decoded audio, stored once
+
+class AudioCache:
+    """Each source file's decoded 16 kHz mono samples, stored the first time a stage decodes it.
+
+    One ``<folder>/<sha1 of the resolved source path>.npz`` per source file holds the
+    float32 samples exactly as `media.decode_audio_isolated` returned them (so a hit
+    gives bit-identical samples) and a JSON record of the source path, size,
+    modification time (ns), sample rate and the decoder's notes. A hit needs all of
+    these to match the file as it is now; a changed file (size or mtime) is decoded
+    again and its entry replaced. Notes of a partial decode are stored and handed
+    back on every hit, so each stage reports the substitution again. Failed decodes
+    (`MediaError`) are not stored: the failure may be passing (a timeout on a busy
+    machine) and is reported anew by each stage that meets it. An entry that cannot
+    be read is decoded again (warning naming it); entries are written atomically,
+    so DataLoader workers and torchrun ranks can share the folder. If the folder
+    cannot be written the clip is still returned (warning, once per folder).
+    ``folder=None``: decode every time.
+    """
+
+    def __init__(self, folder: str | Path | None) -> None:
+        self.folder = None if folder is None else Path(folder)
+        self._warned = False
+        if self.folder is not None and self.folder.is_dir():
+            # Temporary files of a killed run; an hour's age spares another process's write in flight.
+            cutoff = time.time() - 3600
+            for stray in self.folder.glob(".*.tmp"):
+                with contextlib.suppress(OSError):
+                    if stray.stat().st_mtime < cutoff:
+                        stray.unlink()
+
+    def entry(self, source: str | Path) -> Path:
+        assert self.folder is not None
+        digest = hashlib.sha1(str(Path(source).resolve()).encode("utf-8", "surrogateescape")).hexdigest()
+        return self.folder / f"{digest}.npz"
+
+    def load(self, source: str | Path, sample_rate: int = TARGET_SAMPLE_RATE,
+             notes: list[str] | None = None) -> np.ndarray:
+        """The samples of ``source`` (cached, or decoded in the supervised child and stored); raises
+        `MediaError` as `media.decode_audio_isolated` does. The decoder's notes are appended to ``notes``."""
+        notes = [] if notes is None else notes
+        if self.folder is None:
+            return decode_audio_isolated(source, sample_rate, notes=notes)
+        source = Path(source)
+        key = self._key(source, sample_rate)
+        entry = self.entry(source)
+        if key is not None and entry.is_file():
+            hit = self._read(entry, key)
+            if hit is not None:
+                notes.extend(hit[1])
+                return hit[0]
+        decoded_notes: list[str] = []
+        samples = decode_audio_isolated(source, sample_rate, notes=decoded_notes)
+        notes.extend(decoded_notes)
+        # Keyed by the file as it was before decoding: a file replaced meanwhile is decoded again next time.
+        if key is not None and key == self._key(source, sample_rate):
+            self._write(entry, samples, {**key, "notes": decoded_notes})
+        return samples
+
+    @staticmethod
+    def _key(source: Path, sample_rate: int) -> dict[str, Any] | None:
+        try:
+            stat = source.stat()
+        except OSError:
+            return None  # missing: the decoder raises the MediaError naming it
+        return {"source": str(source.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
+                "sample_rate": int(sample_rate)}
+
+    @staticmethod
+    def _read(entry: Path, key: dict[str, Any]) -> tuple[np.ndarray, list[str]] | None:
+        try:
+            with np.load(entry, allow_pickle=False) as data:
+                record = json.loads(str(data["record"]))
+                if any(record.get(k) != v for k, v in key.items()):
+                    return None  # the source changed (or another file hashed here): decode again
+                samples = data["samples"]
+            if samples.dtype != np.float32 or samples.ndim != 1 or not isinstance(record.get("notes"), list):
+                raise ValueError(f"unexpected content (samples {samples.dtype} {samples.shape})")
+        except Exception as exc:  # truncated, not an .npz, or malformed: the source is decoded again
+            log.warning("audio cache entry %s for %s cannot be read (%s: %s); decoding the file again",
+                        entry, key["source"], type(exc).__name__, exc)
+            return None
+        return samples, [str(n) for n in record["notes"]]
+
+    def _write(self, entry: Path, samples: np.ndarray, record: dict[str, Any]) -> None:
+        try:
+            with atomic_path(entry) as tmp:
+                with open(tmp, "wb") as handle:
+                    np.savez(handle, samples=np.ascontiguousarray(samples, dtype=np.float32),
+                             record=np.array(json.dumps(record)))
+        except OSError as exc:
+            if not self._warned:
+                log.warning("cannot write the audio cache in %s (%s); clips are decoded again each time",
+                            self.folder, exc)
+                self._warned = True

@@ -1,231 +1,30 @@
-"""Models: the four pretrained folders, the three first-stage encoders, the KD
-losses and the multi-modal anchor gated transformer (docs/METHOD.md §2, §3, §5).
-
-Encoders read their widths from the backbones' configs, never hard-coded, so the
-same code runs the real pretrained models and the tiny generated stand-ins.
-Every pretrained loader checks its folder first, so a missing or incomplete
-download fails with the exact ``hf download`` command that fixes it.
+"""Models: the three first-stage encoders, the KD losses, the multi-modal anchor gated
+transformer, and the loaders of both kinds of checkpoint, ours and the authors'
+(docs/METHOD.md §2, §3, §5, §6).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from pathlib import Path
-from typing import Callable, Mapping, NamedTuple, Sequence
-
-import numpy as np
+from typing import TYPE_CHECKING, Any, Callable, Mapping, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .dataset import (
-    AudioField, DatasetSpec, FrameCodec, Sample, SampleDataset, TextField, VideoField, add_speaker_tokens, make_loader,
-)
-from .utils import CheckpointError, UserError, SubstitutionReport, load_checkpoint, mismatch, read_state_dict, representations
+from .artifacts import FUSION, StageFiles, check_complete
+from .utils import UserError
+
+if TYPE_CHECKING:
+    from .dataset import DatasetSpec
 
 log = logging.getLogger("magtkd")
 
 
-# --------------------------------------------------------------------------- pretrained folders
-
-# Names of the four pretrained folders inside --pretrained_dir, with their hub ids.
-PRETRAINED = {
-    "roberta-large": "FacebookAI/roberta-large",
-    "data2vec-audio-base-960h": "facebook/data2vec-audio-base-960h",
-    "videomae-base": "MCG-NJU/videomae-base",
-    "timesformer-base-finetuned-k400": "facebook/timesformer-base-finetuned-k400",
-}
-
-
-TEXT = "roberta-large"
-AUDIO = "data2vec-audio-base-960h"
-IMAGE_PROCESSOR = "videomae-base"
-VIDEO = "timesformer-base-finetuned-k400"
-
-CONFIG = "config.json"
-PREPROCESSOR = "preprocessor_config.json"
-# Any one of these holds the weights (hub repos ship .bin, .safetensors or both).
-WEIGHTS = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json", "pytorch_model.bin.index.json")
-# Any one of these holds the tokenizer (tokenizer.json, or the slow vocab.json + merges.txt).
-TOKENIZER_FILES = ("tokenizer.json", "vocab.json")
-
-# Heads of the checkpoints that the base models do not use: their "unexpected
-# keys" are the normal result of loading a base model from a head checkpoint.
-_HEAD_PREFIXES = {TEXT: ("lm_head.",), AUDIO: ("lm_head.",), VIDEO: ("classifier.",)}
-
-
-class PretrainedMissingError(UserError, FileNotFoundError):
-    """A pretrained folder, or a file in it, is missing; the message says how to download it."""
-
-
-def download_command(pretrained_dir: Path, name: str) -> str:
-    """The command that fills ``pretrained_dir/name`` from the hub."""
-    return f"hf download {_hub_id(name)} --local-dir {_folder(pretrained_dir, name)}"
-
-
-def pretrained_folder(
-    pretrained_dir: Path, name: str, required: Sequence[str | tuple[str, ...]] = (CONFIG,)
-) -> Path:
-    """``pretrained_dir/name`` after checking it exists and holds ``required``.
-
-    Each entry of ``required`` is a file name or a tuple of alternatives (any one
-    suffices). Raises `PretrainedMissingError` naming the folder or file and the
-    ``hf download`` command that fills it.
-    """
-    folder = _folder(pretrained_dir, name)
-    command = download_command(pretrained_dir, name)
-    if not folder.is_dir():
-        raise PretrainedMissingError(
-            f"pretrained model folder {folder} does not exist ({name}, hub id {_hub_id(name)}). "
-            f"Download it with:\n    {command}"
-        )
-    for entry in required:
-        options = (entry,) if isinstance(entry, str) else tuple(entry)
-        if not any((folder / option).is_file() for option in options):
-            wanted = f"no {options[0]}" if len(options) == 1 else "none of " + ", ".join(options)
-            raise PretrainedMissingError(
-                f"pretrained model folder {folder} has {wanted}; the download is incomplete. "
-                f"Download it again with:\n    {command}"
-            )
-    return folder
-
-
-def load_tokenizer(pretrained_dir: Path):
-    """The RoBERTa tokenizer of ``roberta-large`` (a transformers ``RobertaTokenizer``).
-
-    The hub folder has no tokenizer_config.json, so transformers would leave
-    ``model_max_length`` unlimited; it is set from config.json instead
-    (max_position_embeddings minus RoBERTa's padding offset, 512 for the real model).
-    """
-    from transformers import AutoTokenizer
-
-    folder = pretrained_folder(pretrained_dir, TEXT, (CONFIG, TOKENIZER_FILES))
-    config = _read_json(folder / CONFIG)
-    kwargs = {}
-    if "max_position_embeddings" in config:
-        # RoBERTa positions start after the padding index (pad_token_id + 1).
-        kwargs["model_max_length"] = int(config["max_position_embeddings"]) - int(config.get("pad_token_id", 1)) - 1
-    return AutoTokenizer.from_pretrained(folder, **kwargs)
-
-
-def load_text_backbone(pretrained_dir: Path):
-    """The RoBERTa encoder (``RobertaModel``) of ``roberta-large``, without the pooler.
-
-    The text encoder reads the mask position's hidden state (docs/METHOD.md §2), so
-    the pooler would be unused, and the masked-LM checkpoint has no pooler
-    weights: it would only add randomly initialised parameters.
-    """
-    from transformers import AutoModel
-
-    return _load_model(AutoModel, TEXT, pretrained_dir, add_pooling_layer=False)
-
-
-def load_audio_feature_extractor(pretrained_dir: Path):
-    """The ``Wav2Vec2FeatureExtractor`` of ``data2vec-audio-base-960h`` (16 kHz, normalising)."""
-    from transformers import AutoFeatureExtractor
-
-    folder = pretrained_folder(pretrained_dir, AUDIO, (PREPROCESSOR,))
-    return AutoFeatureExtractor.from_pretrained(folder)
-
-
-def load_audio_backbone(pretrained_dir: Path, mask_time_length: int = 3):
-    """``Data2VecAudioModel`` of ``data2vec-audio-base-960h`` with ``config.mask_time_length`` set.
-
-    docs/METHOD.md §2 (Audio): the reference sets mask_time_length = 3, which is
-    what time masking uses in training mode.
-    """
-    from transformers import Data2VecAudioModel
-
-    return _load_model(Data2VecAudioModel, AUDIO, pretrained_dir, mask_time_length=mask_time_length)
-
-
-def load_image_processor(pretrained_dir: Path):
-    """The ``VideoMAEImageProcessor`` of ``videomae-base`` (resize, crop, rescale, normalise)."""
-    from transformers import AutoImageProcessor
-
-    folder = pretrained_folder(pretrained_dir, IMAGE_PROCESSOR, (PREPROCESSOR,))
-    return AutoImageProcessor.from_pretrained(folder)
-
-
-def load_video_backbone(pretrained_dir: Path):
-    """``TimesformerModel`` of ``timesformer-base-finetuned-k400`` (the Kinetics head is dropped)."""
-    from transformers import TimesformerModel
-
-    return _load_model(TimesformerModel, VIDEO, pretrained_dir)
-
-
-# --- helpers --------------------------------------------------------------------
-
-
-def _hub_id(name: str) -> str:
-    try:
-        return PRETRAINED[name]
-    except KeyError:
-        raise KeyError(f"unknown pretrained model {name!r}; expected one of {sorted(PRETRAINED)}") from None
-
-
-def _folder(pretrained_dir: Path, name: str) -> Path:
-    _hub_id(name)
-    return (Path(pretrained_dir).expanduser() / name).resolve()
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON ({err}); download the folder again") from err
-
-
-class _HoldLoadReports(logging.Filter):
-    """Holds back transformers' "LOAD REPORT" warnings so they can be shown only when they matter."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.held: list[logging.LogRecord] = []
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if "LOAD REPORT" in str(record.msg):
-            self.held.append(record)
-            return False
-        return True
-
-
-def _load_model(model_cls, name: str, pretrained_dir: Path, **kwargs):
-    """``model_cls.from_pretrained`` on the checked folder, quiet about the dropped head only.
-
-    transformers 5 logs a table of unexpected/missing keys (from the
-    ``transformers.modeling_utils`` logger). Loading a base model from a head
-    checkpoint always lists the head as unexpected; that report is dropped. Any
-    other difference (missing or mismatched weights, unexpected non-head keys)
-    or a failed load re-emits the original report.
-    """
-    folder = pretrained_folder(pretrained_dir, name, (CONFIG, WEIGHTS))
-    hf_logger = logging.getLogger("transformers.modeling_utils")
-    hold = _HoldLoadReports()
-    hf_logger.addFilter(hold)
-    try:
-        model, info = model_cls.from_pretrained(folder, output_loading_info=True, **kwargs)
-    except BaseException:
-        hf_logger.removeFilter(hold)
-        _release(hf_logger, hold)
-        raise
-    hf_logger.removeFilter(hold)
-    heads = _HEAD_PREFIXES.get(name, ())
-    surprising = [key for key in info["unexpected_keys"] if not key.startswith(heads)]
-    if info["missing_keys"] or info["mismatched_keys"] or surprising:
-        _release(hf_logger, hold)
-    else:
-        log.debug("loaded %s from %s (unused head weights: %d)", type(model).__name__, folder,
-                  len(info["unexpected_keys"]))
-    return model
-
-
-def _release(hf_logger: logging.Logger, hold: _HoldLoadReports) -> None:
-    for record in hold.held:
-        hf_logger.handle(record)
+class CheckpointError(UserError, RuntimeError):
+    """A checkpoint that is missing or does not fit the model it is loaded into."""
 
 
 # --------------------------------------------------------------------------- first-stage encoders
@@ -245,6 +44,11 @@ class TextEncoder(nn.Module):
         # position is the mask token for every sample (docs/METHOD.md §2, Text).
         rep = self.project(hidden[:, -1, :])
         return rep, self.classifier(rep)
+
+    @property
+    def width(self) -> int:
+        """D, the representation's width."""
+        return self.classifier.in_features
 
     def encode(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """``(representation, logits)`` of a batch from `magtkd.dataset.TextField`."""
@@ -286,6 +90,10 @@ class AudioEncoder(nn.Module):
         rep = hidden[:, 0, :]
         return rep, self.classifier(rep)
 
+    @property
+    def width(self) -> int:
+        return self.classifier.in_features
+
     def encode(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """``(representation, logits)`` of a batch from `magtkd.dataset.AudioField`."""
         return self(batch["audio_values"], batch["audio_mask"])
@@ -303,122 +111,23 @@ class VideoEncoder(nn.Module):
         rep = self.backbone(pixel_values=pixel_values).last_hidden_state[:, 0, :]
         return rep, self.classifier(rep)
 
+    @property
+    def width(self) -> int:
+        return self.classifier.in_features
+
     def encode(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """``(representation, logits)`` of a batch from `magtkd.dataset.VideoField`."""
         return self(batch["video_pixels"])
 
 
-def _hidden_size(pretrained_dir: Path, name: str) -> int:
-    config = pretrained_folder(pretrained_dir, name) / "config.json"
-    return int(json.loads(config.read_text(encoding="utf-8"))["hidden_size"])
+# --------------------------------------------------------------------------- losses
 
+def encoder_cross_entropy(encoder: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """The objective of the text, audio and video stages: cross-entropy on the encoder's logits
+    (computed in fp32 under autocast; docs/METHOD.md §2)."""
+    _, logits = encoder.encode(batch)
+    return F.cross_entropy(logits.float(), batch["labels"])
 
-def representation_width(pretrained_dir: Path) -> int:
-    """D: the audio/video encoders' width, which the text projection must match (docs/METHOD.md §2)."""
-    audio = _hidden_size(pretrained_dir, "data2vec-audio-base-960h")
-    video = _hidden_size(pretrained_dir, "timesformer-base-finetuned-k400")
-    if audio != video:
-        raise ValueError(
-            f"audio width {audio} != video width {video} in {pretrained_dir}: the fusion stage "
-            "needs one representation width for all modalities"
-        )
-    return audio
-
-
-def load_text_encoder(pretrained_dir: Path, num_classes: int) -> tuple[TextEncoder, object]:
-    """Text encoder from ``roberta-large`` + its tokenizer, the speaker tokens added and the embeddings resized."""
-    tokenizer = load_tokenizer(pretrained_dir)
-    vocab = add_speaker_tokens(tokenizer)
-    backbone = load_text_backbone(pretrained_dir)
-    # The reference resized the model but encoded with a tokenizer that lacked
-    # the speaker tokens; here both see the same vocabulary (docs/METHOD.md §2).
-    backbone.resize_token_embeddings(vocab, mean_resizing=False)
-    return TextEncoder(backbone, representation_width(pretrained_dir), num_classes), tokenizer
-
-
-def load_audio_encoder(pretrained_dir: Path, num_classes: int) -> tuple[AudioEncoder, object]:
-    """Audio encoder from ``data2vec-audio-base-960h`` (time masking length 3, docs/METHOD.md §2) + its
-    feature extractor."""
-    extractor = load_audio_feature_extractor(pretrained_dir)
-    backbone = load_audio_backbone(pretrained_dir, mask_time_length=3)
-    return AudioEncoder(backbone, num_classes), extractor
-
-
-def load_video_encoder(pretrained_dir: Path, num_classes: int) -> VideoEncoder:
-    """Video encoder from ``timesformer-base-finetuned-k400`` (its frames are prepared by the
-    ``videomae-base`` image processor, `load_image_processor`)."""
-    return VideoEncoder(load_video_backbone(pretrained_dir), num_classes)
-
-
-def load_encoder(modality: str, pretrained_dir: Path, num_classes: int, feature_dir: Path | None = None,
-                 audio_cache: Path | None = None) -> tuple[nn.Module, object]:
-    """``(encoder, data field)`` of one modality: the encoder initialised from its pretrained folder, and
-    the `magtkd.dataset` field that turns samples into its input (video reads stored frames from ``feature_dir``;
-    audio stores decoded clips in ``audio_cache``, `magtkd.dataset.AudioCache`, None: decode every time)."""
-    if modality == "text":
-        encoder, tokenizer = load_text_encoder(pretrained_dir, num_classes)
-        return encoder, TextField(tokenizer)
-    if modality == "audio":
-        encoder, extractor = load_audio_encoder(pretrained_dir, num_classes)
-        return encoder, AudioField(extractor, cache_dir=audio_cache)
-    if modality == "video":
-        if feature_dir is None:
-            raise ValueError("the video encoder reads stored frames: pass feature_dir")
-        codec = FrameCodec(load_image_processor(pretrained_dir))
-        return load_video_encoder(pretrained_dir, num_classes), VideoField(codec, feature_dir)
-    raise ValueError(f"unknown modality {modality!r}; expected text, audio or video")
-
-
-# The five first-stage models behind the feature keys (docs/METHOD.md §4), grouped by the input they
-# share so each clip is decoded once: modality -> {feature key: (checkpoint, the script that writes it)}.
-FIRST_STAGE: dict[str, dict[str, tuple[str, str]]] = {
-    "text": {"text": ("text.bin", "text.py")},
-    "audio": {"audio": ("audio.bin", "audio.py"),
-              "audio_kd": ("text_KD_audio.bin", "KD.py --student audio --teacher text")},
-    "video": {"video": ("video.bin", "video.py"),
-              "video_kd": ("text_KD_video.bin", "KD.py --student video --teacher text")},
-}
-
-
-def check_first_stage_checkpoints(spec: DatasetSpec, save_dir: Path) -> None:
-    """Fail before any work when one of the five checkpoints is missing, naming it and its script."""
-    for members in FIRST_STAGE.values():
-        for checkpoint, producer in members.values():
-            if not (Path(save_dir) / checkpoint).is_file():
-                raise CheckpointError(f"checkpoint {Path(save_dir) / checkpoint} not found: it is written by "
-                                      f"{spec.name}/{producer}")
-
-
-def first_stage_features(
-    spec: DatasetSpec, samples: Mapping[str, Sequence[Sample]], *, pretrained_dir: Path, save_dir: Path,
-    feature_dir: Path, device: torch.device, batch_size: int, num_workers: int, amp: bool,
-    report: SubstitutionReport | None = None, audio_cache: Path | None = None,
-) -> dict[str, dict[str, np.ndarray]]:
-    """``{split: {feature key: (N, D) float32}}``: the five first-stage models over each split's samples.
-
-    One input group at a time (its encoders loaded from ``save_dir``, in eval
-    mode, then freed), in sample order; video reads the frames stored under
-    ``feature_dir``, audio the clips cached in ``audio_cache`` (decoded and stored on a miss).
-    Used by the extraction stage and by prediction, so both compute the same features.
-    """
-    check_first_stage_checkpoints(spec, save_dir)
-    vectors: dict[str, dict[str, np.ndarray]] = {split: {} for split in samples}
-    for modality, members in FIRST_STAGE.items():
-        encoders, field = {}, None
-        for key, (checkpoint, producer) in members.items():
-            encoder, field = load_encoder(modality, pretrained_dir, spec.num_classes, feature_dir, audio_cache)
-            load_checkpoint(encoder, Path(save_dir) / checkpoint, f"{spec.name}/{producer}")
-            encoders[key] = encoder.to(device).eval()
-        for split, split_samples in samples.items():
-            loader = make_loader(SampleDataset(split_samples, [field]), batch_size, shuffle=False,
-                                 num_workers=num_workers)
-            vectors[split].update(representations(encoders, loader, device, amp, report))
-            log.info("%s: %s features for %s done", spec.name, "/".join(encoders), split)
-        del encoders
-    return vectors
-
-
-# --------------------------------------------------------------------------- distillation losses
 
 PEARSON_EPS = 1e-8
 
@@ -792,6 +501,148 @@ class AnchorGatedTransformer(nn.Module):
 
 # --------------------------------------------------------------------------- checkpoints
 
+def read_state_dict(path: str | Path, produced_by: str) -> dict[str, torch.Tensor]:
+    """``torch.load`` (tensors only) a plain state_dict; a missing or unreadable file names the stage that writes it."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} not found: it is written by {produced_by}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated zip, not a checkpoint, refused global, ...
+        message = str(exc).splitlines()[0] if str(exc) else ""
+        raise CheckpointError(
+            f"cannot read checkpoint {path} ({type(exc).__name__}: {message[:200]}); it is truncated or "
+            f"not a checkpoint: re-run {produced_by}"
+        ) from exc
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} is not a state_dict (got {type(state).__name__})")
+    return state
+
+
+def mismatch(model: nn.Module, state: Mapping[str, torch.Tensor]) -> str:
+    """Missing / unexpected keys and shape mismatches of ``state`` against ``model`` ('' if it fits)."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = sorted(
+        f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in set(own) & set(state) if tuple(state[k].shape) != tuple(own[k].shape)
+    )
+
+    def show(keys: list[str]) -> str:
+        return ", ".join(keys[:8]) + (f" ... (+{len(keys) - 8} more)" if len(keys) > 8 else "")
+
+    problems = [f"missing keys: {show(missing)}" if missing else "",
+                f"unexpected keys: {show(unexpected)}" if unexpected else "",
+                f"shape mismatches: {show(shapes)}" if shapes else ""]
+    return "; ".join(p for p in problems if p)
+
+
+def check_checkpoint_record(path: Path, produced_by: str, dataset: str | None = None,
+                            labels: Sequence[str] | None = None) -> None:
+    """Refuse a checkpoint whose metrics JSON says its run did not finish or that it belongs to another
+    ``dataset`` / label list (both sides named). Checkpoints without a JSON (the authors') are accepted."""
+    path = Path(path)
+    record = path.with_suffix(".json")
+    doc = check_complete(record, f"checkpoint {path}", produced_by)
+    if doc is None:
+        return
+    expected = dataset
+    if expected and doc.get("dataset") not in (None, expected):
+        raise CheckpointError(f"checkpoint {path} was trained on {doc['dataset']} ({record}) but this run "
+                              f"needs a {expected} checkpoint written by {produced_by}")
+    if labels is not None and doc.get("labels") is not None and list(doc["labels"]) != list(labels):
+        raise CheckpointError(f"checkpoint {path} has labels {doc['labels']} ({record}); this run needs "
+                              f"{list(labels)}: use the checkpoint {produced_by} writes for this dataset")
+
+
+def check_fusion_record(save_dir: Path, dataset: str, checkpoint: Path) -> dict[str, Any] | None:
+    """The fusion's metrics JSON (its completion record) must say complete and name ``dataset``;
+    a checkpoint without one (the authors') is accepted."""
+    producer = f"{dataset}/{FUSION}.py"
+    record = StageFiles.fusion(save_dir).metrics
+    doc = check_complete(record, f"the fusion checkpoint {checkpoint}", producer)
+    if doc is not None and doc.get("dataset") not in (None, dataset):
+        raise CheckpointError(
+            f"fusion checkpoint {checkpoint} was trained on {doc['dataset']} features "
+            f"({record}) but this is {producer}: pass the --save_dir of a {dataset} run"
+        )
+    return doc
+
+
+# The authors' first-stage modules (docs/METHOD.md §7): the pretrained encoder is ``text_model``
+# (a RobertaModel WITH its pooler, which the representation never uses) or ``model``
+# (data2vec / TimeSformer), the classifier ``W``; ours are ``backbone`` and ``classifier``
+# (+ the text ``project``). Entries of theirs that our modules lack and nothing reads.
+AUTHORS_BACKBONES = ("text_model.", "model.")
+AUTHORS_UNUSED = (".pooler.", "embeddings.position_ids")
+
+
+def from_authors_layout(model: nn.Module, state: Mapping[str, torch.Tensor], path: Path
+                        ) -> dict[str, torch.Tensor]:
+    """A first-stage state_dict as the authors' code writes it, renamed onto ``model``'s names.
+
+    ``text_model.*`` / ``model.*`` -> ``backbone.*``; the pooler (and a stored
+    ``position_ids`` buffer) are dropped; each other top-level Linear (``W``, and
+    the text projection whatever its name) goes to the one head Linear of ours
+    with its weight's shape. Anything that fits nowhere keeps its name, so the
+    strict check in `load_checkpoint` reports it. Our own checkpoints pass unchanged.
+    """
+    if any(k.startswith("backbone.") for k in state) or not any(k.startswith(AUTHORS_BACKBONES) for k in state):
+        return dict(state)
+    own = model.state_dict()
+    mapped: dict[str, torch.Tensor] = {}
+    dropped: list[str] = []
+    heads: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in state.items():
+        prefix = next((p for p in AUTHORS_BACKBONES if key.startswith(p)), None)
+        if prefix is None:
+            module, _, leaf = key.rpartition(".")
+            heads.setdefault(module, {})[leaf] = value
+            continue
+        ours = "backbone." + key[len(prefix):]
+        if ours not in own and any(part in key for part in AUTHORS_UNUSED):
+            dropped.append(key)
+        else:
+            mapped[ours] = value
+    our_heads = {k.rpartition(".")[0] for k in own if not k.startswith("backbone.")}
+    renamed = []
+    for module, params in heads.items():
+        weight = params.get("weight")
+        fits = [h for h in our_heads if weight is not None and set(params) == {"weight", "bias"}
+                and tuple(own[f"{h}.weight"].shape) == tuple(weight.shape)]
+        if module and len(fits) == 1:
+            our_heads.discard(fits[0])
+            mapped.update({f"{fits[0]}.{leaf}": v for leaf, v in params.items()})
+            renamed.append(f"{module} -> {fits[0]}")
+        else:  # unknown to us: left under its own name for the error message
+            mapped.update({f"{module}.{leaf}" if module else leaf: v for leaf, v in params.items()})
+    log.info("%s: laid out as the authors' code writes it; backbone renamed, heads %s, %d unused entries "
+             "dropped (%s)", path, ", ".join(renamed) or "none", len(dropped),
+             ", ".join(sorted({k.split(".pooler.")[0] + ".pooler" if ".pooler." in k else k for k in dropped})))
+    return mapped
+
+
+def load_checkpoint(model: nn.Module, path: Path, produced_by: str, dataset: str | None = None,
+                    labels: Sequence[str] | None = None) -> nn.Module:
+    """Load a plain state_dict strictly (ours, or the authors' layout, `from_authors_layout`);
+    errors name the file and the mismatched keys; a metrics JSON beside it must say complete and
+    name ``dataset`` and ``labels`` (`check_checkpoint_record`)."""
+    check_checkpoint_record(path, produced_by, dataset, labels)
+    state = from_authors_layout(model, read_state_dict(path, produced_by), Path(path))
+    problems = mismatch(model, state)
+    if problems:
+        raise CheckpointError(
+            f"checkpoint {path} does not match the model ({problems}); "
+            f"was it written by {produced_by} with the same pretrained folder?"
+        )
+    model.load_state_dict(state)
+    return model
+
+
+
+# --- the fusion's checkpoints
+
 _REFERENCE_ONLY = ("fc.",)  # the reference's top-level fc, never used in its forward
 _UNUSED_WHEN_SHARING = ("a_t.", "v_t.", "a_t_gate.", "v_t_gate.")
 
@@ -878,7 +729,7 @@ def load_fusion_checkpoint(model: AnchorGatedTransformer, path: str | Path) -> A
 def fusion_width(hidden_dim: int | None, n_head: int, width: int, source: str) -> int:
     """The features' width, checked against ``--hidden_dim`` and ``--n_head``; errors name ``source``."""
     if hidden_dim is not None and hidden_dim != width:
-        raise SystemExit(f"--hidden_dim {hidden_dim} does not match the width {width} of {source}")
+        raise UserError(f"--hidden_dim {hidden_dim} does not match the width {width} of {source}")
     if width % n_head:
-        raise SystemExit(f"--n_head {n_head} does not divide the feature width {width} ({source})")
+        raise UserError(f"--n_head {n_head} does not divide the feature width {width} ({source})")
     return width

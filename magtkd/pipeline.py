@@ -26,10 +26,22 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
-from .dataset import SPLITS, DatasetSpec, feature_path, features_record, frames_record
+import pandas as pd
+import torch
+
 from . import utils
+from .artifacts import (FRAMES_REPORT, StageFiles, SubstitutionReport, feature_path, features_record, frames_record,
+                        read_record, write_text)
+from .dataset import (SPLITS, DatasetSpec, Utterance, build_samples, fusion_speaker_ids, group_dialogues,
+                      load_conversation, load_speaker2id)
+from .engine import dialogue_logits
+from .features import (assemble_features, check_first_stage_checkpoints, extract_frames, first_stage_features,
+                       load_dialogues, plan_jobs, save_features)
+from .model import (AnchorGatedTransformer, CheckpointError, fusion_sizes_for, fusion_width,
+                    load_fusion_checkpoint)
+from .pretrained import load_image_processor
 from .utils import setup_logging
 
 log = logging.getLogger("magtkd")
@@ -59,7 +71,7 @@ class Context:
         return [self.save_dir / n for n in names]
 
     def checkpoints(self, *names: str) -> list[Path]:
-        """Checkpoints with their metrics JSON (the completion record `utils.fit` writes last)."""
+        """Checkpoints with their metrics JSON (the completion record `magtkd.engine.fit` writes last)."""
         return [self.save_dir / f"{n}{suffix}" for n in names for suffix in (".bin", ".json")]
 
     def frames_done(self) -> list[Path]:
@@ -113,7 +125,7 @@ def incomplete(outputs: Sequence[Path]) -> Path | None:
     """The first completion record among ``outputs`` that does not say ``complete: true``."""
     for path in outputs:
         if path.name in RECORDS and path.exists():
-            record = utils.read_record(path)
+            record = read_record(path)
             if record is None or record.get("complete") is not True:
                 return path
     return None
@@ -210,6 +222,125 @@ def run(args: argparse.Namespace) -> dict[str, float]:
             raise PipelineError(f"[{spec.name}] stage '{stage.name}' ({stage.script}) failed: {err}") from err
         seconds[stage.name] = round(time.time() - started, 2)
     return seconds
+
+
+# --------------------------------------------------------------------------- predict.py: a user's conversation
+
+def predict_conversation(spec: DatasetSpec, args: argparse.Namespace, device: torch.device,
+                         default_features: tuple[str, str]) -> dict[str, Any]:
+    """``<DS>/predict.py``: the pipeline's own code on one conversation CSV (docs/METHOD.md §0).
+
+    Frame extraction (stage 3) into the conversation's own folder under ``<feature_dir>/predict``,
+    the five first-stage models (stage 7) written as a feature pickle, and the fusion model in
+    evaluation mode (stage 8); the predictions are written in the CSV's order with the substitution
+    report beside them. ``default_features``: the fusion's (audio, video) feature keys when its
+    metrics document does not say what it was trained with.
+    """
+    stage = f"{spec.name} predict"
+    # Data: the conversation in file order, its dialogues in the feature pickle's order, the speaker map
+    utterances = load_conversation(spec, args.conversation, args.data_dir)
+    dialogues = group_dialogues(utterances)
+    ordered = [u for _, dialogue in dialogues for u in dialogue]
+    split, work_dir = ordered[0].split, Path(args.feature_dir) / "predict"
+    speaker2id = load_speaker2id(args.data_dir) if spec.global_speaker_ids else None
+
+    # Models, checked before any work: the fusion checkpoint is this dataset's, the five first-stage ones exist
+    files = StageFiles.fusion(args.save_dir)
+    sizes = fusion_sizes_for(spec, files.checkpoint, speaker2id)
+    check_first_stage_checkpoints(spec, args.save_dir)
+    trained = recorded_args(files.metrics)
+    audio_key = args.audio_feature or trained.get("audio_feature", default_features[0])
+    video_key = args.video_feature or trained.get("video_feature", default_features[1])
+    n_head = args.n_head or int(trained.get("n_head", 8))
+    padding = int(sizes["n_speaker"]) if args.unknown_speakers == "padding" else None
+    speakers = [s for _, dialogue in dialogues for s in fusion_speaker_ids(spec, dialogue, speaker2id, padding)]
+    utils.log_start(stage, args, device, {"dialogues": len(dialogues), "utterances": len(ordered),
+                                          "audio_feature": audio_key, "video_feature": video_key, "n_head": n_head})
+
+    # Frames (stage 3) into this conversation's own folder: resumable, never the dataset's frames
+    jobs = plan_jobs(spec, ordered, work_dir, args.channel_order)
+    frames = extract_frames(jobs, load_image_processor(args.pretrained_dir), args.num_workers,
+                            work_dir / "video" / split / FRAMES_REPORT)
+
+    # Features (stage 7): the five first-stage models, written as a feature pickle
+    report = SubstitutionReport()
+    vectors = first_stage_features(
+        spec, {split: build_samples(ordered)}, pretrained_dir=args.pretrained_dir, save_dir=args.save_dir,
+        feature_dir=work_dir, device=device, batch_size=args.batch_size, num_workers=args.num_workers,
+        amp=args.amp, report=report, audio_cache=utils.audio_cache_dir(args))[split]
+    features = assemble_features([u.dialogue_id for u in ordered], [u.utterance_id for u in ordered],
+                                 [u.label for u in ordered], speakers, vectors)
+    pickle_path = save_features(feature_path(work_dir, split), features)
+
+    # Fusion (stage 8) on the pickle, in evaluation mode (no dropout)
+    data = load_dialogues(pickle_path, audio_key, video_key, device)
+    width = fusion_width(None, n_head, data.width, str(pickle_path))
+    if sizes["hidden"] != width:
+        raise CheckpointError(f"fusion checkpoint {files.checkpoint} has width {sizes['hidden']} but the "
+                              f"first-stage features in {pickle_path} have width {width}")
+    fusion = AnchorGatedTransformer(width, spec.num_classes, int(sizes["n_speaker"]), n_head, 0.0,
+                                    bool(sizes["separate_text_blocks"]))
+    load_fusion_checkpoint(fusion, files.checkpoint)
+    logits = dialogue_logits(fusion.to(device), data, args.batch_size, show_progress=True)
+
+    # Artifacts: the substitution report, then the predictions in file order (each written atomically)
+    report.extend(frames)
+    table = prediction_table(spec, utterances, ordered, logits)
+    report_path = report.write(args.out.with_name(f"{args.out.stem}_substitutions.tsv"))
+    write_text(args.out, table.to_csv(index=False, float_format="%.6f"))
+    print(prediction_summary(table))
+    log.info("%s: wrote %s (%d utterances); %d media substitutions listed in %s", stage, args.out, len(table),
+             len(report), report_path)
+    return {"paths": {"predictions": str(args.out), "substitutions": str(report_path), "features": str(pickle_path)},
+            "emotions": table["emotion"].tolist(), "substituted": len(report)}
+
+
+def recorded_args(metrics: Path) -> dict[str, Any]:
+    """The arguments a training stage recorded in its metrics document (``{}`` when there is none):
+    the settings a checkpoint does not show, such as the fusion's ``n_head``."""
+    doc = read_record(metrics)
+    if doc is None:
+        if metrics.exists():
+            log.warning("%s is not a metrics document; using the default settings", metrics)
+        return {}
+    return doc["args"] if isinstance(doc.get("args"), dict) else {}
+
+
+def prediction_table(spec: DatasetSpec, utterances: Sequence[Utterance], ordered: Sequence[Utterance],
+                     logits: torch.Tensor) -> pd.DataFrame:
+    """Predictions of a conversation in file order (``utterances``), from fusion logits in pickle order.
+
+    ``ordered`` are the same utterances in the order of ``logits``' rows (the
+    feature pickle's: grouped by dialogue). Columns: ``Dialogue_ID``,
+    ``Utterance_ID``, ``Speaker``, ``Utterance``, ``emotion`` (the argmax, as the
+    fusion stage predicts) and ``p_<label>`` (softmax) for every label.
+    """
+    if logits.shape != (len(ordered), spec.num_classes) or len(ordered) != len(utterances):
+        raise ValueError(f"{len(utterances)} utterances, {len(ordered)} ordered, logits {tuple(logits.shape)}")
+    row_of = {utt.key: i for i, utt in enumerate(ordered)}
+    index = torch.tensor([row_of[utt.key] for utt in utterances], dtype=torch.long)
+    logits = logits.detach().cpu()[index]
+    probs = torch.softmax(logits.double(), dim=-1).numpy()
+    table = pd.DataFrame({
+        "Dialogue_ID": [u.dialogue_id for u in utterances], "Utterance_ID": [u.utterance_id for u in utterances],
+        "Speaker": [u.speaker for u in utterances], "Utterance": [u.text for u in utterances],
+        "emotion": [spec.labels[i] for i in logits.argmax(-1).tolist()],
+    })
+    for j, label in enumerate(spec.labels):
+        table[f"p_{label}"] = probs[:, j]
+    return table
+
+
+def prediction_summary(table: pd.DataFrame, width: int = 48) -> str:
+    """A short console table: ids, speaker, emotion and its probability, the utterance cut to ``width``."""
+    probability = [row[f"p_{row['emotion']}"] for _, row in table.iterrows()]
+    short = table[["Dialogue_ID", "Utterance_ID", "Speaker", "emotion"]].assign(
+        p=[f"{p:.2f}" for p in probability],
+        Utterance=[t if len(t) <= width else t[: width - 3] + "..." for t in table["Utterance"]],
+    )
+    return short.to_string(index=False)
+
+
 
 
 class PipelineError(utils.UserError, RuntimeError):

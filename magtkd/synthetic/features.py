@@ -17,7 +17,9 @@ from typing import Mapping
 
 import numpy as np
 
-from ..dataset import FEATURE_KEYS, SPLITS, DatasetSpec, assemble_features, feature_path, save_features
+from ..artifacts import feature_path
+from ..dataset import SPLITS, DatasetSpec
+from ..features import FEATURE_KEYS, assemble_features, save_features
 
 SIGNAL = {"text": 1.0, "audio": 0.5, "video": 0.3, "audio_kd": 0.8, "video_kd": 0.6}
 MAX_SPEAKERS_PER_DIALOGUE = 9

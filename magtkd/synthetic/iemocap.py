@@ -28,7 +28,7 @@ from typing import Iterator
 
 import numpy as np
 
-from ..utils import write_text
+from ..artifacts import write_text
 from IEMOCAP.config import DEV_DIALOGUES, LABELS, TEST_SESSIONS, speaker_letter
 from . import text as synth_text
 from .media import index_frame, tone, write_video, write_wav

@@ -19,7 +19,7 @@ from typing import Iterable, Iterator
 import av
 import numpy as np
 
-from ..utils import atomic_path
+from ..artifacts import atomic_path
 
 # The index is coded as INDEX_BITS blocks laid out BIT_ROWS x BIT_COLS in the top
 # half of the frame. 12 bits cover indices 0..4095 (a 5-minute dialogue at 10 fps

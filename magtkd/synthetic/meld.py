@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..utils import write_bytes, write_text
+from ..artifacts import write_bytes, write_text
 from MELD.config import CLIP_DIRS, LABELS, OFFICIAL_COLUMNS, OFFICIAL_CSV
 from . import text as synth_text
 from .iemocap import LabelSignal, cohesive

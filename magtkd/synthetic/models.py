@@ -36,7 +36,7 @@ from typing import Iterable
 
 import torch
 
-from ..utils import atomic_path, write_json, write_text
+from ..artifacts import atomic_path, write_json, write_text
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """The demo: tiny generated data and models through both datasets' full pipelines, on CPU.
 
-    python -m magtkd.demo --workdir DIR
+    python -m magtkd.synthetic.demo --workdir DIR
 
 1. writes the tiny IEMOCAP and MELD release trees (real raw formats, with a
    learnable label signal) into ``DIR/datasets/`` and tiny random-weight
@@ -33,13 +33,12 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Sequence
 
-from .dataset import feature_path, load_features
-from .pipeline import parser as pipeline_parser
-from .pipeline import run as run_pipeline
-from .utils import (
-    SEED_SUMMARY_NOTE, TEST_SELECTED_NOTE, fusion_files, majority_weighted_f1, nonnegative_int, positive_float,
-    positive_int, seed_tag, setup_logging, summary, write_json, write_text,
-)
+from ..artifacts import StageFiles, feature_path, write_json, write_text
+from ..features import load_features
+from ..pipeline import parser as pipeline_parser
+from ..pipeline import run as run_pipeline
+from ..results import SEED_SUMMARY_NOTE, TEST_SELECTED_NOTE, majority_weighted_f1, summary
+from ..utils import nonnegative_int, positive_float, positive_int, seed_tag, setup_logging
 
 log = logging.getLogger("magtkd")
 DATASETS = ("IEMOCAP", "MELD")
@@ -49,7 +48,7 @@ def dataset_results(workdir: Path, name: str, seconds: dict[str, float], seeds: 
     """Test metrics of the first seed's fusion model, recomputed from its predictions, the majority-class
     baseline, and (several seeds) the seeds summary ``multimodal_fusion_seeds.json``."""
     save_dir = workdir / name / "save_model"
-    first = fusion_files(save_dir, seed_tag(seeds[0], seeds))["predictions"]
+    first = StageFiles.fusion(save_dir, seed_tag(seeds[0], seeds)).predictions
     out = json.loads(first.read_text(encoding="utf-8"))
     scores = summary(out["labels"], out["preds"])
     train = load_features(feature_path(workdir / name / "feature", "train"), keys=("text",))
@@ -62,7 +61,7 @@ def dataset_results(workdir: Path, name: str, seconds: dict[str, float], seeds: 
         "seconds": seconds,
     }
     if len(seeds) > 1:
-        result["seeds"] = json.loads((save_dir / "multimodal_fusion_seeds.json").read_text(encoding="utf-8"))
+        result["seeds"] = json.loads(StageFiles.fusion(save_dir).seeds_summary.read_text(encoding="utf-8"))
     return result
 
 
@@ -161,7 +160,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     workdir = args.workdir.resolve()
     started = time.time()
 
-    from .synthetic.__main__ import generate
+    from .__main__ import generate
 
     generate(workdir, seed=args.seed)
     # The datasets' pipelines share nothing but the generated pretrained folder (read only), and each

@@ -1,0 +1,347 @@
+"""Artifacts on disk: atomic writes, completion records, locks, stale temps, the substitution
+report, and the one registry of artifact names (docs/METHOD.md §0, "Artifacts").
+
+Every file a stage publishes is written to a temp file in its folder and renamed;
+a set of files is announced incomplete by its completion record before the first
+of them changes and complete after the last (`begin_outputs` / `finish_outputs`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from .utils import UserError, gather_objects, is_main
+
+log = logging.getLogger("magtkd")
+
+
+# --------------------------------------------------------------------------- the registry of artifact names
+
+# The five first-stage models behind the feature keys (docs/METHOD.md §4): feature key -> the name of
+# its checkpoint (``<name>.bin``) and the script of the dataset's folder that writes it.
+FIRST_STAGE_MODELS: dict[str, tuple[str, str]] = {
+    "text": ("text", "text.py"),
+    "audio": ("audio", "audio.py"),
+    "audio_kd": ("text_KD_audio", "KD.py --student audio --teacher text"),
+    "video": ("video", "video.py"),
+    "video_kd": ("text_KD_video", "KD.py --student video --teacher text"),
+}
+FUSION = "multimodal_fusion"
+FEATURES_RECORD = "first_stage_features.json"  # beside the pickles, written last by the extraction stage
+FEATURES_REPORT = "first_stage_substitutions.tsv"
+FRAMES_RECORD = "extraction.json"  # in <feature_dir>/video/, written last by video_feature_extract.py
+FRAMES_REPORT = "substitutions.tsv"  # in <feature_dir>/video/ (predict: in its conversation folder)
+
+
+def kd_name(teacher: str, student: str) -> str:
+    """``text_KD_audio``: the name of a distilled student's artifacts."""
+    return f"{teacher}_KD_{student}"
+
+
+def feature_path(feature_dir: str | os.PathLike, split: str) -> Path:
+    """``<feature_dir>/first_stage_{split}_features.pkl``."""
+    return Path(feature_dir) / f"first_stage_{split}_features.pkl"
+
+
+def features_record(feature_dir: str | os.PathLike) -> Path:
+    """``<feature_dir>/first_stage_features.json``: written last by extract_first_stage_features.py."""
+    return Path(feature_dir) / FEATURES_RECORD
+
+
+def frames_record(feature_dir: str | os.PathLike) -> Path:
+    """``<feature_dir>/video/extraction.json``: written last by video_feature_extract.py (completion record)."""
+    return Path(feature_dir) / "video" / FRAMES_RECORD
+
+
+@dataclass(frozen=True)
+class StageFiles:
+    """The artifact set one training stage writes into its save folder; ``metrics`` is its completion record."""
+
+    checkpoint: Path
+    metrics: Path
+    state: Path  # the training state ``--resume True`` continues from
+    curves: Path
+    confusion: Path
+    seeds_summary: Path  # <name>_seeds.json, written when several seeds ran
+    seeds_table: Path  # <name>_seeds.md
+    substitutions: Path  # media replaced while training (audio stages)
+    eval_substitutions: Path  # the same for --train False, so the training run's report stays
+    predictions: Path | None = None  # the fusion's test labels and predictions at the selected epoch
+
+    @classmethod
+    def first_stage(cls, save_dir: str | os.PathLike, name: str, tag: str = "") -> "StageFiles":
+        """``<name><tag>.bin`` / ``.json`` / ``.state.pt`` / ``_curves.png`` ...; ``tag`` is `seed_tag`'s."""
+        folder, stem = Path(save_dir), f"{name}{tag}"
+        return cls(checkpoint=folder / f"{stem}.bin", metrics=folder / f"{stem}.json",
+                   state=folder / f"{stem}.state.pt", curves=folder / f"{stem}_curves.png",
+                   confusion=folder / f"{stem}_confusion.png", seeds_summary=folder / f"{name}_seeds.json",
+                   seeds_table=folder / f"{name}_seeds.md", substitutions=folder / f"{stem}_substitutions.tsv",
+                   eval_substitutions=folder / f"{stem}_eval_substitutions.tsv")
+
+    @classmethod
+    def fusion(cls, save_dir: str | os.PathLike, tag: str = "") -> "StageFiles":
+        """``multimodal_fusion_best<tag>.bin`` / ``.json`` (predictions), ``multimodal_fusion_metrics<tag>.json``, ..."""
+        folder, stem = Path(save_dir), f"{FUSION}{tag}"
+        return cls(checkpoint=folder / f"{FUSION}_best{tag}.bin", metrics=folder / f"{FUSION}_metrics{tag}.json",
+                   state=folder / f"{stem}.state.pt", curves=folder / f"{stem}_curves.png",
+                   confusion=folder / f"{stem}_confusion.png", seeds_summary=folder / f"{FUSION}_seeds.json",
+                   seeds_table=folder / f"{FUSION}_seeds.md", substitutions=folder / f"{stem}_substitutions.tsv",
+                   eval_substitutions=folder / f"{stem}_eval_substitutions.tsv",
+                   predictions=folder / f"{FUSION}_best{tag}.json")
+
+    @property
+    def lock_name(self) -> str:
+        return self.checkpoint.stem
+
+    def published(self) -> list[Path]:
+        """The files a training run publishes, the checkpoint LAST (a pipeline that compares times sees
+        the set only once the rest is in place); a best-seed copy goes in this order."""
+        return [self.curves, self.confusion, self.metrics, *([self.predictions] if self.predictions else []),
+                self.checkpoint]
+
+    def written(self) -> list[Path]:
+        """Every file a training run writes (its stale temps are removed at the next start)."""
+        return [*self.published(), self.state, self.substitutions]
+
+
+# --------------------------------------------------------------------------- atomic artifact I/O
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path in the target's folder; rename it onto ``path`` on success."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        # mkstemp creates 0600 files; give artifacts the usual umask-based mode.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp_path, 0o666 & ~umask)
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8") -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding=encoding)
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, default=json_default) + "\n")
+
+
+def json_default(obj: Any) -> Any:
+    if isinstance(obj, Path):
+        return str(obj)
+    if hasattr(obj, "item"):
+        return obj.item()
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def save_state_dict(path: str | os.PathLike, model: nn.Module) -> None:
+    """Save a plain ``state_dict`` (the reference's `.bin` format, docs/METHOD.md §0)."""
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+# --------------------------------------------------------------------------- complete outputs, locks
+
+def remove_stale_temps(folder: str | os.PathLike, names: Sequence[str]) -> None:
+    """Delete the temp files `atomic_path` leaves when a write of one of ``names`` was killed.
+
+    Only this stage's names are touched (other stages may be writing into the same folder).
+    """
+    for name in names:
+        for stray in Path(folder).glob(f".{name}.*.tmp"):
+            log.info("removing %s, left by an interrupted write", stray)
+            stray.unlink(missing_ok=True)
+
+
+def begin_outputs(record: str | os.PathLike, stage: str, args: argparse.Namespace | Mapping[str, Any],
+                  **facts: Any) -> None:
+    """Mark an artifact set as being rewritten: its completion record says ``complete: false``.
+
+    Written BEFORE any artifact of the set changes, so a run killed midway
+    leaves a set that says it is incomplete (and `run.sh` redoes the stage).
+    """
+    write_json(record, {"stage": stage, "complete": False, **facts, "args": args_doc(args)})
+
+
+def finish_outputs(record: str | os.PathLike, stage: str, args: argparse.Namespace | Mapping[str, Any],
+                   **facts: Any) -> None:
+    """Publish an artifact set: the completion record is written last, naming the stage and its arguments."""
+    write_json(record, {"stage": stage, "complete": True, **facts, "args": args_doc(args)})
+
+
+def args_doc(args: argparse.Namespace | Mapping[str, Any]) -> dict[str, Any]:
+    items = vars(args).items() if isinstance(args, argparse.Namespace) else args.items()
+    return {k: str(v) if isinstance(v, Path) else v for k, v in items}
+
+
+def read_record(record: str | os.PathLike) -> dict[str, Any] | None:
+    """A completion record (or metrics JSON) as a dict; None when absent or unreadable."""
+    try:
+        doc = json.loads(Path(record).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def check_complete(record: str | os.PathLike, what: str, producer: str) -> dict[str, Any] | None:
+    """Refuse an artifact set whose record says its run did not finish.
+
+    No record at all is accepted (artifacts made elsewhere, e.g. the authors'
+    checkpoints or features); returns the record when there is one.
+    """
+    doc = read_record(record)
+    if doc is None and Path(record).exists():
+        raise UserError(f"{record} is unreadable (an interrupted write?); re-run {producer} to rebuild {what}")
+    if doc is not None and doc.get("complete") is False:
+        raise UserError(f"{what} is incomplete: the run of {producer} that writes it did not finish "
+                        f"({record} says complete: false); re-run {producer}")
+    return doc
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def output_lock(folder: str | os.PathLike, name: str) -> Iterator[Path]:
+    """Hold ``<folder>/.<name>.lock`` (holding the owner's PID) while a stage writes its artifact set.
+
+    A second run writing the same set into the same folder stops with a clear
+    message; a lock left by a process that no longer runs is taken over (logged).
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = folder / f".{name}.lock"
+    while True:
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                text = lock.read_text().strip()
+                age = time.time() - lock.stat().st_mtime
+            except OSError:
+                continue  # released meanwhile: try again
+            owner = int(text) if text.isdigit() else None
+            if (owner is not None and _pid_alive(owner)) or (owner is None and age < 10):
+                raise UserError(
+                    f"{folder} is in use: another run (PID {owner if owner is not None else '?'}) is writing "
+                    f"{name} there (lock {lock}); wait for it to finish, or write elsewhere (--save_dir/--feature_dir)"
+                )
+            log.warning("taking over the stale lock %s of PID %s, which is no longer running", lock, owner)
+            lock.unlink(missing_ok=True)
+            continue
+        with os.fdopen(fd, "w") as handle:
+            handle.write(f"{os.getpid()}\n")
+        break
+    try:
+        yield lock
+    finally:
+        with contextlib.suppress(OSError):
+            if lock.read_text().strip() == str(os.getpid()):
+                lock.unlink()
+
+
+# --------------------------------------------------------------------------- substitution report
+
+@dataclass(frozen=True)
+class Substitution:
+    key: str  # utterance key, e.g. "train/dia3_utt1" or "dev/12_4"
+    path: str  # media file that could not be read
+    reason: str  # why (missing, corrupt, no audio stream, ...)
+    replacement: str  # what was used instead ("silence", "black frames")
+
+
+class SubstitutionReport:
+    """Collects substitutions; warns once per media file; writes a TSV report."""
+
+    header = "key\tpath\treason\treplacement\n"
+
+    def __init__(self) -> None:
+        self.items: list[Substitution] = []
+        self._warned: set[str] = set()
+        self._lock = threading.Lock()
+
+    def add(self, key: str, path: str | Path, reason: str, replacement: str) -> None:
+        path = str(path)
+        with self._lock:
+            self.items.append(Substitution(key, path, reason, replacement))
+            if path not in self._warned:
+                self._warned.add(path)
+                log.warning("media %s (%s): using %s", path, reason, replacement)
+
+    def add_problem(self, key: str, problem: Sequence[str], replacement: str) -> None:
+        """Record a ``(path, reason[, replacement])`` problem; a third item overrides ``replacement``
+        (a partially decoded file keeps what was decoded)."""
+        self.add(key, problem[0], problem[1], problem[2] if len(problem) > 2 else replacement)
+
+    def extend(self, other: "SubstitutionReport") -> None:
+        for item in other.items:
+            self.add(item.key, item.path, item.reason, item.replacement)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def write(self, path: str | Path) -> Path:
+        """Write the report (also when empty, so a clean run is visible as such).
+
+        Under torchrun every rank calls this: the ranks' items are gathered and rank 0 writes them.
+        """
+        items = [item for part in gather_objects(list(self.items)) for item in part]
+        if not is_main():
+            return Path(path)
+        rows = sorted(set(items), key=lambda s: (s.key, s.path))
+        lines = [self.header] + [
+            f"{s.key}\t{s.path}\t{s.reason.replace(chr(9), ' ')}\t{s.replacement}\n" for s in rows
+        ]
+        write_text(path, "".join(lines))
+        return Path(path)
+
+    @staticmethod
+    def read(path: str | Path) -> list[Substitution]:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()[1:]
+        return [Substitution(*line.split("\t")) for line in lines if line]
+
+
+
+def copy_file(src: Path, dst: Path) -> None:
+    """Copy ``src`` onto ``dst`` atomically (streamed: checkpoints can be gigabytes)."""
+    with atomic_path(dst) as tmp:
+        shutil.copyfile(src, tmp)
+

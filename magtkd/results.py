@@ -1,0 +1,299 @@
+"""Results: metrics, the one metrics-document schema of every training stage, the seeds
+summary (mean ± std, the best dev seed kept under the usual names) and the plots
+(docs/METHOD.md §0, "Metrics documents").
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+from sklearn.metrics import accuracy_score, classification_report, confusion_matrix, f1_score
+
+from .artifacts import StageFiles, args_doc, atomic_path, copy_file, remove_stale_temps, write_json, write_text
+from .utils import UserError
+
+log = logging.getLogger("magtkd")
+
+
+# --------------------------------------------------------------------------- metrics
+
+# --------------------------------------------------------------------------- metrics
+
+def summary(labels: Sequence[int], preds: Sequence[int]) -> dict[str, float]:
+    """Accuracy and weighted F1 as fractions in [0, 1]."""
+    labels, preds = np.asarray(labels), np.asarray(preds)
+    if labels.size == 0:
+        return {"accuracy": 0.0, "weighted_f1": 0.0}
+    return {
+        "accuracy": float(accuracy_score(labels, preds)),
+        "weighted_f1": float(f1_score(labels, preds, average="weighted", zero_division=0)),
+    }
+
+
+def per_class(labels: Sequence[int], preds: Sequence[int], names: Sequence[str]) -> dict:
+    """Per-class precision / recall / F1 / support (sklearn's dict report)."""
+    return classification_report(
+        labels, preds, labels=list(range(len(names))), target_names=list(names),
+        output_dict=True, zero_division=0,
+    )
+
+
+def report_text(labels: Sequence[int], preds: Sequence[int], names: Sequence[str]) -> str:
+    return classification_report(
+        labels, preds, labels=list(range(len(names))), target_names=list(names),
+        digits=4, zero_division=0,
+    )
+
+
+def confusion(labels: Sequence[int], preds: Sequence[int], n_classes: int) -> list[list[int]]:
+    return confusion_matrix(labels, preds, labels=list(range(n_classes))).tolist()
+
+
+def majority_weighted_f1(train_labels: Sequence[int], test_labels: Sequence[int]) -> float:
+    """Weighted F1 of always predicting the most frequent training class."""
+    majority = int(np.bincount(np.asarray(train_labels)).argmax())
+    return summary(test_labels, [majority] * len(test_labels))["weighted_f1"]
+
+
+
+def test_report(labels: np.ndarray, preds: np.ndarray, names: Sequence[str]) -> dict:
+    out = summary(labels, preds)
+    out["per_class"] = per_class(labels, preds, names)
+    out["confusion"] = confusion(labels, preds, len(names))  # rows = gold, columns = predicted
+    return out
+
+
+
+
+# --------------------------------------------------------------------------- the metrics document
+
+SELECTION = "best dev weighted F1"
+TEST_EVERY_EPOCH = "every epoch, not used for selection"
+TEST_AT_BEST = "at each new best dev epoch"
+
+
+def metrics_document(*, stage: str, script: str, dataset: str, labels: Sequence[str], width: int | None,
+                     args: Mapping[str, Any], sizes: Mapping[str, Any], files: StageFiles, epochs: list[dict],
+                     best: Mapping[str, Any], complete: bool, test_every_epoch: bool) -> dict[str, Any]:
+    """The metrics JSON beside every checkpoint, one schema for all stages (docs/METHOD.md §0).
+
+    ``epochs`` holds one row per trained epoch (``epoch``, ``train_loss``, ``dev``, ``test`` when it was
+    scored, ``train_seconds``, ``eval_seconds``, ``samples_per_second``); ``best`` the selected epoch's
+    ``epoch``, ``dev`` and full ``test`` report (`test_report`). The document is also the artifact set's
+    completion record (``complete``).
+    """
+    doc: dict[str, Any] = {
+        "stage": stage, "script": script, "complete": complete, "dataset": dataset, "labels": list(labels),
+        "width": width, "checkpoint": files.checkpoint.name, "args": args_doc(args), "sizes": dict(sizes),
+        "selection": SELECTION, "test_scored": TEST_EVERY_EPOCH if test_every_epoch else TEST_AT_BEST,
+        "selected_epoch": best.get("epoch", 0),
+        "dev_weighted_f1": best["dev"]["weighted_f1"] if best.get("dev") else None,
+        "dev": best.get("dev"), "test": best.get("test"),
+    }
+    if test_every_epoch:
+        scored = [row["test"]["weighted_f1"] for row in epochs if "test" in row]
+        doc["test_selected_weighted_f1"] = max(scored) if scored else None
+    doc["epochs"] = epochs
+    return doc
+
+
+def format_test_report(test: Mapping[str, Any], names: Sequence[str]) -> str:
+    """A `test_report` as the lines the stages log: accuracy, weighted F1, then per class."""
+    lines = [f"accuracy {test['accuracy']:.4f}  weighted F1 {test['weighted_f1']:.4f}"]
+    per = test["per_class"]
+    lines.append(f"{'class':>10} {'precision':>9} {'recall':>9} {'f1':>9} {'support':>8}")
+    for name in names:
+        c = per[name]
+        lines.append(f"{name:>10} {c['precision']:9.4f} {c['recall']:9.4f} {c['f1-score']:9.4f} {int(c['support']):8d}")
+    return "\n".join(lines)
+
+
+
+
+
+# --------------------------------------------------------------------------- several seeds: one summary
+
+# --------------------------------------------------------------------------- several seeds: one summary
+
+SEED_SUMMARY_NOTE = ("Per seed, the epoch with the best dev weighted F1 is selected and test is scored at it. "
+                     "Mean ± sample standard deviation (n - 1) over seeds.")
+TEST_SELECTED_NOTE = ("test-selected weighted F1 = the best test weighted F1 over all epochs: the authors' "
+                      "protocol (the epoch chosen on test), shown only to compare with papers like for like.")
+
+
+def seeds_summary(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """``{"seeds": rows, "mean": ..., "std": ...}``: mean and sample standard deviation (n - 1; 0 for one
+    seed) over the rows of every numeric key but ``seed`` itself; nested dicts (per-class F1) key by key."""
+
+    def stats(values: list[Any]) -> tuple[Any, Any]:
+        if isinstance(values[0], Mapping):
+            pairs = {k: stats([v[k] for v in values]) for k in values[0]}
+            return {k: m for k, (m, _) in pairs.items()}, {k: s for k, (_, s) in pairs.items()}
+        array = np.asarray(values, dtype=np.float64)
+        return float(array.mean()), float(array.std(ddof=1)) if len(array) > 1 else 0.0
+
+    mean: dict[str, Any] = {}
+    std: dict[str, Any] = {}
+    for key, value in rows[0].items():
+        if key == "seed" or isinstance(value, bool) or not isinstance(value, (int, float, Mapping)):
+            continue
+        mean[key], std[key] = stats([row[key] for row in rows])
+    return {"seeds": [dict(row) for row in rows], "mean": mean, "std": std}
+
+
+def seeds_markdown(title: str, summary_doc: Mapping[str, Any], label_names: Sequence[str],
+                   selected_seed: int | None = None, kept_as: str | None = None) -> str:
+    """The seeds summary as a markdown table: one row per seed, then mean ± std."""
+    rows, mean, std = summary_doc["seeds"], summary_doc["mean"], summary_doc["std"]
+    keys = ["selected_epoch", "dev_weighted_f1", "test_accuracy", "test_weighted_f1"]
+    head = ["seed", "selected epoch (dev)", "dev wF1", "test accuracy", "test wF1"]
+    if "test_selected_weighted_f1" in rows[0]:
+        keys.append("test_selected_weighted_f1")
+        head.append("test-selected wF1 (authors' protocol, comparison only)")
+    head += [f"test F1 {name}" for name in label_names]
+
+    def values(doc: Mapping[str, Any]) -> list[float]:
+        return [doc[k] for k in keys] + [doc["test_per_class_f1"][name] for name in label_names]
+
+    lines = [f"# {title}: {len(rows)} seeds", "", SEED_SUMMARY_NOTE]
+    if "test_selected_weighted_f1" in keys:
+        lines.append(TEST_SELECTED_NOTE)
+    if selected_seed is not None and kept_as:
+        lines.append(f"The seed with the best dev weighted F1 ({selected_seed}) is also saved as `{kept_as}`.")
+    lines += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        epoch, *scores = values(row)
+        lines.append(f"| {row['seed']} | {epoch} | " + " | ".join(f"{v:.4f}" for v in scores) + " |")
+    (epoch_mean, *means), (epoch_std, *stds) = values(mean), values(std)
+    lines.append(f"| **mean ± std** | {epoch_mean:.1f} ± {epoch_std:.1f} | "
+                 + " | ".join(f"{m:.4f} ± {s:.4f}" for m, s in zip(means, stds)) + " |")
+    return "\n".join(lines) + "\n"
+
+
+
+
+
+def seed_row(seed: int, doc: Mapping[str, Any], names: Sequence[str]) -> dict[str, Any]:
+    """One seed's row of the seeds summary, from its metrics document."""
+    if not doc.get("selected_epoch"):
+        raise UserError(f"{doc['stage']} seed {seed}: no epoch was selected (--epochs {doc['args'].get('epochs')})")
+    test = doc["test"]
+    row = {"seed": seed, "selected_epoch": doc["selected_epoch"], "dev_weighted_f1": doc["dev_weighted_f1"],
+           "test_accuracy": test["accuracy"], "test_weighted_f1": test["weighted_f1"],
+           "test_per_class_f1": {n: test["per_class"][n]["f1-score"] for n in names}}
+    if doc.get("test_selected_weighted_f1") is not None:
+        row["test_selected_weighted_f1"] = doc["test_selected_weighted_f1"]
+    return row
+
+
+def finish_seeds(results: Mapping[int, dict], files: Mapping[int, StageFiles], usual: StageFiles,
+                 names: Sequence[str]) -> dict[str, Any]:
+    """After one `magtkd.engine.fit` per seed: the seeds summary (``<name>_seeds.json`` / ``.md``) and the
+    best dev seed's files copied under the usual names (``usual``). A single seed's result is returned as it is.
+
+    The best seed is the first with the highest dev weighted F1; its files are copied checkpoint last
+    (`StageFiles.published`), so a pipeline that compares times sees the set once the rest is in place.
+    A file of the seed that is missing (a plot that could not be drawn) is logged and skipped.
+    """
+    seeds = list(results)
+    if len(seeds) == 1:
+        return results[seeds[0]]
+    rows = [seed_row(seed, results[seed], names) for seed in seeds]
+    doc = seeds_summary(rows)
+    best = max(rows, key=lambda r: r["dev_weighted_f1"])  # max keeps the first of equal scores
+    title = results[best["seed"]]["stage"]
+    remove_stale_temps(usual.checkpoint.parent, [usual.seeds_summary.name, usual.seeds_table.name,
+                                                 *(p.name for p in usual.published())])
+    for src, dst in zip(files[best["seed"]].published(), usual.published()):
+        if src.is_file():
+            copy_file(src, dst)
+        else:
+            log.warning("%s: %s was not written, so %s is not updated", title, src, dst)
+    write_json(usual.seeds_summary, doc)
+    write_text(usual.seeds_table, seeds_markdown(title, doc, names, best["seed"], usual.checkpoint.name))
+    mean, std = doc["mean"], doc["std"]
+    log.info("%s: %d seeds, best dev seed %d; test accuracy %.4f ± %.4f, weighted F1 %.4f ± %.4f%s", title, len(rows),
+             best["seed"], mean["test_accuracy"], std["test_accuracy"], mean["test_weighted_f1"],
+             std["test_weighted_f1"],
+             (f" (test-selected, authors' protocol: {mean['test_selected_weighted_f1']:.4f} ± "
+              f"{std['test_selected_weighted_f1']:.4f})" if "test_selected_weighted_f1" in mean else ""))
+    return {**results[best["seed"]], "seeds": {**doc, "best_seed": best["seed"]}}
+
+
+# --------------------------------------------------------------------------- plots
+
+def write_plots(files: StageFiles, title: str, doc: Mapping[str, Any], names: Sequence[str]) -> None:
+    """``files.curves`` (train loss; dev and test weighted F1 per epoch; the selected epoch marked) and
+    ``files.confusion`` (row-normalised test confusion matrix at the selected epoch) of a metrics document.
+
+    Drawn with the Agg canvas (no display, no pyplot state). A plot that cannot be drawn is logged and
+    skipped: it never fails a training run.
+    """
+    rows = doc["epochs"]
+    epochs, train_loss = [r["epoch"] for r in rows], [r["train_loss"] for r in rows]
+    dev_f1 = [r["dev"]["weighted_f1"] for r in rows]
+    test_f1 = [r["test"]["weighted_f1"] if "test" in r else None for r in rows]
+    test_label = "test (not used for selection)" if doc["test_scored"] == TEST_EVERY_EPOCH else \
+        "test (scored at each new best dev)"
+    selected_epoch, matrix = doc["selected_epoch"], doc["test"]["confusion"]
+    for path in (files.curves, files.confusion):
+        kind = "curves" if path == files.curves else "confusion"
+        try:
+            from matplotlib.backends.backend_agg import FigureCanvasAgg
+            from matplotlib.figure import Figure
+
+            # Fixed margins: a layout engine would double the drawing time (a run draws many plots)
+            figure = Figure(figsize=(10, 4) if kind == "curves" else (6, 5.4), dpi=100)
+            FigureCanvasAgg(figure)
+            if kind == "curves":
+                _draw_curves(figure, title, epochs, train_loss, dev_f1, test_f1, selected_epoch, test_label)
+            else:
+                _draw_confusion(figure, title, selected_epoch, matrix, names)
+            with atomic_path(path) as tmp:
+                figure.savefig(tmp, format="png")
+        except Exception as err:  # noqa: BLE001 - a plot is a convenience, never a reason to lose a run
+            log.warning("could not draw %s: %s: %s", path, type(err).__name__, err)
+
+
+def _draw_curves(figure: Any, title: str, epochs: Sequence[int], train_loss: Sequence[float],
+                 dev_f1: Sequence[float], test_f1: Sequence[float | None], selected_epoch: int,
+                 test_label: str) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    loss_ax, f1_ax = figure.subplots(1, 2)
+    loss_ax.plot(epochs, train_loss, marker="o", markersize=3, color="tab:gray")
+    loss_ax.set(title="train loss", xlabel="epoch", ylabel="mean batch loss")
+    f1_ax.plot(epochs, dev_f1, marker="o", markersize=3, label="dev (selects the epoch)", color="tab:blue")
+    measured = [(e, f) for e, f in zip(epochs, test_f1) if f is not None]
+    if measured:
+        f1_ax.plot(*zip(*measured), marker="s", markersize=4, label=test_label, color="tab:orange",
+                   linestyle="-" if len(measured) == len(epochs) else "none")
+    f1_ax.set(title="weighted F1", xlabel="epoch", ylabel="weighted F1")
+    for ax in (loss_ax, f1_ax):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.axvline(selected_epoch, color="tab:green", linestyle="--", label=f"selected epoch {selected_epoch}")
+        ax.grid(alpha=0.3)
+    f1_ax.legend(loc="best", fontsize="small")
+    figure.suptitle(title)
+    figure.subplots_adjust(left=0.07, right=0.98, bottom=0.12, top=0.85, wspace=0.22)
+
+
+def _draw_confusion(figure: Any, title: str, selected_epoch: int, matrix: Sequence[Sequence[int]],
+                    label_names: Sequence[str]) -> None:
+    counts = np.asarray(matrix, dtype=np.float64)
+    support = counts.sum(axis=1, keepdims=True)
+    rates = np.divide(counts, support, out=np.zeros_like(counts), where=support > 0)
+    ax = figure.subplots()
+    image = ax.imshow(rates, vmin=0.0, vmax=1.0, cmap="Blues")
+    figure.colorbar(image, ax=ax, label="fraction of the gold class")
+    ticks = range(len(label_names))
+    ax.set_xticks(ticks, labels=list(label_names), rotation=45, ha="right")
+    ax.set_yticks(ticks, labels=list(label_names))
+    ax.set(xlabel="predicted", ylabel="gold", title=f"{title}\ntest, epoch {selected_epoch} (row-normalised)")
+    for i in range(rates.shape[0]):
+        for j in range(rates.shape[1]):
+            ax.text(j, i, f"{rates[i, j]:.2f}", ha="center", va="center", fontsize="small",
+                    color="white" if rates[i, j] > 0.6 else "black")
+    figure.subplots_adjust(left=0.14, right=0.97, bottom=0.16, top=0.88)
