@@ -24,7 +24,7 @@ import math
 import random
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -33,12 +33,10 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from .artifacts import (StageFiles, SubstitutionReport, atomic_path, begin_outputs, json_default, output_lock,
                         remove_stale_temps, save_state_dict, write_json)
+from .dataset import DatasetSpec
 from .model import load_checkpoint
 from .results import format_test_report, metrics_document, summary, test_report, write_plots
 from .utils import UserError, gather_objects, is_main, progress, rank, world_size
-
-if TYPE_CHECKING:
-    from .dataset import DatasetSpec
 
 log = logging.getLogger("magtkd")
 

@@ -8,17 +8,16 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Mapping, NamedTuple, Sequence
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .artifacts import FUSION, StageFiles, check_complete
+from .dataset import DatasetSpec
 from .utils import UserError
 
-if TYPE_CHECKING:
-    from .dataset import DatasetSpec
 
 log = logging.getLogger("magtkd")
 

@@ -13,16 +13,26 @@ import os
 import random
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Protocol, Sequence
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-if TYPE_CHECKING:
-    from .dataset import DatasetSpec
-
 log = logging.getLogger("magtkd")
+
+
+class DatasetSpec(Protocol):
+    """What the shared parsers read of a dataset description (`magtkd.dataset.DatasetSpec`)."""
+
+    num_classes: int
+    n_speaker: int
+    global_speaker_ids: bool
+
+    def default_data_dir(self, script_dir: Path) -> Path: ...
+    def default_pretrained_dir(self, script_dir: Path) -> Path: ...
+    def default_save_dir(self, script_dir: Path) -> Path: ...
+    def default_feature_dir(self, script_dir: Path) -> Path: ...
 
 
 # --------------------------------------------------------------------------- user errors and the entry point

@@ -14,7 +14,7 @@ import os
 import wave
 from fractions import Fraction
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
 import av
 import numpy as np
@@ -200,38 +200,12 @@ def write_video(
 
     with atomic_path(path) as tmp:
         with av.open(str(tmp), "w", format=fmt) as out:
-            vstream = out.add_stream(codec, rate=int(fps))
-            vstream.width, vstream.height, vstream.pix_fmt = width, height, "yuv420p"
-            vstream.time_base = Fraction(1, int(fps))
-            # The generated data must be the same bytes for the same seed. One encoder thread:
-            # frame-threaded x264 output depends on thread timing. And a constant quantizer: with its
-            # default rate control (CRF) x264 still encoded about one tiny clip in a hundred differently
-            # from run to run (at most 2 levels apart once decoded); with QP 23 three runs of the MELD
-            # tree came out identical.
-            vstream.codec_context.thread_count = 1
-            if codec == "libx264":
-                vstream.codec_context.options = {"qp": "23"}
-            astream = None
+            vstream = _video_stream(out, codec, fps, width, height)
+            muxer = None
             if audio_data is not None:
                 layout = _layout(audio_data.shape[1])
-                astream = out.add_stream(audio_codec, rate=int(sample_rate), layout=layout)
-            written = 0  # audio samples muxed so far
-
-            def mux_audio(until: int) -> None:
-                nonlocal written
-                if astream is None or audio_data is None:
-                    return
-                until = min(until, len(audio_data))
-                if until <= written:
-                    return
-                chunk = np.ascontiguousarray(audio_data[written:until].T)
-                aframe = av.AudioFrame.from_ndarray(chunk, format="fltp", layout=_layout(chunk.shape[0]))
-                aframe.sample_rate = int(sample_rate)
-                aframe.pts = written
-                aframe.time_base = Fraction(1, int(sample_rate))
-                out.mux(astream.encode(aframe))
-                written = until
-
+                muxer = _AudioMuxer(out, out.add_stream(audio_codec, rate=int(sample_rate), layout=layout),
+                                    audio_data, int(sample_rate))
             index = 0
             frame = first
             shape = first.shape
@@ -240,11 +214,50 @@ def write_video(
                 vframe.pts = index
                 out.mux(vstream.encode(vframe))
                 index += 1
-                if audio_data is not None:
-                    mux_audio(int(round(index * sample_rate / fps)))
+                if muxer is not None:
+                    muxer.until(int(round(index * sample_rate / fps)))
                 nxt = next(iterator, None)
                 frame = None if nxt is None else _check_frame(nxt, shape, index)
             out.mux(vstream.encode(None))
-            if astream is not None and audio_data is not None:
-                mux_audio(len(audio_data))
-                out.mux(astream.encode(None))
+            if muxer is not None:
+                muxer.finish()
+
+
+def _video_stream(out: Any, codec: str, fps: int, width: int, height: int) -> Any:
+    vstream = out.add_stream(codec, rate=int(fps))
+    vstream.width, vstream.height, vstream.pix_fmt = width, height, "yuv420p"
+    vstream.time_base = Fraction(1, int(fps))
+    # The generated data must be the same bytes for the same seed. One encoder thread:
+    # frame-threaded x264 output depends on thread timing. And a constant quantizer: with its
+    # default rate control (CRF) x264 still encoded about one tiny clip in a hundred differently
+    # from run to run (at most 2 levels apart once decoded); with QP 23 three runs of the MELD
+    # tree came out identical.
+    vstream.codec_context.thread_count = 1
+    if codec == "libx264":
+        vstream.codec_context.options = {"qp": "23"}
+    return vstream
+
+
+class _AudioMuxer:
+    """Muxes (n, channels) float audio into ``stream`` in chunks, interleaved with the video frames,
+    so a long clip streams through the muxer instead of buffering."""
+
+    def __init__(self, out: Any, stream: Any, audio: np.ndarray, sample_rate: int) -> None:
+        self.out, self.stream, self.audio, self.rate = out, stream, audio, sample_rate
+        self.written = 0  # audio samples muxed so far
+
+    def until(self, end: int) -> None:
+        end = min(end, len(self.audio))
+        if end <= self.written:
+            return
+        chunk = np.ascontiguousarray(self.audio[self.written:end].T)
+        aframe = av.AudioFrame.from_ndarray(chunk, format="fltp", layout=_layout(chunk.shape[0]))
+        aframe.sample_rate = self.rate
+        aframe.pts = self.written
+        aframe.time_base = Fraction(1, self.rate)
+        self.out.mux(self.stream.encode(aframe))
+        self.written = end
+
+    def finish(self) -> None:
+        self.until(len(self.audio))
+        self.out.mux(self.stream.encode(None))
