@@ -13,7 +13,7 @@ utterance texts from `magtkd.synthetic.text`; plus MELD-style mp4 clips (H.264 +
 
 1. Frame extraction, with the profile of the stage (import time, decode,
    resize/crop, .npy writes, the supervised decoder child). (a) ours:
-   `magtkd.media.video.decode_windows`, one forward decode for every window of
+   `magtkd.media.decode_windows`, one forward decode for every window of
    the dialogue; (b) the reference's way: for each utterance open the video,
    decode ALL of it and keep the frames the authors' rule picks
    (`window_frames`, `window_step`, `kept_indices`). Both use the same decoder
@@ -21,8 +21,8 @@ utterance texts from `magtkd.synthetic.text`; plus MELD-style mp4 clips (H.264 +
    converted every frame, so (b) is a lower bound of its cost). The frame
    indices read back from both must be identical, and equal to the authors'
    loop written out over the frame positions. The whole stage is compared too:
-   ours is `magtkd.dataset.run_job` (decode + resize/crop + atomic .npy writes
-   at the real videomae-base 224 px settings) and `dataset.extract_frames` (the
+   ours is `magtkd.features.run_job` (decode + resize/crop + atomic .npy writes
+   at the real videomae-base 224 px settings) and `features.extract_frames` (the
    same in the supervised decoder child, its start included); the reference's
    stage is (b) followed by the same resize/crop and writes per utterance, and
    its stored .npy bytes must equal ours. Short timings are the median of 3
@@ -32,7 +32,8 @@ utterance texts from `magtkd.synthetic.text`; plus MELD-style mp4 clips (H.264 +
 3. Samples per second of each encoder on the tiny stand-in models: batches of 4
    from the stages' own fields and collate (`magtkd.dataset`), then
    forward + backward + grad clip 10 + AdamW + schedule step as in
-   `magtkd.utils.fit`, and inference-mode evaluation as in `magtkd.utils.predict`;
+   `magtkd.engine.fit` (`engine.update`), and the same forward in inference mode
+   (evaluation, as `magtkd.engine.SampleBatches.evaluate`);
    samples/s = 4 / the median seconds per batch. Batches are built before
    timing, so data loading is not counted.
 4. The audio input pipeline: clips per second through `AudioField.load` (what
@@ -66,14 +67,13 @@ import av  # noqa: E402
 import torch  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
-import torch.nn.functional as F  # noqa: E402
-
 from IEMOCAP.config import IEMOCAP  # noqa: E402
-from magtkd import dataset, model  # noqa: E402
+from magtkd import dataset, features, model, pretrained  # noqa: E402
 from magtkd.dataset import (AudioField, Sample, SampleDataset, Utterance, build_samples, make_loader,  # noqa: E402
                             save_frames)
 from magtkd.media import decode_windows, kept_indices, window_frames, window_step  # noqa: E402
-from magtkd.utils import reference_schedule, write_json  # noqa: E402
+from magtkd.artifacts import write_json  # noqa: E402
+from magtkd.engine import reference_schedule  # noqa: E402
 from magtkd.synthetic.media import INDEX_BITS, index_frame, read_index, tone, write_video, write_wav  # noqa: E402
 from magtkd.synthetic.models import FRAME_SIZE, write_models  # noqa: E402
 from magtkd.synthetic.text import corpus, make_utterance  # noqa: E402
@@ -190,28 +190,28 @@ def time_stage(pretrained_dir: Path, utterances: list[Utterance], feature_dir: P
     rerun of the stage after deleting its outputs would. An untimed first run
     produces the files and the substitution count.
     """
-    dataset._init_worker(model.load_image_processor(pretrained_dir))
-    (job,) = dataset.plan_jobs(IEMOCAP, utterances, feature_dir)
-    problems = dataset.run_job(job)  # first run: also warms up the processor
-    seconds = median_seconds(lambda: dataset.run_job(job), repeats)
+    features._init_worker(pretrained.load_image_processor(pretrained_dir))
+    (job,) = features.plan_jobs(IEMOCAP, utterances, feature_dir)
+    problems = features.run_job(job)  # first run: also warms up the processor
+    seconds = median_seconds(lambda: features.run_job(job), repeats)
     return seconds, job.outputs[0].stat().st_size, len(problems)
 
 
 def time_supervised(pretrained_dir: Path, utterances: list[Utterance], feature_dir: Path, repeats: int) -> float:
-    """Median seconds of `dataset.extract_frames` (0 workers: one supervised decoder child, started in the call).
+    """Median seconds of `features.extract_frames` (0 workers: one supervised decoder child, started in the call).
 
     The job is planned once, while ``feature_dir`` is empty; each repeat overwrites its files."""
-    processor = model.load_image_processor(pretrained_dir)
-    (job,) = dataset.plan_jobs(IEMOCAP, utterances, feature_dir)
+    processor = pretrained.load_image_processor(pretrained_dir)
+    (job,) = features.plan_jobs(IEMOCAP, utterances, feature_dir)
     report = feature_dir / "video" / "substitutions.tsv"
-    return median_seconds(lambda: dataset.extract_frames([job], processor, 0, report), repeats)
+    return median_seconds(lambda: features.extract_frames([job], processor, 0, report), repeats)
 
 
 def reference_stage(clips: list[np.ndarray | None], pretrained_dir: Path, feature_dir: Path,
                     utterances: list[Utterance]) -> float:
     """Seconds the reference-style stage spends after its decodes: the same resize/crop and .npy write
     per utterance (black frames where no frame was read), so that its stored bytes can be compared."""
-    codec = dataset.FrameCodec(model.load_image_processor(pretrained_dir))
+    codec = dataset.FrameCodec(pretrained.load_image_processor(pretrained_dir))
     start = time.perf_counter()
     for utt, clip in zip(utterances, clips):
         save_frames(dataset.frame_file(feature_dir, utt.split, utt.key),
@@ -228,7 +228,7 @@ def same_files(a: Path, b: Path, utterances: list[Utterance]) -> bool:
 def profile_stage(clips: list[np.ndarray | None], pretrained_dir: Path, out: Path) -> dict[str, float]:
     """Seconds of the stage's parts over the dialogue's clips: resize/crop as the processor call on the
     frame list (before issue 15) and as `FrameCodec.resize_crop` (now), and the .npy writes."""
-    processor = model.load_image_processor(pretrained_dir)
+    processor = pretrained.load_image_processor(pretrained_dir)
     codec = dataset.FrameCodec(processor)
     kept = [c for c in clips if c is not None]
 
@@ -284,21 +284,17 @@ def describe(name: str, batches: list[dict]) -> str:
 
 
 def time_encoder(name: str, args: Namespace, samples: list[Sample], warmup: int, steps: int) -> dict:
-    """Train and eval samples/s of one encoder, stepped exactly as `magtkd.utils.fit` steps it."""
+    """Train and eval samples/s of one encoder, stepped exactly as `magtkd.engine.fit` steps it
+    (the stages' objective `magtkd.model.encoder_cross_entropy`; evaluated as its forward in inference mode)."""
     torch.manual_seed(0)
-    encoder, field = model.load_encoder(name, args.pretrained_dir, IEMOCAP.num_classes, args.feature_dir)
-
-    def step(batch: dict, train: bool):
-        _, logits = encoder.encode(batch)
-        return F.cross_entropy(logits.float(), batch["labels"]), logits
-
+    encoder, field = pretrained.load_encoder(name, args.pretrained_dir, IEMOCAP.num_classes, args.feature_dir)
     batches = batches_for(field, samples, warmup + steps, seed=0)
     params = [p for p in encoder.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=LEARNING_RATES[name])
     scheduler = reference_schedule(optimizer, len(samples), len(samples) // BATCH, 10)
 
     def train(batch: dict) -> None:
-        loss, _ = step(batch, True)
+        loss = model.encoder_cross_entropy(encoder, batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 10.0)
@@ -307,7 +303,7 @@ def time_encoder(name: str, args: Namespace, samples: list[Sample], warmup: int,
 
     def evaluate(batch: dict) -> None:
         with torch.inference_mode():
-            step(batch, False)
+            model.encoder_cross_entropy(encoder, batch)
 
     # Median seconds per batch over the timed steps (robust to other processes on the cores).
     encoder.train()
@@ -430,7 +426,7 @@ def main(argv: list[str] | None = None) -> None:
         rows = [time_encoder(name, model_args, samples, warmup, steps) for name in ("text", "audio", "video")]
 
         # 4. the audio input pipeline, before and after the cache
-        extractor = model.load_audio_feature_extractor(standin)
+        extractor = pretrained.load_audio_feature_extractor(standin)
         audio_rows = {"IEMOCAP wav": time_audio(samples, extractor, work / "audio_cache_iemocap", repeats),
                       "MELD mp4": time_audio(meld, extractor, work / "audio_cache_meld", repeats)}
 

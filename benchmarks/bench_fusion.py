@@ -61,8 +61,9 @@ def authors_epochs(name: str, feature_dir: Path, epochs: int, seed: int = 2024) 
     from torch.nn.utils.rnn import pad_sequence
     from torch.utils.data import DataLoader, Dataset
 
-    from magtkd import model, utils
-    from magtkd.dataset import feature_path, load_features
+    from magtkd import engine, model
+    from magtkd.artifacts import feature_path
+    from magtkd.features import load_features
     from magtkd.pipeline import dataset_spec
 
     spec = dataset_spec(name)
@@ -105,7 +106,7 @@ def authors_epochs(name: str, feature_dir: Path, epochs: int, seed: int = 2024) 
     fusion = model.AnchorGatedTransformer(width, spec.num_classes, spec.n_speaker, 8, 0.5)
     optimizer = torch.optim.AdamW(fusion.parameters(), lr=1e-4, weight_decay=1e-6)
     n_batches = math.ceil(len(train) / 16)
-    scheduler = utils.reference_schedule(optimizer, len(train), n_batches, epochs, False)
+    scheduler = engine.reference_schedule(optimizer, len(train), n_batches, epochs, False)
     # The stage's shuffle (a generator seeded with the seed, one permutation per epoch), so both loops
     # see the same batches; the loader's own generator keeps it off the global one.
     order = torch.Generator().manual_seed(seed)
@@ -154,7 +155,7 @@ def child(args: argparse.Namespace) -> None:
 
         fusion = load_script(REPO / args.child / "multimodal_fusion.py")
         curve = fusion.main(["--feature_dir", str(feature_dir), "--save_dir", str(Path(args.work) / "save"),
-                             "--epochs", str(args.epochs), "--device", "cpu"])["curve"]
+                             "--epochs", str(args.epochs), "--device", "cpu"])["epochs"]
     print(json.dumps({
         "train_seconds": [c["train_seconds"] for c in curve],
         "train_loss": [c["train_loss"] for c in curve],
@@ -180,7 +181,8 @@ def padding_ratio(feature_dir: Path, seed: int = 0, batch: int = 16, draws: int 
     """Padded grid cells per real utterance of random batches of the training split."""
     import numpy as np
 
-    from magtkd.dataset import feature_path, load_features
+    from magtkd.artifacts import feature_path
+    from magtkd.features import load_features
 
     f = load_features(feature_path(feature_dir, "train"), keys=("text",))
     lengths = np.array([len(f["labels"][v]) for v in f["vids"]])

@@ -7,11 +7,11 @@
 MELD has ~13700 short clips, so a per-clip cost shows there first. For the same
 clips this prints:
 
-1. frames, before: the stage's per-video job (`dataset.run_job`: decode, resize/crop,
+1. frames, before: the stage's per-video job (`features.run_job`: decode, resize/crop,
    atomic .npy writes) called in this process, as the stage did before decoding was
    isolated; after: the same job run through a `media.DecoderProcess` (a long-lived
    supervised child), alternating clip by clip with the in-process call so that the
-   machine's load hits both alike; then the whole stage call `dataset.extract_frames`
+   machine's load hits both alike; then the whole stage call `features.extract_frames`
    with 0 and 2 workers (decoder start-up, lock and records included);
 2. audio, before: `media.decode_audio` in this process; after:
    `media.decode_audio_isolated` (PyAV in the supervised child, resampling here),
@@ -33,7 +33,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from MELD.config import MELD  # noqa: E402
-from magtkd import dataset, media, model  # noqa: E402
+from magtkd import features, media, pretrained  # noqa: E402
 from magtkd.dataset import Utterance  # noqa: E402
 from magtkd.synthetic.media import index_frame, tone, write_video  # noqa: E402
 from magtkd.synthetic.models import write_models  # noqa: E402
@@ -72,31 +72,31 @@ def main(argv: list[str] | None = None) -> None:
         t0 = time.perf_counter()
         utterances = make_clips(work / "clips", args.clips, args.seconds, size, args.fps)
         write_models(work / "pretrained", ["a b c"])
-        processor = model.load_image_processor(work / "pretrained")
+        processor = pretrained.load_image_processor(work / "pretrained")
         setup_s = time.perf_counter() - t0
 
         def fresh(name: str) -> tuple[list, Path]:
             feature_dir = work / name
-            return dataset.plan_jobs(MELD, utterances, feature_dir), feature_dir / "video" / "substitutions.tsv"
+            return features.plan_jobs(MELD, utterances, feature_dir), feature_dir / "video" / "substitutions.tsv"
 
         jobs, _ = fresh("warm")  # warm the page cache and the processor
-        dataset._init_worker(processor)
+        features._init_worker(processor)
         for job in jobs[:5]:
-            dataset.run_job(job)
+            features.run_job(job)
 
         # Per clip, alternating in-process and supervised child (the same job into two folders), so a
         # change in the machine's load hits both sides alike.
         before_jobs, _ = fresh("before")
         child_jobs, _ = fresh("child")
         t0 = time.perf_counter()
-        decoder = media.DecoderProcess(media.VIDEO_TIMEOUT_S, dataset._init_worker, (processor,)).start()
+        decoder = media.DecoderProcess(media.VIDEO_TIMEOUT_S, features._init_worker, (processor,)).start()
         start_s = time.perf_counter() - t0
         before_s = child_s = 0.0
         for plain_job, child_job in zip(before_jobs, child_jobs):
             t0 = time.perf_counter()
-            dataset.run_job(plain_job)
+            features.run_job(plain_job)
             t1 = time.perf_counter()
-            decoder.call(child_job.video, dataset.run_job, child_job)
+            decoder.call(child_job.video, features.run_job, child_job)
             t2 = time.perf_counter()
             before_s, child_s = before_s + t1 - t0, child_s + t2 - t1
         decoder.close()
@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> None:
         for workers in (0, 2):
             jobs, report = fresh(f"after{workers}")
             t0 = time.perf_counter()
-            dataset.extract_frames(jobs, processor, workers, report)
+            features.extract_frames(jobs, processor, workers, report)
             after_s[workers] = time.perf_counter() - t0
 
         audio_before = audio_after = 0.0

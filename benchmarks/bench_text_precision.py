@@ -6,8 +6,8 @@
 Builds ``TextEncoder`` (magtkd.model) around a randomly initialised
 RoBERTa with the roberta-large config (no download needed), feeds batches of
 ``--batch_size`` prompts of ``--tokens`` tokens (left-padded like the stage
-would), and times the full training step of magtkd.utils.fit (forward under
-``magtkd.utils.autocast``, backward, clip 10, AdamW) after a warm-up. Prints
+would), and times the full training step of magtkd.engine.fit (forward under
+``magtkd.engine.autocast``, backward, clip 10, AdamW) after a warm-up. Prints
 samples/s and peak GPU memory for fp32 and bf16. Nothing is asserted.
 """
 
@@ -25,7 +25,7 @@ from transformers import RobertaConfig, RobertaModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from magtkd.model import TextEncoder  # noqa: E402
-from magtkd.utils import autocast  # noqa: E402
+from magtkd.engine import autocast  # noqa: E402
 
 
 def measure(device: torch.device, amp: bool, args: argparse.Namespace) -> dict[str, float]:
