@@ -13,7 +13,7 @@ clips this prints:
    supervised child), alternating clip by clip with the in-process call so that the
    machine's load hits both alike; then the whole stage call `features.extract_frames`
    with 0 and 2 workers (decoder start-up, lock and records included);
-2. audio, before: `media.decode_audio` in this process; after:
+2. audio, before: `media.decode_audio_native` + `media.resample_audio` in this process; after:
    `media.decode_audio_isolated` (PyAV in the supervised child, resampling here),
    alternating likewise.
  Writes its clips
@@ -111,7 +111,8 @@ def main(argv: list[str] | None = None) -> None:
         same = True
         for u in utterances:  # alternating, as above
             t0 = time.perf_counter()
-            plain = media.decode_audio(u.audio_path)
+            native_sr, mono = media.decode_audio_native(u.audio_path)
+            plain = media.resample_audio(u.audio_path, mono, native_sr)
             t1 = time.perf_counter()
             isolated = media.decode_audio_isolated(u.audio_path)
             t2 = time.perf_counter()
@@ -127,7 +128,7 @@ def main(argv: list[str] | None = None) -> None:
           f"{100 * (child_s / before_s - 1):+.1f}%); starting the child {1000 * start_s:.0f} ms once")
     print(f"   whole stage call extract_frames, 0 workers {after_s[0]:7.2f} s  ({1000 * after_s[0] / n:6.1f} ms/clip)")
     print(f"   whole stage call extract_frames, 2 workers {after_s[2]:7.2f} s  ({1000 * after_s[2] / n:6.1f} ms/clip)")
-    print(f"2. audio, before: decode_audio in-process    {audio_before:7.2f} s  ({1000 * audio_before / n:6.1f} ms/clip)")
+    print(f"2. audio, before: in-process decode          {audio_before:7.2f} s  ({1000 * audio_before / n:6.1f} ms/clip)")
     print(f"   after: decode_audio_isolated              {audio_after:7.2f} s  ({1000 * audio_after / n:6.1f} ms/clip, "
           f"{100 * (audio_after / audio_before - 1):+.1f}%); identical samples: {same}")
     media._audio_decoder and media._audio_decoder.close()
