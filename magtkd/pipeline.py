@@ -246,13 +246,14 @@ def predict_conversation(spec: DatasetSpec, args: argparse.Namespace, device: to
 
     # Models, checked before any work: the fusion checkpoint is this dataset's, the five first-stage ones exist
     files = StageFiles.fusion(args.save_dir)
-    sizes = fusion_sizes_for(spec, files.checkpoint, speaker2id)
+    sizes = fusion_sizes_for(spec, files.checkpoint, speaker2id, with_variant=True)
+    variant = utils.fusion_variant(args, sizes["variant"], f"fusion checkpoint {files.checkpoint}")
     check_first_stage_checkpoints(spec, args.save_dir)
     trained = recorded_args(files.metrics)
     audio_key = args.audio_feature or trained.get("audio_feature", default_features[0])
     video_key = args.video_feature or trained.get("video_feature", default_features[1])
     n_head = args.n_head or int(trained.get("n_head", 8))
-    padding = int(sizes["n_speaker"]) if args.unknown_speakers == "padding" else None
+    padding = int(sizes["n_speaker"] or 0) if args.unknown_speakers == "padding" else None
     speakers = [s for _, dialogue in dialogues for s in fusion_speaker_ids(spec, dialogue, speaker2id, padding)]
     utils.log_start(stage, args, device, {"dialogues": len(dialogues), "utterances": len(ordered),
                                           "audio_feature": audio_key, "video_feature": video_key, "n_head": n_head})
@@ -273,13 +274,13 @@ def predict_conversation(spec: DatasetSpec, args: argparse.Namespace, device: to
     pickle_path = save_features(feature_path(work_dir, split), features)
 
     # Fusion (stage 8) on the pickle, in evaluation mode (no dropout)
-    data = load_dialogues(pickle_path, audio_key, video_key, device)
+    data = load_dialogues(pickle_path, audio_key, video_key, device, variant["modalities"])
     width = fusion_width(None, n_head, data.width, str(pickle_path))
     if sizes["hidden"] != width:
         raise CheckpointError(f"fusion checkpoint {files.checkpoint} has width {sizes['hidden']} but the "
                               f"first-stage features in {pickle_path} have width {width}")
-    fusion = AnchorGatedTransformer(width, spec.num_classes, int(sizes["n_speaker"]), n_head, 0.0,
-                                    bool(sizes["separate_text_blocks"]))
+    fusion = AnchorGatedTransformer(width, spec.num_classes, sizes["n_speaker"], n_head, 0.0,
+                                    bool(sizes["separate_text_blocks"]), **variant)
     load_fusion_checkpoint(fusion, files.checkpoint)
     logits = dialogue_logits(fusion.to(device), data, args.batch_size, show_progress=True)
 

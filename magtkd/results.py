@@ -12,6 +12,7 @@ import numpy as np
 from sklearn.metrics import accuracy_score, classification_report, confusion_matrix, f1_score
 
 from .artifacts import StageFiles, args_doc, atomic_path, copy_file, remove_stale_temps, write_json, write_text
+from .model import variant_name
 from .utils import UserError
 
 log = logging.getLogger("magtkd")
@@ -204,6 +205,9 @@ def finish_seeds(results: Mapping[int, dict], files: Mapping[int, StageFiles], u
     doc = seeds_summary(rows)
     best = max(rows, key=lambda r: r["dev_weighted_f1"])  # max keeps the first of equal scores
     title = results[best["seed"]]["stage"]
+    if "variant" in results[best["seed"]]["sizes"]:  # the fusion's ablation variant (docs/METHOD.md §5)
+        doc["variant"] = results[best["seed"]]["sizes"]["variant"]
+        title = f"{title} ({variant_name(doc['variant'])})"
     remove_stale_temps(usual.checkpoint.parent, [usual.seeds_summary.name, usual.seeds_table.name,
                                                  *(p.name for p in usual.published())])
     for src, dst in zip(files[best["seed"]].published(), usual.published()):
