@@ -216,6 +216,7 @@ def finish_seeds(results: Mapping[int, dict], files: Mapping[int, StageFiles], u
             copy_file(src, dst)
         else:
             log.warning("%s: %s was not written, so %s is not updated", title, src, dst)
+    doc["best_seed"] = best["seed"]  # the model kept under the usual names
     write_json(usual.seeds_summary, doc)
     write_text(usual.seeds_table, seeds_markdown(title, doc, names, best["seed"], usual.checkpoint.name))
     mean, std = doc["mean"], doc["std"]
