@@ -34,7 +34,7 @@ from .engine import (DialogueBatches, FitConfig, autocast, concat_chunks, evalua
 from .media import DecoderProcess, MediaError, decode_windows
 from .model import (AnchorGatedTransformer, CheckpointError, check_fusion_record, fusion_width,
                     infer_sizes_from_checkpoint, load_checkpoint, load_fusion_checkpoint, read_fusion_state)
-from .pretrained import load_encoder
+from .pretrained import load_encoder, text_prompt
 
 log = logging.getLogger("magtkd")
 
@@ -604,16 +604,18 @@ def check_first_stage_checkpoints(spec: DatasetSpec, save_dir: Path) -> None:
 def first_stage_features(
     spec: DatasetSpec, samples: Mapping[str, Sequence[Sample]], *, pretrained_dir: Path, save_dir: Path,
     feature_dir: Path, device: torch.device, batch_size: int, num_workers: int, amp: bool,
-    report: SubstitutionReport | None = None, audio_cache: Path | None = None,
+    report: SubstitutionReport | None = None, audio_cache: Path | None = None, prompt: str | None = None,
 ) -> dict[str, dict[str, np.ndarray]]:
     """``{split: {feature key: (N, D) float32}}``: the five first-stage models over each split's samples.
 
     One input group at a time (its encoders loaded from ``save_dir``, in eval
     mode, then freed), in sample order; video reads the frames stored under
     ``feature_dir``, audio the clips cached in ``audio_cache`` (decoded and stored on a miss).
-    Used by the extraction stage and by prediction, so both compute the same features.
+    Used by the extraction stage and by prediction, so both compute the same features; the text prompt is
+    the variant ``text.json`` recorded (``prompt``: an explicit ``--prompt``, which must agree).
     """
     check_first_stage_checkpoints(spec, save_dir)
+    prompt = text_prompt(StageFiles.first_stage(save_dir, "text").metrics, prompt)
     vectors: dict[str, dict[str, np.ndarray]] = {split: {} for split in samples}
     # Grouped by the input they share (text; audio, audio_kd; video, video_kd) so each clip is decoded once.
     for modality in ("text", "audio", "video"):
@@ -621,7 +623,8 @@ def first_stage_features(
         for key, (name, script) in FIRST_STAGE_MODELS.items():
             if key.split("_")[0] != modality:
                 continue
-            encoder, field = load_encoder(modality, pretrained_dir, spec.num_classes, feature_dir, audio_cache)
+            encoder, field = load_encoder(modality, pretrained_dir, spec.num_classes, feature_dir, audio_cache,
+                                          prompt)
             load_checkpoint(encoder, Path(save_dir) / f"{name}.bin", f"{spec.name}/{script}", spec.name)
             encoders[key] = encoder.to(device).eval()
         for split, split_samples in samples.items():

@@ -269,7 +269,7 @@ def predict_conversation(spec: DatasetSpec, args: argparse.Namespace, device: to
     vectors = first_stage_features(
         spec, {split: build_samples(ordered)}, pretrained_dir=args.pretrained_dir, save_dir=args.save_dir,
         feature_dir=work_dir, device=device, batch_size=args.batch_size, num_workers=args.num_workers,
-        amp=args.amp, report=report, audio_cache=utils.audio_cache_dir(args))[split]
+        amp=args.amp, report=report, audio_cache=utils.audio_cache_dir(args), prompt=args.prompt)[split]
     features = assemble_features([u.dialogue_id for u in ordered], [u.utterance_id for u in ordered],
                                  [u.label for u in ordered], speakers, vectors)
     pickle_path = save_features(feature_path(work_dir, split), features)

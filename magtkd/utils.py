@@ -281,6 +281,7 @@ def predict_parser(spec: DatasetSpec, script_dir: str | Path, description: str |
     parser.add_argument("--amp", type=str2bool, default=False,
                         help="bf16 autocast on CUDA (first stage); default fp32, as the extraction stage")
     add_variant_flags(parser)
+    add_prompt_flag(parser)
     parser.add_argument("--channel_order", choices=("rgb", "bgr"), default="rgb",
                         help="frame channel order; use the one video_feature_extract.py used for training")
     parser.add_argument("--audio_feature", choices=("audio", "audio_kd"), default=None,
@@ -291,6 +292,18 @@ def predict_parser(spec: DatasetSpec, script_dir: str | Path, description: str |
     parser.add_argument("--unknown_speakers", choices=("padding", "error"), default="padding",
                         help=f"{unknown_speakers}: the model's padding row (warning) or an error")
     return add_audio_cache_flags(parser)
+
+
+PROMPT_VARIANTS = ("full", "no_template", "no_speakers", "no_context")  # = magtkd.dataset.PROMPTS
+
+
+def add_prompt_flag(parser: argparse.ArgumentParser, training: bool = False) -> argparse.ArgumentParser:
+    """``--prompt``: the text prompt variant (docs/METHOD.md §2, Prompt variants). Training the text model:
+    default full; everywhere else (and text.py --train False) default: what text.json recorded."""
+    parser.add_argument("--prompt", choices=PROMPT_VARIANTS, default=None,
+                        help="text prompt variant; default " + ("full (--train False: as trained)" if training
+                                                                else "as the text model was trained (text.json)"))
+    return parser
 
 
 def add_loop_flags(parser: argparse.ArgumentParser, checkpointing: bool) -> argparse.ArgumentParser:
