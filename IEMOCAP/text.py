@@ -9,6 +9,8 @@ Writes  IEMOCAP/IEMOCAP/save_model/text.bin (epoch with the best dev weighted F1
 
 The prompt holds the dialogue so far with speaker tokens and ends in ``Now<sK> feels <mask>``;
 the representation is the mask token's hidden state projected to the audio/video width.
+--prompt no_template|no_speakers|no_context: the ablation variants (docs/METHOD.md §2, Prompt variants),
+recorded in text.json, whose prompt KD.py, extract_first_stage_features.py and predict.py then build.
 """
 
 import sys
@@ -29,10 +31,14 @@ objective = model.encoder_cross_entropy
 def main(argv=None) -> dict:
     # Flags: the reference's names, IEMOCAP's defaults
     parser = utils.training_parser(IEMOCAP, HERE, __doc__, epochs=10, batch_size=4, learning_rate=1e-5)
+    utils.add_prompt_flag(parser, training=True)
     args = parser.parse_args(argv)
     utils.setup_logging()
     device = utils.resolve_device(args.device)
     seeds = utils.seed_list(args)
+    # The prompt variant (docs/METHOD.md §2): --train False evaluates with the one text.json recorded
+    args.prompt = (args.prompt or "full") if args.train else \
+        pretrained.text_prompt(StageFiles.first_stage(args.save_dir, "text").metrics, args.prompt)
 
     # Data: one dialogue-prefix sample per utterance, in CSV order (read once, shared by all seeds)
     samples = dataset.load_samples(IEMOCAP, args.data_dir)
@@ -42,7 +48,8 @@ def main(argv=None) -> dict:
     for seed in seeds:
         # Model: RoBERTa-large (+ speaker tokens) -> Linear(hidden, D) -> Linear(D, 6)
         utils.set_seed(seed, args.deterministic)
-        encoder, field = pretrained.load_encoder("text", args.pretrained_dir, IEMOCAP.num_classes)
+        encoder, field = pretrained.load_encoder("text", args.pretrained_dir, IEMOCAP.num_classes,
+                                                   prompt=args.prompt)
         encoder.to(device)
         data = engine.SampleBatches(dataset.loaders(samples, [field], args.batch_size, args.num_workers, seed), device)
         files[seed] = StageFiles.first_stage(args.save_dir, "text", utils.seed_tag(seed, seeds))

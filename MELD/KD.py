@@ -53,6 +53,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--feature_weight", type=float, default=1.0, help="weight of the relational feature loss")
     parser.add_argument("--tau", type=float, default=2.0, help="logit-loss temperature")
     utils.add_audio_cache_flags(parser)
+    utils.add_prompt_flag(parser)  # the teacher's prompt: text.json's
     args = parser.parse_args(argv)
     utils.setup_logging()
     device = utils.resolve_device(args.device)
@@ -74,7 +75,9 @@ def main(argv=None) -> dict:
         student, s_field = pretrained.load_encoder(args.student, args.pretrained_dir, MELD.num_classes,
                                                    args.feature_dir, utils.audio_cache_dir(args))
         if args.train:
-            teacher, t_field = pretrained.load_encoder(args.teacher, args.pretrained_dir, MELD.num_classes)
+            prompt = pretrained.text_prompt(args.save_dir / f"{args.teacher}.json", args.prompt)
+            teacher, t_field = pretrained.load_encoder(args.teacher, args.pretrained_dir, MELD.num_classes,
+                                                       prompt=prompt)
             model.load_checkpoint(teacher, args.save_dir / f"{args.teacher}.bin", f"MELD/{args.teacher}.py",
                                   MELD.name)
             teacher.to(device).eval().requires_grad_(False)

@@ -29,6 +29,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--amp", type=utils.str2bool, default=False,
                         help="bf16 autocast on CUDA; default fp32, as the authors")
     utils.add_audio_cache_flags(parser)
+    utils.add_prompt_flag(parser)  # the text model's prompt: text.json's
     args = parser.parse_args(argv)
     utils.setup_logging()
     device = utils.resolve_device(args.device)
@@ -44,7 +45,8 @@ def main(argv=None) -> dict:
     vectors = features.first_stage_features(MELD, samples, pretrained_dir=args.pretrained_dir,
                                             save_dir=args.save_dir, feature_dir=args.feature_dir, device=device,
                                             batch_size=args.batch_size, num_workers=args.num_workers, amp=args.amp,
-                                            report=report, audio_cache=utils.audio_cache_dir(args))
+                                            report=report, audio_cache=utils.audio_cache_dir(args),
+                                            prompt=args.prompt)
 
     # Artifacts: one pickle per split and the substitution report, published as one set by rank 0
     # (under torchrun the ranks' representations were gathered in order)

@@ -39,13 +39,21 @@ def anchor_kd(logits: torch.Tensor, feat: torch.Tensor, t_logits: torch.Tensor, 
 
 def objective(out: model.FusionOutput, target: torch.Tensor, *, alpha: float, beta: float,
               feature_loss: bool) -> torch.Tensor:
-    """CE(W_t T') + alpha KD(A') + beta KD(V') over the real utterances (docs/METHOD.md §5)."""
+    """CE(W_t T') + alpha KD(A') + beta KD(V') over the real utterances (docs/METHOD.md §5). An ablation
+    variant keeps the terms of the anchors it has: T' is then the predicting anchor (A' without T, V' alone)
+    and an anchor that is absent or predicts has no KD term (A+V: CE(W_a A') + beta KD(V'); T: CE(W_t T'))."""
     t_logits, t_feat = out.t_logits, out.t_feat
     # Terms built in this order (CE first), so gradients accumulate exactly as in the reference
-    ce_t = F.cross_entropy(t_logits, target)
-    kd_a = anchor_kd(out.a_logits, out.a_feat, t_logits, t_feat, target, feature_loss)
-    kd_v = anchor_kd(out.v_logits, out.v_feat, t_logits, t_feat, target, feature_loss)
-    return ce_t + alpha * kd_a + beta * kd_v
+    loss = F.cross_entropy(t_logits, target)
+    kd_a = None if out.a_logits is None else anchor_kd(out.a_logits, out.a_feat, t_logits, t_feat, target,
+                                                       feature_loss)
+    kd_v = None if out.v_logits is None else anchor_kd(out.v_logits, out.v_feat, t_logits, t_feat, target,
+                                                       feature_loss)
+    if kd_a is not None:
+        loss = loss + alpha * kd_a
+    if kd_v is not None:
+        loss = loss + beta * kd_v
+    return loss
 
 
 def main(argv=None) -> dict:
@@ -58,6 +66,8 @@ def main(argv=None) -> dict:
     if not args.train:
         return features.evaluate_fusion(MELD, args, device)
     stage = "MELD multimodal_fusion"
+    variant = utils.fusion_variant(args)  # --modalities --gates --speaker_embedding --fusion
+    vars(args).update(variant)  # recorded as resolved (the metrics document's args and sizes["variant"])
 
     # Data: the three feature pickles as per-dialogue tensors on the device (read once for all seeds)
     splits, sizes = features.fusion_training_data(MELD, args, device)
@@ -68,10 +78,10 @@ def main(argv=None) -> dict:
 
     runs, files = {}, {}
     for seed in seeds:
-        # Model: audio, video and text anchors over the dialogue
+        # Model: audio, video and text anchors over the dialogue (or the ablation variant asked for)
         utils.set_seed(seed, args.deterministic)
         fusion = model.AnchorGatedTransformer(sizes["hidden"], args.clsNum, sizes["n_speaker"], args.n_head,
-                                              args.dropout, args.separate_text_blocks).to(device)
+                                              args.dropout, args.separate_text_blocks, **variant).to(device)
 
         # Optimizer and schedule: fused AdamW (one pass over each tensor, docs/METHOD.md §5 "Speed");
         # the authors' warmup counted in dialogues, stepped per update

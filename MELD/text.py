@@ -10,6 +10,8 @@ Writes  MELD/MELD/save_model/text.bin (epoch with the best dev weighted F1) and 
 The prompt holds the dialogue so far with speaker tokens and ends in ``Now<sK> feels <mask>``;
 MELD prompts number up to nine speakers per dialogue by first appearance (<s1>..<s9>), not by
 their global speaker ids as the reference did.
+--prompt no_template|no_speakers|no_context: the ablation variants (docs/METHOD.md §2, Prompt variants),
+recorded in text.json, whose prompt KD.py, extract_first_stage_features.py and predict.py then build.
 """
 
 import sys
@@ -30,10 +32,14 @@ objective = model.encoder_cross_entropy
 def main(argv=None) -> dict:
     # Flags: the reference's names, MELD's defaults
     parser = utils.training_parser(MELD, HERE, __doc__, epochs=10, batch_size=4, learning_rate=1e-5)
+    utils.add_prompt_flag(parser, training=True)
     args = parser.parse_args(argv)
     utils.setup_logging()
     device = utils.resolve_device(args.device)
     seeds = utils.seed_list(args)
+    # The prompt variant (docs/METHOD.md §2): --train False evaluates with the one text.json recorded
+    args.prompt = (args.prompt or "full") if args.train else \
+        pretrained.text_prompt(StageFiles.first_stage(args.save_dir, "text").metrics, args.prompt)
 
     # Data: one dialogue-prefix sample per utterance, in CSV order (read once, shared by all seeds)
     samples = dataset.load_samples(MELD, args.data_dir)
@@ -43,7 +49,8 @@ def main(argv=None) -> dict:
     for seed in seeds:
         # Model: RoBERTa-large (+ speaker tokens) -> Linear(hidden, D) -> Linear(D, 7)
         utils.set_seed(seed, args.deterministic)
-        encoder, field = pretrained.load_encoder("text", args.pretrained_dir, MELD.num_classes)
+        encoder, field = pretrained.load_encoder("text", args.pretrained_dir, MELD.num_classes,
+                                                   prompt=args.prompt)
         encoder.to(device)
         data = engine.SampleBatches(dataset.loaders(samples, [field], args.batch_size, args.num_workers, seed), device)
         files[seed] = StageFiles.first_stage(args.save_dir, "text", utils.seed_tag(seed, seeds))

@@ -459,17 +459,31 @@ def speaker_token(speaker: int) -> str:
     return SPEAKER_TOKENS[speaker]
 
 
-def build_prompt(texts: Sequence[str], speakers: Sequence[int]) -> str:
-    """Prompt for the last utterance of a dialogue prefix.
+PROMPTS = ("full", "no_template", "no_speakers", "no_context")  # text.py --prompt (docs/METHOD.md §2, Prompt variants)
+
+
+def build_prompt(texts: Sequence[str], speakers: Sequence[int], variant: str = "full") -> str:
+    """Prompt for the last utterance of a dialogue prefix (`encode_prompt` appends the mask token).
 
     ``texts``/``speakers`` are the prefix ``[u_0 .. u_t]`` with 0-based speaker
-    numbers (see :class:`Sample`).
+    numbers (see :class:`Sample`). ``variant`` (ablations, docs/METHOD.md §2):
+    ``full`` the paper's ``<sA> u_0 ... <sK> u_t </s> Now<sK> feels``; ``no_template`` the
+    context alone (the mask follows ``u_t``); ``no_speakers`` the full prompt without any
+    speaker token (``u_0 ... u_t </s> Now feels``); ``no_context`` ``<sK> u_t </s> Now<sK> feels``.
     """
     if len(texts) != len(speakers):
         raise ValueError(f"{len(texts)} texts but {len(speakers)} speakers")
     if not texts:
         raise ValueError("empty dialogue prefix")
+    if variant not in PROMPTS:
+        raise ValueError(f"prompt variant must be one of {', '.join(PROMPTS)}, got {variant!r}")
+    if variant == "no_context":
+        texts, speakers = texts[-1:], speakers[-1:]
+    if variant == "no_speakers":
+        return f"{' '.join(texts)} {SEPARATOR} Now feels"
     context = " ".join(f"{speaker_token(s)} {text}" for text, s in zip(texts, speakers))
+    if variant == "no_template":
+        return context
     return f"{context} {SEPARATOR} Now{speaker_token(speakers[-1])} feels"
 
 
@@ -531,15 +545,17 @@ MAX_AUDIO_SAMPLES = 400_000  # docs/METHOD.md §2: keep at most the first 400000
 
 
 class TextField:
-    """Prompt ids (last 511 tokens + mask), left-padded."""
+    """Prompt ids (last 511 tokens + mask), left-padded; ``prompt``: the `build_prompt` variant."""
 
     name = "text"
 
-    def __init__(self, tokenizer) -> None:
-        self.tokenizer = tokenizer
+    def __init__(self, tokenizer, prompt: str = "full") -> None:
+        if prompt not in PROMPTS:
+            raise ValueError(f"prompt variant must be one of {', '.join(PROMPTS)}, got {prompt!r}")
+        self.tokenizer, self.prompt = tokenizer, prompt
 
     def load(self, sample: Sample) -> list[int]:
-        return encode_prompt(self.tokenizer, build_prompt(sample.texts, sample.speakers))
+        return encode_prompt(self.tokenizer, build_prompt(sample.texts, sample.speakers, self.prompt))
 
     def collate(self, items: list[list[int]]) -> dict[str, torch.Tensor]:
         ids, mask = left_pad(items, self.tokenizer.pad_token_id)

@@ -34,7 +34,7 @@ from .engine import (DialogueBatches, FitConfig, autocast, concat_chunks, evalua
 from .media import DecoderProcess, MediaError, decode_windows
 from .model import (AnchorGatedTransformer, CheckpointError, check_fusion_record, fusion_width,
                     infer_sizes_from_checkpoint, load_checkpoint, load_fusion_checkpoint, read_fusion_state)
-from .pretrained import load_encoder
+from .pretrained import load_encoder, text_prompt
 
 log = logging.getLogger("magtkd")
 
@@ -437,9 +437,9 @@ class DialogueBatch:
     """Whole dialogues for the fusion model. Packed (``index`` set): the real utterances' rows,
     dialogue after dialogue (docs/METHOD.md §5, "Speed"); padded: (B, L, ...) grids, the authors' layout."""
 
-    text: torch.Tensor  # (N, H) packed, (B, L, H) padded
-    audio: torch.Tensor
-    video: torch.Tensor
+    text: torch.Tensor | None  # (N, H) packed, (B, L, H) padded; None: a modality the model does not read
+    audio: torch.Tensor | None
+    video: torch.Tensor | None
     speakers: torch.Tensor  # (N,) packed, (B, L) padded with padding = n_speaker
     labels: torch.Tensor  # (N,) packed, (B, L) padded with padding = LABEL_PAD
     mask: torch.Tensor  # (B, L) bool, True for real utterances
@@ -451,9 +451,10 @@ class DialogueBatch:
         """The fusion model's arguments: ``model(*batch.inputs)``."""
         return self.text, self.audio, self.video, self.speakers, self.mask, self.index, self.positions
 
-    def rows(self, x: torch.Tensor) -> torch.Tensor:
-        """The real utterances of an input or output of this batch, (N, ...), in the flattened order."""
-        return x if self.index is not None else x[self.mask]
+    def rows(self, x: torch.Tensor | None) -> torch.Tensor | None:
+        """The real utterances of an input or output of this batch, (N, ...), in the flattened order
+        (None stays None: an output an ablation variant does not have)."""
+        return x if x is None or self.index is not None else x[self.mask]
 
     def __len__(self) -> int:
         """Real utterances in the batch (what the loss averages over)."""
@@ -466,9 +467,9 @@ class DialogueSet:
 
     path: Path
     vids: list
-    text: list[torch.Tensor]  # (L, H) each
-    audio: list[torch.Tensor]
-    video: list[torch.Tensor]
+    text: list[torch.Tensor] | None  # (L, H) each; None: not read (--modalities without T)
+    audio: list[torch.Tensor] | None
+    video: list[torch.Tensor] | None
     speakers: list[torch.Tensor]  # (L,) long
     labels: list[torch.Tensor]  # (L,) long
 
@@ -481,7 +482,7 @@ class DialogueSet:
 
     @property
     def width(self) -> int:
-        return int(self.text[0].shape[1])
+        return int(next(s for s in (self.text, self.audio, self.video) if s is not None)[0].shape[1])
 
     def flat_labels(self) -> list[int]:
         return torch.cat(self.labels).tolist() if self.labels else []
@@ -504,11 +505,12 @@ class DialogueSet:
             packed = len(indices) * longest * self.width >= PACK_MIN_VALUES
         # Built on the host from the known lengths: no device round trip in the step.
         mask = (torch.arange(longest)[None, :] < torch.tensor(lengths)[:, None]).to(device)
+        streams = (self.text, self.audio, self.video)
         if not packed:
+            text, audio, video = (None if stream is None else pad_sequence([stream[i] for i in indices], batch_first=True)
+                                  for stream in streams)
             return DialogueBatch(
-                text=pad_sequence([self.text[i] for i in indices], batch_first=True),
-                audio=pad_sequence([self.audio[i] for i in indices], batch_first=True),
-                video=pad_sequence([self.video[i] for i in indices], batch_first=True),
+                text=text, audio=audio, video=video,
                 speakers=pad_sequence([self.speakers[i] for i in indices], batch_first=True,
                                       padding_value=pad_speaker),
                 labels=pad_sequence([self.labels[i] for i in indices], batch_first=True, padding_value=LABEL_PAD),
@@ -516,9 +518,9 @@ class DialogueSet:
             )
         index = torch.cat([torch.arange(n) + row * longest for row, n in enumerate(lengths)])
         positions = torch.cat([torch.arange(n) for n in lengths])
+        text, audio, video = (None if stream is None else torch.cat([stream[i] for i in indices]) for stream in streams)
         return DialogueBatch(
-            text=torch.cat([self.text[i] for i in indices]), audio=torch.cat([self.audio[i] for i in indices]),
-            video=torch.cat([self.video[i] for i in indices]), speakers=torch.cat([self.speakers[i] for i in indices]),
+            text=text, audio=audio, video=video, speakers=torch.cat([self.speakers[i] for i in indices]),
             labels=torch.cat([self.labels[i] for i in indices]), mask=mask, index=index.to(device),
             positions=positions.to(device),
         )
@@ -538,23 +540,28 @@ def _stack(vectors: Sequence[np.ndarray], device: torch.device) -> torch.Tensor:
     return torch.from_numpy(np.stack(vectors).astype(np.float32, copy=False)).to(device)
 
 
-def load_dialogues(path: Path, audio_key: str, video_key: str, device: torch.device) -> DialogueSet:
-    """Load a feature pickle (restricted unpickler) for the fusion; the three streams must share one width."""
+def load_dialogues(path: Path, audio_key: str, video_key: str, device: torch.device,
+                   modalities: Sequence[str] = ("T", "A", "V")) -> DialogueSet:
+    """Load a feature pickle (restricted unpickler) for the fusion; the streams read must share one width.
+
+    Only the streams of ``modalities`` (T = ``text``, A = ``audio_key``, V = ``video_key``) are required,
+    validated and read; the others stay None (docs/METHOD.md §5, "Ablation variants").
+    """
     check_complete(features_record(path.parent), f"the feature pickles in {path.parent}",
                    "extract_first_stage_features.py")
-    feats = load_features(path, keys=("text", audio_key, video_key))
+    keys = {m: key for m, key in zip("TAV", ("text", audio_key, video_key)) if m in modalities}
+    feats = load_features(path, keys=tuple(dict.fromkeys(keys.values())))
     if not feats["vids"]:
         raise FeatureFileError(f"{path}: 'vids' is empty; the split has no dialogues")
     first = feats["vids"][0]
-    widths = {k: int(feats[k][first][0].shape[0]) for k in ("text", audio_key, video_key)}
+    widths = {k: int(feats[k][first][0].shape[0]) for k in keys.values()}
     if len(set(widths.values())) != 1:
         raise FeatureFileError(f"{path}: the fusion streams need one width, got {widths}")
     vids = list(feats["vids"])
+    streams = {m: [_stack(feats[key][v], device) for v in vids] if m in keys else None
+               for m, key in zip("TAV", ("text", audio_key, video_key))}
     return DialogueSet(
-        path=path, vids=vids,
-        text=[_stack(feats["text"][v], device) for v in vids],
-        audio=[_stack(feats[audio_key][v], device) for v in vids],
-        video=[_stack(feats[video_key][v], device) for v in vids],
+        path=path, vids=vids, text=streams["T"], audio=streams["A"], video=streams["V"],
         speakers=[torch.tensor([int(s) for s in feats["speakers"][v]], dtype=torch.long, device=device) for v in vids],
         labels=[torch.tensor([int(y) for y in feats["labels"][v]], dtype=torch.long, device=device) for v in vids],
     )
@@ -597,16 +604,18 @@ def check_first_stage_checkpoints(spec: DatasetSpec, save_dir: Path) -> None:
 def first_stage_features(
     spec: DatasetSpec, samples: Mapping[str, Sequence[Sample]], *, pretrained_dir: Path, save_dir: Path,
     feature_dir: Path, device: torch.device, batch_size: int, num_workers: int, amp: bool,
-    report: SubstitutionReport | None = None, audio_cache: Path | None = None,
+    report: SubstitutionReport | None = None, audio_cache: Path | None = None, prompt: str | None = None,
 ) -> dict[str, dict[str, np.ndarray]]:
     """``{split: {feature key: (N, D) float32}}``: the five first-stage models over each split's samples.
 
     One input group at a time (its encoders loaded from ``save_dir``, in eval
     mode, then freed), in sample order; video reads the frames stored under
     ``feature_dir``, audio the clips cached in ``audio_cache`` (decoded and stored on a miss).
-    Used by the extraction stage and by prediction, so both compute the same features.
+    Used by the extraction stage and by prediction, so both compute the same features; the text prompt is
+    the variant ``text.json`` recorded (``prompt``: an explicit ``--prompt``, which must agree).
     """
     check_first_stage_checkpoints(spec, save_dir)
+    prompt = text_prompt(StageFiles.first_stage(save_dir, "text").metrics, prompt)
     vectors: dict[str, dict[str, np.ndarray]] = {split: {} for split in samples}
     # Grouped by the input they share (text; audio, audio_kd; video, video_kd) so each clip is decoded once.
     for modality in ("text", "audio", "video"):
@@ -614,7 +623,8 @@ def first_stage_features(
         for key, (name, script) in FIRST_STAGE_MODELS.items():
             if key.split("_")[0] != modality:
                 continue
-            encoder, field = load_encoder(modality, pretrained_dir, spec.num_classes, feature_dir, audio_cache)
+            encoder, field = load_encoder(modality, pretrained_dir, spec.num_classes, feature_dir, audio_cache,
+                                          prompt)
             load_checkpoint(encoder, Path(save_dir) / f"{name}.bin", f"{spec.name}/{script}", spec.name)
             encoders[key] = encoder.to(device).eval()
         for split, split_samples in samples.items():
@@ -678,7 +688,7 @@ def fusion_training_data(spec: DatasetSpec, args: Any, device: torch.device
     larger), or ``--n_speaker``.
     """
     data = {split: load_dialogues(feature_path(args.feature_dir, split), args.audio_feature, args.video_feature,
-                                  device) for split in SPLITS}
+                                  device, args.modalities) for split in SPLITS}
     width = fusion_width(args.hidden_dim, args.n_head, data["train"].width, str(data["train"].path))
     for split in ("dev", "test"):
         if data[split].width != width:
@@ -692,35 +702,41 @@ def fusion_training_data(spec: DatasetSpec, args: Any, device: torch.device
         data[split].check_ids("labels", args.clsNum, f"{args.clsNum} classes; see --clsNum")
     sizes = {"hidden": width, "n_speaker": n_speaker, "n_classes": args.clsNum,
              **{f"{s}_dialogues": len(data[s]) for s in SPLITS},
-             **{f"{s}_utterances": data[s].n_utterances for s in SPLITS}}
+             **{f"{s}_utterances": data[s].n_utterances for s in SPLITS},
+             # The ablation variant (docs/METHOD.md §5): read back by --train False, predict.py and the tables
+             "variant": utils.fusion_variant(args)}
     return data, sizes
 
 
 def evaluate_fusion(spec: DatasetSpec, args: Any, device: torch.device) -> dict[str, Any]:
-    """``multimodal_fusion.py --train False``: only the test pickle and the checkpoint are read; the sizes
-    come from the checkpoint. Writes the test labels and predictions (``multimodal_fusion_best.json``)."""
+    """``multimodal_fusion.py --train False``: only the test pickle (the streams of the checkpoint's variant)
+    and the checkpoint are read; the sizes and the variant come from the checkpoint (a variant flag that
+    contradicts it is an error). Writes the test labels and predictions (``multimodal_fusion_best.json``)."""
     stage = f"{spec.name} multimodal_fusion (evaluation)"
     files = StageFiles.fusion(args.save_dir)
     record = check_fusion_record(args.save_dir, spec.name, files.checkpoint)
-    sizes = infer_sizes_from_checkpoint(read_fusion_state(files.checkpoint))
+    sizes = infer_sizes_from_checkpoint(read_fusion_state(files.checkpoint), with_variant=True)
+    variant = utils.fusion_variant(args, sizes["variant"], f"checkpoint {files.checkpoint}")
     if int(sizes["n_classes"]) != args.clsNum:
         raise CheckpointError(f"checkpoint {files.checkpoint} predicts {sizes['n_classes']} classes"
                               f"{' (' + str(record['dataset']) + ')' if record else ''} but this run has "
                               f"{args.clsNum} ({spec.name}, --clsNum); use the checkpoint "
                               f"{spec.name}/multimodal_fusion.py writes")
-    test = load_dialogues(feature_path(args.feature_dir, "test"), args.audio_feature, args.video_feature, device)
+    test = load_dialogues(feature_path(args.feature_dir, "test"), args.audio_feature, args.video_feature, device,
+                          variant["modalities"])
     width = fusion_width(args.hidden_dim, args.n_head, test.width, str(test.path))
     if sizes["hidden"] != width:
         raise CheckpointError(f"checkpoint {files.checkpoint} has width {sizes['hidden']} but the features in "
                               f"{test.path} have width {width}")
-    n_speaker, n_classes = int(sizes["n_speaker"]), int(sizes["n_classes"])
-    test.check_ids("speakers", n_speaker, f"the checkpoint {files.checkpoint} has {n_speaker} speakers")
+    n_speaker, n_classes = sizes["n_speaker"], int(sizes["n_classes"])
+    if n_speaker is not None:
+        test.check_ids("speakers", n_speaker, f"the checkpoint {files.checkpoint} has {n_speaker} speakers")
     test.check_ids("labels", n_classes, f"the checkpoint {files.checkpoint} has {n_classes} classes")
     separate = bool(args.separate_text_blocks or sizes["separate_text_blocks"])
     utils.log_start(stage, args, device, {"hidden": width, "n_speaker": n_speaker, "n_classes": n_classes,
                                           "separate_text_blocks": separate, "test_dialogues": len(test),
-                                          "test_utterances": test.n_utterances})
-    fusion = AnchorGatedTransformer(width, n_classes, n_speaker, args.n_head, args.dropout, separate)
+                                          "test_utterances": test.n_utterances, "variant": variant})
+    fusion = AnchorGatedTransformer(width, n_classes, n_speaker, args.n_head, args.dropout, separate, **variant)
     load_fusion_checkpoint(fusion, files.checkpoint)
     fusion.to(device)
     names = fusion_label_names(spec, n_classes)
@@ -729,4 +745,4 @@ def evaluate_fusion(spec: DatasetSpec, args: Any, device: torch.device) -> dict[
     data = DialogueBatches({"test": test}, args.batch_size, args.packed)
     result = evaluate_checkpoint(fusion, data, config, checkpoint_loaded=True)
     write_json(files.predictions, {"labels": result["labels"], "preds": result["preds"]})
-    return {**result, "stage": stage, "paths": {"predictions": str(files.predictions)}}
+    return {**result, "stage": stage, "variant": variant, "paths": {"predictions": str(files.predictions)}}

@@ -298,7 +298,9 @@ class PositionalEncoding(nn.Module):
         # Persistent: the reference's checkpoints hold ``<block>.pos_emb.pe`` (1, 512, H).
         self.register_buffer("pe", pe.unsqueeze(0), persistent=True)
 
-    def forward(self, x: torch.Tensor, speaker_emb: torch.Tensor, layout: Layout) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, speaker_emb: torch.Tensor | None, layout: Layout) -> torch.Tensor:
+        if speaker_emb is None:  # a model without speaker embedding (speaker_embedding=False)
+            return x + layout.positional(self.pe)
         return x + layout.positional(self.pe) + speaker_emb
 
 
@@ -386,7 +388,7 @@ class TransformerBlock(nn.Module):
         )
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor, layout: Layout, speaker_emb: torch.Tensor,
+    def forward(self, x: torch.Tensor, y: torch.Tensor, layout: Layout, speaker_emb: torch.Tensor | None,
                 cross: bool) -> torch.Tensor:
         """Returns the new Y (in ``layout``)."""
         if cross:
@@ -414,23 +416,95 @@ class Gate(nn.Module):
 
 
 class FusionOutput(NamedTuple):
-    """The model's outputs in the batch's layout: rows (N, ...) when packed, else (batch, length, ...)."""
+    """The model's outputs in the batch's layout: rows (N, ...) when packed, else (batch, length, ...).
+
+    ``t_logits`` / ``t_feat`` always hold the PREDICTING anchor (:attr:`AnchorGatedTransformer.predictor`):
+    the text anchor T' when the model has T, else the audio anchor A' (A+V, A), else V' (V alone), or the
+    concat baseline's output. ``a_*`` / ``v_*`` hold the other anchors, the ones distilled towards the
+    prediction; they are None when the modality is absent, or when its anchor is the predicting one (it is
+    then in ``t_*``, and an objective that sums over the non-None fields counts it once).
+    docs/METHOD.md §5, "Ablation variants".
+    """
     t_logits: torch.Tensor  # the prediction (N, classes)
-    a_logits: torch.Tensor
-    v_logits: torch.Tensor
-    t_feat: torch.Tensor  # T' (N, hidden)
-    a_feat: torch.Tensor  # A'
-    v_feat: torch.Tensor  # V'
+    a_logits: torch.Tensor | None
+    v_logits: torch.Tensor | None
+    t_feat: torch.Tensor  # T' (N, hidden), or the predicting anchor's features
+    a_feat: torch.Tensor | None  # A'
+    v_feat: torch.Tensor | None  # V'
+
+
+MODALITIES = ("T", "A", "V")  # the streams, in the order of forward's arguments
+FUSIONS = ("anchor", "concat")
+# The nine blocks in the authors' order of construction (docs/METHOD.md §5, Initialisation).
+BUILD_ORDER = TEXT_ANCHOR + AUDIO_ANCHOR + VIDEO_ANCHOR
+CONCAT_MODALITIES = "concat_modalities"  # buffer of the concat baseline: which of T, A, V it reads
+
+
+def _canonical_modalities(modalities: Sequence[str]) -> tuple[str, ...]:
+    """``modalities`` (e.g. ``("T", "A")``, ``"TA"``, any case) as a tuple in T, A, V order; errors name them."""
+    given = [str(m).upper() for m in modalities]
+    unknown = sorted(set(given) - set(MODALITIES))
+    if unknown or not given or len(set(given)) != len(given):
+        raise ValueError(f"modalities must be a non-empty subset of T, A, V without repeats, got {list(modalities)!r}")
+    return tuple(m for m in MODALITIES if m in given)
+
+
+def variant_name(variant: Mapping[str, object]) -> str:
+    """A short readable name of a :attr:`AnchorGatedTransformer.variant`, e.g. ``anchor T+A+V, gates, speaker
+    embedding`` (used in the checkpoint errors)."""
+    parts = [f"{variant['fusion']} {'+'.join(variant['modalities'])}"]
+    if variant["fusion"] == "anchor":
+        parts.append("gates" if variant["gates"] else "no gates")
+    parts.append("speaker embedding" if variant["speaker_embedding"] else "no speaker embedding")
+    return ", ".join(parts)
 
 
 class AnchorGatedTransformer(nn.Module):
-    """The second-stage model: audio, video and text anchors over utterance features (docs/METHOD.md §5)."""
+    """The second-stage model: audio, video and text anchors over utterance features (docs/METHOD.md §5).
 
-    def __init__(self, hidden: int, n_classes: int, n_speaker: int, n_head: int = 8, dropout: float = 0.5,
-                 separate_text_blocks: bool = False) -> None:
+    The keyword arguments select an ablation variant (docs/METHOD.md §5, "Ablation variants"); their
+    defaults are the paper's model, parameter for parameter and draw for draw:
+
+    - ``modalities``: the streams the model reads, any non-empty subset of ``T``, ``A``, ``V``. The model
+      keeps exactly the full model's blocks, gates, reductions and heads whose streams are all present
+      (T+A: ``a_a t_a`` -> A', ``t_t`` (+ ``a_t``) -> T'; a single modality X: its self block ``x_x``, gate
+      and head ``w_x``, no reduction). The text anchor predicts when T is present, else the audio anchor
+      (A+V, A), else the video anchor (V); the prediction is always ``FusionOutput.t_logits``. The inputs
+      of absent modalities are never read (pass anything, e.g. None).
+    - ``gates``: False replaces every gate by the identity, ``g(x) = x`` (no ``*_gate`` parameters): each
+      block's output enters the concatenation before ``R_x`` (or the head) unscaled.
+    - ``speaker_embedding``: False adds no speaker embedding (``E(X) = X + PE``, no ``speaker_embeddings``);
+      ``speakers`` is then not read and ``n_speaker`` may be None.
+    - ``fusion``: ``"concat"`` is the baseline without anchors: the present streams concatenated per
+      utterance, ``concat_reduce = Linear(kH, H)``, one self block ``concat`` (positions + speaker
+      embedding as the text stream's), the head ``w_concat``; no gates (its variant reports
+      ``gates: False`` whatever ``gates`` says).
+    """
+
+    def __init__(self, hidden: int, n_classes: int, n_speaker: int | None, n_head: int = 8, dropout: float = 0.5,
+                 separate_text_blocks: bool = False, *, modalities: Sequence[str] = MODALITIES, gates: bool = True,
+                 speaker_embedding: bool = True, fusion: str = "anchor") -> None:
         super().__init__()
+        modalities = _canonical_modalities(modalities)
+        if fusion not in FUSIONS:
+            raise ValueError(f"fusion must be one of {', '.join(FUSIONS)}, got {fusion!r}")
+        if speaker_embedding and n_speaker is None:
+            raise ValueError("n_speaker is needed for the speaker embedding (speaker_embedding=True)")
+        if fusion == "concat" and separate_text_blocks:
+            raise ValueError("separate_text_blocks applies to the anchor fusion only, not to fusion='concat'")
         self.hidden, self.n_classes, self.n_speaker = hidden, n_classes, n_speaker
         self.separate_text_blocks = separate_text_blocks
+        self.modalities, self.fusion = modalities, fusion
+        self.gates = bool(gates) and fusion == "anchor"
+        self.speaker_embedding = bool(speaker_embedding)
+        present = {m.lower() for m in modalities}
+        self._present = present
+        # The predicting anchor: text if present, else audio, else video (docs/METHOD.md §5, Ablation variants).
+        self._predictor = next(m for m in "tav" if m in present)
+        if fusion == "concat":
+            self._build_concat(n_head, dropout)
+            return
+
         # Modules are BUILT in the authors' constructor order, so that right after
         # torch.manual_seed(seed) they make the same random draws and get the same
         # initial weights (docs/METHOD.md §5, Initialisation): speaker table (default
@@ -440,62 +514,111 @@ class AnchorGatedTransformer(nn.Module):
         # and discarded. They are then REGISTERED in our order (unchanged state_dict).
         # Row n_speaker is the padding row (the authors used id 2, a real speaker on
         # MELD); the table has the authors' shape (n_speaker + 1 rows), so the draws agree.
-        speaker_embeddings = nn.Embedding(n_speaker + 1, hidden, padding_idx=n_speaker)
-        nn.init.normal_(speaker_embeddings.weight, mean=0.0, std=0.1)
-        blocks = {name: TransformerBlock(hidden, n_head, dropout) for name in TEXT_ANCHOR + AUDIO_ANCHOR + VIDEO_ANCHOR}
-        gates = {name: Gate(hidden) for name in TEXT_ANCHOR + AUDIO_ANCHOR + VIDEO_ANCHOR}
-        reduce = {modality: nn.Linear(3 * hidden, hidden) for modality in ("t", "a", "v")}
-        nn.Linear(3 * hidden, hidden)  # the authors' unused top-level fc: drawn, discarded
-        heads = {modality: nn.Linear(hidden, n_classes) for modality in ("t", "a", "v")}
+        # A variant makes the same draws in the same order, leaving out the modules it has not.
+        if self.speaker_embedding:
+            speaker_embeddings = nn.Embedding(n_speaker + 1, hidden, padding_idx=n_speaker)
+            nn.init.normal_(speaker_embeddings.weight, mean=0.0, std=0.1)
+        names = [name for name in BUILD_ORDER if name[0] in present and name[2] in present]
+        blocks = {name: TransformerBlock(hidden, n_head, dropout) for name in names}
+        gate_modules = {name: Gate(hidden) for name in names} if self.gates else {}
+        # Each anchor concatenates one path per present modality; a single path is not reduced.
+        paths = len(present)
+        reduce = {m: nn.Linear(paths * hidden, hidden) for m in "tav" if m in present and paths > 1}
+        if paths == 3:
+            nn.Linear(3 * hidden, hidden)  # the authors' unused top-level fc: drawn, discarded
+        heads = {modality: nn.Linear(hidden, n_classes) for modality in "tav" if modality in present}
 
-        self.speaker_embeddings = speaker_embeddings
-        names = AUDIO_ANCHOR + VIDEO_ANCHOR + (TEXT_ANCHOR if separate_text_blocks else TEXT_ANCHOR[:1])
-        for name in names:
-            self.add_module(name, blocks[name])
-            self.add_module(f"{name}_gate", gates[name])
-        for modality in ("t", "a", "v"):
+        if self.speaker_embedding:
+            self.speaker_embeddings = speaker_embeddings
+        registered = AUDIO_ANCHOR + VIDEO_ANCHOR + (TEXT_ANCHOR if separate_text_blocks else TEXT_ANCHOR[:1])
+        for name in registered:
+            if name in blocks:
+                self.add_module(name, blocks[name])
+                if self.gates:
+                    self.add_module(f"{name}_gate", gate_modules[name])
+        for modality in reduce:
             self.add_module(f"features_reduce_{modality}", reduce[modality])
-        for modality in ("t", "a", "v"):
+        for modality in heads:
             self.add_module(f"w_{modality}", heads[modality])
+
+    def _build_concat(self, n_head: int, dropout: float) -> None:
+        """The concat baseline's modules, built in the anchor model's order (speaker table, block, reduction,
+        head); the buffer :data:`CONCAT_MODALITIES` records which streams it reads, for its checkpoints."""
+        hidden = self.hidden
+        if self.speaker_embedding:
+            speaker_embeddings = nn.Embedding(self.n_speaker + 1, hidden, padding_idx=self.n_speaker)
+            nn.init.normal_(speaker_embeddings.weight, mean=0.0, std=0.1)
+            self.speaker_embeddings = speaker_embeddings
+        self.concat = TransformerBlock(hidden, n_head, dropout)
+        self.concat_reduce = nn.Linear(len(self.modalities) * hidden, hidden)
+        self.w_concat = nn.Linear(hidden, self.n_classes)
+        self.register_buffer(CONCAT_MODALITIES, torch.tensor([m in self.modalities for m in MODALITIES]))
 
     @property
     def padding_speaker(self) -> int:
-        return self.n_speaker
+        return self.n_speaker if self.n_speaker is not None else 0
 
-    def _path(self, name: str, x: torch.Tensor, y: torch.Tensor, layout: Layout, spk: torch.Tensor,
+    @property
+    def predictor(self) -> str:
+        """Whose logits are ``t_logits``: ``"T"``, ``"A"`` or ``"V"`` (the predicting anchor), or ``"concat"``."""
+        return "concat" if self.fusion == "concat" else self._predictor.upper()
+
+    @property
+    def variant(self) -> dict[str, object]:
+        """The variant as a plain dict, the constructor's keyword arguments:
+        ``{"modalities": ["T", "A", "V"], "gates": True, "speaker_embedding": True, "fusion": "anchor"}``."""
+        return {"modalities": list(self.modalities), "gates": self.gates,
+                "speaker_embedding": self.speaker_embedding, "fusion": self.fusion}
+
+    def _path(self, name: str, x: torch.Tensor, y: torch.Tensor, layout: Layout, spk: torch.Tensor | None,
               cross: bool) -> torch.Tensor:
         # Reference behaviour: all text-anchor paths use the t_t block and gate.
         if name in TEXT_ANCHOR and not self.separate_text_blocks:
             name = "t_t"
-        block, gate = getattr(self, name), getattr(self, f"{name}_gate")
-        return gate(block(x, y, layout, spk, cross=cross))
+        out = getattr(self, name)(x, y, layout, spk, cross=cross)
+        return getattr(self, f"{name}_gate")(out) if self.gates else out  # gates=False: g(x) = x
 
-    def forward(self, text: torch.Tensor, audio: torch.Tensor, video: torch.Tensor, speakers: torch.Tensor,
-                mask: torch.Tensor, index: torch.Tensor | None = None,
+    def _anchor(self, modality: str, names: Sequence[str], sources: Mapping[str, torch.Tensor],
+                query: torch.Tensor, layout: Layout, spk: torch.Tensor | None) -> torch.Tensor:
+        """One anchor: the paths ``names`` whose key/value stream is present, concatenated and reduced."""
+        paths = [self._path(name, sources[name[0]], query, layout, spk, cross=name[0] != modality)
+                 for name in names if name[0] in self._present]
+        if len(paths) == 1:
+            return paths[0]
+        return getattr(self, f"features_reduce_{modality}")(torch.cat(paths, dim=-1))
+
+    def forward(self, text: torch.Tensor | None, audio: torch.Tensor | None, video: torch.Tensor | None,
+                speakers: torch.Tensor | None, mask: torch.Tensor, index: torch.Tensor | None = None,
                 positions: torch.Tensor | None = None) -> FusionOutput:
         """``mask`` (batch, length) True = real utterance. With ``index``/``positions`` (see
         :class:`Layout`) the streams are packed rows (N, hidden) and ``speakers`` (N,), and so are the
         outputs; without, they are padded (batch, length, hidden) / (batch, length), padded speakers
-        = :attr:`padding_speaker`."""
+        = :attr:`padding_speaker`. The streams of absent modalities (and ``speakers`` without speaker
+        embedding) are never read."""
         layout = Layout(mask, index, positions)
-        spk = self.speaker_embeddings(speakers)
-        a_a = self._path("a_a", audio, audio, layout, spk, cross=False)
-        t_a = self._path("t_a", text, audio, layout, spk, cross=True)
-        v_a = self._path("v_a", video, audio, layout, spk, cross=True)
-        a_feat = self.features_reduce_a(torch.cat([a_a, t_a, v_a], dim=-1))
+        spk = self.speaker_embeddings(speakers) if self.speaker_embedding else None
+        raw = {modality: stream for modality, stream in zip("tav", (text, audio, video)) if modality in self._present}
+        if self.fusion == "concat":
+            fused = self.concat_reduce(torch.cat([raw[m] for m in "tav" if m in raw], dim=-1))
+            feat = self.concat(fused, fused, layout, spk, cross=False)
+            return FusionOutput(self.w_concat(feat), None, None, feat, None, None)
 
-        v_v = self._path("v_v", video, video, layout, spk, cross=False)
-        t_v = self._path("t_v", text, video, layout, spk, cross=True)
-        a_v = self._path("a_v", audio, video, layout, spk, cross=True)
-        v_feat = self.features_reduce_v(torch.cat([v_v, t_v, a_v], dim=-1))
+        feats = {}
+        if "a" in raw:
+            feats["a"] = self._anchor("a", AUDIO_ANCHOR, raw, raw["a"], layout, spk)
+        if "v" in raw:
+            feats["v"] = self._anchor("v", VIDEO_ANCHOR, raw, raw["v"], layout, spk)
+        if "t" in raw:
+            # The text anchor attends to the fused A' and V', not to the raw streams.
+            feats["t"] = self._anchor("t", TEXT_ANCHOR, {"t": raw["t"], **feats}, raw["t"], layout, spk)
+        logits = {m: getattr(self, f"w_{m}")(feats[m]) for m in "tav" if m in feats}
+        pred = self._predictor
 
-        # The text anchor attends to the fused A' and V', not to the raw streams.
-        t_t = self._path("t_t", text, text, layout, spk, cross=False)
-        a_t = self._path("a_t", a_feat, text, layout, spk, cross=True)
-        v_t = self._path("v_t", v_feat, text, layout, spk, cross=True)
-        t_feat = self.features_reduce_t(torch.cat([t_t, a_t, v_t], dim=-1))
+        def other(modality: str, values: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
+            return values[modality] if modality in values and modality != pred else None
 
-        return FusionOutput(self.w_t(t_feat), self.w_a(a_feat), self.w_v(v_feat), t_feat, a_feat, v_feat)
+        return FusionOutput(logits[pred], other("a", logits), other("v", logits),
+                            feats[pred], other("a", feats), other("v", feats))
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -644,44 +767,83 @@ def load_checkpoint(model: nn.Module, path: Path, produced_by: str, dataset: str
 
 _REFERENCE_ONLY = ("fc.",)  # the reference's top-level fc, never used in its forward
 _UNUSED_WHEN_SHARING = ("a_t.", "v_t.", "a_t_gate.", "v_t_gate.")
+_SELF_BLOCKS = {"T": "t_t.", "A": "a_a.", "V": "v_v."}  # an anchor model has X's self block iff it reads X
 
 
-def infer_sizes_from_checkpoint(state: Mapping[str, torch.Tensor]) -> dict[str, int | bool]:
-    """Sizes a checkpoint fixes: ``n_speaker``, ``hidden``, ``n_classes``, ``separate_text_blocks``.
+def variant_from_checkpoint(state: Mapping[str, torch.Tensor]) -> dict[str, object]:
+    """The variant (:attr:`AnchorGatedTransformer.variant`) a fusion checkpoint was trained as.
+
+    Read from the names: the concat baseline holds :data:`CONCAT_MODALITIES` (which streams it read);
+    an anchor model holds the self block ``x_x`` of each modality X it reads; gates show as
+    ``*_gate.fc.weight``, the speaker embedding as ``speaker_embeddings.weight``. The authors'
+    checkpoints are ``anchor T+A+V`` with gates and speaker embedding.
+    """
+    if CONCAT_MODALITIES in state:
+        flags = [bool(f) for f in state[CONCAT_MODALITIES].tolist()]
+        modalities, fusion = [m for m, on in zip(MODALITIES, flags) if on], "concat"
+    else:
+        modalities = [m for m, prefix in _SELF_BLOCKS.items() if any(k.startswith(prefix) for k in state)]
+        fusion = "anchor"
+    if not modalities:
+        raise FusionCheckpointError("checkpoint has none of the blocks t_t, a_a, v_v and no "
+                                    f"{CONCAT_MODALITIES!r}: not a multimodal fusion checkpoint")
+    return {"modalities": modalities,
+            "gates": fusion == "anchor" and any(k.endswith("_gate.fc.weight") for k in state),
+            "speaker_embedding": "speaker_embeddings.weight" in state, "fusion": fusion}
+
+
+def infer_sizes_from_checkpoint(state: Mapping[str, torch.Tensor], with_variant: bool = False
+                                ) -> dict[str, object]:
+    """Sizes a checkpoint fixes: ``n_speaker``, ``hidden``, ``n_classes``, ``separate_text_blocks``;
+    with ``with_variant`` also ``"variant"``: :func:`variant_from_checkpoint`, so that
+    ``AnchorGatedTransformer(hidden, n_classes, n_speaker, n_head, dropout, separate_text_blocks,
+    **sizes["variant"])`` rebuilds the model of any variant.
 
     ``n_head`` does not show in any shape and must come from the command line.
     ``separate_text_blocks`` is True only for our checkpoints trained with
-    separate text blocks (``a_t`` weights without the reference's ``fc``).
+    separate text blocks (``a_t``/``v_t`` weights without the reference's ``fc``).
+    ``n_speaker`` is None for a model without speaker embedding. ``n_classes`` (and
+    ``hidden`` without a speaker table) come from the predicting head (``w_t``,
+    else ``w_a``, ``w_v``; ``w_concat`` for the concat baseline).
     """
-    for key in ("speaker_embeddings.weight", "w_t.weight"):
+    variant = variant_from_checkpoint(state)
+    head = "w_concat" if variant["fusion"] == "concat" else f"w_{variant['modalities'][0].lower()}"
+    for key in (("speaker_embeddings.weight",) if variant["speaker_embedding"] else ()) + (f"{head}.weight",):
         if key not in state:
             raise FusionCheckpointError(f"checkpoint has no {key!r}: not a multimodal fusion checkpoint")
-    rows, hidden = state["speaker_embeddings.weight"].shape
-    has_a_t = any(k.startswith("a_t.") for k in state)
+    n_classes, hidden = state[f"{head}.weight"].shape
+    n_speaker = None
+    if variant["speaker_embedding"]:
+        rows, hidden = state["speaker_embeddings.weight"].shape
+        n_speaker = int(rows) - 1
+    has_text_blocks = any(k.startswith(("a_t.", "v_t.")) for k in state)
     is_reference = any(k.startswith(_REFERENCE_ONLY) for k in state)
-    return {
-        "n_speaker": int(rows) - 1,
+    sizes: dict[str, object] = {
+        "n_speaker": n_speaker,
         "hidden": int(hidden),
-        "n_classes": int(state["w_t.weight"].shape[0]),
-        "separate_text_blocks": bool(has_a_t and not is_reference),
+        "n_classes": int(n_classes),
+        "separate_text_blocks": bool(has_text_blocks and not is_reference),
     }
+    if with_variant:
+        sizes["variant"] = variant
+    return sizes
 
 
-def fusion_sizes_for(spec: DatasetSpec, path: str | Path, speaker2id: Mapping[str, int] | None = None
-                     ) -> dict[str, int | bool]:
+def fusion_sizes_for(spec: DatasetSpec, path: str | Path, speaker2id: Mapping[str, int] | None = None,
+                     with_variant: bool = False) -> dict[str, object]:
     """:func:`infer_sizes_from_checkpoint` of the checkpoint at ``path``, checked against the dataset.
 
-    The class count must be the dataset's, and the speaker embedding must have a
-    row for every speaker id the dataset uses (MELD: every id of ``speaker2id``;
-    IEMOCAP: ``spec.n_speaker``), so a checkpoint trained for the other dataset is
-    refused with an error naming it.
+    The class count must be the dataset's, and the speaker embedding (when the
+    model has one) must have a row for every speaker id the dataset uses (MELD:
+    every id of ``speaker2id``; IEMOCAP: ``spec.n_speaker``), so a checkpoint
+    trained for the other dataset is refused with an error naming it.
     """
-    sizes = infer_sizes_from_checkpoint(read_fusion_state(path))
+    sizes = infer_sizes_from_checkpoint(read_fusion_state(path), with_variant)
     needed = max(speaker2id.values()) + 1 if spec.global_speaker_ids and speaker2id else spec.n_speaker
     problems = []
     if sizes["n_classes"] != spec.num_classes:
         problems.append(f"{sizes['n_classes']} classes, {spec.name} has {spec.num_classes} ({', '.join(spec.labels)})")
-    if sizes["n_speaker"] < needed:
+    if sizes["n_speaker"] is not None and sizes["n_speaker"] < needed:
         problems.append(f"{sizes['n_speaker']} speaker rows (+ padding), {spec.name} needs {needed}")
     if problems:
         raise FusionCheckpointError(f"fusion checkpoint {path} was not trained for {spec.name}: it has "
@@ -700,13 +862,24 @@ def read_fusion_state(path: str | Path) -> dict[str, torch.Tensor]:
 def load_fusion_checkpoint(model: AnchorGatedTransformer, path: str | Path) -> AnchorGatedTransformer:
     """Load our checkpoint or the reference's into ``model``; errors name the file and the keys.
 
-    The reference's never-used entries (``fc.*``, and ``a_t``/``v_t`` blocks and
-    gates when the model shares the text block as the reference does) are
-    dropped with one log line. Anything else missing, unexpected or of another
-    shape is an error (docs/METHOD.md §6).
+    A checkpoint of another variant (:func:`variant_from_checkpoint`) is refused with
+    an error naming both variants. The reference's never-used entries (``fc.*``, and
+    ``a_t``/``v_t`` blocks and gates when the model shares the text block as the
+    reference does) are dropped with one log line. Anything else missing, unexpected
+    or of another shape is an error (docs/METHOD.md §6).
     """
     path = Path(path)
     state = read_fusion_state(path)
+    try:
+        found = variant_from_checkpoint(state)
+    except FusionCheckpointError:
+        found = None  # no fusion blocks at all: the key listing below names what is wrong
+    if found is not None and found != model.variant:
+        raise FusionCheckpointError(
+            f"fusion checkpoint {path} is the variant {variant_name(found)} ({found}) but the model is the "
+            f"variant {variant_name(model.variant)} ({model.variant}); build the model with "
+            f"{', '.join(f'{k}={v!r}' for k, v in found.items())} (infer_sizes_from_checkpoint(..., "
+            f"with_variant=True) reads them)")
     is_reference = any(k.startswith(_REFERENCE_ONLY) for k in state)
     drop = _REFERENCE_ONLY + (() if model.separate_text_blocks else _UNUSED_WHEN_SHARING)
     dropped = sorted(k for k in state if is_reference and k.startswith(drop))

@@ -32,13 +32,14 @@ import pandas as pd
 import torch
 
 from . import utils
-from .artifacts import (FRAMES_REPORT, StageFiles, SubstitutionReport, feature_path, features_record, frames_record,
-                        read_record, write_text)
+from . import results
+from .artifacts import (FRAMES_REPORT, StageFiles, SubstitutionReport, copy_file, feature_path, features_record,
+                        frames_record, read_record, write_json, write_text)
 from .dataset import (SPLITS, DatasetSpec, Utterance, build_samples, fusion_speaker_ids, group_dialogues,
-                      load_conversation, load_speaker2id)
+                      load_conversation, load_samples, load_speaker2id)
 from .engine import dialogue_logits
 from .features import (assemble_features, check_first_stage_checkpoints, extract_frames, first_stage_features,
-                       load_dialogues, plan_jobs, save_features)
+                       load_dialogues, load_features, plan_jobs, save_features)
 from .model import (AnchorGatedTransformer, CheckpointError, fusion_sizes_for, fusion_width,
                     load_fusion_checkpoint)
 from .pretrained import load_image_processor
@@ -246,13 +247,14 @@ def predict_conversation(spec: DatasetSpec, args: argparse.Namespace, device: to
 
     # Models, checked before any work: the fusion checkpoint is this dataset's, the five first-stage ones exist
     files = StageFiles.fusion(args.save_dir)
-    sizes = fusion_sizes_for(spec, files.checkpoint, speaker2id)
+    sizes = fusion_sizes_for(spec, files.checkpoint, speaker2id, with_variant=True)
+    variant = utils.fusion_variant(args, sizes["variant"], f"fusion checkpoint {files.checkpoint}")
     check_first_stage_checkpoints(spec, args.save_dir)
     trained = recorded_args(files.metrics)
     audio_key = args.audio_feature or trained.get("audio_feature", default_features[0])
     video_key = args.video_feature or trained.get("video_feature", default_features[1])
     n_head = args.n_head or int(trained.get("n_head", 8))
-    padding = int(sizes["n_speaker"]) if args.unknown_speakers == "padding" else None
+    padding = int(sizes["n_speaker"] or 0) if args.unknown_speakers == "padding" else None
     speakers = [s for _, dialogue in dialogues for s in fusion_speaker_ids(spec, dialogue, speaker2id, padding)]
     utils.log_start(stage, args, device, {"dialogues": len(dialogues), "utterances": len(ordered),
                                           "audio_feature": audio_key, "video_feature": video_key, "n_head": n_head})
@@ -267,19 +269,19 @@ def predict_conversation(spec: DatasetSpec, args: argparse.Namespace, device: to
     vectors = first_stage_features(
         spec, {split: build_samples(ordered)}, pretrained_dir=args.pretrained_dir, save_dir=args.save_dir,
         feature_dir=work_dir, device=device, batch_size=args.batch_size, num_workers=args.num_workers,
-        amp=args.amp, report=report, audio_cache=utils.audio_cache_dir(args))[split]
+        amp=args.amp, report=report, audio_cache=utils.audio_cache_dir(args), prompt=args.prompt)[split]
     features = assemble_features([u.dialogue_id for u in ordered], [u.utterance_id for u in ordered],
                                  [u.label for u in ordered], speakers, vectors)
     pickle_path = save_features(feature_path(work_dir, split), features)
 
     # Fusion (stage 8) on the pickle, in evaluation mode (no dropout)
-    data = load_dialogues(pickle_path, audio_key, video_key, device)
+    data = load_dialogues(pickle_path, audio_key, video_key, device, variant["modalities"])
     width = fusion_width(None, n_head, data.width, str(pickle_path))
     if sizes["hidden"] != width:
         raise CheckpointError(f"fusion checkpoint {files.checkpoint} has width {sizes['hidden']} but the "
                               f"first-stage features in {pickle_path} have width {width}")
-    fusion = AnchorGatedTransformer(width, spec.num_classes, int(sizes["n_speaker"]), n_head, 0.0,
-                                    bool(sizes["separate_text_blocks"]))
+    fusion = AnchorGatedTransformer(width, spec.num_classes, sizes["n_speaker"], n_head, 0.0,
+                                    bool(sizes["separate_text_blocks"]), **variant)
     load_fusion_checkpoint(fusion, files.checkpoint)
     logits = dialogue_logits(fusion.to(device), data, args.batch_size, show_progress=True)
 
@@ -341,6 +343,226 @@ def prediction_summary(table: pd.DataFrame, width: int = 48) -> str:
     return short.to_string(index=False)
 
 
+
+
+# --------------------------------------------------------------------------- ablation tables (<DS>/ablation.py)
+
+@dataclass(frozen=True)
+class Variant:
+    """One row of an ablation table: the folder ``key``, the printed ``name``, the stage flags that make it,
+    and the row it is tested against (``baseline``; None: it is the reference)."""
+    key: str
+    name: str
+    argv: tuple[str, ...] = ()
+    baseline: str | None = None
+    script: str = "multimodal_fusion.py"
+    model: str = "multimodal_fusion"  # the checkpoint's name (kd: the first-stage model)
+
+
+ABLATION_TABLES = ("modalities", "components", "kd", "prompt")
+PROMPTS = ("full", "no_template", "no_speakers", "no_context")
+ABLATION_RECORD = "ablation_variant.json"  # per variant folder: its setting, seeds' rows and predictions
+_SUBSETS = ("T", "A", "V", "T+A", "T+V", "A+V", "T+A+V")
+CAPTIONS = {
+    "modalities": "The fusion on each subset of modalities (docs/METHOD.md §5, Ablation variants), trained on "
+                  "the same first-stage feature pickles; tested against T+A+V.",
+    "components": "The full model without each component: gates (identity), speaker embedding, the fusion's "
+                  "distillation terms (alpha = beta = 0), the distilled first-stage features (audio / video "
+                  "instead of audio_kd / video_kd), and the concat baseline instead of the anchors; tested "
+                  "against the full model.",
+    "kd": "The first-stage models themselves on test (the utterance-level classifiers of docs/METHOD.md §2-3); "
+          "each distilled student is tested against its undistilled model.",
+    "prompt": "Each text-prompt variant (docs/METHOD.md §2): text.py trained with it (one model, the first seed), "
+              "the first-stage features extracted with it (audio, video and the KD students unchanged: the "
+              "pipeline's checkpoints), and the fusion trained on them per seed; tested against the full prompt "
+              "under the same protocol.",
+}
+
+
+def ablation_variants(table: str, spec: DatasetSpec) -> list[Variant]:
+    """The rows of ``table`` (one of :data:`ABLATION_TABLES`), the reference first where it has one."""
+    if table == "modalities":
+        return [Variant(key, key, ("--modalities", *key.split("+")), None if key == "T+A+V" else "T+A+V")
+                for key in _SUBSETS]
+    if table == "components":
+        rows = [("full", "full model", ()), ("no_gates", "without gates", ("--gates", "False")),
+                ("no_speaker_embedding", "without speaker embedding", ("--speaker_embedding", "False")),
+                ("no_fusion_kd", "without fusion KD (alpha = beta = 0)", ("--alpha", "0", "--beta", "0")),
+                ("no_kd_features", "without distilled features (audio, video)",
+                 ("--audio_feature", "audio", "--video_feature", "video")),
+                ("concat", "concat fusion instead of anchors", ("--fusion", "concat"))]
+        return [Variant(key, name, argv, None if key == "full" else "full") for key, name, argv in rows]
+    if table == "kd":
+        return [Variant("text", "text", (), None, "text.py", "text"),
+                Variant("audio", "audio", (), None, "audio.py", "audio"),
+                Variant("audio_kd", "audio distilled (text -> audio)", ("--student", "audio", "--teacher", "text"),
+                        "audio", "KD.py", "text_KD_audio"),
+                Variant("video", "video", (), None, "video.py", "video"),
+                Variant("video_kd", "video distilled (text -> video)", ("--student", "video", "--teacher", "text"),
+                        "video", "KD.py", "text_KD_video")]
+    if table == "prompt":
+        return [Variant(key, f"prompt {key}", ("--prompt", key), None if key == "full" else "full")
+                for key in PROMPTS]
+    raise utils.UserError(f"--table {table}: expected one of {', '.join(ABLATION_TABLES)}")
+
+
+def run_ablation(spec: DatasetSpec, args: argparse.Namespace, extra: Sequence[str]) -> dict[str, Any]:
+    """``<DS>/ablation.py``: every variant of ``args.table`` over ``args.seeds`` (each in
+    ``<save_dir>/ablation/<table>/<variant>/``; a finished one with the same setting is skipped), then the
+    table (`magtkd.results.write_ablation`). ``extra``: flags passed through to every run of the stage."""
+    table_dir = Path(args.save_dir) / "ablation" / args.table
+    runs = {}
+    for variant in ablation_variants(args.table, spec):
+        folder = table_dir / variant.key
+        setting = {"table": args.table, "variant": variant.key, "argv": [*variant.argv, *extra],
+                   "seeds": list(args.seeds), "train": bool(args.train), "feature_dir": str(args.feature_dir)}
+        record = read_record(folder / ABLATION_RECORD)
+        if record is not None and record.get("complete") is True and record.get("setting") == setting:
+            log.info("ablation %s: %s finished before with this setting, skipped", args.table, variant.key)
+            runs[variant.key] = record
+            continue
+        log.info("ablation %s: running %s (%s)", args.table, variant.key, " ".join(setting["argv"]) or "defaults")
+        if args.table == "kd":
+            rows = _first_stage_variant(spec, args, variant, folder, list(extra))
+        else:
+            feature_dir = _prompt_features(spec, args, variant, folder, list(extra)) if args.table == "prompt" \
+                else Path(args.feature_dir)
+            rows = _fusion_variant(spec, args, variant, folder, feature_dir, list(extra))
+        runs[variant.key] = {"complete": True, "setting": setting, **rows}
+        write_json(folder / ABLATION_RECORD, runs[variant.key])
+    return results.write_ablation(Path(args.save_dir) / "ablation", args.table, spec.name,
+                                  ablation_variants(args.table, spec), runs, CAPTIONS[args.table])
+
+
+def _stage(spec: DatasetSpec, script: str, argv: list[str]) -> dict[str, Any]:
+    log.info("[%s] %s %s", spec.name, script, " ".join(argv))
+    return load_script(REPO / spec.name / script).main(argv)
+
+
+def _fusion_variant(spec: DatasetSpec, args: argparse.Namespace, variant: Variant, folder: Path,
+                    feature_dir: Path, extra: list[str]) -> dict[str, Any]:
+    """Train the fusion variant once per seed into ``folder``; its seeds' rows and test predictions."""
+    argv = [*variant.argv, *extra, "--feature_dir", str(feature_dir), "--save_dir", str(folder),
+            "--seeds", *map(str, args.seeds)] + (["--device", args.device] if args.device else [])
+    _stage(spec, variant.script, argv)
+    test = load_features(feature_path(feature_dir, "test"), keys=())
+    dialogues = [i for i, vid in enumerate(test["vids"]) for _ in test["labels"][vid]]
+    seeds = []
+    for seed in args.seeds:
+        files = StageFiles.fusion(folder, utils.seed_tag(seed, args.seeds))
+        doc, out = read_record(files.metrics), read_record(files.predictions)
+        seeds.append({**results.seed_row(seed, doc, doc["labels"]), "labels": out["labels"], "preds": out["preds"]})
+    return {"labels": list(doc["labels"]), "dialogues": dialogues, "seeds": seeds}
+
+
+def _first_stage_variant(spec: DatasetSpec, args: argparse.Namespace, variant: Variant, folder: Path,
+                         extra: list[str]) -> dict[str, Any]:
+    """A first-stage model's test predictions per seed: ``--train True`` trains it into ``folder`` (the KD
+    teacher and the audio student's start are the pipeline's ``text.bin`` / ``audio.bin``); ``--train False``
+    evaluates ``<save_dir>/<name>_seed<S>.bin`` (or the one ``<name>.bin``, with the seed it recorded)."""
+    save_dir = Path(args.save_dir)
+    paths = ["--data_dir", str(args.data_dir), "--pretrained_dir", str(args.pretrained_dir),
+             "--feature_dir", str(args.feature_dir)] + (["--device", args.device] if args.device else [])
+    if args.train:
+        folder.mkdir(parents=True, exist_ok=True)
+        for needed in (["text"] + (["audio"] if variant.model == "text_KD_audio" else [])) \
+                if variant.script == "KD.py" else []:
+            for suffix in (".bin", ".json"):
+                link_file(save_dir / f"{needed}{suffix}", folder / f"{needed}{suffix}")
+        _stage(spec, variant.script, [*variant.argv, *extra, *paths, "--save_dir", str(folder),
+                                      "--seeds", *map(str, args.seeds)])
+        save_dir = folder
+    samples = load_samples(spec, args.data_dir, ("test",))["test"]
+    dialogues = [s.utterance.dialogue_id for s in samples]
+    seeds = []
+    for seed in args.seeds:
+        tagged = save_dir / f"{variant.model}{utils.seed_tag(seed, args.seeds)}"
+        source = tagged if tagged.with_suffix(".bin").is_file() else save_dir / variant.model
+        doc = read_record(source.with_suffix(".json"))
+        if doc is None or not source.with_suffix(".bin").is_file():
+            raise utils.UserError(f"{source}.bin (or its .json) not found: train {spec.name}/{variant.script} "
+                                  f"with --seeds {' '.join(map(str, args.seeds))}, or run the table with --train True")
+        recorded = int(doc["args"]["seed"])
+        if any(row["seed"] == recorded for row in seeds):
+            log.warning("ablation kd: %s holds one model (seed %d), not one per seed", source, recorded)
+            continue
+        evaluation = folder / f"seed{recorded}"
+        evaluation.mkdir(parents=True, exist_ok=True)
+        for suffix in (".bin", ".json"):  # the script evaluates <save_dir>/<name>.bin
+            link_file(source.with_suffix(suffix), evaluation / f"{variant.model}{suffix}")
+        out = _stage(spec, variant.script, [*variant.argv, *extra, *paths, "--save_dir", str(evaluation),
+                                            "--train", "False"])
+        row = {**results.seed_row(recorded, {**doc, "test": out}, list(spec.labels)),
+               "labels": out["labels"], "preds": out["preds"]}
+        seeds.append(row)
+    return {"labels": list(spec.labels), "dialogues": dialogues, "seeds": seeds}
+
+
+def _prompt_features(spec: DatasetSpec, args: argparse.Namespace, variant: Variant, folder: Path,
+                     extra: list[str]) -> Path:
+    """The prompt table's first stage: text.py trained with the variant's prompt (the first seed), then the
+    feature pickles extracted with it and the pipeline's other four checkpoints; returns their folder."""
+    save_dir, models = Path(args.save_dir), folder / "save_model"
+    feature_dir = folder / "feature"
+    paths = ["--data_dir", str(args.data_dir), "--pretrained_dir", str(args.pretrained_dir)] + \
+        (["--device", args.device] if args.device else [])
+    text_argv = [*variant.argv, *shlex.split(args.text_args), *paths, "--feature_dir", str(args.feature_dir),
+                 "--save_dir", str(models), "--seed", str(args.seeds[0])]
+    _stage(spec, "text.py", text_argv)
+    for name in ("audio", "video", "text_KD_audio", "text_KD_video"):
+        for suffix in (".bin", ".json"):
+            link_file(save_dir / f"{name}{suffix}", models / f"{name}{suffix}")
+    # Extraction reads the stored frames under --feature_dir: the pipeline's, linked in
+    feature_dir.mkdir(parents=True, exist_ok=True)
+    frames = Path(args.feature_dir) / "video"
+    if frames.exists() and not (feature_dir / "video").exists():
+        os.symlink(frames.absolute(), feature_dir / "video", target_is_directory=True)
+    _stage(spec, "extract_first_stage_features.py", [*paths, "--save_dir", str(models),
+                                                     "--feature_dir", str(feature_dir)])
+    return feature_dir
+
+
+def link_file(src: Path, dst: Path) -> None:
+    """``dst`` as a hard link to ``src`` (a copy across file systems): checkpoints are large."""
+    if not src.is_file():
+        raise utils.UserError(f"{src} not found: the ablation needs the pipeline's {src.name} (run {src.parent.parent.name}"
+                              f"/run.sh first, or pass its --save_dir)")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if dst.exists():
+        dst.unlink()
+    try:
+        os.link(src, dst)
+    except OSError:
+        copy_file(src, dst)
+
+
+def ablation_parser(spec: DatasetSpec, script_dir: Path, description: str | None) -> argparse.ArgumentParser:
+    """``<DS>/ablation.py``'s own flags; every other flag passes through to the stage runs."""
+    p = argparse.ArgumentParser(description=description, formatter_class=utils.HelpFormatter, allow_abbrev=False)
+    p.add_argument("--table", choices=ABLATION_TABLES, required=True)
+    p.add_argument("--seeds", type=int, nargs="+", required=True, help="one run per seed of every variant")
+    p.add_argument("--train", type=utils.str2bool, default=False,
+                   help="kd table: True trains the first-stage models; False tests the saved ones")
+    p.add_argument("--device", default=None, help="cuda, cpu; None = CUDA when available")
+    p.add_argument("--data_dir", type=Path, default=spec.default_data_dir(script_dir))
+    p.add_argument("--pretrained_dir", type=Path, default=spec.default_pretrained_dir(script_dir))
+    p.add_argument("--save_dir", type=Path, default=spec.default_save_dir(script_dir),
+                   help="the pipeline's checkpoints; the tables go to <save_dir>/ablation/")
+    p.add_argument("--feature_dir", type=Path, default=spec.default_feature_dir(script_dir),
+                   help="the first-stage feature pickles (and stored frames)")
+    p.add_argument("--text_args", default="",
+                   help='prompt table: flags for text.py, e.g. "--epochs 2 --learning_rate 1e-3" (the other flags '
+                        "go to the fusion)")
+    return utils.add_debug_flag(p)
+
+
+def ablation_main(spec: DatasetSpec, script_dir: Path, description: str | None,
+                  argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args, extra = ablation_parser(spec, script_dir, description).parse_known_args(argv)
+    setup_logging()
+    if len(set(args.seeds)) != len(args.seeds):
+        raise utils.UserError(f"--seeds lists a seed twice: {' '.join(map(str, args.seeds))}")
+    return run_ablation(spec, args, extra)
 
 
 class PipelineError(utils.UserError, RuntimeError):

@@ -16,6 +16,7 @@ from typing import Sequence
 
 from torch import nn
 
+from .artifacts import read_record
 from .dataset import AudioField, FrameCodec, TextField, VideoField, add_speaker_tokens
 from .model import AudioEncoder, TextEncoder, VideoEncoder
 from .utils import UserError
@@ -265,14 +266,28 @@ def load_video_encoder(pretrained_dir: Path, num_classes: int) -> VideoEncoder:
     return VideoEncoder(load_video_backbone(pretrained_dir), num_classes)
 
 
+def text_prompt(text_record: Path, given: str | None) -> str:
+    """The prompt variant the text model next to ``text_record`` (``text.json``) was trained with: its recorded
+    ``args.prompt``, ``full`` for a checkpoint without one (the authors', or trained before the variants);
+    ``given`` (an explicit ``--prompt``) must agree (docs/METHOD.md §2, Prompt variants)."""
+    record = read_record(text_record)
+    args = record["args"] if record is not None and isinstance(record.get("args"), dict) else {}
+    trained = str(args["prompt"]) if args.get("prompt") is not None else "full"
+    if given is not None and given != trained:
+        raise UserError(f"--prompt {given} but the text model was trained with --prompt {trained} ({text_record}); "
+                        "leave --prompt out to use the trained prompt")
+    return trained
+
+
 def load_encoder(modality: str, pretrained_dir: Path, num_classes: int, feature_dir: Path | None = None,
-                 audio_cache: Path | None = None) -> tuple[nn.Module, object]:
+                 audio_cache: Path | None = None, prompt: str = "full") -> tuple[nn.Module, object]:
     """``(encoder, data field)`` of one modality: the encoder initialised from its pretrained folder, and
-    the `magtkd.dataset` field that turns samples into its input (video reads stored frames from ``feature_dir``;
+    the `magtkd.dataset` field that turns samples into its input (text builds the ``prompt`` variant; video reads
+    stored frames from ``feature_dir``;
     audio stores decoded clips in ``audio_cache``, `magtkd.dataset.AudioCache`, None: decode every time)."""
     if modality == "text":
         encoder, tokenizer = load_text_encoder(pretrained_dir, num_classes)
-        return encoder, TextField(tokenizer)
+        return encoder, TextField(tokenizer, prompt)
     if modality == "audio":
         encoder, extractor = load_audio_encoder(pretrained_dir, num_classes)
         return encoder, AudioField(extractor, cache_dir=audio_cache)

@@ -218,9 +218,65 @@ def fusion_parser(spec: DatasetSpec, script_dir: str | Path, description: str | 
                    help=f"speaker embedding rows without padding (default: {spec.n_speaker}"
                         + (" or the largest id + 1 in the data, whichever is larger" if spec.global_speaker_ids
                            else "") + "; with --train False: from the checkpoint)")
+    add_variant_flags(p)
     add_determinism_flag(p)
     add_loop_flags(p, checkpointing=False)  # --grad_accum, --resume
     return add_debug_flag(p)
+
+
+FUSION_VARIANT = {"modalities": ["T", "A", "V"], "gates": True, "speaker_embedding": True, "fusion": "anchor"}
+
+
+def _modality(value: str) -> str:
+    return str(value).upper()
+
+
+def add_variant_flags(p: argparse.ArgumentParser) -> None:
+    """The fusion's ablation variant (docs/METHOD.md §5, "Ablation variants"). ``None`` (not given): the
+    paper's model when training; as the checkpoint was trained for ``--train False`` and prediction."""
+    p.add_argument("--modalities", type=_modality, nargs="+", choices=("T", "A", "V"), default=None,
+                   help="streams the fusion reads, any non-empty subset of T A V (default T A V; "
+                        "--train False: as trained)")
+    p.add_argument("--gates", type=str2bool, default=None, help="False: every gate is the identity (default True)")
+    p.add_argument("--speaker_embedding", type=str2bool, default=None,
+                   help="False: no speaker embedding (default True)")
+    p.add_argument("--fusion", choices=("anchor", "concat"), default=None,
+                   help="anchor: the anchor gated transformer; concat: the baseline without anchors (default anchor)")
+
+
+def fusion_variant(args: argparse.Namespace, trained: Mapping[str, Any] | None = None,
+                   source: str = "") -> dict[str, Any]:
+    """The variant (``AnchorGatedTransformer(**variant)``) the flags ask for, in canonical form (modalities in
+    T, A, V order; ``gates`` False for the concat baseline, which has none).
+
+    Flags left unset take ``trained`` (the variant a checkpoint was trained as, read from ``source``) or the
+    paper's model; a flag that contradicts ``trained`` is a UserError naming both.
+    """
+    base = dict(trained) if trained is not None else dict(FUSION_VARIANT)
+    given = {key: getattr(args, key) for key in FUSION_VARIANT if getattr(args, key) is not None}
+    if "modalities" in given:
+        modalities = given["modalities"]
+        if len(set(modalities)) != len(modalities):
+            raise UserError(f"--modalities {' '.join(modalities)}: a modality is listed twice")
+        given["modalities"] = [m for m in "TAV" if m in modalities]
+    variant = {**base, **given}
+    if trained is None and variant["fusion"] == "concat" and args.separate_text_blocks:
+        raise UserError("--separate_text_blocks applies to the anchor fusion only, not to --fusion concat")
+    if variant["fusion"] == "concat":
+        variant["gates"] = False
+        if "gates" in given and given["gates"] and trained is None:
+            log.info("--fusion concat has no gates: --gates True does not apply")
+    if trained is not None:
+        differ = [f"--{key} {_flag_text(given[key])} but {source} was trained with --{key} "
+                  f"{_flag_text(trained[key])}" for key in given
+                  if given[key] != trained[key] and not (key == "gates" and trained["fusion"] == "concat")]
+        if differ:
+            raise UserError("; ".join(differ) + " (leave the flag out to use the trained variant)")
+    return variant
+
+
+def _flag_text(value: Any) -> str:
+    return " ".join(value) if isinstance(value, list) else str(value)
 
 
 def predict_parser(spec: DatasetSpec, script_dir: str | Path, description: str | None,
@@ -234,6 +290,8 @@ def predict_parser(spec: DatasetSpec, script_dir: str | Path, description: str |
                         help="utterances per first-stage forward pass and dialogues per fusion batch")
     parser.add_argument("--amp", type=str2bool, default=False,
                         help="bf16 autocast on CUDA (first stage); default fp32, as the extraction stage")
+    add_variant_flags(parser)
+    add_prompt_flag(parser)
     parser.add_argument("--channel_order", choices=("rgb", "bgr"), default="rgb",
                         help="frame channel order; use the one video_feature_extract.py used for training")
     parser.add_argument("--audio_feature", choices=("audio", "audio_kd"), default=None,
@@ -244,6 +302,18 @@ def predict_parser(spec: DatasetSpec, script_dir: str | Path, description: str |
     parser.add_argument("--unknown_speakers", choices=("padding", "error"), default="padding",
                         help=f"{unknown_speakers}: the model's padding row (warning) or an error")
     return add_audio_cache_flags(parser)
+
+
+PROMPT_VARIANTS = ("full", "no_template", "no_speakers", "no_context")  # = magtkd.dataset.PROMPTS
+
+
+def add_prompt_flag(parser: argparse.ArgumentParser, training: bool = False) -> argparse.ArgumentParser:
+    """``--prompt``: the text prompt variant (docs/METHOD.md §2, Prompt variants). Training the text model:
+    default full; everywhere else (and text.py --train False) default: what text.json recorded."""
+    parser.add_argument("--prompt", choices=PROMPT_VARIANTS, default=None,
+                        help="text prompt variant; default " + ("full (--train False: as trained)" if training
+                                                                else "as the text model was trained (text.json)"))
+    return parser
 
 
 def add_loop_flags(parser: argparse.ArgumentParser, checkpointing: bool) -> argparse.ArgumentParser:

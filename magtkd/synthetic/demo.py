@@ -8,10 +8,12 @@
 2. runs, per dataset, the same pipeline as ``<DS>/run.sh`` (preparation + the
    eight stage scripts) with every artifact under ``DIR/<DS>/``; the two datasets
    side by side in two processes on a machine with two cores or more (``--jobs``);
-3. writes ``DIR/results.json`` (test accuracy / weighted F1 of the fusion
-   model of the first seed, the majority-class baseline, seconds per stage, and
-   the seeds summary) and ``DIR/results.md`` (mean ± std over the fusion seeds,
-   the test-selected column for comparison with papers, per-class F1, plots).
+3. writes ``DIR/results.json`` (test accuracy / weighted F1 of the kept fusion
+   model, ``multimodal_fusion_best.bin`` = the best dev seed, its seed named,
+   beside the mean ± std over seeds, the majority-class baseline, seconds per
+   stage, and the seeds summary) and ``DIR/results.md`` (led by the mean ± std
+   over the fusion seeds, the test-selected column for comparison with papers,
+   the kept model's figure, per-class F1, plots).
 
 Random-weight stand-ins learn nothing at the learning rates meant for pretrained
 models (1e-5), so the demo trains the first stage for 5 epochs at
@@ -45,28 +47,35 @@ DATASETS = ("IEMOCAP", "MELD")
 
 
 def dataset_results(workdir: Path, name: str, seconds: dict[str, float], seeds: Sequence[int]) -> dict:
-    """Test metrics of the first seed's fusion model, recomputed from its predictions, the majority-class
-    baseline, and (several seeds) the seeds summary ``multimodal_fusion_seeds.json``."""
+    """The headline test metrics are the KEPT model's (``multimodal_fusion_best.bin``: the best dev seed),
+    recomputed from its predictions (``multimodal_fusion_best.json``), with its seed named; beside them the
+    mean ± std over seeds (the figure to quote), the majority-class baseline and the seeds summary."""
     save_dir = workdir / name / "save_model"
-    first = StageFiles.fusion(save_dir, seed_tag(seeds[0], seeds)).predictions
-    out = json.loads(first.read_text(encoding="utf-8"))
+    usual = StageFiles.fusion(save_dir)
+    out = json.loads(usual.predictions.read_text(encoding="utf-8"))
     scores = summary(out["labels"], out["preds"])
     train = load_features(feature_path(workdir / name / "feature", "train"), keys=("text",))
     train_labels = [y for vid in train["vids"] for y in train["labels"][vid]]
+    doc = json.loads(usual.seeds_summary.read_text(encoding="utf-8")) if len(seeds) > 1 else None
     result = {
         "test_accuracy": scores["accuracy"],
         "test_weighted_f1": scores["weighted_f1"],
+        "kept_model": {"seed": doc["best_seed"] if doc else seeds[0], "checkpoint": usual.checkpoint.name,
+                       "predictions": usual.predictions.name, "selection": "best dev weighted F1 over seeds"},
         "majority_weighted_f1": majority_weighted_f1(train_labels, out["labels"]),
         "test_utterances": len(out["labels"]),
         "seconds": seconds,
     }
-    if len(seeds) > 1:
-        result["seeds"] = json.loads(StageFiles.fusion(save_dir).seeds_summary.read_text(encoding="utf-8"))
+    if doc:
+        for key in ("test_accuracy", "test_weighted_f1"):
+            result[f"{key}_mean"], result[f"{key}_std"] = doc["mean"][key], doc["std"][key]
+        result["seeds"] = doc
     return result
 
 
 def markdown(results: dict, seeds: Sequence[int]) -> str:
-    """results.md: one row per dataset (mean ± std over seeds), then per-class F1 and the plots."""
+    """results.md: one row per dataset (mean ± std over seeds, the figure to quote), the kept model's figure,
+    then per-class F1 and the plots."""
     if len(seeds) == 1:
         lines = [f"Fusion model, seed {seeds[0]}, epoch selected on dev.", "",
                  "| dataset | test accuracy | test weighted F1 | majority-class weighted F1 | seconds |",
@@ -90,13 +99,15 @@ def markdown(results: dict, seeds: Sequence[int]) -> str:
         lines.append(f"| {name} | {pm(doc, 'test_accuracy')} | {pm(doc, 'test_weighted_f1')} | "
                      f"{pm(doc, 'test_selected_weighted_f1')} | {r['majority_weighted_f1']:.4f} | "
                      f"{sum(r['seconds'].values()):.1f} |")
-    lines += ["", f"First seed alone ({seeds[0]}; `test_accuracy` / `test_weighted_f1` in results.json): "
-              + ", ".join(f"{name} {r['test_accuracy']:.4f} / {r['test_weighted_f1']:.4f}"
-                          for name, r in results.items()) + "."]
+    lines += ["", "Kept model (`multimodal_fusion_best.bin`, the best dev seed, the one `predict.py` uses; "
+              "`test_accuracy` / `test_weighted_f1` in results.json, recomputed from its predictions in "
+              "`multimodal_fusion_best.json`): "
+              + ", ".join(f"{name} seed {r['kept_model']['seed']}: {r['test_accuracy']:.4f} / "
+                          f"{r['test_weighted_f1']:.4f}" for name, r in results.items()) + "."]
     for name, r in results.items():
         doc, save = r["seeds"], f"{name}/save_model"
         labels = list(doc["mean"]["test_per_class_f1"])
-        best = max(doc["seeds"], key=lambda row: row["dev_weighted_f1"])["seed"]
+        best = r["kept_model"]["seed"]
         lines += ["", f"## {name}", "", "Per-class test F1 (mean ± std over seeds):", "",
                   "| " + " | ".join(labels) + " |", "|" + "---|" * len(labels),
                   "| " + " | ".join(pm(doc, "test_per_class_f1", label) for label in labels) + " |", "",
@@ -104,7 +115,7 @@ def markdown(results: dict, seeds: Sequence[int]) -> str:
                   "Curves and confusion matrix of each seed: "
                   + ", ".join(f"{seed} ([curves]({save}/multimodal_fusion_seed{seed}_curves.png), "
                               f"[confusion]({save}/multimodal_fusion_seed{seed}_confusion.png))" for seed in seeds)
-                  + ".", "", f"Best dev seed ({best}):", "",
+                  + ".", "", f"Best dev seed ({best}), the kept model:", "",
                   f"![{name} curves]({save}/multimodal_fusion_curves.png)",
                   f"![{name} confusion matrix]({save}/multimodal_fusion_confusion.png)"]
     return "\n".join(lines) + "\n"
@@ -147,7 +158,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--fusion_args", default="--lr 1e-3 --batch_size 2 --dropout 0.1",
                    help="flags for multimodal_fusion.py (a few tiny dialogues need small batches)")
     p.add_argument("--fusion_seeds", type=int, nargs="+", default=[2024, 2025, 2026],
-                   help="one fusion model per seed; results.json's single-seed figures are the first seed's")
+                   help="one fusion model per seed; results.json's headline figures are the kept (best dev) seed's")
     p.add_argument("--threads", type=nonnegative_int, default=1,
                    help="torch CPU threads (tiny models run fastest on one; 0 = torch's default)")
     p.add_argument("--subprocess", action="store_true",

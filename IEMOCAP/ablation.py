@@ -1,0 +1,32 @@
+"""Ablation tables on IEMOCAP: one command per table, every variant over seeds (docs/METHOD.md §5, Ablation tables).
+
+    python IEMOCAP/ablation.py --table modalities --seeds 1 2 3     # the fusion on each subset of T, A, V
+    python IEMOCAP/ablation.py --table components --seeds 1 2 3     # without gates / speaker embedding / ...
+    python IEMOCAP/ablation.py --table kd --seeds 1 2 3             # the first-stage models (--train True: train them)
+    python IEMOCAP/ablation.py --table prompt --seeds 1 2 3         # the text-prompt variants, through the fusion
+
+Reads   IEMOCAP/feature/first_stage_{train,dev,test}_features.pkl (modalities, components); IEMOCAP/IEMOCAP/save_model
+        (kd: the first-stage checkpoints; prompt: audio, video and the KD students) and datasets/IEMOCAP (kd, prompt)
+Writes  IEMOCAP/IEMOCAP/save_model/ablation/<table>/<variant>/ (each variant's runs, the stage's usual files, and
+        ablation_variant.json: its setting, rows and test predictions; a finished variant is skipped when the
+        table is run again with the same setting) and IEMOCAP/IEMOCAP/save_model/ablation/<table>.{json,md,png}
+
+Every flag this script does not know is passed to each run of the stage (e.g. --epochs 4 --lr 1e-3).
+"""
+
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+from IEMOCAP.config import IEMOCAP  # noqa: E402
+from magtkd import pipeline, utils  # noqa: E402
+
+
+def main(argv=None) -> dict:
+    # Flags: the table, the seeds and IEMOCAP's folders; the rest passes through to the stage runs
+    return pipeline.ablation_main(IEMOCAP, HERE, __doc__, argv)
+
+
+if __name__ == "__main__":
+    utils.run(main)
