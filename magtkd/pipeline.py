@@ -373,7 +373,7 @@ def parser() -> argparse.ArgumentParser:
                    help="learning rate of the first-stage and KD trainings (default: each stage's own)")
     p.add_argument("--per_batch_schedule", action="store_true",
                    help="first-stage and KD schedules counted in batches (see text.py --help)")
-    p.add_argument("--seeds", type=int, nargs="+", default=[int(s) for s in env("SEEDS", "").split()] or None,
+    p.add_argument("--seeds", type=utils.seed_int, nargs="+", default=[int(s) for s in env("SEEDS", "").split()] or None,
                    help="train every first-stage, KD and fusion model once per seed (see text.py --help)")
     p.add_argument("--fusion_args", default=env("FUSION_ARGS", ""),
                    help='extra flags for multimodal_fusion.py, e.g. "--lr 1e-3 --batch_size 2"')
