@@ -419,6 +419,12 @@ def _check_vector(vec: Any, path: str | Path, key: str, dia: Any, j: int, widths
     expected = widths.setdefault(key, vec.shape[0])
     if vec.shape[0] != expected:
         raise FeatureFileError(f"{where} has width {vec.shape[0]}, other {key!r} vectors have width {expected}")
+    if not np.isfinite(vec).all():
+        # One NaN spreads through the fusion's attention to the whole dialogue (docs/METHOD.md §6).
+        raise FeatureFileError(
+            f"{path}: feature {key!r} of dialogue {dia}, utterance {j} holds non-finite values "
+            f"({int(np.isnan(vec).sum())} NaN, {int(np.isinf(vec).sum())} inf of {vec.shape[0]}); re-run "
+            "extract_first_stage_features.py (and the first-stage model that gives NaN, if it does)")
 
 
 def feature_width(features: Mapping[str, Any], key: str) -> int:
@@ -538,10 +544,17 @@ def _stack(vectors: Sequence[np.ndarray], device: torch.device) -> torch.Tensor:
     return torch.from_numpy(np.stack(vectors).astype(np.float32, copy=False)).to(device)
 
 
-def load_dialogues(path: Path, audio_key: str, video_key: str, device: torch.device) -> DialogueSet:
-    """Load a feature pickle (restricted unpickler) for the fusion; the three streams must share one width."""
-    check_complete(features_record(path.parent), f"the feature pickles in {path.parent}",
-                   "extract_first_stage_features.py")
+def load_dialogues(path: Path, audio_key: str, video_key: str, device: torch.device,
+                   reader: DatasetSpec | None = None, script: str = "") -> DialogueSet:
+    """Load a feature pickle (restricted unpickler) for the fusion; the three streams must share one width.
+
+    ``reader``: the dataset of the ``script`` that reads the pickle; the features' record
+    (`features_record`) must name the same dataset and labels, and the pickle's width.
+    """
+    record = check_complete(features_record(path.parent), f"the feature pickles in {path.parent}",
+                            "extract_first_stage_features.py")
+    if record is not None and reader is not None:
+        check_features_record(record, path, reader, script)
     feats = load_features(path, keys=("text", audio_key, video_key))
     if not feats["vids"]:
         raise FeatureFileError(f"{path}: 'vids' is empty; the split has no dialogues")
@@ -549,6 +562,10 @@ def load_dialogues(path: Path, audio_key: str, video_key: str, device: torch.dev
     widths = {k: int(feats[k][first][0].shape[0]) for k in ("text", audio_key, video_key)}
     if len(set(widths.values())) != 1:
         raise FeatureFileError(f"{path}: the fusion streams need one width, got {widths}")
+    width = record.get("width") if record is not None else None
+    if width is not None and int(width) != widths["text"]:
+        raise FeatureFileError(f"{path} has width {widths['text']} but {features_record(path.parent)} says "
+                               f"{width}: the pickle is not the one extract_first_stage_features.py wrote there")
     vids = list(feats["vids"])
     return DialogueSet(
         path=path, vids=vids,
@@ -558,6 +575,17 @@ def load_dialogues(path: Path, audio_key: str, video_key: str, device: torch.dev
         speakers=[torch.tensor([int(s) for s in feats["speakers"][v]], dtype=torch.long, device=device) for v in vids],
         labels=[torch.tensor([int(y) for y in feats["labels"][v]], dtype=torch.long, device=device) for v in vids],
     )
+
+
+def check_features_record(record: Mapping[str, Any], path: Path, reader: DatasetSpec, script: str) -> None:
+    """The pickles' dataset and labels (their record) must be the reading script's; both sides named."""
+    written, labels = record.get("dataset"), record.get("labels")
+    if (written is not None and written != reader.name) or (labels is not None and list(labels) != list(reader.labels)):
+        raise FeatureFileError(
+            f"the feature pickles in {path.parent} are {written}'s ({features_record(path.parent)}: dataset "
+            f"{written}, labels {labels}) but {script or reader.name} reads {reader.name}'s (labels "
+            f"{list(reader.labels)}); point --feature_dir at the features {reader.name}/extract_first_stage_features.py "
+            "writes")
 
 
 # --------------------------------------------------------------------------- first-stage inference
@@ -678,7 +706,7 @@ def fusion_training_data(spec: DatasetSpec, args: Any, device: torch.device
     larger), or ``--n_speaker``.
     """
     data = {split: load_dialogues(feature_path(args.feature_dir, split), args.audio_feature, args.video_feature,
-                                  device) for split in SPLITS}
+                                  device, spec, f"{spec.name}/multimodal_fusion.py") for split in SPLITS}
     width = fusion_width(args.hidden_dim, args.n_head, data["train"].width, str(data["train"].path))
     for split in ("dev", "test"):
         if data[split].width != width:
@@ -708,7 +736,8 @@ def evaluate_fusion(spec: DatasetSpec, args: Any, device: torch.device) -> dict[
                               f"{' (' + str(record['dataset']) + ')' if record else ''} but this run has "
                               f"{args.clsNum} ({spec.name}, --clsNum); use the checkpoint "
                               f"{spec.name}/multimodal_fusion.py writes")
-    test = load_dialogues(feature_path(args.feature_dir, "test"), args.audio_feature, args.video_feature, device)
+    test = load_dialogues(feature_path(args.feature_dir, "test"), args.audio_feature, args.video_feature, device,
+                          spec, f"{spec.name}/multimodal_fusion.py")
     width = fusion_width(args.hidden_dim, args.n_head, test.width, str(test.path))
     if sizes["hidden"] != width:
         raise CheckpointError(f"checkpoint {files.checkpoint} has width {sizes['hidden']} but the features in "
