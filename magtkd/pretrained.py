@@ -111,7 +111,7 @@ def check_model_type(folder: Path, name: str) -> None:
         raise PretrainedMismatchError(
             f"pretrained model folder {folder} holds another model ({held}): {name} needs model_type "
             f"{model_type!r} ({_hub_id(name)}); the folder's contents are the wrong model, not an incomplete "
-            f"download. Put the right one there with:\n    {download_command(folder.parent, name)}")
+            f"download. Put the right one there with: {download_command(folder.parent, name)}")
 
 
 def load_tokenizer(pretrained_dir: Path):
@@ -246,7 +246,7 @@ def _load_model(model_cls, name: str, pretrained_dir: Path, **kwargs):
         raise PretrainedMissingError(
             f"pretrained model folder {folder}: {len(missing)} backbone weights are missing or of the wrong shape "
             f"in its weights file (e.g. {', '.join(missing[:3])}); the model would train from random weights. "
-            f"The download is incomplete or corrupt; download it again with:\n    "
+            f"The download is incomplete or corrupt; download it again with: "
             f"{download_command(pretrained_dir, name)}")
     if surprising:
         _release(hf_logger, hold)
