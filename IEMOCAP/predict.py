@@ -4,7 +4,8 @@
 
 Reads   the conversation CSV in IEMOCAP's prepared-CSV schema (Dialogue_ID, Utterance_ID, Speaker,
         Utterance, Wav_Path, Video_Path, Start_Time, End_Time: the utterance's seconds in the video;
-        Emotion optional and ignored; paths relative to --data_dir or absolute), pretrained_model/,
+        Emotion optional and ignored; relative paths: the CSV's folder first, then --data_dir; or
+        absolute), pretrained_model/,
         and IEMOCAP/IEMOCAP/save_model/{text,audio,video,text_KD_audio,text_KD_video}.bin,
         multimodal_fusion_best.bin (+ multimodal_fusion_metrics.json: the settings it was trained with)
 Writes  predictions.csv (Dialogue_ID, Utterance_ID, Speaker, Utterance, emotion, p_<label> for each

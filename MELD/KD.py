@@ -51,7 +51,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--teacher", choices=("text",), default="text")
     parser.add_argument("--logit_weight", type=float, default=0.1, help="weight of the correlation logit loss")
     parser.add_argument("--feature_weight", type=float, default=1.0, help="weight of the relational feature loss")
-    parser.add_argument("--tau", type=float, default=2.0, help="logit-loss temperature")
+    parser.add_argument("--tau", type=utils.positive_float, default=2.0, help="logit-loss temperature")
     utils.add_audio_cache_flags(parser)
     utils.add_prompt_flag(parser)  # the teacher's prompt: text.json's
     args = parser.parse_args(argv)

@@ -3,8 +3,8 @@
     python MELD/predict.py --conversation my_conversation.csv --out predictions.csv
 
 Reads   the conversation CSV in MELD's prepared-CSV schema (Dialogue_ID, Utterance_ID, Speaker,
-        Utterance, Video_Path; audio is decoded from the clip; Emotion optional and ignored; paths
-        relative to --data_dir or absolute), datasets/MELD/speaker2id.json, pretrained_model/, and
+        Utterance, Video_Path; audio is decoded from the clip; Emotion optional and ignored; relative
+        paths: the CSV's folder first, then --data_dir; or absolute), datasets/MELD/speaker2id.json, pretrained_model/, and
         MELD/MELD/save_model/{text,audio,video,text_KD_audio,text_KD_video}.bin,
         multimodal_fusion_best.bin (+ multimodal_fusion_metrics.json: the settings it was trained with)
 Writes  predictions.csv (Dialogue_ID, Utterance_ID, Speaker, Utterance, emotion, p_<label> for each

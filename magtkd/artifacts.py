@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -107,6 +108,18 @@ class StageFiles:
     def lock_name(self) -> str:
         return self.checkpoint.stem
 
+    @staticmethod
+    def in_progress(path: Path) -> Path:
+        """Where a training run keeps ``path`` (its best checkpoint, predictions, metrics) until it
+        publishes the set at its end, so a re-run never touches the previous complete set before it
+        completes (docs/METHOD.md §6): ``text.bin`` -> ``text.bin.partial``."""
+        return path.with_name(f"{path.name}.partial")
+
+    def pending(self) -> list[Path]:
+        """The in-progress names, published by renaming in this order (metrics last, as a new document)."""
+        return [self.in_progress(self.checkpoint), *([self.in_progress(self.predictions)] if self.predictions else []),
+                self.in_progress(self.metrics)]
+
     def published(self) -> list[Path]:
         """The files a training run publishes, the checkpoint LAST (a pipeline that compares times sees
         the set only once the rest is in place); a best-seed copy goes in this order."""
@@ -115,29 +128,69 @@ class StageFiles:
 
     def written(self) -> list[Path]:
         """Every file a training run writes (its stale temps are removed at the next start)."""
-        return [*self.published(), self.state, self.substitutions]
+        return [*self.published(), *self.pending(), self.state, self.substitutions]
 
 
 # --------------------------------------------------------------------------- atomic artifact I/O
 
+class WriteError(UserError, OSError):
+    """An output could not be written (no space, read-only folder, permission); the message names the
+    file and the cause. Its temp file is removed, the previous file (if any) is left as it was."""
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path in the target's folder; rename it onto ``path`` on success."""
+    """Yield a temporary path in the target's folder; rename it onto ``path`` on success.
+
+    A failed write (OSError, or torch.save's RuntimeError on a full disk) removes the temp file
+    and raises `WriteError` naming ``path`` and the cause (docs/METHOD.md §6).
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    tmp_path: Path | None = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        tmp_path = Path(tmp)
         yield tmp_path
         # mkstemp creates 0600 files; give artifacts the usual umask-based mode.
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp_path, 0o666 & ~umask)
         os.replace(tmp_path, path)
+    except OSError as err:
+        raise WriteError(f"cannot write {path}: {_cause(err, path)}") from err
+    except RuntimeError as err:
+        cause = _full_disk(err, path)
+        if cause is None:
+            raise
+        raise WriteError(f"cannot write {path}: {cause}") from err
     finally:
-        if tmp_path.exists():
-            tmp_path.unlink()
+        if tmp_path is not None:
+            with contextlib.suppress(OSError):
+                tmp_path.unlink(missing_ok=True)
+
+
+def _cause(err: OSError, path: Path) -> str:
+    """``os.strerror`` of the failed write, with what to do about it."""
+    reason = os.strerror(err.errno) if err.errno else str(err)
+    if err.errno == errno.ENOSPC:
+        return f"{reason} (free some space on {path.parent}'s disk, or write elsewhere)"
+    if err.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return f"{reason} (the folder {path.parent} is not writable: choose another output folder)"
+    return reason
+
+
+def _full_disk(err: RuntimeError, path: Path) -> str | None:
+    """torch.save reports a failed write as a RuntimeError ("PytorchStreamWriter failed ...",
+    "unexpected pos ..."), without errno; it is a full disk when the folder has no space left."""
+    text = str(err)
+    if "PytorchStreamWriter" not in text and "unexpected pos" not in text and "file write failed" not in text:
+        return None
+    with contextlib.suppress(OSError):
+        if shutil.disk_usage(path.parent).free < 1 << 20:
+            return f"{os.strerror(errno.ENOSPC)} (free some space on {path.parent}'s disk, or write elsewhere)"
+    return f"the write failed ({text.splitlines()[0] if text else 'torch.save'})"
 
 
 def write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8") -> None:

@@ -179,10 +179,12 @@ class MediaResolver:
     IEMOCAP rows share one dialogue video.
     """
 
-    def __init__(self, spec: DatasetSpec, data_dir: Path) -> None:
+    def __init__(self, spec: DatasetSpec, data_dir: Path, csv_dir: Path | None = None) -> None:
         self.data_dir = Path(data_dir)
+        self.csv_dir = csv_dir  # a conversation's folder, tried first (docs/METHOD.md §0)
         self.marker = f"datasets/{spec.name}/"
         self._cache: dict[str, Path] = {}
+        self.origins: dict[str, int] = {}  # how many distinct paths resolved against what
 
     def __call__(self, value: str) -> Path:
         if value not in self._cache:
@@ -192,13 +194,24 @@ class MediaResolver:
     def _resolve(self, value: str) -> Path:
         text = value.replace("\\", "/")
         if Path(text).is_absolute() and Path(text).exists():
+            self._count("absolute")
             return Path(text)  # an existing absolute path is meant as it is (e.g. a user's own recording)
+        if self.csv_dir is not None and not Path(text).is_absolute():
+            local = _fix_divx(self.csv_dir / text)
+            if local.exists():
+                self._count(f"the conversation's folder {self.csv_dir}")
+                return local
+        self._count(f"--data_dir {self.data_dir}")
         if self.marker in text:
             text = text.split(self.marker, 1)[1]
         path = Path(text)
         if not path.is_absolute():
             path = self.data_dir / path
         return _fix_divx(path)
+
+
+    def _count(self, origin: str) -> None:
+        self.origins[origin] = self.origins.get(origin, 0) + 1
 
 
 def _fix_divx(path: Path) -> Path:
@@ -246,7 +259,8 @@ def load_split(spec: DatasetSpec, data_dir: str | Path, split: str) -> list[Utte
     return _read_utterances(spec, path, data_dir, split, labelled=True)
 
 
-def _read_utterances(spec: DatasetSpec, path: Path, data_dir: Path, split: str, labelled: bool) -> list[Utterance]:
+def _read_utterances(spec: DatasetSpec, path: Path, data_dir: Path, split: str, labelled: bool,
+                     csv_relative: bool = False) -> list[Utterance]:
     """The rows of a prepared CSV as utterances, in file order.
 
     ``labelled``: the ``Emotion`` column is required and checked; otherwise it is
@@ -257,7 +271,7 @@ def _read_utterances(spec: DatasetSpec, path: Path, data_dir: Path, split: str, 
     if frame.empty:
         raise DataError(f"{path}: no data rows")
     has_times = "Start_Time" in frame.columns and "End_Time" in frame.columns
-    resolve = MediaResolver(spec, data_dir)
+    resolve = MediaResolver(spec, data_dir, path.parent if csv_relative else None)
     utterances = []
     seen: dict[tuple[int, int], int] = {}
     for index, record in enumerate(frame.to_dict("records"), start=1):
@@ -304,14 +318,19 @@ def _read_utterances(spec: DatasetSpec, path: Path, data_dir: Path, split: str, 
             if utt.start < 0 or utt.end < utt.start:
                 raise DataError(f"{path}: row {index} (line {index + 1}): Start_Time {utt.start} and End_Time "
                                 f"{utt.end} are not a time span (need 0 <= Start_Time <= End_Time)")
+    if csv_relative:
+        log.info("%s: media paths resolved against %s", path,
+                 "; ".join(f"{origin} ({n})" for origin, n in resolve.origins.items()))
     return utterances
 
 
-def load_conversation(spec: DatasetSpec, path: str | Path, data_dir: str | Path) -> list[Utterance]:
+def load_conversation(spec: DatasetSpec, path: str | Path, data_dir: str | Path,
+                      csv_relative: bool = False) -> list[Utterance]:
     """A user's conversation CSV (the prepared-CSV schema, ``Emotion`` optional and ignored), in file order.
 
     Media paths resolve as in the dataset's CSVs (:class:`MediaResolver`; absolute
-    paths as they are); ``data_dir`` need not exist. The utterances' ``split`` is
+    paths as they are); with ``csv_relative`` (predict.py) a relative path that exists
+    beside the CSV is taken from there first (the log says which); ``data_dir`` need not exist. The utterances' ``split`` is
     ``conversation-<digest>``, a digest of what their stored frames depend on (ids,
     video files with size and modification time, time windows), so frames stored
     for one conversation are reused by a rerun but never by another conversation.
@@ -322,7 +341,7 @@ def load_conversation(spec: DatasetSpec, path: str | Path, data_dir: str | Path)
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"conversation CSV {path} not found")
-    utts = _read_utterances(spec, path, Path(data_dir), "conversation", labelled=False)
+    utts = _read_utterances(spec, path, Path(data_dir), "conversation", labelled=False, csv_relative=csv_relative)
     keys: dict[int, dict[str, str]] = {}
     for utt in utts:
         speakers = keys.setdefault(utt.dialogue_id, {})

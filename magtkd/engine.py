@@ -7,7 +7,9 @@ schedule, and hands them to `fit` with a `FitConfig`. The engine runs the epochs
 fp16 KD), scores dev after each epoch and selects the epoch with the best dev
 weighted F1, saves the checkpoint at each new best, rewrites the metrics document
 (`magtkd.results.metrics_document`) every epoch, and saves the training state that
-``--resume True`` continues from. What differs between the two kinds of batch lives
+``--resume True`` continues from. Until the last epoch the checkpoint, predictions and
+metrics live under in-progress names (`StageFiles.in_progress`); `publish` puts them in
+place at the end, so a previous complete set survives a failed or interrupted re-run. What differs between the two kinds of batch lives
 in `SampleBatches` (first stage: DataLoaders of samples) and `DialogueBatches`
 (fusion: whole dialogues as tensors), each with one ``train_one_epoch`` and one
 ``evaluate``.
@@ -21,6 +23,7 @@ import functools
 import json
 import logging
 import math
+import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -31,7 +34,7 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
-from .artifacts import (StageFiles, SubstitutionReport, atomic_path, begin_outputs, json_default, output_lock,
+from .artifacts import (StageFiles, SubstitutionReport, WriteError, atomic_path, begin_outputs, json_default, output_lock,
                         remove_stale_temps, save_state_dict, write_json)
 from .dataset import DatasetSpec
 from .model import load_checkpoint
@@ -292,21 +295,24 @@ class SampleBatches:
         n_updates = self.updates_per_epoch(config.grad_accum)
         bar = progress(groups(loader, config.grad_accum), total=n_updates, desc=f"{config.stage} epoch {epoch}")
         return run_updates(bar, n_updates, functools.partial(self._loss, config=config), self.runner, optimizer,
-                           scheduler, params, scaler, config)
+                           scheduler, params, scaler, config, epoch)
 
     @torch.inference_mode()
     def evaluate(self, model: nn.Module, split: str, config: FitConfig) -> tuple[np.ndarray, np.ndarray]:
         """Gold labels and argmax predictions of ``split``, in dataset (CSV) order."""
         loader = self.loaders[split]
         index, labels, preds = [], [], []
+        finite = torch.ones((), dtype=torch.bool, device=self.device)  # read once, at the end
         for batch in progress(loader, desc=split):
             note_problems(batch, loader.dataset, self.report)
             index.append(batch["index"])
             batch = to_device(batch, self.device)
             with autocast(self.device, config.amp, config.amp_dtype):
                 _, logits = model.encode(batch)
+            finite = finite & torch.isfinite(logits).all()
             labels.append(batch["labels"].cpu())
             preds.append(logits.float().argmax(-1).cpu())
+        check_finite_logits(finite, config.stage, split)
         ordered = in_dataset_order(concat_chunks(index), {"labels": concat_chunks(labels),
                                                           "preds": concat_chunks(preds)})
         return ordered["labels"], ordered["preds"]
@@ -356,7 +362,7 @@ class DialogueBatches:
         n_updates = self.updates_per_epoch(config.grad_accum)
         bar = progress(groups(batches, config.grad_accum), total=n_updates, desc=f"{config.stage} epoch {epoch}")
         return run_updates(bar, n_updates, self._loss, model, optimizer, scheduler, list(model.parameters()),
-                           scaler, config)
+                           scaler, config, epoch)
 
     def evaluate(self, model: nn.Module, split: str, config: FitConfig) -> tuple[np.ndarray, np.ndarray]:
         data = self.data[split]
@@ -364,19 +370,44 @@ class DialogueBatches:
         return np.asarray(data.flat_labels(), dtype=np.int64), preds.numpy()
 
 
+class NonFiniteError(UserError, FloatingPointError):
+    """A training loss or evaluation logits that are NaN or infinite: the run stops before publishing."""
+
+
 def run_updates(bar: Any, n_updates: int, loss_of: Callable[[Any], torch.Tensor], runner: nn.Module,
                 optimizer: torch.optim.Optimizer, scheduler: Any, params: Sequence[nn.Parameter],
-                scaler: torch.amp.GradScaler | None, config: FitConfig) -> float:
+                scaler: torch.amp.GradScaler | None, config: FitConfig, epoch: int) -> float:
     """The updates of one epoch; returns the mean update loss. The loss stays on the device and is
-    read every 10 updates for the bar and once at the end (no host round trip per step)."""
+    read every 10 updates for the bar and once at the end (no host round trip per step).
+
+    The running sum is non-finite from the first non-finite update loss on, so reading it also
+    checks every loss; the first such update is kept on the device (docs/METHOD.md §6). The fp16
+    scaler's skipped steps have inf gradients but a finite loss, and pass.
+    """
     total, count = torch.zeros((), dtype=torch.float64), 0
+    first_bad = torch.full((), -1, dtype=torch.long)
     for group in bar:
         loss = update(runner, group, loss_of, optimizer, scheduler, params, config.grad_clip, scaler,
                       config.clip_scaled)
         total, count = total.to(loss.device) + loss, count + 1
+        first_bad = first_bad.to(loss.device)
+        first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), count, first_bad)
         if count % 10 == 0 or count == n_updates:
-            bar.set_postfix(loss=f"{float(total) / count:.4f}")
+            mean = float(total) / count
+            if not math.isfinite(mean):
+                raise NonFiniteError(
+                    f"{config.stage}: the training loss is not finite (mean {mean}) at epoch {epoch}, update "
+                    f"{int(first_bad)} of {n_updates}; stopped before publishing anything (a previous complete "
+                    f"set is kept). Check the inputs for NaN/inf and the loss flags (learning rate, --tau)")
+            bar.set_postfix(loss=f"{mean:.4f}")
     return float(total) / max(count, 1)
+
+
+def check_finite_logits(finite: torch.Tensor, stage: str, split: str, where: str = "") -> None:
+    """Refuse NaN/inf logits at evaluation: their argmax would be an arbitrary class (docs/METHOD.md §6)."""
+    if not bool(finite):
+        raise NonFiniteError(f"{stage}: the model's {split} logits are not finite{where}; the checkpoint or its "
+                             "inputs hold NaN/inf (re-train, or check the inputs)")
 
 
 @torch.no_grad()
@@ -397,7 +428,14 @@ def dialogue_logits(model: nn.Module, data: Any, batch_size: int, show_progress:
     for idx in batches:
         batch = data.collate(idx, model.padding_speaker, packed)
         chunks.append(batch.rows(model(*batch.inputs).t_logits).float().cpu())
-    return torch.cat(chunks) if chunks else torch.zeros(0, model.n_classes)
+    logits = torch.cat(chunks) if chunks else torch.zeros(0, model.n_classes)
+    finite = torch.isfinite(logits).all(-1)
+    if not bool(finite.all()):
+        # A NaN input row spreads through attention to its whole dialogue: name the dialogues.
+        dialogue = torch.repeat_interleave(torch.arange(len(data)), torch.tensor([len(y) for y in data.labels]))
+        bad = sorted(set(data.vids[i] for i in dialogue[~finite].tolist()))
+        check_finite_logits(finite.all(), "fusion", "dialogue", f" for dialogue(s) {bad[:5]} of {data.path}")
+    return logits
 
 
 # --------------------------------------------------------------------------- training state (resume)
@@ -491,10 +529,10 @@ def fit(model: nn.Module, objective: Callable[..., torch.Tensor], data: SampleBa
     """Train ``model`` with dev selection; returns the metrics document (`magtkd.results.metrics_document`).
 
     After each epoch dev is scored; each new best dev weighted F1 saves the checkpoint
-    and scores test (every epoch with ``config.test_every_epoch``, never used for
-    selection). The metrics document, which is the set's completion record, says
-    ``complete: false`` before the first write of the checkpoint and true only after
-    the last epoch; the training state follows each epoch. Under torchrun only rank 0
+    (under its in-progress name) and scores test (every epoch with ``config.test_every_epoch``,
+    never used for selection). The in-progress metrics document follows each epoch, and so does
+    the training state; after the last epoch `publish` replaces the previous set. A non-finite
+    training loss stops the run (`NonFiniteError`) before anything is published. Under torchrun only rank 0
     writes. Holds the checkpoint's lock (a second run into the same folder stops).
     """
     with output_lock(config.files.checkpoint.parent, config.files.lock_name) if is_main() \
@@ -508,8 +546,9 @@ def _fit(model: nn.Module, objective: Callable[..., torch.Tensor], data: SampleB
     files, names = config.files, list(config.labels)
     if is_main():
         remove_stale_temps(files.checkpoint.parent, [p.name for p in files.written()])
-        begin_outputs(files.metrics, config.stage, config.args, script=config.script, dataset=config.dataset,
-                      labels=names, width=config.width, checkpoint=files.checkpoint.name)
+        # The run's own record, under its in-progress name: the previous complete set stays as it is.
+        begin_outputs(files.in_progress(files.metrics), config.stage, config.args, script=config.script,
+                      dataset=config.dataset, labels=names, width=config.width, checkpoint=files.checkpoint.name)
     if config.grad_checkpointing:
         log.info("%s: gradient checkpointing in %s", config.stage, ", ".join(enable_grad_checkpointing(model)))
     if isinstance(data, DialogueBatches):
@@ -553,9 +592,10 @@ def _fit(model: nn.Module, objective: Callable[..., torch.Tensor], data: SampleB
             # Selection on DEV weighted F1; the reference selected the fusion's epoch on test (docs/METHOD.md §7).
             best = {"epoch": epoch, "dev": dev, "test": test}
             if is_main():
-                save_state_dict(files.checkpoint, model)
+                save_state_dict(files.in_progress(files.checkpoint), model)
                 if files.predictions is not None:
-                    write_json(files.predictions, {"labels": labels.tolist(), "preds": preds.tolist()})
+                    write_json(files.in_progress(files.predictions), {"labels": labels.tolist(),
+                                                                      "preds": preds.tolist()})
         row.update(train_seconds=round(train_seconds, 3),
                    eval_seconds=round(time.perf_counter() - started - train_seconds, 3),
                    samples_per_second=round(n_items / max(train_seconds, 1e-9), 2))
@@ -566,15 +606,36 @@ def _fit(model: nn.Module, objective: Callable[..., torch.Tensor], data: SampleB
                  if "test" in row else "", " | new best dev, saved" if improved else "",
                  train_seconds, row["samples_per_second"])
         if is_main():
-            write_json(files.metrics, document(complete=False))
+            write_json(files.in_progress(files.metrics), document(complete=False))
         save_training_state(config, epoch, model, optimizer, scheduler, generators, {"epochs": epochs, "best": best})
     doc = document(complete=True)
     log.info("%s: selected epoch %d (dev wF1 %.4f); test report:\n%s", config.stage, best["epoch"],
              best["dev"]["weighted_f1"], format_test_report(best["test"], names))
     if is_main():
-        write_plots(files, f"{config.stage}, seed {config.seed}", doc, names)
-        write_json(files.metrics, doc)  # last: publishes checkpoint + document as one complete set
+        publish(files, config, doc, names)
     return doc
+
+
+def publish(files: StageFiles, config: FitConfig, doc: Mapping[str, Any], names: Sequence[str]) -> None:
+    """Replace the previous set by this run's: its record says incomplete while the files change, the
+    in-progress checkpoint (and predictions) are renamed onto the published names, the plots are drawn,
+    and the complete document is written last (docs/METHOD.md §6)."""
+    partial = files.in_progress(files.checkpoint)
+    if not partial.is_file() and not files.checkpoint.is_file():
+        raise UserError(f"{config.stage}: the best checkpoint {partial} of this run is missing (deleted?); "
+                        f"re-run without --resume")
+    begin_outputs(files.metrics, config.stage, config.args, script=config.script, dataset=config.dataset,
+                  labels=list(names), width=config.width, checkpoint=files.checkpoint.name)
+    # A --resume of a run that had already published finds nothing in progress: its set is in place.
+    for path in (files.checkpoint, files.predictions):
+        if path is not None and files.in_progress(path).is_file():
+            try:
+                os.replace(files.in_progress(path), path)
+            except OSError as err:
+                raise WriteError(f"cannot write {path}: {os.strerror(err.errno or 0)}") from err
+    write_plots(files, f"{config.stage}, seed {config.seed}", doc, names)
+    write_json(files.metrics, doc)  # last: publishes checkpoint + document as one complete set
+    files.in_progress(files.metrics).unlink(missing_ok=True)
 
 
 def evaluate_checkpoint(model: nn.Module, data: SampleBatches | DialogueBatches, config: FitConfig,

@@ -419,6 +419,12 @@ def _check_vector(vec: Any, path: str | Path, key: str, dia: Any, j: int, widths
     expected = widths.setdefault(key, vec.shape[0])
     if vec.shape[0] != expected:
         raise FeatureFileError(f"{where} has width {vec.shape[0]}, other {key!r} vectors have width {expected}")
+    if not np.isfinite(vec).all():
+        # One NaN spreads through the fusion's attention to the whole dialogue (docs/METHOD.md §6).
+        raise FeatureFileError(
+            f"{path}: feature {key!r} of dialogue {dia}, utterance {j} holds non-finite values "
+            f"({int(np.isnan(vec).sum())} NaN, {int(np.isinf(vec).sum())} inf of {vec.shape[0]}); re-run "
+            "extract_first_stage_features.py (and the first-stage model that gives NaN, if it does)")
 
 
 def feature_width(features: Mapping[str, Any], key: str) -> int:
@@ -541,14 +547,19 @@ def _stack(vectors: Sequence[np.ndarray], device: torch.device) -> torch.Tensor:
 
 
 def load_dialogues(path: Path, audio_key: str, video_key: str, device: torch.device,
-                   modalities: Sequence[str] = ("T", "A", "V")) -> DialogueSet:
+                   modalities: Sequence[str] = ("T", "A", "V"), reader: DatasetSpec | None = None,
+                   script: str = "") -> DialogueSet:
     """Load a feature pickle (restricted unpickler) for the fusion; the streams read must share one width.
 
     Only the streams of ``modalities`` (T = ``text``, A = ``audio_key``, V = ``video_key``) are required,
-    validated and read; the others stay None (docs/METHOD.md §5, "Ablation variants").
+    validated and read; the others stay None (docs/METHOD.md §5, "Ablation variants"). ``reader``: the
+    dataset of the ``script`` that reads the pickle; the features' record (`features_record`) must name
+    the same dataset and labels, and the pickle's width.
     """
-    check_complete(features_record(path.parent), f"the feature pickles in {path.parent}",
-                   "extract_first_stage_features.py")
+    record = check_complete(features_record(path.parent), f"the feature pickles in {path.parent}",
+                            "extract_first_stage_features.py")
+    if record is not None and reader is not None:
+        check_features_record(record, path, reader, script)
     keys = {m: key for m, key in zip("TAV", ("text", audio_key, video_key)) if m in modalities}
     feats = load_features(path, keys=tuple(dict.fromkeys(keys.values())))
     if not feats["vids"]:
@@ -557,6 +568,10 @@ def load_dialogues(path: Path, audio_key: str, video_key: str, device: torch.dev
     widths = {k: int(feats[k][first][0].shape[0]) for k in keys.values()}
     if len(set(widths.values())) != 1:
         raise FeatureFileError(f"{path}: the fusion streams need one width, got {widths}")
+    width = record.get("width") if record is not None else None
+    if width is not None and int(width) != next(iter(widths.values())):
+        raise FeatureFileError(f"{path} has width {next(iter(widths.values()))} but {features_record(path.parent)} says "
+                               f"{width}: the pickle is not the one extract_first_stage_features.py wrote there")
     vids = list(feats["vids"])
     streams = {m: [_stack(feats[key][v], device) for v in vids] if m in keys else None
                for m, key in zip("TAV", ("text", audio_key, video_key))}
@@ -565,6 +580,17 @@ def load_dialogues(path: Path, audio_key: str, video_key: str, device: torch.dev
         speakers=[torch.tensor([int(s) for s in feats["speakers"][v]], dtype=torch.long, device=device) for v in vids],
         labels=[torch.tensor([int(y) for y in feats["labels"][v]], dtype=torch.long, device=device) for v in vids],
     )
+
+
+def check_features_record(record: Mapping[str, Any], path: Path, reader: DatasetSpec, script: str) -> None:
+    """The pickles' dataset and labels (their record) must be the reading script's; both sides named."""
+    written, labels = record.get("dataset"), record.get("labels")
+    if (written is not None and written != reader.name) or (labels is not None and list(labels) != list(reader.labels)):
+        raise FeatureFileError(
+            f"the feature pickles in {path.parent} are {written}'s ({features_record(path.parent)}: dataset "
+            f"{written}, labels {labels}) but {script or reader.name} reads {reader.name}'s (labels "
+            f"{list(reader.labels)}); point --feature_dir at the features {reader.name}/extract_first_stage_features.py "
+            "writes")
 
 
 # --------------------------------------------------------------------------- first-stage inference
@@ -688,7 +714,8 @@ def fusion_training_data(spec: DatasetSpec, args: Any, device: torch.device
     larger), or ``--n_speaker``.
     """
     data = {split: load_dialogues(feature_path(args.feature_dir, split), args.audio_feature, args.video_feature,
-                                  device, args.modalities) for split in SPLITS}
+                                  device, args.modalities, spec, f"{spec.name}/multimodal_fusion.py")
+                for split in SPLITS}
     width = fusion_width(args.hidden_dim, args.n_head, data["train"].width, str(data["train"].path))
     for split in ("dev", "test"):
         if data[split].width != width:
@@ -723,7 +750,7 @@ def evaluate_fusion(spec: DatasetSpec, args: Any, device: torch.device) -> dict[
                               f"{args.clsNum} ({spec.name}, --clsNum); use the checkpoint "
                               f"{spec.name}/multimodal_fusion.py writes")
     test = load_dialogues(feature_path(args.feature_dir, "test"), args.audio_feature, args.video_feature, device,
-                          variant["modalities"])
+                          variant["modalities"], spec, f"{spec.name}/multimodal_fusion.py")
     width = fusion_width(args.hidden_dim, args.n_head, test.width, str(test.path))
     if sizes["hidden"] != width:
         raise CheckpointError(f"checkpoint {files.checkpoint} has width {sizes['hidden']} but the features in "

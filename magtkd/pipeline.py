@@ -33,8 +33,8 @@ import torch
 
 from . import utils
 from . import results
-from .artifacts import (FRAMES_REPORT, StageFiles, SubstitutionReport, copy_file, feature_path, features_record,
-                        frames_record, read_record, write_json, write_text)
+from .artifacts import (FIRST_STAGE_MODELS, FRAMES_REPORT, StageFiles, SubstitutionReport, copy_file, feature_path,
+                        features_record, frames_record, read_record, write_json, write_text)
 from .dataset import (SPLITS, DatasetSpec, Utterance, build_samples, fusion_speaker_ids, group_dialogues,
                       load_conversation, load_samples, load_speaker2id)
 from .engine import dialogue_logits
@@ -140,6 +140,59 @@ def up_to_date(inputs: Sequence[Path], outputs: Sequence[Path]) -> bool:
     return min(p.stat().st_mtime for p in outputs) >= newest_input
 
 
+# Flags that do not change a stage's outputs (where, on what, how loud): never a reason to re-run it.
+NOT_OUTPUT_FLAGS = frozenset({"data_dir", "pretrained_dir", "save_dir", "feature_dir", "device", "num_workers",
+                              "debug", "resume", "audio_cache", "audio_cache_dir"})
+
+
+def flag_values(argv: Sequence[str]) -> dict[str, list[str]]:
+    """``--name value ...`` pairs of a stage's argv (``--name=value``; a bare ``--name`` is True)."""
+    values: dict[str, list[str]] = {}
+    name = None
+    for token in argv:
+        if token.startswith("--"):
+            name, _, value = token[2:].partition("=")
+            values[name] = [value] if value else []
+        elif name is not None:
+            values[name].append(token)
+    return {k: v or ["True"] for k, v in values.items()}
+
+
+def _same(recorded: Any, requested: list[str]) -> bool:
+    """A recorded argument (JSON value) equals the requested flag's text(s)."""
+    items = recorded if isinstance(recorded, list) else [recorded]
+    if len(items) != len(requested):
+        return False
+    for old, new in zip(items, requested):
+        if isinstance(old, bool) or str(old) in ("True", "False"):
+            try:
+                if utils.str2bool(str(old)) != utils.str2bool(new):
+                    return False
+            except argparse.ArgumentTypeError:
+                return False
+        elif isinstance(old, (int, float)):
+            try:
+                if float(old) != float(new):
+                    return False
+            except ValueError:
+                return False
+        elif str(old) != new:
+            return False
+    return True
+
+
+def changed_flags(outputs: Sequence[Path], argv: Sequence[str]) -> list[str]:
+    """The output-changing flags of ``argv`` whose values differ from those the stage's completion
+    record holds (``--epochs 1 then, 3 now``); empty without a record of arguments."""
+    record = next((read_record(p) for p in outputs if p.name in RECORDS and p.exists()), None)
+    recorded = record.get("args") if record is not None else None
+    if not isinstance(recorded, dict):
+        return []
+    return [f"--{name} {recorded.get(name)} then, {' '.join(value)} now"
+            for name, value in flag_values(argv).items()
+            if name not in NOT_OUTPUT_FLAGS and not _same(recorded.get(name), value)]
+
+
 def stage_argv(stage: Stage, ctx: Context, args: argparse.Namespace) -> list[str]:
     """The flags this stage takes, from the pipeline's own."""
     argv = list(stage.args)
@@ -182,7 +235,8 @@ def run_script(path: Path, argv: list[str], in_process: bool) -> None:
     if in_process:
         load_script(path).main(argv)
     else:
-        subprocess.run([sys.executable, str(path), *argv], check=True)
+        # On Ctrl-C the stage (same process group) stops quietly; the pipeline prints the one line.
+        subprocess.run([sys.executable, str(path), *argv], check=True, env={**os.environ, utils.QUIET_INTERRUPT: "1"})
 
 
 def run(args: argparse.Namespace) -> dict[str, float]:
@@ -199,18 +253,27 @@ def run(args: argparse.Namespace) -> dict[str, float]:
     )
     seconds: dict[str, float] = {}
     for stage in STAGES:
-        if not args.force and up_to_date(stage.inputs(ctx), stage.outputs(ctx)):
+        argv = stage_argv(stage, ctx, args)
+        changed = changed_flags(stage.outputs(ctx), argv) if stage.kind in ("train", "fusion") else []
+        if not args.force and not changed and up_to_date(stage.inputs(ctx), stage.outputs(ctx)):
             log.info("[%s] %s: outputs up to date, skipped", spec.name, stage.name)
             continue
+        if changed:
+            log.info("[%s] %s: re-running %s, its outputs were made with other settings (%s)", spec.name,
+                     stage.name, stage.script, "; ".join(changed))
         unfinished = incomplete(stage.outputs(ctx))
         if unfinished is not None:
             log.warning("[%s] %s: %s says its last run did not finish; re-running %s", spec.name, stage.name,
                         unfinished, stage.script)
-        argv = stage_argv(stage, ctx, args)
         log.info("[%s] %s: %s %s", spec.name, stage.name, stage.script, " ".join(argv))
         started = time.time()
         try:
             run_script(script_dir / stage.script, argv, args.in_process)
+        except KeyboardInterrupt as err:
+            raise utils.Interrupted(
+                f"[{spec.name}] stage '{stage.name}' ({stage.script}) was interrupted; the previous complete "
+                f"outputs are kept. Run the same command again: finished stages are skipped and '{stage.name}' "
+                "restarts cleanly") from err
         except subprocess.CalledProcessError as err:  # the stage printed its own message (a user error: one line)
             status = err.returncode
             how = f"killed by signal {-status}" if status < 0 else f"exit status {status}"
@@ -238,15 +301,19 @@ def predict_conversation(spec: DatasetSpec, args: argparse.Namespace, device: to
     metrics document does not say what it was trained with.
     """
     stage = f"{spec.name} predict"
+    files = StageFiles.fusion(args.save_dir)
+    check_out(args, [args.conversation, files.checkpoint, files.metrics,
+                     *(Path(args.save_dir) / f"{name}.{ext}" for name, _ in FIRST_STAGE_MODELS.values()
+                       for ext in ("bin", "json"))])
     # Data: the conversation in file order, its dialogues in the feature pickle's order, the speaker map
-    utterances = load_conversation(spec, args.conversation, args.data_dir)
+    utterances = load_conversation(spec, args.conversation, args.data_dir, csv_relative=True)
+    check_media(args.conversation, utterances)
     dialogues = group_dialogues(utterances)
     ordered = [u for _, dialogue in dialogues for u in dialogue]
     split, work_dir = ordered[0].split, Path(args.feature_dir) / "predict"
     speaker2id = load_speaker2id(args.data_dir) if spec.global_speaker_ids else None
 
     # Models, checked before any work: the fusion checkpoint is this dataset's, the five first-stage ones exist
-    files = StageFiles.fusion(args.save_dir)
     sizes = fusion_sizes_for(spec, files.checkpoint, speaker2id, with_variant=True)
     variant = utils.fusion_variant(args, sizes["variant"], f"fusion checkpoint {files.checkpoint}")
     check_first_stage_checkpoints(spec, args.save_dir)
@@ -295,6 +362,36 @@ def predict_conversation(spec: DatasetSpec, args: argparse.Namespace, device: to
              len(report), report_path)
     return {"paths": {"predictions": str(args.out), "substitutions": str(report_path), "features": str(pickle_path)},
             "emotions": table["emotion"].tolist(), "substituted": len(report)}
+
+
+def check_out(args: argparse.Namespace, inputs: Sequence[Path]) -> None:
+    """``--out`` (and the report beside it) must be a new or a plain file, never one of the inputs:
+    refused before any work, so a mistyped flag never overwrites the user's conversation."""
+    out = Path(args.out)
+    if out.is_dir():
+        raise utils.UserError(f"--out {out} is a folder; name the predictions CSV to write, e.g. {out / 'predictions.csv'}")
+    report = out.with_name(f"{out.stem}_substitutions.tsv")
+    for path in (out, report):
+        for given in inputs:
+            if path.resolve() == Path(given).resolve():
+                raise utils.UserError(f"--out {out} would overwrite the input {given}"
+                                      f"{' (with its substitution report)' if path == report else ''}; "
+                                      "choose another --out")
+
+
+def check_media(conversation: Path, utterances: Sequence[Utterance]) -> None:
+    """Stop when no clip of a modality exists (predictions on silence and black frames only);
+    warn about empty utterances, naming their rows."""
+    for what, paths in (("audio", [u.audio_path for u in utterances]), ("video", [u.video_path for u in utterances])):
+        missing = sorted({str(p) for p in paths if not p.is_file()})
+        if len(missing) == len(set(map(str, paths))):
+            raise utils.UserError(
+                f"{conversation}: none of its {len(missing)} {what} file(s) exists (e.g. {', '.join(missing[:3])}); "
+                "relative paths resolve against the conversation's folder, then --data_dir (docs/METHOD.md §0)")
+    empty = [u.row for u in utterances if not str(u.text).strip()]
+    if empty:
+        log.warning("%s: rows %s have an empty Utterance: their text model sees only the prompt", conversation,
+                    ", ".join(map(str, empty[:20])) + (" ..." if len(empty) > 20 else ""))
 
 
 def recorded_args(metrics: Path) -> dict[str, Any]:
@@ -595,7 +692,7 @@ def parser() -> argparse.ArgumentParser:
                    help="learning rate of the first-stage and KD trainings (default: each stage's own)")
     p.add_argument("--per_batch_schedule", action="store_true",
                    help="first-stage and KD schedules counted in batches (see text.py --help)")
-    p.add_argument("--seeds", type=int, nargs="+", default=[int(s) for s in env("SEEDS", "").split()] or None,
+    p.add_argument("--seeds", type=utils.seed_int, nargs="+", default=[int(s) for s in env("SEEDS", "").split()] or None,
                    help="train every first-stage, KD and fusion model once per seed (see text.py --help)")
     p.add_argument("--fusion_args", default=env("FUSION_ARGS", ""),
                    help='extra flags for multimodal_fusion.py, e.g. "--lr 1e-3 --batch_size 2"')

@@ -47,6 +47,11 @@ WEIGHTS = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.js
 # Any one of these holds the tokenizer (tokenizer.json, or the slow vocab.json + merges.txt).
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json")
 
+# What each folder must hold (config.json's ``model_type``, and the prefix of its ``architectures``):
+# another model loads with random backbone weights, or fails deep inside transformers.
+MODEL_TYPES = {TEXT: ("roberta", "Roberta"), AUDIO: ("data2vec-audio", "Data2VecAudio"),
+               IMAGE_PROCESSOR: ("videomae", "VideoMAE"), VIDEO: ("timesformer", "Timesformer")}
+
 # Heads of the checkpoints that the base models do not use: their "unexpected
 # keys" are the normal result of loading a base model from a head checkpoint.
 _HEAD_PREFIXES = {TEXT: ("lm_head.",), AUDIO: ("lm_head.",), VIDEO: ("classifier.",)}
@@ -54,6 +59,10 @@ _HEAD_PREFIXES = {TEXT: ("lm_head.",), AUDIO: ("lm_head.",), VIDEO: ("classifier
 
 class PretrainedMissingError(UserError, FileNotFoundError):
     """A pretrained folder, or a file in it, is missing; the message says how to download it."""
+
+
+class PretrainedMismatchError(UserError, ValueError):
+    """A pretrained folder holds another model than the one it is named after (or unreadable files)."""
 
 
 def download_command(pretrained_dir: Path, name: str) -> str:
@@ -85,7 +94,25 @@ def pretrained_folder(
                 f"pretrained model folder {folder} has {wanted}; the download is incomplete. "
                 f"Download it again with:\n    {command}"
             )
+    if (folder / CONFIG).is_file():
+        check_model_type(folder, name)
     return folder
+
+
+def check_model_type(folder: Path, name: str) -> None:
+    """config.json must describe the model ``name`` stands for (``model_type``, and ``architectures``
+    when present); the error says which model the folder holds instead."""
+    config = _read_json(folder / CONFIG)
+    model_type, prefix = MODEL_TYPES[name]
+    found = config.get("model_type")
+    architectures = config.get("architectures") or []
+    wrong_arch = [a for a in architectures if not str(a).startswith(prefix)]
+    if found != model_type or wrong_arch:
+        held = f"model_type {found!r}" + (f", architectures {architectures}" if architectures else "")
+        raise PretrainedMismatchError(
+            f"pretrained model folder {folder} holds another model ({held}): {name} needs model_type "
+            f"{model_type!r} ({_hub_id(name)}); the folder's contents are the wrong model, not an incomplete "
+            f"download. Put the right one there with: {download_command(folder.parent, name)}")
 
 
 def load_tokenizer(pretrained_dir: Path):
@@ -169,9 +196,12 @@ def _folder(pretrained_dir: Path, name: str) -> Path:
 
 def _read_json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON ({err}); download the folder again") from err
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise PretrainedMismatchError(f"{path} is not valid JSON ({err}); download the folder again") from err
+    if not isinstance(doc, dict):
+        raise PretrainedMismatchError(f"{path} is not a JSON object; download the folder again")
+    return doc
 
 
 class _HoldLoadReports(logging.Filter):
@@ -210,7 +240,16 @@ def _load_model(model_cls, name: str, pretrained_dir: Path, **kwargs):
     hf_logger.removeFilter(hold)
     heads = _HEAD_PREFIXES.get(name, ())
     surprising = [key for key in info["unexpected_keys"] if not key.startswith(heads)]
-    if info["missing_keys"] or info["mismatched_keys"] or surprising:
+    if info["missing_keys"] or info["mismatched_keys"]:
+        # The config is the right model's (checked above): the weights file is partial or another one's.
+        missing = sorted(info["missing_keys"]) + sorted(str(k[0] if isinstance(k, tuple) else k)
+                                                        for k in info["mismatched_keys"])
+        raise PretrainedMissingError(
+            f"pretrained model folder {folder}: {len(missing)} backbone weights are missing or of the wrong shape "
+            f"in its weights file (e.g. {', '.join(missing[:3])}); the model would train from random weights. "
+            f"The download is incomplete or corrupt; download it again with: "
+            f"{download_command(pretrained_dir, name)}")
+    if surprising:
         _release(hf_logger, hold)
     else:
         log.debug("loaded %s from %s (unused head weights: %d)", type(model).__name__, folder,

@@ -51,11 +51,20 @@ class InputMissing(UserError, FileNotFoundError):
     """An input file or folder that does not exist; the message says which stage writes it."""
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C, with the one line `run` prints for it (the pipeline names the stage that was running)."""
+
+
+# Set by the pipeline for its stage processes: on Ctrl-C the pipeline prints the one line, not each stage.
+QUIET_INTERRUPT = "MAGTKD_QUIET_INTERRUPT"
+
+
 def run(main: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | None = None) -> None:
     """The stage scripts' entry point: ``if __name__ == "__main__": utils.run(main)``.
 
     A `UserError` becomes one line on stderr and exit status 2; with ``--debug``
-    on the command line it keeps its traceback. Anything else is unexpected and keeps its traceback.
+    on the command line it keeps its traceback. Ctrl-C becomes one line naming the script and exit
+    status 130 (docs/METHOD.md §6). Anything else is unexpected and keeps its traceback.
     ``main(argv)`` called directly (tests) raises as usual.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -67,6 +76,22 @@ def run(main: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | None 
             raise
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+    except KeyboardInterrupt as err:
+        if debug:
+            raise
+        if not os.environ.get(QUIET_INTERRUPT):
+            print(f"interrupted: {err if isinstance(err, Interrupted) else interrupted_line(main)}",
+                  file=sys.stderr)
+        raise SystemExit(130) from None
+
+
+def interrupted_line(main: Callable[..., Any]) -> str:
+    """What Ctrl-C in a stage script means for its outputs (every stage publishes its set at its end)."""
+    script = Path(main.__code__.co_filename)
+    name = f"{script.parent.name}/{script.name}"
+    return (f"{name} stopped before publishing its outputs; the previous complete ones (if any) are kept. "
+            f"Run it again to restart cleanly (training stages: add --resume True to continue from the last "
+            f"completed epoch)")
 
 
 def add_debug_flag(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -95,6 +120,31 @@ positive_int = _checked_number(int, 1, True, "an integer >= 1")
 nonnegative_int = _checked_number(int, 0, True, "an integer >= 0")
 positive_float = _checked_number(float, 0.0, False, "a number > 0")
 nonnegative_float = _checked_number(float, 0.0, True, "a number >= 0")
+
+
+def probability(text: str) -> float:
+    """A dropout rate in [0, 1): 1 drops everything and scales by 1/(1-p) = inf (a NaN loss)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}")
+    return value
+
+
+SEED_MAX = 2**32 - 1  # numpy.random.seed accepts 0 .. 2**32 - 1 (set_seed seeds numpy with it)
+
+
+def seed_int(text: str) -> int:
+    """A seed numpy accepts (0 .. 2**32 - 1): `set_seed` would fail on anything else after the data is read."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= SEED_MAX:
+        raise argparse.ArgumentTypeError(f"expected an integer in 0..{SEED_MAX} (numpy's seed range), got {text!r}")
+    return value
 
 
 # --------------------------------------------------------------------------- flags, device, seed, logging
@@ -150,8 +200,8 @@ def training_parser(
     parser = paths_parser(spec, script_dir, description)
     parser.add_argument("--epochs", type=positive_int, default=epochs)
     parser.add_argument("--batch_size", type=positive_int, default=batch_size)
-    parser.add_argument("--seed", type=int, default=seed)
-    parser.add_argument("--seeds", type=int, nargs="+", default=None,
+    parser.add_argument("--seed", type=seed_int, default=seed)
+    parser.add_argument("--seeds", type=seed_int, nargs="+", default=None,
                         help="train one model per seed (<name>_seed<S>.bin; the best dev one also as <name>.bin) "
                              "and write <name>_seeds.json/.md; default: the single --seed")
     parser.add_argument("--train", type=str2bool, default=True,
@@ -183,12 +233,12 @@ def fusion_parser(spec: DatasetSpec, script_dir: str | Path, description: str | 
     p.add_argument("--lr", type=positive_float, default=1e-4, help="AdamW learning rate (peak of the schedule)")
     p.add_argument("--l2", type=nonnegative_float, default=1e-6, help="AdamW weight decay")
     p.add_argument("--batch_size", type=positive_int, default=16, help="dialogues per batch")
-    p.add_argument("--seed", type=int, default=2024, help="seeds the model and the per-epoch shuffle")
-    p.add_argument("--seeds", type=int, nargs="+", default=None,
+    p.add_argument("--seed", type=seed_int, default=2024, help="seeds the model and the per-epoch shuffle")
+    p.add_argument("--seeds", type=seed_int, nargs="+", default=None,
                    help="train one model per seed (multimodal_fusion_best_seed<S>.bin; the best dev one also as "
                         "multimodal_fusion_best.bin) and write multimodal_fusion_seeds.json/.md; default: --seed")
     p.add_argument("--epochs", type=positive_int, default=30, help="training epochs")
-    p.add_argument("--dropout", type=float, default=0.5, help="dropout everywhere in the model")
+    p.add_argument("--dropout", type=probability, default=0.5, help="dropout everywhere in the model")
     p.add_argument("--hidden_dim", type=positive_int, default=None, help="default: the features' width")
     p.add_argument("--n_head", type=positive_int, default=8, help="attention heads (not stored in checkpoints)")
     p.add_argument("--clsNum", type=int, default=spec.num_classes, help="number of classes")
