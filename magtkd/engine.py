@@ -326,6 +326,10 @@ class SampleBatches:
                  report: SubstitutionReport | None = None) -> None:
         self.loaders, self.device, self.report = loaders, device, report
         self.runner: nn.Module | None = None
+        if device.type == "cuda":
+            # Page-locked batches: the ``non_blocking`` copies of `to_device` are then truly asynchronous.
+            for loader in loaders.values():
+                loader.pin_memory = True
 
     @property
     def n_train(self) -> int:

@@ -619,7 +619,7 @@ def first_stage_features(
             encoders[key] = encoder.to(device).eval()
         for split, split_samples in samples.items():
             loader = make_loader(SampleDataset(split_samples, [field]), batch_size, shuffle=False,
-                                 num_workers=num_workers)
+                                 num_workers=num_workers, pin_memory=device.type == "cuda")
             vectors[split].update(representations(encoders, loader, device, amp, report))
             log.info("%s: %s features for %s done", spec.name, "/".join(encoders), split)
         del encoders
