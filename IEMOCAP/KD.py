@@ -104,7 +104,9 @@ def main(argv=None) -> dict:
         # Optimizer, schedule and gradient scaler: AdamW; the authors' warmup counted in samples
         optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=args.learning_rate)
         scheduler = engine.reference_schedule(optimizer, data.n_train, data.updates_per_epoch(args.grad_accum),
-                                              args.epochs, args.per_batch_schedule)
+                                              args.epochs, args.per_batch_schedule,
+                                              global_batch=data.global_batch(args.grad_accum), authors_batch=4,
+                                              epoch_anchored=args.schedule_epochs)
         scaler = torch.amp.GradScaler(device.type, enabled=args.amp)
         loss = functools.partial(objective, teacher=teacher, logit_weight=args.logit_weight,
                                  feature_weight=args.feature_weight, tau=args.tau)

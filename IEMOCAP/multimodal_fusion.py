@@ -87,12 +87,15 @@ def main(argv=None) -> dict:
         # the authors' warmup counted in dialogues, stepped per update
         optimizer = torch.optim.AdamW(fusion.parameters(), lr=args.lr, weight_decay=args.l2, fused=True)
         scheduler = engine.reference_schedule(optimizer, data.n_train, data.updates_per_epoch(args.grad_accum),
-                                              args.epochs, args.per_batch_schedule)
+                                              args.epochs, args.per_batch_schedule,
+                                              global_batch=data.global_batch(args.grad_accum), authors_batch=16,
+                                              epoch_anchored=args.schedule_epochs)
         files[seed] = StageFiles.fusion(args.save_dir, utils.seed_tag(seed, seeds))
         config = engine.FitConfig(stage=stage, script="IEMOCAP/multimodal_fusion.py", dataset=IEMOCAP.name,
                                   labels=names, files=files[seed], epochs=args.epochs, seed=seed,
                                   args={**vars(args), "seed": seed}, grad_accum=args.grad_accum, resume=args.resume,
-                                  test_every_epoch=True, width=sizes["hidden"], sizes=sizes)
+                                  test_every_epoch=True, width=sizes["hidden"], sizes=sizes,
+                                  tf32=args.tf32, tensorboard=args.tensorboard)
         runs[seed] = engine.fit(fusion, loss, data, optimizer, scheduler, config)
 
     # Several seeds: multimodal_fusion_seeds.json/.md; the best dev seed's files also under the usual names

@@ -61,10 +61,12 @@ def main(argv=None) -> dict:
             report.write(usual.eval_substitutions)
             return result
 
-        # Optimizer and schedule: AdamW; the authors' warmup counted in samples, stepped per update
+        # Optimizer and schedule: AdamW; the authors' warmup counted in samples, stepped per update (curve logged in epochs)
         optimizer = torch.optim.AdamW([p for p in encoder.parameters() if p.requires_grad], lr=args.learning_rate)
         scheduler = engine.reference_schedule(optimizer, data.n_train, data.updates_per_epoch(args.grad_accum),
-                                              args.epochs, args.per_batch_schedule)
+                                              args.epochs, args.per_batch_schedule,
+                                              global_batch=data.global_batch(args.grad_accum), authors_batch=4,
+                                              epoch_anchored=args.schedule_epochs)
         runs[seed] = engine.fit(encoder, objective, data, optimizer, scheduler, config)
 
     # Artifacts: the substitution report (all seeds); with several seeds audio_seeds.json/.md and the

@@ -59,10 +59,12 @@ def main(argv=None) -> dict:
         if not args.train:
             return engine.evaluate_checkpoint(encoder, data, config)
 
-        # Optimizer and schedule: AdamW; the authors' warmup counted in samples, stepped per update
+        # Optimizer and schedule: AdamW; the authors' warmup counted in samples, stepped per update (curve logged in epochs)
         optimizer = torch.optim.AdamW([p for p in encoder.parameters() if p.requires_grad], lr=args.learning_rate)
         scheduler = engine.reference_schedule(optimizer, data.n_train, data.updates_per_epoch(args.grad_accum),
-                                              args.epochs, args.per_batch_schedule)
+                                              args.epochs, args.per_batch_schedule,
+                                              global_batch=data.global_batch(args.grad_accum), authors_batch=4,
+                                              epoch_anchored=args.schedule_epochs)
         runs[seed] = engine.fit(encoder, objective, data, optimizer, scheduler, config)
 
     # Several seeds: text_seeds.json/.md; the best dev seed's files also as text.bin/.json

@@ -669,12 +669,13 @@ class SampleDataset(Dataset):
 
 
 def make_loader(dataset: SampleDataset, batch_size: int, shuffle: bool, num_workers: int,
-                seed: int = 0) -> DataLoader:
+                seed: int = 0, pin_memory: bool = False) -> DataLoader:
     """A loader over ``dataset``; ``shuffle`` draws from a generator seeded with ``seed``.
 
     Under torchrun each rank loads its shard: shuffled loaders through a DistributedSampler
     (``seed`` + epoch), ordered ones every ``world_size``-th sample without padding, so that
-    gathering the ranks' outputs by ``batch["index"]`` covers every sample once.
+    gathering the ranks' outputs by ``batch["index"]`` covers every sample once. ``pin_memory`` (CUDA
+    runs) lets the engine's ``non_blocking`` copies overlap with compute.
     """
     generator = torch.Generator().manual_seed(seed)
     sampler = None
@@ -683,6 +684,7 @@ def make_loader(dataset: SampleDataset, batch_size: int, shuffle: bool, num_work
     return DataLoader(
         dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
         num_workers=num_workers, collate_fn=dataset.collate, generator=generator, persistent_workers=False,
+        pin_memory=pin_memory,
     )
 
 

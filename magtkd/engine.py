@@ -27,6 +27,7 @@ import os
 import random
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
@@ -38,8 +39,8 @@ from .artifacts import (StageFiles, SubstitutionReport, WriteError, atomic_path,
                         remove_stale_temps, save_state_dict, write_json)
 from .dataset import DatasetSpec
 from .model import load_checkpoint
-from .results import format_test_report, metrics_document, summary, test_report, write_plots
-from .utils import UserError, gather_objects, is_main, progress, rank, world_size
+from .results import Watch, format_test_report, metrics_document, summary, test_report, write_plots
+from .utils import UserError, gather_objects, is_main, progress, rank, set_precision, world_size
 
 log = logging.getLogger("magtkd")
 
@@ -58,18 +59,84 @@ class WarmupDecay:
         return max(0.0, float(self.total - step) / float(max(1, self.total - self.warmup)))
 
 
-def reference_schedule(optimizer: torch.optim.Optimizer, n_train: int, updates_per_epoch: int, epochs: int,
-                       per_batch: bool = False) -> LambdaLR:
-    """The authors' schedule, stepped once per update (docs/METHOD.md §2).
+@dataclass(frozen=True)
+class GlobalBatch:
+    """Items per update: the per-process batch x processes x ``--grad_accum``."""
 
-    Warmup and total are counted in training SAMPLES (warmup = ``n_train``, total =
-    ``n_train * epochs``) while the scheduler is stepped once per BATCH, so with batch 4
-    the peak is reached after 4 of 10 epochs and the rate never decays far.
-    ``per_batch=True`` counts both in updates instead (warmup = one epoch).
+    per_process: int
+    processes: int
+    grad_accum: int
+
+    @property
+    def size(self) -> int:
+        return self.per_process * self.processes * self.grad_accum
+
+    def __str__(self) -> str:
+        return f"{self.size} ({self.per_process} per process x {self.processes} processes x {self.grad_accum} accumulated)"
+
+
+def schedule_steps(n_train: int, updates_per_epoch: int, epochs: int, per_batch: bool = False,
+                   anchor_batch: int | None = None) -> tuple[int, int]:
+    """(warmup, total) in scheduler steps (one per update) of the authors' schedule (docs/METHOD.md §2).
+
+    The authors count both in training SAMPLES (warmup = ``n_train``, total = ``n_train * epochs``)
+    while stepping once per update, so the curve's length in epochs is proportional to the global
+    batch. ``per_batch`` counts them in updates (warmup = one epoch). ``anchor_batch`` (the authors'
+    global batch, ``--schedule_epochs True``) rescales their counts to this run's updates per epoch:
+    the learning rate at each fraction of training is theirs whatever the global batch.
     """
     if per_batch:
-        return LambdaLR(optimizer, WarmupDecay(updates_per_epoch, updates_per_epoch * epochs))
-    return LambdaLR(optimizer, WarmupDecay(n_train, n_train * epochs))
+        return updates_per_epoch, updates_per_epoch * epochs
+    if anchor_batch is None:
+        return n_train, n_train * epochs
+    scale = updates_per_epoch / math.ceil(n_train / anchor_batch)  # their updates per epoch at their batch
+    return max(1, round(n_train * scale)), max(1, round(n_train * epochs * scale))
+
+
+def describe_schedule(warmup: int, total: int, updates_per_epoch: int, epochs: int) -> str:
+    """The curve in epochs: where warmup ends, the peak factor reached, the factor of the last update."""
+    curve, last = WarmupDecay(warmup, total), updates_per_epoch * epochs - 1
+    # LambdaLR applies factor(k) to update k + 1: the first update runs at factor 0, as the authors'.
+    peak, final = curve(min(warmup, last)), curve(last)
+    ends = (f"warmup ends after {warmup / updates_per_epoch:.2f} of {epochs} epochs" if warmup <= last + 1
+            else f"warmup would end after {warmup / updates_per_epoch:.2f} epochs: it never ends in {epochs}")
+    return f"{ends}; peak factor {peak:.3f}; factor at the last update {final:.3f}"
+
+
+def reference_schedule(optimizer: torch.optim.Optimizer, n_train: int, updates_per_epoch: int, epochs: int,
+                       per_batch: bool = False, *, global_batch: GlobalBatch | None = None,
+                       authors_batch: int | None = None, epoch_anchored: bool = False) -> LambdaLR:
+    """The authors' schedule, stepped once per update (`schedule_steps`, docs/METHOD.md §2).
+
+    With ``global_batch`` (`SampleBatches.global_batch`) the curve is logged in epochs; when that batch is not the
+    authors' (``authors_batch``) and the counts are theirs in steps, a warning names the two
+    ways back to their curve: the per-process batch that gives their global batch, or
+    ``--schedule_epochs True`` (``epoch_anchored``).
+    """
+    anchor = authors_batch if epoch_anchored and not per_batch else None
+    if epoch_anchored and authors_batch is None:
+        raise UserError("--schedule_epochs True: this stage has no reference global batch to anchor to")
+    warmup, total = schedule_steps(n_train, updates_per_epoch, epochs, per_batch, anchor)
+    if global_batch is not None:
+        how = ("counted in updates (--per_batch_schedule)" if per_batch else
+               f"anchored in epochs to the authors' global batch {authors_batch} (--schedule_epochs)" if anchor
+               else "counted in steps as the authors")
+        log.info("schedule: global batch %s, %s, %d updates per epoch: %s", global_batch, how, updates_per_epoch,
+                 describe_schedule(warmup, total, updates_per_epoch, epochs))
+        size = global_batch.size
+        if authors_batch is not None and size != authors_batch and not per_batch and not anchor:
+            log.warning("schedule: the global batch %d is not the authors' %d, so their warmup (counted in steps) "
+                        "ends after %.2f epochs instead of about %d: %s", size, authors_batch,
+                        warmup / updates_per_epoch, authors_batch, schedule_choices(global_batch, authors_batch))
+    return LambdaLR(optimizer, WarmupDecay(warmup, total))
+
+
+def schedule_choices(global_batch: GlobalBatch, authors_batch: int) -> str:
+    """The two ways to the authors' curve over epochs, for `reference_schedule`'s warning."""
+    others = global_batch.processes * global_batch.grad_accum
+    batch = (f"--batch_size {authors_batch // others} gives their global batch" if authors_batch % others == 0
+             else f"no --batch_size gives their global batch with {others} processes x accumulation")
+    return f"{batch}, or --schedule_epochs True keeps their curve over epochs at this batch (docs/METHOD.md §2)"
 
 
 # --------------------------------------------------------------------------- configuration
@@ -96,6 +163,8 @@ class FitConfig:
     test_every_epoch: bool = False  # the fusion scores test every epoch (never used for selection)
     width: int | None = None  # the representation width, recorded for the readers of the checkpoint
     sizes: Mapping[str, Any] = field(default_factory=dict)
+    tf32: bool = False  # --tf32: TF32 matrix products on CUDA (`magtkd.utils.set_precision`)
+    tensorboard: Path | None = None  # --tensorboard DIR: event files under DIR/<checkpoint stem>/
 
     @classmethod
     def first_stage(cls, args: argparse.Namespace, spec: DatasetSpec, *, stage: str, script: str, files: StageFiles,
@@ -105,7 +174,7 @@ class FitConfig:
         return cls(stage=stage, script=script, dataset=spec.name, labels=spec.labels, files=files,
                    epochs=args.epochs, seed=seed, args={**vars(args), "seed": seed}, grad_accum=args.grad_accum,
                    resume=args.resume, amp=args.amp, grad_checkpointing=args.grad_checkpointing, width=width,
-                   **options)
+                   tf32=args.tf32, tensorboard=args.tensorboard, **options)
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.grad_accum < 1:
@@ -172,9 +241,11 @@ def groups(batches: Iterable[Any], size: int) -> Iterator[list[Any]]:
 
 def update(runner: nn.Module, group: Sequence[Any], loss_of: Callable[[Any], torch.Tensor],
            optimizer: torch.optim.Optimizer, scheduler: Any, params: Sequence[nn.Parameter],
-           grad_clip: float, scaler: torch.amp.GradScaler | None = None, clip_scaled: bool = False) -> torch.Tensor:
-    """One optimizer update over the micro-batches of ``group`` (``--grad_accum``); returns its loss
-    (a detached scalar on the device: reading it is the caller's host round trip).
+           grad_clip: float, scaler: torch.amp.GradScaler | None = None,
+           clip_scaled: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer update over the micro-batches of ``group`` (``--grad_accum``); returns its loss and
+    the gradient norm before clipping (detached scalars on the device: reading them is the caller's
+    host round trip).
 
     ``loss_of(batch)`` is the mean loss over the batch's items. Each micro-batch's
     loss is weighted by its share of the group's items (`batch_items`), so the
@@ -201,14 +272,14 @@ def update(runner: nn.Module, group: Sequence[Any], loss_of: Callable[[Any], tor
         value = value.to(loss.device) + loss.detach() * (count / total)
     if scaler is not None and not clip_scaled:
         scaler.unscale_(optimizer)  # clip the true gradients (a no-op when the scaler is disabled)
-    torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
     if scaler is None:
         optimizer.step()
     else:
         scaler.step(optimizer)  # unscales first if not done above; skips steps with inf/nan gradients
         scaler.update()
     scheduler.step()
-    return value
+    return value, grad_norm.detach()
 
 
 def batch_items(batch: Any) -> float:
@@ -256,6 +327,10 @@ class SampleBatches:
                  report: SubstitutionReport | None = None) -> None:
         self.loaders, self.device, self.report = loaders, device, report
         self.runner: nn.Module | None = None
+        if device.type == "cuda":
+            # Page-locked batches: the ``non_blocking`` copies of `to_device` are then truly asynchronous.
+            for loader in loaders.values():
+                loader.pin_memory = True
 
     @property
     def n_train(self) -> int:
@@ -263,6 +338,9 @@ class SampleBatches:
 
     def updates_per_epoch(self, grad_accum: int) -> int:
         return math.ceil(len(self.loaders["train"]) / grad_accum)
+
+    def global_batch(self, grad_accum: int) -> GlobalBatch:
+        return GlobalBatch(self.loaders["train"].batch_size, world_size(), grad_accum)
 
     def generators(self) -> list[torch.Generator]:
         return [loader.generator for loader in self.loaders.values() if loader.generator is not None]
@@ -287,7 +365,8 @@ class SampleBatches:
             return self.runner(batch)
 
     def train_one_epoch(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
-                        scaler: torch.amp.GradScaler | None, config: FitConfig, epoch: int) -> float:
+                        scaler: torch.amp.GradScaler | None, config: FitConfig, epoch: int,
+                        watch: Watch | None = None) -> float:
         loader = self.loaders["train"]
         if isinstance(loader.sampler, torch.utils.data.DistributedSampler):
             loader.sampler.set_epoch(epoch)  # a new shuffle of the shards every epoch
@@ -295,7 +374,7 @@ class SampleBatches:
         n_updates = self.updates_per_epoch(config.grad_accum)
         bar = progress(groups(loader, config.grad_accum), total=n_updates, desc=f"{config.stage} epoch {epoch}")
         return run_updates(bar, n_updates, functools.partial(self._loss, config=config), self.runner, optimizer,
-                           scheduler, params, scaler, config, epoch)
+                           scheduler, params, scaler, config, epoch, watch)
 
     @torch.inference_mode()
     def evaluate(self, model: nn.Module, split: str, config: FitConfig) -> tuple[np.ndarray, np.ndarray]:
@@ -343,6 +422,9 @@ class DialogueBatches:
     def updates_per_epoch(self, grad_accum: int) -> int:
         return math.ceil(math.ceil(len(self.data["train"]) / self.batch_size) / grad_accum)
 
+    def global_batch(self, grad_accum: int) -> GlobalBatch:
+        return GlobalBatch(self.batch_size, 1, grad_accum)
+
     def generators(self) -> list[torch.Generator]:
         return [self.generator]
 
@@ -355,14 +437,15 @@ class DialogueBatches:
         return self.objective(type(out)(*map(batch.rows, out)), batch.rows(batch.labels))
 
     def train_one_epoch(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
-                        scaler: torch.amp.GradScaler | None, config: FitConfig, epoch: int) -> float:
+                        scaler: torch.amp.GradScaler | None, config: FitConfig, epoch: int,
+                        watch: Watch | None = None) -> float:
         train = self.data["train"]
         batches = (train.collate(idx, model.padding_speaker, self.packed)
                    for idx in train.batches(self.batch_size, self.generator))
         n_updates = self.updates_per_epoch(config.grad_accum)
         bar = progress(groups(batches, config.grad_accum), total=n_updates, desc=f"{config.stage} epoch {epoch}")
         return run_updates(bar, n_updates, self._loss, model, optimizer, scheduler, list(model.parameters()),
-                           scaler, config, epoch)
+                           scaler, config, epoch, watch)
 
     def evaluate(self, model: nn.Module, split: str, config: FitConfig) -> tuple[np.ndarray, np.ndarray]:
         data = self.data[split]
@@ -376,9 +459,11 @@ class NonFiniteError(UserError, FloatingPointError):
 
 def run_updates(bar: Any, n_updates: int, loss_of: Callable[[Any], torch.Tensor], runner: nn.Module,
                 optimizer: torch.optim.Optimizer, scheduler: Any, params: Sequence[nn.Parameter],
-                scaler: torch.amp.GradScaler | None, config: FitConfig, epoch: int) -> float:
+                scaler: torch.amp.GradScaler | None, config: FitConfig, epoch: int,
+                watch: Watch | None = None) -> float:
     """The updates of one epoch; returns the mean update loss. The loss stays on the device and is
-    read every 10 updates for the bar and once at the end (no host round trip per step).
+    read every `LOG_EVERY` updates for the bar and once at the end (no host round trip per step);
+    ``watch`` (``--tensorboard``) gets every update's figures and writes them at the same moments.
 
     The running sum is non-finite from the first non-finite update loss on, so reading it also
     checks every loss; the first such update is kept on the device (docs/METHOD.md §6). The fp16
@@ -387,12 +472,15 @@ def run_updates(bar: Any, n_updates: int, loss_of: Callable[[Any], torch.Tensor]
     total, count = torch.zeros((), dtype=torch.float64), 0
     first_bad = torch.full((), -1, dtype=torch.long)
     for group in bar:
-        loss = update(runner, group, loss_of, optimizer, scheduler, params, config.grad_clip, scaler,
-                      config.clip_scaled)
+        lr = optimizer.param_groups[0]["lr"]  # the rate this update uses (the scheduler steps after it)
+        loss, grad_norm = update(runner, group, loss_of, optimizer, scheduler, params, config.grad_clip, scaler,
+                                 config.clip_scaled)
         total, count = total.to(loss.device) + loss, count + 1
         first_bad = first_bad.to(loss.device)
         first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), count, first_bad)
-        if count % 10 == 0 or count == n_updates:
+        if watch is not None:
+            watch.update(scheduler.last_epoch, loss, grad_norm, lr)
+        if count % LOG_EVERY == 0 or count == n_updates:
             mean = float(total) / count
             if not math.isfinite(mean):
                 raise NonFiniteError(
@@ -400,7 +488,12 @@ def run_updates(bar: Any, n_updates: int, loss_of: Callable[[Any], torch.Tensor]
                     f"{int(first_bad)} of {n_updates}; stopped before publishing anything (a previous complete "
                     f"set is kept). Check the inputs for NaN/inf and the loss flags (learning rate, --tau)")
             bar.set_postfix(loss=f"{mean:.4f}")
+            if watch is not None:
+                watch.flush(scaler)
     return float(total) / max(count, 1)
+
+
+LOG_EVERY = 10  # updates between two reads of the loss on the host
 
 
 def check_finite_logits(finite: torch.Tensor, stage: str, split: str, where: str = "") -> None:
@@ -440,24 +533,26 @@ def dialogue_logits(model: nn.Module, data: Any, batch_size: int, show_progress:
 
 # --------------------------------------------------------------------------- training state (resume)
 
-def _rng_state(generators: Sequence[torch.Generator]) -> dict[str, Any]:
+def _rng_state(generators: Sequence[torch.Generator], device: torch.device) -> dict[str, Any]:
+    """This process's random states; on CUDA only its own device's (a run resumed with fewer GPUs
+    visible restores them all the same), on CPU none (CUDA is never touched)."""
     name, key, pos, has_gauss, gauss = np.random.get_state()
     return {
         "python": random.getstate(),
         "numpy": (name, torch.from_numpy(key.astype(np.int64)), int(pos), int(has_gauss), float(gauss)),
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
         "generators": [g.get_state() for g in generators],
     }
 
 
-def _set_rng_state(state: Mapping[str, Any], generators: Sequence[torch.Generator]) -> None:
+def _set_rng_state(state: Mapping[str, Any], generators: Sequence[torch.Generator], device: torch.device) -> None:
     random.setstate(state["python"])
     name, key, pos, has_gauss, gauss = state["numpy"]
     np.random.set_state((name, key.numpy().astype(np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if device.type == "cuda" and torch.is_tensor(state["cuda"]):
+        torch.cuda.set_rng_state(state["cuda"], device)
     for generator, saved in zip(generators, state["generators"]):
         generator.set_state(saved)
 
@@ -469,7 +564,8 @@ def _plain(obj: Any) -> Any:
 
 # Flags that must match between the run that saved a training state and the run resuming it.
 RESUME_MUST_MATCH = ("epochs", "batch_size", "learning_rate", "lr", "l2", "seed", "grad_accum",
-                     "per_batch_schedule", "dropout", "student", "teacher")
+                     "per_batch_schedule", "schedule_epochs", "dropout", "student", "teacher", "amp",
+                     "reference_kd_clip")
 
 
 def _resume_args(args: Mapping[str, Any]) -> dict[str, str]:
@@ -477,16 +573,21 @@ def _resume_args(args: Mapping[str, Any]) -> dict[str, str]:
 
 
 def save_training_state(config: FitConfig, epoch: int, model: nn.Module, optimizer: torch.optim.Optimizer,
-                        scheduler: Any, generators: Sequence[torch.Generator], progress_: Mapping[str, Any]) -> None:
-    """Everything needed to continue after ``epoch``, written atomically by rank 0 (every rank's RNG
-    states are gathered into it)."""
-    rngs = gather_objects(_rng_state(generators))
+                        scheduler: Any, generators: Sequence[torch.Generator], progress_: Mapping[str, Any],
+                        scaler: torch.amp.GradScaler | None = None, device: torch.device | None = None) -> None:
+    """Everything needed to continue after ``epoch``, written atomically by rank 0: every rank's random
+    states are gathered into it (on CUDA each its own device's) and the gradient scaler's state
+    (fp16 KD: its scale and growth tracker), all loadable with ``weights_only=True``."""
+    device = device if device is not None else next(model.parameters()).device
+    rngs = gather_objects(_rng_state(generators, device))
     if not is_main():
         return
     state = {
-        "stage": config.stage, "epoch": epoch, "world_size": world_size(), "args": _resume_args(config.args),
+        "stage": config.stage, "epoch": epoch, "world_size": world_size(), "device_type": device.type,
+        "args": _resume_args(config.args),
         "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rngs,
+        "scaler": _plain(scaler.state_dict()) if scaler is not None else {},
         "progress": _plain(progress_),
     }
     with atomic_path(config.files.state) as tmp:
@@ -513,12 +614,42 @@ def load_training_state(config: FitConfig) -> dict[str, Any] | None:
     now = _resume_args(config.args)
     differ = {k: (state["args"].get(k), now[k]) for k in now if state["args"].get(k) != now[k]}
     if state["world_size"] != world_size():
-        differ["world_size"] = (str(state["world_size"]), str(world_size()))
+        # Each rank's data shard and random streams belong to the world size they were drawn under.
+        raise UserError(f"{path} was saved by {state['world_size']} process(es) and this run has {world_size()}: "
+                        f"resume with torchrun --nproc_per_node {state['world_size']} (or python for 1), or "
+                        "delete the file to start over")
     if differ:
         raise UserError(f"{path} was saved with different settings ("
                         + ", ".join(f"--{k} {old} then, {new} now" for k, (old, new) in sorted(differ.items()))
                         + "); resume with the same flags, or delete the file to start over")
     return state
+
+
+def restore_training_state(state: Mapping[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer,
+                           scheduler: Any, scaler: torch.amp.GradScaler | None, generators: Sequence[torch.Generator],
+                           device: torch.device, stage: str) -> None:
+    """Load a state from `load_training_state` into this run's objects.
+
+    Saved on another kind of device (cuda then, cpu now, or the reverse): the weights, optimizer,
+    schedule and scaler carry over, but the device's random stream cannot, so training continues
+    correctly but not bit-identically to an uninterrupted run; the log says so.
+    """
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    saved_scaler = state.get("scaler") or {}
+    if scaler is not None and scaler.is_enabled():
+        if saved_scaler:
+            scaler.load_state_dict(saved_scaler)
+        else:
+            log.warning("%s: the training state holds no gradient-scaler state: the scale restarts at %g",
+                        stage, scaler.get_scale())
+    saved_type = state.get("device_type", device.type)
+    if saved_type != device.type:
+        log.warning("%s: the training state was saved on %s and this run is on %s: training continues, but the "
+                    "%s random stream is not restored (not bit-identical to an uninterrupted run)", stage,
+                    saved_type, device.type, "cuda")
+    _set_rng_state(state["rng"][rank()], generators, device)
 
 
 # --------------------------------------------------------------------------- the loop
@@ -535,15 +666,22 @@ def fit(model: nn.Module, objective: Callable[..., torch.Tensor], data: SampleBa
     training loss stops the run (`NonFiniteError`) before anything is published. Under torchrun only rank 0
     writes. Holds the checkpoint's lock (a second run into the same folder stops).
     """
-    with output_lock(config.files.checkpoint.parent, config.files.lock_name) if is_main() \
-            else contextlib.nullcontext():
-        return _fit(model, objective, data, optimizer, scheduler, config, scaler)
+    watch = Watch(config.tensorboard, config.files.checkpoint.stem) if config.tensorboard and is_main() else None
+    try:
+        with output_lock(config.files.checkpoint.parent, config.files.lock_name) if is_main() \
+                else contextlib.nullcontext():
+            return _fit(model, objective, data, optimizer, scheduler, config, scaler, watch)
+    finally:
+        if watch is not None:
+            watch.close()
 
 
 def _fit(model: nn.Module, objective: Callable[..., torch.Tensor], data: SampleBatches | DialogueBatches,
          optimizer: torch.optim.Optimizer, scheduler: Any, config: FitConfig,
-         scaler: torch.amp.GradScaler | None) -> dict[str, Any]:
+         scaler: torch.amp.GradScaler | None, watch: Watch | None) -> dict[str, Any]:
     files, names = config.files, list(config.labels)
+    device = next(model.parameters()).device
+    set_precision(device, config.tf32)
     if is_main():
         remove_stale_temps(files.checkpoint.parent, [p.name for p in files.written()])
         # The run's own record, under its in-progress name: the previous complete set stays as it is.
@@ -561,10 +699,7 @@ def _fit(model: nn.Module, objective: Callable[..., torch.Tensor], data: SampleB
     first = 1
     state = load_training_state(config)
     if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        _set_rng_state(state["rng"][rank()], generators)
+        restore_training_state(state, model, optimizer, scheduler, scaler, generators, device, config.stage)
         epochs, best, first = state["progress"]["epochs"], state["progress"]["best"], state["epoch"] + 1
         log.info("%s: resuming from epoch %d of %d (%s)", config.stage, state["epoch"], config.epochs, files.state)
 
@@ -574,11 +709,13 @@ def _fit(model: nn.Module, objective: Callable[..., torch.Tensor], data: SampleB
                                 epochs=epochs, best=best, complete=complete,
                                 test_every_epoch=config.test_every_epoch)
 
-    n_items = data.n_train
+    n_items, epoch_seconds = data.n_train, []
     for epoch in range(first, config.epochs + 1):
         started = time.perf_counter()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
         model.train()
-        train_loss = data.train_one_epoch(model, optimizer, scheduler, scaler, config, epoch)
+        train_loss = data.train_one_epoch(model, optimizer, scheduler, scaler, config, epoch, watch)
         train_seconds = time.perf_counter() - started
         model.eval()
         dev = summary(*data.evaluate(model, "dev", config))
@@ -600,14 +737,18 @@ def _fit(model: nn.Module, objective: Callable[..., torch.Tensor], data: SampleB
                    eval_seconds=round(time.perf_counter() - started - train_seconds, 3),
                    samples_per_second=round(n_items / max(train_seconds, 1e-9), 2))
         epochs.append(row)
-        log.info("%s epoch %d/%d: train loss %.4f | dev acc %.4f wF1 %.4f%s%s | %.1f s, %.1f samples/s",
+        epoch_seconds.append(time.perf_counter() - started)
+        log.info("%s epoch %d/%d: train loss %.4f | dev acc %.4f wF1 %.4f%s%s | %.1f s, %.1f samples/s%s",
                  config.stage, epoch, config.epochs, train_loss, dev["accuracy"], dev["weighted_f1"],
                  f" | test acc {row['test']['accuracy']:.4f} wF1 {row['test']['weighted_f1']:.4f}"
                  if "test" in row else "", " | new best dev, saved" if improved else "",
-                 train_seconds, row["samples_per_second"])
+                 train_seconds, row["samples_per_second"], watch_line(device, epoch_seconds, config.epochs - epoch))
+        if watch is not None:
+            watch.epoch(row, scheduler.last_epoch)
         if is_main():
             write_json(files.in_progress(files.metrics), document(complete=False))
-        save_training_state(config, epoch, model, optimizer, scheduler, generators, {"epochs": epochs, "best": best})
+        save_training_state(config, epoch, model, optimizer, scheduler, generators, {"epochs": epochs, "best": best},
+                            scaler, device)
     doc = document(complete=True)
     log.info("%s: selected epoch %d (dev wF1 %.4f); test report:\n%s", config.stage, best["epoch"],
              best["dev"]["weighted_f1"], format_test_report(best["test"], names))
@@ -636,6 +777,15 @@ def publish(files: StageFiles, config: FitConfig, doc: Mapping[str, Any], names:
     write_plots(files, f"{config.stage}, seed {config.seed}", doc, names)
     write_json(files.metrics, doc)  # last: publishes checkpoint + document as one complete set
     files.in_progress(files.metrics).unlink(missing_ok=True)
+
+
+def watch_line(device: torch.device, epoch_seconds: Sequence[float], remaining: int) -> str:
+    """The end of an epoch's log line: the stage's ETA (remaining epochs x mean epoch time of this run)
+    and, on CUDA, the epoch's peak memory."""
+    line = f" | ETA {remaining * sum(epoch_seconds) / len(epoch_seconds) / 60:.1f} min" if remaining else ""
+    if device.type == "cuda":
+        line += f" | peak memory {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB"
+    return line
 
 
 def evaluate_checkpoint(model: nn.Module, data: SampleBatches | DialogueBatches, config: FitConfig,

@@ -135,15 +135,15 @@ def extract_frames(jobs: Sequence[Job], image_processor: Any, num_workers: int, 
     rewritten last with ``complete: true``.
     """
     video_dir = report_path.parent
-    # Under torchrun each rank decodes its share of the videos (the report is gathered at the end);
-    # the lock is rank 0's.
+    # Under torchrun each rank decodes its share of the videos; rank 0 holds the lock and writes the
+    # record and the report (gathered at the end, once every rank has finished its videos).
     single = utils.world_size() == 1
     with output_lock(video_dir, "frames") if utils.is_main() else contextlib.nullcontext():
         record = frames_record(video_dir.parent)
-        if utils.is_main():  # the report's and record's (the frames' own: plan_jobs)
+        if utils.is_main():  # the report's and record's temps (the frames' own: plan_jobs)
             remove_stale_temps(video_dir, (report_path.name, record.name))
-        if single:  # under torchrun no rank knows when the others finish: no completion record
             begin_outputs(record, "video_feature_extract", args or {}, report=report_path.name)
+        utils.barrier()  # no rank writes a frame before the record says the set is being rewritten
         report = SubstitutionReport()
         if report_path.is_file():
             for item in SubstitutionReport.read(report_path):
@@ -177,10 +177,10 @@ def extract_frames(jobs: Sequence[Job], image_processor: Any, num_workers: int, 
         finally:
             for decoder in decoders:
                 decoder.close()
-        report.write(report_path)
-        if single:
+        report.write(report_path)  # under torchrun a gather: every rank has finished its share
+        if utils.is_main():
             finish_outputs(record, "video_feature_extract", args or {}, report=report_path.name,
-                           substituted=len(report))
+                           substituted=len(SubstitutionReport.read(report_path)))
     return report
 
 
@@ -655,7 +655,7 @@ def first_stage_features(
             encoders[key] = encoder.to(device).eval()
         for split, split_samples in samples.items():
             loader = make_loader(SampleDataset(split_samples, [field]), batch_size, shuffle=False,
-                                 num_workers=num_workers)
+                                 num_workers=num_workers, pin_memory=device.type == "cuda")
             vectors[split].update(representations(encoders, loader, device, amp, report))
             log.info("%s: %s features for %s done", spec.name, "/".join(encoders), split)
         del encoders

@@ -1,6 +1,6 @@
 """Run a dataset's whole pipeline: preparation, then the eight stages of docs/METHOD.md §0.
 
-    python -m magtkd.pipeline IEMOCAP [--data_dir D] [--pretrained_dir P] [--epochs 1] [--force]
+    python -m magtkd.pipeline IEMOCAP [--data_dir D] [--pretrained_dir P] [--epochs 1] [--force] [--nproc_per_node N]
 
 (``IEMOCAP/run.sh`` and ``MELD/run.sh`` call this.) Stages run in the seed
 README's order and the run stops at the first failure, naming the stage. A stage
@@ -231,12 +231,26 @@ def load_script(path: Path) -> ModuleType:
     return module
 
 
-def run_script(path: Path, argv: list[str], in_process: bool) -> None:
+# Stages that run data-parallel under torchrun (`--nproc_per_node`); preparation and the fusion run
+# in one process (the fusion takes minutes and says so under torchrun).
+DATA_PARALLEL = ("train", "frames", "extract")
+
+
+def launcher(stage: Stage, nproc_per_node: int) -> list[str]:
+    """The interpreter command that runs ``stage``: torchrun with ``nproc_per_node`` processes for the
+    data-parallel stages when more than one is asked for, else plain python."""
+    if nproc_per_node > 1 and stage.kind in DATA_PARALLEL:
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                str(nproc_per_node)]
+    return [sys.executable]
+
+
+def run_script(path: Path, argv: list[str], in_process: bool, command: Sequence[str] = (sys.executable,)) -> None:
     if in_process:
         load_script(path).main(argv)
     else:
         # On Ctrl-C the stage (same process group) stops quietly; the pipeline prints the one line.
-        subprocess.run([sys.executable, str(path), *argv], check=True, env={**os.environ, utils.QUIET_INTERRUPT: "1"})
+        subprocess.run([*command, str(path), *argv], check=True, env={**os.environ, utils.QUIET_INTERRUPT: "1"})
 
 
 def run(args: argparse.Namespace) -> dict[str, float]:
@@ -265,10 +279,12 @@ def run(args: argparse.Namespace) -> dict[str, float]:
         if unfinished is not None:
             log.warning("[%s] %s: %s says its last run did not finish; re-running %s", spec.name, stage.name,
                         unfinished, stage.script)
-        log.info("[%s] %s: %s %s", spec.name, stage.name, stage.script, " ".join(argv))
+        command = launcher(stage, args.nproc_per_node)
+        log.info("[%s] %s: %s%s %s", spec.name, stage.name, " ".join(command[1:]) + " " if command[1:] else "",
+                 stage.script, " ".join(argv))
         started = time.time()
         try:
-            run_script(script_dir / stage.script, argv, args.in_process)
+            run_script(script_dir / stage.script, argv, args.in_process, command)
         except KeyboardInterrupt as err:
             raise utils.Interrupted(
                 f"[{spec.name}] stage '{stage.name}' ({stage.script}) was interrupted; the previous complete "
@@ -698,12 +714,18 @@ def parser() -> argparse.ArgumentParser:
                    help='extra flags for multimodal_fusion.py, e.g. "--lr 1e-3 --batch_size 2"')
     p.add_argument("--force", action="store_true", help="re-run stages whose outputs are up to date")
     p.add_argument("--in_process", action="store_true", help="call each script's main() in this process")
+    p.add_argument("--nproc_per_node", type=utils.positive_int, default=int(env("NPROC_PER_NODE", "1")),
+                   help="processes (one per GPU) for the stages that run data-parallel: each is launched as "
+                        "python -m torch.distributed.run --standalone --nproc_per_node N <script>; the fusion "
+                        "and preparation run in one process")
     return utils.add_debug_flag(p)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     setup_logging()
     args = parser().parse_args(argv)
+    if args.in_process and args.nproc_per_node > 1:
+        raise utils.UserError("--in_process runs every stage in this one process: it cannot take --nproc_per_node")
     try:
         return run(args)
     except PipelineError as err:

@@ -14,6 +14,7 @@ import logging
 from pathlib import Path
 from typing import Sequence
 
+import torch
 from torch import nn
 
 from .artifacts import read_record
@@ -232,7 +233,9 @@ def _load_model(model_cls, name: str, pretrained_dir: Path, **kwargs):
     hold = _HoldLoadReports()
     hf_logger.addFilter(hold)
     try:
-        model, info = model_cls.from_pretrained(folder, output_loading_info=True, **kwargs)
+        # float32 whatever the folder stores (transformers 5 keeps the stored dtype by default): the fp32
+        # stages train in fp32 and fp16 KD's gradient scaler needs fp32 master weights (docs/METHOD.md §3).
+        model, info = model_cls.from_pretrained(folder, output_loading_info=True, dtype=torch.float32, **kwargs)
     except BaseException:
         hf_logger.removeFilter(hold)
         _release(hf_logger, hold)

@@ -10,11 +10,12 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+import torch
 from sklearn.metrics import accuracy_score, classification_report, confusion_matrix, f1_score
 
 from .artifacts import StageFiles, args_doc, atomic_path, copy_file, remove_stale_temps, write_json, write_text
 from .model import variant_name
-from .utils import UserError
+from .utils import UserError, is_main
 
 log = logging.getLogger("magtkd")
 
@@ -198,6 +199,7 @@ def finish_seeds(results: Mapping[int, dict], files: Mapping[int, StageFiles], u
     The best seed is the first with the highest dev weighted F1; its files are copied checkpoint last
     (`StageFiles.published`), so a pipeline that compares times sees the set once the rest is in place.
     A file of the seed that is missing (a plot that could not be drawn) is logged and skipped.
+    Under torchrun every rank returns the same result and rank 0 alone touches the files (no collective here).
     """
     seeds = list(results)
     if len(seeds) == 1:
@@ -209,23 +211,77 @@ def finish_seeds(results: Mapping[int, dict], files: Mapping[int, StageFiles], u
     if "variant" in results[best["seed"]]["sizes"]:  # the fusion's ablation variant (docs/METHOD.md §5)
         doc["variant"] = results[best["seed"]]["sizes"]["variant"]
         title = f"{title} ({variant_name(doc['variant'])})"
+    doc["best_seed"] = best["seed"]  # the model kept under the usual names
+    if is_main():
+        _publish_best_seed(files[best["seed"]], usual, doc, names, best["seed"], title)
+    return {**results[best["seed"]], "seeds": doc}
+
+
+def _publish_best_seed(best: StageFiles, usual: StageFiles, doc: Mapping[str, Any], names: Sequence[str],
+                       seed: int, title: str) -> None:
+    """Rank 0's part of `finish_seeds`: the best seed's files under the usual names, then the summary."""
     remove_stale_temps(usual.checkpoint.parent, [usual.seeds_summary.name, usual.seeds_table.name,
                                                  *(p.name for p in usual.published())])
-    for src, dst in zip(files[best["seed"]].published(), usual.published()):
+    for src, dst in zip(best.published(), usual.published()):
         if src.is_file():
             copy_file(src, dst)
         else:
             log.warning("%s: %s was not written, so %s is not updated", title, src, dst)
-    doc["best_seed"] = best["seed"]  # the model kept under the usual names
     write_json(usual.seeds_summary, doc)
-    write_text(usual.seeds_table, seeds_markdown(title, doc, names, best["seed"], usual.checkpoint.name))
+    write_text(usual.seeds_table, seeds_markdown(title, doc, names, seed, usual.checkpoint.name))
     mean, std = doc["mean"], doc["std"]
-    log.info("%s: %d seeds, best dev seed %d; test accuracy %.4f ± %.4f, weighted F1 %.4f ± %.4f%s", title, len(rows),
-             best["seed"], mean["test_accuracy"], std["test_accuracy"], mean["test_weighted_f1"],
+    log.info("%s: %d seeds, best dev seed %d; test accuracy %.4f ± %.4f, weighted F1 %.4f ± %.4f%s", title,
+             len(doc["seeds"]), seed, mean["test_accuracy"], std["test_accuracy"], mean["test_weighted_f1"],
              std["test_weighted_f1"],
              (f" (test-selected, authors' protocol: {mean['test_selected_weighted_f1']:.4f} ± "
               f"{std['test_selected_weighted_f1']:.4f})" if "test_selected_weighted_f1" in mean else ""))
-    return {**results[best["seed"]], "seeds": {**doc, "best_seed": best["seed"]}}
+
+
+# --------------------------------------------------------------------------- TensorBoard (--tensorboard DIR)
+
+class Watch:
+    """``--tensorboard DIR``: a SummaryWriter on rank 0 under ``DIR/<checkpoint stem>`` (one folder per
+    stage and seed). Per update: ``train/loss``, ``train/learning_rate``, ``train/grad_norm`` (before
+    clipping) and, with a scaler, ``train/grad_scale``; per epoch: ``epoch/train_loss``, ``dev/*``,
+    ``test/*`` and ``epoch/samples_per_second``. The step is the scheduler's update count, which a
+    resumed run continues. Device scalars are buffered and read in one transfer when `magtkd.engine.run_updates` reads the loss (every 10 updates).
+    """
+
+    def __init__(self, folder: Path, name: str) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(log_dir=str(Path(folder) / name))
+        self.pending: list[tuple[int, torch.Tensor, torch.Tensor, float]] = []
+
+    def update(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor, lr: float) -> None:
+        self.pending.append((step, loss, grad_norm, lr))
+
+    def flush(self, scaler: torch.amp.GradScaler | None) -> None:
+        if not self.pending:
+            return
+        values = torch.stack([torch.stack([loss.double(), norm.double().to(loss.device)])
+                              for _, loss, norm, _ in self.pending]).tolist()
+        for (step, _, _, lr), (loss, norm) in zip(self.pending, values):
+            self.writer.add_scalar("train/loss", loss, step)
+            self.writer.add_scalar("train/grad_norm", norm, step)
+            self.writer.add_scalar("train/learning_rate", lr, step)
+        if scaler is not None and scaler.is_enabled():
+            self.writer.add_scalar("train/grad_scale", scaler.get_scale(), self.pending[-1][0])
+        self.pending = []
+
+    def epoch(self, row: Mapping[str, Any], step: int) -> None:
+        epoch = int(row["epoch"])
+        self.writer.add_scalar("epoch/train_loss", row["train_loss"], epoch)
+        self.writer.add_scalar("epoch/samples_per_second", row["samples_per_second"], epoch)
+        self.writer.add_scalar("epoch/update", step, epoch)
+        for split in ("dev", "test"):
+            for key in ("accuracy", "weighted_f1"):
+                if split in row:
+                    self.writer.add_scalar(f"{split}/{key}", row[split][key], epoch)
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
 
 
 # --------------------------------------------------------------------------- plots

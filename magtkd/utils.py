@@ -11,6 +11,7 @@ import argparse
 import logging
 import os
 import random
+import shutil
 import sys
 from pathlib import Path
 from typing import Any, Callable, Mapping, Protocol, Sequence
@@ -375,6 +376,17 @@ def add_loop_flags(parser: argparse.ArgumentParser, checkpointing: bool) -> argp
                             help="recompute the Hugging Face backbone's activations in backward (less memory)")
     parser.add_argument("--resume", type=str2bool, default=False,
                         help="continue from the training state saved after the last completed epoch")
+    parser.add_argument("--schedule_epochs", type=str2bool, default=False,
+                        help="anchor warmup and decay to the authors' curve in EPOCHS (as at their global batch) "
+                             "whatever the global batch (per-process batch x processes x --grad_accum); default: "
+                             "their count in steps, whose length in epochs grows with the global batch "
+                             "(docs/METHOD.md §2)")
+    parser.add_argument("--tf32", type=str2bool, default=False,
+                        help="TF32 matrix products in the fp32 computations on CUDA (faster on Ampere and newer, "
+                             "about 3 significant digits); default off, as the authors (docs/METHOD.md §3)")
+    parser.add_argument("--tensorboard", type=Path, default=None,
+                        help="write TensorBoard event files to this folder: per update the train loss, learning "
+                             "rate, gradient norm and scale; per epoch the dev/test metrics (rank 0 only)")
     return parser
 
 
@@ -412,13 +424,42 @@ def resolve_device(name: str | None) -> torch.device:
         except (RuntimeError, ValueError):
             raise UserError(f"--device {name}: not a device name; use cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name} requested but CUDA is not available on this machine; use --device cpu")
+        raise UserError(f"--device {name} requested but CUDA is not available{cuda_unavailable_hint()}")
+    if name is None and device.type == "cpu" and gpu_present():
+        log.warning("a GPU seems present but CUDA is not available, so this run uses the CPU%s",
+                    cuda_unavailable_hint())
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s) "
                         f"(cuda:0..cuda:{torch.cuda.device_count() - 1})")
     if device.type not in ("cpu", "cuda"):
         raise UserError(f"--device {name}: only cpu and cuda devices are supported")
     return init_distributed(device)
+
+
+def gpu_present() -> bool:
+    """An NVIDIA driver is installed (its device nodes or ``nvidia-smi`` exist); says nothing of CUDA."""
+    return Path("/proc/driver/nvidia/version").exists() or Path("/dev/nvidia0").exists() \
+        or shutil.which("nvidia-smi") is not None
+
+
+def cuda_unavailable_hint() -> str:
+    """Why CUDA is likely unavailable, for the error or warning: with a GPU present, most often a torch
+    wheel built for a newer CUDA than the driver supports (README, Installation)."""
+    if not gpu_present():
+        return " on this machine (no NVIDIA driver found); use --device cpu"
+    built = torch.version.cuda or "none (a CPU-only build)"
+    return (f": a GPU seems present, but this torch {torch.__version__} was built for CUDA {built}; the driver's "
+            "CUDA version is in the header of `nvidia-smi` and must be at least that. Install a torch wheel for "
+            "your driver (https://pytorch.org/get-started/locally/, e.g. pip install torch --index-url "
+            "https://download.pytorch.org/whl/cu126) or update the driver; or use --device cpu")
+
+
+def set_precision(device: torch.device, tf32: bool) -> None:
+    """``--tf32``: fp32 matrix products on CUDA in TF32 (True) or in full fp32 (False, the default, as the
+    authors' fp32 runs: PyTorch's default); cuDNN convolutions keep PyTorch's default (docs/METHOD.md §3,
+    precision table). Nothing is set on CPU."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = tf32
 
 
 # --------------------------------------------------------------------------- several processes (torchrun)
@@ -446,7 +487,11 @@ def init_distributed(device: torch.device) -> torch.device:
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return device
     if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        local_rank, count = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
+        if local_rank >= count:
+            raise UserError(f"torchrun started more processes per node ({os.environ.get('LOCAL_WORLD_SIZE', '?')}) "
+                            f"than this machine has GPUs ({count}): use --nproc_per_node {count} or fewer")
+        device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     if not torch.distributed.is_initialized():
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
@@ -459,6 +504,12 @@ def progress(iterable, **kwargs) -> tqdm:
     """A tqdm bar on rank 0 only (and only on a terminal, tqdm's ``disable=None``)."""
     options = {"leave": False, "dynamic_ncols": True, **kwargs}
     return tqdm(iterable, disable=None if is_main() else True, **options)
+
+
+def barrier() -> None:
+    """Wait until every rank arrives here (nothing on one process)."""
+    if world_size() > 1:
+        torch.distributed.barrier()
 
 
 def shard(items: Sequence[Any]) -> list[Any]:
@@ -497,13 +548,16 @@ def train_sampler(dataset, seed: int) -> torch.utils.data.DistributedSampler | N
     return torch.utils.data.DistributedSampler(dataset, shuffle=True, seed=seed, drop_last=False)
 
 
-def set_seed(seed: int, deterministic: bool = True) -> None:
+def set_seed(seed: int, deterministic: bool = True, fixed_shapes: bool = False) -> None:
     """Seed Python, numpy and torch, as the authors' scripts do (docs/METHOD.md §7).
 
     ``PYTHONHASHSEED`` is exported for child processes (data-loading workers,
     subprocesses); the running interpreter's hash seed was fixed at its start.
     ``deterministic`` sets ``cudnn.deterministic = True`` and ``cudnn.benchmark = False``
-    (the authors' setting); False lets cuDNN pick the fastest, non-deterministic kernels.
+    (the authors' setting); False lets cuDNN pick non-deterministic kernels, and tune them
+    (``benchmark``) only for a stage whose input shapes never change (``fixed_shapes``: the video
+    encoder's 8 frames): text, audio and dialogue lengths vary batch to batch, and benchmark mode
+    would re-tune for every new length.
     """
     os.environ["PYTHONHASHSEED"] = str(seed)
     random.seed(seed)
@@ -512,7 +566,7 @@ def set_seed(seed: int, deterministic: bool = True) -> None:
     if torch.cuda.is_available():
         torch.cuda.manual_seed_all(seed)
     torch.backends.cudnn.deterministic = deterministic
-    torch.backends.cudnn.benchmark = not deterministic
+    torch.backends.cudnn.benchmark = not deterministic and fixed_shapes
 
 
 def setup_logging() -> None:

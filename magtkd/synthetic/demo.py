@@ -136,7 +136,7 @@ def run_dataset(workdir: Path, name: str, args: argparse.Namespace, worker: bool
         name, "--data_dir", str(workdir / "datasets" / name),
         "--pretrained_dir", str(workdir / "pretrained_model"),
         "--save_dir", str(workdir / name / "save_model"), "--feature_dir", str(workdir / name / "feature"),
-        "--device", "cpu", "--epochs", str(args.epochs), "--learning_rate", str(args.learning_rate),
+        "--device", args.device, "--epochs", str(args.epochs), "--learning_rate", str(args.learning_rate),
         "--per_batch_schedule", "--fusion_epochs", str(args.fusion_epochs),
         "--fusion_args", f"{args.fusion_args} --seeds {' '.join(map(str, args.fusion_seeds))}", "--force",
         *([] if args.subprocess else ["--in_process"]),
@@ -151,6 +151,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", type=Path, required=True)
     p.add_argument("--seed", type=int, default=0, help="seed of the generated data and models")
+    p.add_argument("--device", default="cpu",
+                   help="the device of every stage (cuda, cuda:1; default cpu: the figures the README quotes)")
     p.add_argument("--datasets", nargs="+", choices=DATASETS, default=list(DATASETS))
     p.add_argument("--epochs", type=positive_int, default=5, help="first-stage and KD epochs")
     p.add_argument("--learning_rate", type=positive_float, default=1e-3, help="first-stage and KD learning rate")
