@@ -97,32 +97,31 @@ def _open(path: str | os.PathLike) -> av.container.InputContainer:
 # --------------------------------------------------------------------------- audio
 
 
+def resample_audio(path: str | os.PathLike, mono: np.ndarray, native_sr: int,
+                   target_sr: int = TARGET_SAMPLE_RATE) -> np.ndarray:
+    """float32 mono of shape (n,) at ``target_sr``, from ``mono`` at ``native_sr`` (the file ``path``'s).
 
-
-def decode_audio(path: str | os.PathLike, target_sr: int = TARGET_SAMPLE_RATE,
-                 notes: list[str] | None = None) -> np.ndarray:
-    """Decode the whole first audio stream of ``path`` to float32 mono of shape (n,) at ``target_sr``.
-
-    The whole clip is decoded, also for MELD's clips that run for minutes: the
-    authors normalise the whole clip before keeping its first 400000 samples
-    (docs/METHOD.md §2). Memory stays modest: one mono float32 copy at the
-    native rate (a 5-minute 48 kHz clip is 58 MB) while decoding. Raises
-    `MediaError` naming the file when it is missing, cannot be opened, has no
-    audio stream, or yields no samples. A decode error after some audio was
-    read keeps what was read (logged, and described in ``notes`` when given,
-    so the caller can report it).
+    `torchaudio.functional.resample`; a clip already at ``target_sr`` is returned as decoded.
     """
-    native_sr, mono = decode_audio_native(path, notes)
     if native_sr != target_sr:
         mono = AF.resample(torch.from_numpy(mono), native_sr, target_sr).numpy()
     return np.ascontiguousarray(mono, dtype=np.float32)
 
 
 def decode_audio_native(path: str | os.PathLike, notes: list[str] | None = None) -> tuple[int, np.ndarray]:
-    """``(native rate, float32 mono)`` of the first audio stream: `decode_audio` before resampling.
+    """``(native rate, float32 mono)`` of the whole first audio stream of ``path``, not resampled.
 
-    Only PyAV runs here (no torch), so this is what an isolated decoder process
-    runs (`decode_audio_isolated`).
+    The whole clip is decoded, also for MELD's clips that run for minutes: the
+    authors normalise the whole clip before keeping its first 400000 samples
+    (docs/METHOD.md §2). Memory stays modest: one mono float32 copy at the
+    native rate (a 5-minute 48 kHz clip is 58 MB) while decoding. Raises
+    `MediaError` naming the file when it is missing, cannot be opened, has no
+    audio stream, or yields no samples. A decode
+    error after some audio was read keeps what was read (logged, and described
+    in ``notes`` when given, so the caller can report it).
+
+    Only PyAV runs here (no torch), so this is what the isolated decoder
+    process runs (`decode_audio_isolated`, which resamples with `resample_audio`).
     """
     path = Path(path)
     container = open_checked(path)
@@ -131,7 +130,7 @@ def decode_audio_native(path: str | os.PathLike, notes: list[str] | None = None)
             raise missing_stream(path, "audio")
         stream = container.streams.audio[0]
         # Convert whatever sample format the codec emits to planar float at the
-        # stream's own rate and layout; down-mixing and resampling happen below.
+        # stream's own rate and layout; down-mixing follows, resampling is `resample_audio`'s.
         converter = av.AudioResampler(format="fltp")
         chunks: list[np.ndarray] = []
         native_sr: int | None = None
@@ -345,7 +344,25 @@ def decode_windows(
 # file. Healthy files pay one pipe round trip each.
 AUDIO_TIMEOUT_S = 300.0  # one clip's whole audio (MELD has clips that run for minutes)
 VIDEO_TIMEOUT_S = 900.0  # one source video (an IEMOCAP dialogue video runs for minutes)
-CRASH_HOOK = "MAGTKD_TEST_DECODER_CRASH"  # tests: paths (os.pathsep-separated) whose decoding kills the child
+
+
+def run_in_decoder(path: str, fn: Callable[..., Any], args: tuple) -> Any:
+    """What the decoder child does with one request for ``path``: ``fn(*args)``.
+
+    `DecoderProcess.call` looks this name up at each call and sends the function
+    to the child along with the request, so replacing it in the calling process
+    changes what the child runs, whether the child was forked before or after.
+    Tests monkeypatch it to inject a fault (a crash, a hang) for chosen files;
+    the replacement must pickle (a module-level function, or a
+    `functools.partial` of one).
+    """
+    return fn(*args)
+
+
+# Sent to the child only when replaced: the original, pickled by name, would
+# resolve to the child's own module attribute, still a test's replacement if
+# the child was forked while one was in place.
+_PLAIN_RUN = run_in_decoder
 
 
 def _serve(conn: Any, parent_end: Any, initializer: Callable[..., None] | None, initargs: tuple) -> None:
@@ -365,11 +382,9 @@ def _serve(conn: Any, parent_end: Any, initializer: Callable[..., None] | None, 
             return
         if request is None:
             return
-        path, fn, args, hook = request
-        if hook and str(path) in hook.split(os.pathsep):
-            os.kill(os.getpid(), signal.SIGSEGV)
+        path, runner, fn, args = request
         try:
-            reply = (True, fn(*args))
+            reply = (True, (runner or _PLAIN_RUN)(path, fn, args))
         except Exception as exc:  # returned to the parent, which raises it there
             reply = (False, exc if _picklable(exc) else MediaError(path, f"{type(exc).__name__}: {exc}"))
         conn.send(reply)
@@ -435,7 +450,8 @@ class DecoderProcess:
     def call(self, path: str | os.PathLike, fn: Callable[..., Any], *args: Any) -> Any:
         self.start()
         try:
-            self._conn.send((str(path), fn, args, os.environ.get(CRASH_HOOK)))
+            runner = run_in_decoder
+            self._conn.send((str(path), None if runner is _PLAIN_RUN else runner, fn, args))
             ready = self._conn.poll(self.timeout)
             if not ready:
                 self._discard(kill=True)
@@ -486,9 +502,14 @@ _audio_decoder: DecoderProcess | None = None  # one per process (DataLoader work
 def decode_audio_isolated(
     path: str | os.PathLike, target_sr: int = TARGET_SAMPLE_RATE, notes: list[str] | None = None,
 ) -> np.ndarray:
-    """`decode_audio`, with the PyAV part in a supervised child (`DecoderProcess`): a crash or hang
-    while decoding ``path`` raises a `MediaError` for ``path`` instead of taking the process down.
-    Resampling happens here, in the calling process."""
+    """The whole first audio stream of ``path`` as float32 mono of shape (n,) at ``target_sr``.
+
+    `decode_audio_native` runs in a supervised child (`DecoderProcess`): a crash
+    or hang while decoding ``path`` raises a `MediaError` for ``path`` instead of
+    taking the process down. `resample_audio` runs here, in the calling process
+    (the child runs no torch). Raises `MediaError` as `decode_audio_native` does;
+    its notes on a partial decode are appended to ``notes`` when given.
+    """
     global _audio_decoder
     if _audio_decoder is None or _audio_decoder._owner != os.getpid():
         _audio_decoder = DecoderProcess(AUDIO_TIMEOUT_S)
@@ -496,9 +517,7 @@ def decode_audio_isolated(
     native_sr, mono, child_notes = _audio_decoder.call(path, _decode_audio_with_notes, str(path))
     if notes is not None:
         notes.extend(child_notes)
-    if native_sr != target_sr:
-        mono = AF.resample(torch.from_numpy(mono), native_sr, target_sr).numpy()
-    return np.ascontiguousarray(mono, dtype=np.float32)
+    return resample_audio(path, mono, native_sr, target_sr)
 
 
 def _decode_audio_with_notes(path: str) -> tuple[int, np.ndarray, list[str]]:
