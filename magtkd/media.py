@@ -12,7 +12,9 @@ and decodes it forward once for all windows, choosing the frames exactly as
 the authors' OpenCV loop does, and holds only the chosen frames (memory does
 not grow with the length of a window or of the video).
 
-Both raise `MediaError` for a file they cannot read; stages catch it to
+Both raise `MediaError` for a file they cannot read, and the audio decoders
+also for a clip with a NaN or infinite sample (`check_finite`; video frames are
+uint8 from the codec's conversion, so they cannot hold one); stages catch it to
 substitute silence / black frames and list the utterance in their report.
 """
 
@@ -102,10 +104,24 @@ def resample_audio(path: str | os.PathLike, mono: np.ndarray, native_sr: int,
     """float32 mono of shape (n,) at ``target_sr``, from ``mono`` at ``native_sr`` (the file ``path``'s).
 
     `torchaudio.functional.resample`; a clip already at ``target_sr`` is returned as decoded.
+    Raises `MediaError` for ``path`` if the result holds a non-finite sample (`check_finite`).
     """
     if native_sr != target_sr:
         mono = AF.resample(torch.from_numpy(mono), native_sr, target_sr).numpy()
-    return np.ascontiguousarray(mono, dtype=np.float32)
+    return check_finite(path, np.ascontiguousarray(mono, dtype=np.float32), "audio")
+
+
+def check_finite(path: str | os.PathLike, samples: np.ndarray, kind: str) -> np.ndarray:
+    """``samples``, or a `MediaError` for ``path`` if any is NaN or infinite.
+
+    A float file can store NaN/inf samples (and a float32 down-mix or resampling
+    can overflow to inf); normalisation would spread them over the whole clip and
+    the model's output would be NaN. Such a clip is unreadable media: the caller
+    substitutes it and reports it, like a corrupt file.
+    """
+    if not np.isfinite(samples).all():
+        raise MediaError(path, f"non-finite samples (NaN/inf) in the decoded {kind}")
+    return samples
 
 
 def decode_audio_native(path: str | os.PathLike, notes: list[str] | None = None) -> tuple[int, np.ndarray]:
@@ -116,7 +132,7 @@ def decode_audio_native(path: str | os.PathLike, notes: list[str] | None = None)
     (docs/METHOD.md §2). Memory stays modest: one mono float32 copy at the
     native rate (a 5-minute 48 kHz clip is 58 MB) while decoding. Raises
     `MediaError` naming the file when it is missing, cannot be opened, has no
-    audio stream, or yields no samples. A decode
+    audio stream, yields no samples, or yields a non-finite sample. A decode
     error after some audio was read keeps what was read (logged, and described
     in ``notes`` when given, so the caller can report it).
 
@@ -151,7 +167,7 @@ def decode_audio_native(path: str | os.PathLike, notes: list[str] | None = None)
                 notes.append(f"partial decode: audio stopped at {have / native_sr:.2f} s ({exc})")
     if not chunks or have == 0 or native_sr is None:
         raise MediaError(path, "no audio samples")
-    return native_sr, np.concatenate(chunks)
+    return native_sr, check_finite(path, np.concatenate(chunks), "audio")
 
 
 # --------------------------------------------------------------------------- video
