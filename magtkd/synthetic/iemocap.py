@@ -29,9 +29,10 @@ from typing import Iterator
 import numpy as np
 
 from ..utils import write_text
-from IEMOCAP.config import DEV_DIALOGUES, LABELS, TEST_SESSIONS, speaker_letter
 from . import text as synth_text
 from .media import index_frame, tone, write_video, write_wav
+from .release import IEMOCAP_DEV_DIALOGUES as DEV_DIALOGUES, IEMOCAP_LABELS as LABELS
+from .release import IEMOCAP_TEST_SESSIONS as TEST_SESSIONS, speaker_letter
 
 # --- label signal shared with the MELD generator -------------------------------
 

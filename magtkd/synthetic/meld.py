@@ -36,10 +36,11 @@ from pathlib import Path
 import numpy as np
 
 from ..utils import write_bytes, write_text
-from MELD.config import CLIP_DIRS, LABELS, OFFICIAL_COLUMNS, OFFICIAL_CSV
 from . import text as synth_text
 from .iemocap import LabelSignal, cohesive
 from .media import index_frame, tone, write_video
+from .release import MELD_CLIP_DIRS as CLIP_DIRS, MELD_LABELS as LABELS
+from .release import MELD_OFFICIAL_COLUMNS as OFFICIAL_COLUMNS, MELD_OFFICIAL_CSV as OFFICIAL_CSV
 
 FPS = 10
 FRAME_HEIGHT, FRAME_WIDTH = 48, 64
