@@ -14,7 +14,7 @@ from transformers import Wav2Vec2FeatureExtractor
 from magtkd import media as media_mod
 from magtkd.dataset import AudioField, Sample, SampleDataset, Utterance
 from magtkd.media import (
-    FRAMES_PER_CLIP, TARGET_SAMPLE_RATE, MediaError, clip_step, decode_windows, kept_indices,
+    FRAMES_PER_CLIP, TARGET_SAMPLE_RATE, MediaError, clip_step, decode_audio_isolated, decode_windows, kept_indices,
     window_frames, window_step,
 )
 from magtkd.artifacts import SubstitutionReport
@@ -302,7 +302,7 @@ def test_decode_audio_from_stereo_aac_mp4(tmp_path, sr):
     path = tmp_path / f"clip_{sr}.mp4"
     write_video(path, (index_frame(i, 48, 64) for i in range(20)), 10, codec="libx264",
                 audio=tone(freq, seconds, sr, channels=2), sample_rate=sr)
-    x = media_mod.decode_audio(path)
+    x = decode_audio_isolated(path)
     assert x.dtype == np.float32 and x.ndim == 1
     aac_frame = 1024 * TARGET_SAMPLE_RATE / sr
     assert abs(len(x) - seconds * TARGET_SAMPLE_RATE) <= 2 * aac_frame
@@ -314,12 +314,12 @@ def test_decode_audio_from_stereo_aac_mp4(tmp_path, sr):
 def test_decode_wav_at_target_rate_is_exact(tmp_path):
     samples = tone(300, 1.0, 16000, noise=0.05, rng=np.random.default_rng(2))[:, 0]
     write_wav(tmp_path / "mono.wav", samples, 16000)
-    x = media_mod.decode_audio(tmp_path / "mono.wav")
+    x = decode_audio_isolated(tmp_path / "mono.wav")
     assert x.shape == samples.shape
     assert np.abs(x - samples).max() <= 1.5 / 32767
     stereo = np.stack([samples, -0.5 * samples], axis=1)
     write_wav(tmp_path / "stereo.wav", stereo, 16000)
-    assert np.abs(media_mod.decode_audio(tmp_path / "stereo.wav") - stereo.mean(axis=1)).max() <= 1.5 / 32767
+    assert np.abs(decode_audio_isolated(tmp_path / "stereo.wav") - stereo.mean(axis=1)).max() <= 1.5 / 32767
 
 
 def test_audio_field_normalises_the_whole_clip_then_keeps_the_head(tmp_path):
@@ -330,7 +330,7 @@ def test_audio_field_normalises_the_whole_clip_then_keeps_the_head(tmp_path):
     wave = wave + 0.01 * rng.standard_normal(len(wave)).astype(np.float32)
     path = tmp_path / "long.wav"
     write_wav(path, wave, 16000)
-    full = media_mod.decode_audio(path)
+    full = decode_audio_isolated(path)
     assert full.shape == wave.shape  # the whole clip is decoded
     extractor = Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=TARGET_SAMPLE_RATE, padding_value=0.0,
                                          do_normalize=True, return_attention_mask=True)
@@ -357,7 +357,7 @@ def test_bad_audio_raises_and_audio_field_substitutes_silence(tmp_path, caplog):
     write_video(silent_video, (index_frame(i, 48, 64) for i in range(5)), 10, codec="libx264")
     for path, reason in [(missing, "not found"), (corrupt, "cannot open"), (silent_video, "no audio stream")]:
         with pytest.raises(MediaError, match=path.name) as err:
-            media_mod.decode_audio(path)
+            decode_audio_isolated(path)
         assert reason in err.value.reason and err.value.path == str(path)
 
     # The audio stages load through AudioField: an unreadable file becomes one second of
@@ -487,7 +487,7 @@ def test_audio_cache_decodes_a_changed_file_again(tmp_path, monkeypatch):
     write_wav(wav, tone(500, 0.5, 22050), 22050)  # replaced by another clip
     after = cache.load(wav)
     assert len(calls) == 3 and after.shape != before.shape
-    assert np.array_equal(after, media_mod.decode_audio(wav))
+    assert np.array_equal(after, media_mod.decode_audio_isolated(wav))
     cache.load(wav)
     assert len(calls) == 3
 
@@ -552,7 +552,7 @@ def test_audio_cache_replays_partial_decode_notes_and_writes_atomically(tmp_path
     monkeypatch.setattr(np, "savez", broken_savez)
     cache = AudioCache(tmp_path / "cache")
     with caplog.at_level(logging.WARNING, logger="magtkd"):
-        assert np.array_equal(cache.load(other), media_mod.decode_audio(other))
+        assert np.array_equal(cache.load(other), media_mod.decode_audio_isolated(other))
     assert not cache.entry(other).exists() and not list((tmp_path / "cache").glob(".*.tmp"))
     assert any("cannot write the audio cache" in r.getMessage() for r in caplog.records)
 
