@@ -8,6 +8,7 @@ the demo's artifacts) except one interrupted 1-epoch text training.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -82,7 +83,7 @@ def _cut_until_av_crashes(clips: list[Path], out_dir: Path) -> dict[str, Path]:
 def bad_meld(generated, tmp_path_factory) -> dict:
     """A copy of the generated MELD whose test split has a clip on which PyAV itself crashes while decoding
     video, one while decoding audio (if this PyAV build crashes on no cut, a clip whose decoder child is made
-    to die of SIGSEGV through media.CRASH_HOOK), random bytes mid-file, half a file, an empty file and a clip
+    to die of SIGSEGV through media.run_in_decoder), random bytes mid-file, half a file, an empty file and a clip
     cut before its moov atom."""
     root = tmp_path_factory.mktemp("bad_meld")
     data_dir = root / "MELD"
@@ -115,10 +116,17 @@ def bad_meld(generated, tmp_path_factory) -> dict:
             "paths": {k: u.video_path for k, u in victims.items()}, "hooked": hooked}
 
 
+def crash_on(paths: frozenset, path: str, fn, args):
+    """A `media.run_in_decoder` that kills the decoder child (SIGSEGV) for ``paths``, else decodes."""
+    if path in paths:
+        os.kill(os.getpid(), signal.SIGSEGV)
+    return fn(*args)
+
+
 @pytest.fixture
 def crash_hook(bad_meld, monkeypatch):
     if bad_meld["hooked"]:  # no cut crashes this PyAV build: the decoder child is made to die of SIGSEGV instead
-        monkeypatch.setenv(media.CRASH_HOOK, os.pathsep.join(bad_meld["hooked"]))
+        monkeypatch.setattr(media, "run_in_decoder", functools.partial(crash_on, frozenset(bad_meld["hooked"])))
 
 
 @pytest.mark.parametrize("kind", ["video", "audio"])
@@ -126,7 +134,7 @@ def test_plain_pyav_crashes_on_the_cut_clip(bad_meld, kind):
     path = bad_meld["paths"][f"crash_{kind}"]
     if str(path) in bad_meld["hooked"]:
         pytest.skip(f"no cut of the generated clips crashes this PyAV build's {kind} decoding; isolation is "
-                    "tested through media.CRASH_HOOK")
+                    "tested through media.run_in_decoder")
     run = subprocess.run([sys.executable, "-c", PLAIN_AV[kind], str(path)], capture_output=True)
     assert run.returncode < 0
 
@@ -147,7 +155,8 @@ def test_decoder_child_crash_and_timeout_lose_only_that_call(bad_meld, crash_hoo
             slow.call("hang.mp4", time.sleep, 30)
         assert slow.call("next.mp4", sum, [1, 2]) == 3
     samples = media.decode_audio_isolated(healthy)
-    assert np.array_equal(samples, media.decode_audio(healthy))
+    native_sr, mono = media.decode_audio_native(healthy)  # the same decoding in this process
+    assert np.array_equal(samples, media.resample_audio(healthy, mono, native_sr))
 
 
 @pytest.mark.parametrize("workers", [0, 2])
