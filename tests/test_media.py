@@ -487,7 +487,8 @@ def test_audio_cache_decodes_a_changed_file_again(tmp_path, monkeypatch):
     write_wav(wav, tone(500, 0.5, 22050), 22050)  # replaced by another clip
     after = cache.load(wav)
     assert len(calls) == 3 and after.shape != before.shape
-    assert np.array_equal(after, media_mod.decode_audio_isolated(wav))
+    native_sr, mono = media_mod.decode_audio_native(wav)  # the same decoding, not counted
+    assert np.array_equal(after, media_mod.resample_audio(wav, mono, native_sr))
     cache.load(wav)
     assert len(calls) == 3
 
