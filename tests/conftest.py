@@ -1,6 +1,6 @@
 """Shared fixtures: the generated tiny data/models, and one demo run whose artifacts many tests read.
 
-The demo (``python -m magtkd.demo``) runs both datasets' full pipelines once per
+The demo (``python -m magtkd.synthetic.demo``) runs both datasets' full pipelines once per
 test session; stage tests then check its artifacts and run the scripts'
 evaluation-only modes against them, so the suite trains each model only once.
 """
@@ -36,7 +36,7 @@ def generated(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def demo(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """One full demo run (both datasets, all stages, in-process). Returns paths and results."""
-    from magtkd.demo import main as demo_main
+    from magtkd.synthetic.demo import main as demo_main
 
     workdir = tmp_path_factory.mktemp("demo")
     results = demo_main(["--workdir", str(workdir)])
@@ -73,3 +73,14 @@ def copy_checkpoints(paths: dict[str, Path], tmp: Path, *names: str) -> dict[str
     for name in names:
         shutil.copy2(paths["save_dir"] / name, save_dir / name)
     return {**paths, "save_dir": save_dir}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Every test that needs the demo (directly or through another fixture) is in the slow tier.
+
+    The tests say so with ``@pytest.mark.slow`` themselves; this keeps a new demo test from
+    slipping into ``-m "not slow"`` (which must never start the four-minute demo run).
+    """
+    for item in items:
+        if "demo" in getattr(item, "fixturenames", ()) and not item.get_closest_marker("slow"):
+            item.add_marker(pytest.mark.slow)

@@ -13,7 +13,7 @@ from magtkd.dataset import (
     SPLITS, DataError, Utterance, build_samples, fusion_speaker_ids, group_dialogues, load_speaker2id, load_split,
     read_csv_checked,
 )
-from magtkd.utils import write_json
+from magtkd.artifacts import write_json
 from MELD.config import MELD
 
 REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "data"

@@ -13,15 +13,18 @@ import pytest
 import torch
 
 from conftest import REPO, stage_paths
-from magtkd.dataset import FEATURE_KEYS, SPLITS, feature_path, load_features
+from magtkd.artifacts import feature_path
+from magtkd.dataset import SPLITS
+from magtkd.features import FEATURE_KEYS, load_features
 from magtkd.pipeline import dataset_spec
-from magtkd.utils import majority_weighted_f1, summary
+from magtkd.results import majority_weighted_f1, summary
 
 DATASETS = ("IEMOCAP", "MELD")
 CHECKPOINTS = ("text.bin", "audio.bin", "video.bin", "text_KD_audio.bin", "text_KD_video.bin",
                "multimodal_fusion_best.bin")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dataset", DATASETS)
 def test_every_artifact_of_the_pipeline_exists_with_its_format(demo, dataset):
     spec, paths = dataset_spec(dataset), stage_paths(demo["workdir"], dataset)
@@ -59,6 +62,7 @@ def test_every_artifact_of_the_pipeline_exists_with_its_format(demo, dataset):
     assert len(out["preds"]) == len(out["labels"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dataset", DATASETS)
 def test_results_json_matches_the_predictions_and_beats_the_majority_class(demo, dataset):
     results = json.loads((demo["workdir"] / "results.json").read_text())
@@ -80,6 +84,7 @@ def test_results_json_matches_the_predictions_and_beats_the_majority_class(demo,
     assert "| " + dataset + " |" in (demo["workdir"] / "results.md").read_text()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dataset", DATASETS)
 def test_demo_reports_three_fusion_seeds_with_mean_std_and_both_protocols(demo, dataset):
     results = json.loads((demo["workdir"] / "results.json").read_text())[dataset]
@@ -126,6 +131,7 @@ def run_sh(dataset: str, workdir: Path, *extra: str) -> subprocess.CompletedProc
     )
 
 
+@pytest.mark.slow
 def test_run_sh_skips_stages_whose_outputs_are_up_to_date(demo):
     done = run_sh("IEMOCAP", demo["workdir"])
     assert done.returncode == 0, done.stderr[-3000:]
@@ -133,6 +139,7 @@ def test_run_sh_skips_stages_whose_outputs_are_up_to_date(demo):
         assert f"[IEMOCAP] {stage}: outputs up to date, skipped" in done.stderr
 
 
+@pytest.mark.slow
 def test_run_sh_stops_at_the_first_failing_stage_and_names_it(demo, tmp_path):
     # A copy of the demo's MELD state without text.bin and with no pretrained models:
     # the text stage must run, fail, and stop the pipeline.
@@ -151,20 +158,23 @@ def test_run_sh_stops_at_the_first_failing_stage_and_names_it(demo, tmp_path):
     assert "[MELD] audio:" not in failed.stderr  # nothing after the failing stage ran
 
 
+@pytest.mark.slow
 def test_demo_help_lists_its_flags():
-    out = subprocess.run([sys.executable, "-m", "magtkd.demo", "--help"], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-m", "magtkd.synthetic.demo", "--help"], capture_output=True, text=True,
                          cwd=REPO, timeout=120)
     assert out.returncode == 0 and "--workdir" in out.stdout and "--jobs" in out.stdout
 
 
+@pytest.mark.slow
 def test_demo_refuses_a_bad_flag_before_generating_anything(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "magtkd.demo", "--workdir", str(tmp_path / "w"), "--epochs", "0"],
+    out = subprocess.run([sys.executable, "-m", "magtkd.synthetic.demo", "--workdir", str(tmp_path / "w"), "--epochs", "0"],
                          capture_output=True, text=True, cwd=REPO, timeout=120)
     assert out.returncode == 2
     assert "argument --epochs: expected an integer >= 1, got '0'" in out.stderr
     assert not (tmp_path / "w").exists()
 
 
+@pytest.mark.slow
 def test_a_stage_failure_keeps_its_exit_status_when_it_comes_from_a_demo_worker_process():
     # The demo runs the datasets side by side in worker processes; their errors come back pickled.
     import pickle

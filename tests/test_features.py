@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from magtkd.dataset import (
-    FEATURE_KEYS, FeatureFileError, assemble_features, feature_path, load_features, save_features,
-)
+from magtkd.artifacts import feature_path
+from magtkd.dataset import FeatureFileError
+from magtkd.features import FEATURE_KEYS, assemble_features, load_features, save_features
 
 
 def _create_file(path: str) -> None:

@@ -16,9 +16,10 @@ from torch.utils.data import DataLoader
 
 from conftest import copy_checkpoints, flags, script, stage_paths
 from IEMOCAP.config import IEMOCAP
-from magtkd import model as model_lib
-from magtkd import utils
-from magtkd.utils import CheckpointError, load_checkpoint
+from magtkd import engine, utils
+from magtkd import pretrained as model_lib
+from magtkd.artifacts import StageFiles
+from magtkd.model import CheckpointError, load_checkpoint
 
 # --------------------------------------------------------------------------- KD precision and clipping
 
@@ -38,23 +39,30 @@ class _Toy(torch.utils.data.Dataset):
         return {"index": i, "x": self.x[i], "label": int(self.y[i])}
 
 
+class _ToyNet(nn.Linear):
+    """A linear classifier with the encoders' ``encode(batch) -> (representation, logits)``."""
+
+    def encode(self, batch):
+        logits = self(batch["x"])
+        return logits, logits
+
+
 def _collate(items):
     return {"index": torch.tensor([it["index"] for it in items]), "x": torch.stack([it["x"] for it in items]),
             "labels": torch.tensor([it["label"] for it in items])}
 
 
 def _train_toy(tmp_path, amp: bool, reference_kd_clip: bool, amp_dtype=torch.float16):
-    """utils.fit on a linear model with a large loss (gradient norm >> 10); the final weights and the
+    """engine.fit on a linear model with a large loss (gradient norm >> 10); the final weights and the
     gradient norm AdamW saw at each step."""
     torch.manual_seed(0)
-    net = nn.Linear(6, 3)
+    net = _ToyNet(6, 3)
     loaders = {split: DataLoader(_Toy(12, seed), batch_size=4, shuffle=split == "train", collate_fn=_collate,
                                  generator=torch.Generator().manual_seed(0))
                for split, seed in (("train", 1), ("dev", 2), ("test", 3))}
 
-    def step(batch, train):
-        logits = net(batch["x"])
-        return 50.0 * F.cross_entropy(logits, batch["labels"]), logits
+    def objective(model, batch):
+        return 50.0 * F.cross_entropy(model(batch["x"]), batch["labels"])
 
     seen: list[float] = []
 
@@ -67,9 +75,17 @@ def _train_toy(tmp_path, amp: bool, reference_kd_clip: bool, amp_dtype=torch.flo
     args = argparse.Namespace(train=True, seed=0, epochs=2, learning_rate=1e-2, per_batch_schedule=True, amp=amp,
                               grad_accum=1, grad_checkpointing=False, resume=False,
                               reference_kd_clip=reference_kd_clip)
-    utils.fit(stage="toy", model=net, step=step, loaders=loaders, args=args, device=torch.device("cpu"),
-              checkpoint=tmp_path / f"toy_{amp}_{reference_kd_clip}.bin", producer="test", label_names=["a", "b", "c"],
-              amp_dtype=amp_dtype)
+    # What the KD stage builds: AdamW, the reference schedule, a gradient scaler for fp16 autocast.
+    data = engine.SampleBatches(loaders, torch.device("cpu"))
+    optimizer = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=args.learning_rate)
+    scheduler = engine.reference_schedule(optimizer, data.n_train, data.updates_per_epoch(args.grad_accum),
+                                          args.epochs, args.per_batch_schedule)
+    scaler = torch.amp.GradScaler("cpu", enabled=bool(amp and amp_dtype == torch.float16))
+    config = engine.FitConfig(stage="toy", script="test", dataset="toy", labels=["a", "b", "c"],
+                              files=StageFiles.first_stage(tmp_path, f"toy_{amp}_{reference_kd_clip}"),
+                              epochs=args.epochs, seed=args.seed, args=vars(args), amp=amp, amp_dtype=amp_dtype,
+                              clip_scaled=reference_kd_clip)
+    engine.fit(net, objective, data, optimizer, scheduler, config, scaler)
     hook.remove()
     return {k: v.detach().clone() for k, v in net.state_dict().items()}, seen
 
@@ -107,6 +123,7 @@ def _help(dataset: str, name: str) -> str:
     return " ".join(done.stdout.split())
 
 
+@pytest.mark.slow
 def test_precision_defaults_of_the_stage_flags():
     text, kd_help = _help("IEMOCAP", "text"), _help("MELD", "KD")
     assert "--amp AMP bf16 autocast on CUDA; default fp32, as the authors (CPU always runs fp32) (default: False)" in text
@@ -163,6 +180,7 @@ def authors_layout(state: dict, modality: str, hidden: int, classifier: str = "W
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dataset, modality", [("IEMOCAP", "text"), ("MELD", "audio"), ("IEMOCAP", "video")])
 def test_authors_checkpoint_evaluates_like_ours(demo, tmp_path, dataset, modality):
     # --train False on a checkpoint laid out as the authors' code writes it gives the test metrics of

@@ -25,11 +25,13 @@ from conftest import REPO, copy_checkpoints, flags, script, stage_paths
 from IEMOCAP.config import IEMOCAP
 from magtkd import media
 from magtkd.dataset import SPLITS, AudioField, FrameCodec, SampleDataset, frame_file, load_samples, load_split
-from magtkd.model import PretrainedMissingError, load_audio_encoder, load_image_processor
+from magtkd.artifacts import SubstitutionReport
+from magtkd.model import CheckpointError
+from magtkd.pretrained import PretrainedMissingError, load_audio_encoder, load_image_processor
 from magtkd.synthetic.media import read_index
 from magtkd.synthetic.meld import write_meld
 from magtkd.synthetic.models import AV_HIDDEN, TEXT_HIDDEN
-from magtkd.utils import CheckpointError, SubstitutionReport, paths_parser, resolve_device
+from magtkd.utils import paths_parser, resolve_device
 from MELD.config import MELD
 
 DATASETS = {"IEMOCAP": IEMOCAP, "MELD": MELD}
@@ -63,6 +65,7 @@ def expected_npy(spec, data_dir: Path) -> set[str]:
 # --------------------------------------------------------------------------- checkpoints and metrics
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dataset", ["IEMOCAP", "MELD"])
 @pytest.mark.parametrize("modality", MODALITIES)
 def test_checkpoint_is_plain_state_dict_with_metrics_json(demo, dataset, modality):
@@ -124,6 +127,7 @@ def evaluated(demo, tmp_path_factory):
     return run
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dataset", ["IEMOCAP", "MELD"])
 @pytest.mark.parametrize("modality", MODALITIES)
 def test_evaluation_only_reproduces_saved_test_metrics(evaluated, dataset, modality):
@@ -139,6 +143,7 @@ def test_evaluation_only_reproduces_saved_test_metrics(evaluated, dataset, modal
     assert not (run["paths"]["save_dir"] / f"{modality}.json").exists()
 
 
+@pytest.mark.slow
 def test_evaluation_only_keeps_the_training_substitution_report(evaluated):
     run = evaluated("MELD", "audio")
     trained = SubstitutionReport.read(run["demo_paths"]["save_dir"] / "audio_substitutions.tsv")
@@ -151,6 +156,7 @@ def test_evaluation_only_keeps_the_training_substitution_report(evaluated):
 # --------------------------------------------------------------------------- stored frames
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dataset", ["IEMOCAP", "MELD"])
 def test_frames_stored_for_every_utterance_as_uint8(demo, dataset):
     paths = stage_paths(demo["workdir"], dataset)
@@ -161,6 +167,7 @@ def test_frames_stored_for_every_utterance_as_uint8(demo, dataset):
         assert frames.dtype == np.uint8 and frames.shape == FRAME_SHAPE, name
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dataset", ["IEMOCAP", "MELD"])
 def test_normalised_frames_equal_processor_pixel_values(demo, dataset):
     spec, paths = DATASETS[dataset], stage_paths(demo["workdir"], dataset)
@@ -287,7 +294,7 @@ def test_extraction_stage_stores_the_authors_frames(generated, tmp_path, monkeyp
 
 
 def test_meld_clip_with_wrong_frame_count_metadata_is_reported(generated, tmp_path, monkeypatch):
-    from magtkd import dataset
+    from magtkd import features as dataset
 
     utt = load_split(MELD, generated / "datasets" / "MELD", "dev")[0]
     dataset._init_worker(load_image_processor(generated / "pretrained_model"))
@@ -361,6 +368,7 @@ def _stored_count(feature_dir: Path) -> int:
     return sum(1 for split in SPLITS if (root / split).is_dir() for _ in (root / split).glob("*.npy"))
 
 
+@pytest.mark.slow
 def test_killed_extraction_resumes_to_identical_files(generated, extracted, tmp_path, monkeypatch, caplog):
     paths = generated_paths(generated, "IEMOCAP", tmp_path / "run")
     feature_dir = paths["feature_dir"]
@@ -428,6 +436,7 @@ def meld_faults(tmp_path_factory) -> dict[str, set[str]]:
     return faults
 
 
+@pytest.mark.slow
 def test_video_substitution_report_and_black_frames(demo, meld_faults):
     feature_dir = stage_paths(demo["workdir"], "MELD")["feature_dir"]
     items = SubstitutionReport.read(feature_dir / "video" / "substitutions.tsv")
@@ -445,6 +454,7 @@ def test_video_substitution_report_and_black_frames(demo, meld_faults):
     assert SubstitutionReport.read(iemocap / "video" / "substitutions.tsv") == []
 
 
+@pytest.mark.slow
 def test_audio_substitution_report_lists_silence(demo, meld_faults):
     save_dir = stage_paths(demo["workdir"], "MELD")["save_dir"]
     items = SubstitutionReport.read(save_dir / "audio_substitutions.tsv")
@@ -455,12 +465,12 @@ def test_audio_substitution_report_lists_silence(demo, meld_faults):
     assert "no audio" in next(s.reason for s in items if s.key in meld_faults["no_audio"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dataset", ["IEMOCAP", "MELD"])
 def test_audio_cache_holds_each_readable_clip_once(demo, meld_faults, dataset, monkeypatch):
     # The demo's audio stages stored every readable clip once in <feature_dir>/audio_cache (failures are
     # not stored: each stage reports them again); a later read gives the samples decoding gives.
-    from magtkd import dataset as dataset_mod
-    from magtkd.dataset import AudioCache
+    from magtkd.media import AudioCache
 
     paths = stage_paths(demo["workdir"], dataset)
     cache = AudioCache(paths["feature_dir"] / "audio_cache")
@@ -470,9 +480,10 @@ def test_audio_cache_holds_each_readable_clip_once(demo, meld_faults, dataset, m
     assert len(readable) < len(utterances) or dataset == "IEMOCAP"
     assert {p.name for p in cache.folder.glob("*.npz")} == {cache.entry(u.audio_path).name for u in readable}
     assert not list(cache.folder.glob(".*.tmp"))
-    monkeypatch.setattr(dataset_mod, "decode_audio_isolated", lambda *a, **k: pytest.fail("decoded again"))
+    monkeypatch.setattr(media, "decode_audio_isolated", lambda *a, **k: pytest.fail("decoded again"))
     for utt in readable[:: max(len(readable) // 4, 1)]:
-        assert np.array_equal(cache.load(utt.audio_path), media.decode_audio(utt.audio_path)), utt.key
+        native_sr, mono = media.decode_audio_native(utt.audio_path)  # the same decoding, in this process
+        assert np.array_equal(cache.load(utt.audio_path), media.resample_audio(utt.audio_path, mono, native_sr)), utt.key
 
 
 # --------------------------------------------------------------------------- audio batching
@@ -530,6 +541,7 @@ def test_missing_pretrained_folder_names_it_and_the_download(generated, tmp_path
     assert "hf download FacebookAI/roberta-large" in message
 
 
+@pytest.mark.slow
 def test_mismatched_checkpoint_names_file_and_keys(demo, tmp_path):
     paths = stage_paths(demo["workdir"], "IEMOCAP")
     save_dir = tmp_path / "save_model"
@@ -558,6 +570,7 @@ def test_kd_without_text_checkpoint_says_text_py_writes_it(generated, tmp_path):
 # --------------------------------------------------------------------------- running the scripts
 
 
+@pytest.mark.slow
 def test_help_works_from_another_directory(tmp_path):
     done = subprocess.run([sys.executable, str(REPO / "IEMOCAP" / "text.py"), "--help"], cwd=tmp_path,
                           capture_output=True, text=True, timeout=120)

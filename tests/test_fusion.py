@@ -11,13 +11,15 @@ import torch.nn.functional as F
 
 from conftest import script
 from IEMOCAP.config import IEMOCAP
-from magtkd.dataset import DialogueSet, feature_path, load_dialogues
+from magtkd.artifacts import StageFiles, feature_path
+from magtkd.engine import dialogue_logits
+from magtkd.features import DialogueSet, load_dialogues
 from magtkd.model import (
-    AnchorGatedTransformer, FusionCheckpointError, Layout, dropout, feature_kd_loss, infer_sizes_from_checkpoint,
-    load_fusion_checkpoint, logit_kd_loss,
+    AnchorGatedTransformer, FusionCheckpointError, Layout, dropout, infer_sizes_from_checkpoint,
+    load_fusion_checkpoint,
 )
 from magtkd.synthetic.features import write_synthetic_features
-from magtkd.utils import dialogue_logits, predict_dialogues
+from magtkd.utils import UserError
 from MELD.config import MELD
 
 WIDTH = 16
@@ -39,6 +41,16 @@ FUSION_DEFAULTS = {
 def fusion_main(spec, argv):
     """``<DS>/multimodal_fusion.py`` with ``argv`` (always with explicit folders: its defaults are repo paths)."""
     return script(spec.name, "multimodal_fusion").main(argv)
+
+
+def predict_dialogues(model, data, batch_size, packed=None):
+    """The fusion's test predictions: the argmax of `engine.dialogue_logits`."""
+    return dialogue_logits(model, data, batch_size, packed=packed).argmax(-1).tolist()
+
+
+def saved_predictions(save_dir):
+    """``multimodal_fusion_best.json``: the test labels and predictions at the selected epoch."""
+    return json.loads(StageFiles.fusion(save_dir).predictions.read_text())
 
 
 def run(spec, tmp_path, *extra):
@@ -66,15 +78,16 @@ def trained(tmp_path_factory, one_thread):
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("spec", [IEMOCAP, MELD], ids=lambda s: s.name)
 def test_training_learns_and_writes_artifacts(trained, spec):
     root, result = trained[spec.name]
-    curve = result["curve"]
+    curve = result["epochs"]
     assert len(curve) == 8
     assert curve[-1]["train_loss"] < 0.7 * curve[0]["train_loss"]
-    assert result["dev_at_selected"]["weighted_f1"] > 0.5  # chance is 1/6 or 1/7
+    assert result["dev"]["weighted_f1"] > 0.5  # chance is 1/6 or 1/7
     best_dev = max(c["dev"]["weighted_f1"] for c in curve)
-    assert result["dev_at_selected"]["weighted_f1"] == best_dev  # selection on DEV
+    assert result["dev"]["weighted_f1"] == best_dev  # selection on DEV
 
     save = root / "save"
     assert sorted(p.name for p in save.iterdir()) == [
@@ -85,13 +98,18 @@ def test_training_learns_and_writes_artifacts(trained, spec):
     n_test = sum(len(x) for x in load_dialogues(
         feature_path(root / "feature", "test"), "audio_kd", "video", torch.device("cpu")).labels)
     assert len(preds["labels"]) == len(preds["preds"]) == n_test
-    assert preds["preds"] == result["preds"]
+    assert preds["labels"] == [int(x) for d in load_dialogues(
+        feature_path(root / "feature", "test"), "audio_kd", "video", torch.device("cpu")).labels for x in d]
+    assert sum(p == y for p, y in zip(preds["preds"], preds["labels"])) / n_test == pytest.approx(
+        result["test"]["accuracy"])  # the predictions are the selected epoch's
 
     report = json.loads((save / "multimodal_fusion_metrics.json").read_text())
+    assert report == json.loads(json.dumps(result))
     assert report["selected_epoch"] == result["selected_epoch"]
     assert report["selection"] == "best dev weighted F1" and report["complete"] is True
-    assert report["test_confusion"]["labels"] == list(spec.labels)
-    assert {"dev", "test_not_used_for_selection", "train_loss"} <= set(report["curve"][0])
+    assert report["labels"] == list(spec.labels) and list(report["test"]["per_class"])[:len(spec.labels)] == list(spec.labels)
+    assert len(report["test"]["confusion"]) == len(spec.labels)
+    assert {"dev", "test", "train_loss"} <= set(report["epochs"][0])
     defaults = FUSION_DEFAULTS[spec.name]
     for flag in ("audio_feature", "video_feature", "alpha", "beta", "feature_loss"):
         assert report["args"][flag] == defaults[flag], flag
@@ -101,6 +119,7 @@ def test_training_learns_and_writes_artifacts(trained, spec):
     assert not any(k.startswith(("a_t.", "v_t.", "fc.")) for k in state)
 
 
+@pytest.mark.slow
 def test_packed_rows_train_the_same_run(trained, tmp_path):
     """``--packed True`` retraces the run on the padded grid (the authors' computation, which the
     default picks for batches this small): the same curve up to float summation order, the same
@@ -109,13 +128,15 @@ def test_packed_rows_train_the_same_run(trained, tmp_path):
     assert padded["args"]["packed"] is None
     packed = fusion_main(IEMOCAP, ["--feature_dir", str(root / "feature"), "--save_dir", str(tmp_path / "save"),
                                    *FAST, "--packed", "True"])
-    assert [c["train_loss"] for c in padded["curve"]] == pytest.approx([c["train_loss"] for c in packed["curve"]],
-                                                                         rel=1e-4)
-    assert [c["dev"] for c in padded["curve"]] == [c["dev"] for c in packed["curve"]]
-    assert padded["selected_epoch"] == packed["selected_epoch"] and padded["preds"] == packed["preds"]
-    assert all(c["train_seconds"] > 0 for c in packed["curve"])
+    assert [c["train_loss"] for c in padded["epochs"]] == pytest.approx(
+        [c["train_loss"] for c in packed["epochs"]], rel=1e-4)
+    assert [c["dev"] for c in padded["epochs"]] == [c["dev"] for c in packed["epochs"]]
+    assert padded["selected_epoch"] == packed["selected_epoch"]
+    assert saved_predictions(root / "save")["preds"] == saved_predictions(tmp_path / "save")["preds"]
+    assert all(c["train_seconds"] > 0 for c in packed["epochs"])
 
 
+@pytest.mark.slow
 def test_eval_round_trip_reads_only_test_pickle(trained, tmp_path):
     root, result = trained["IEMOCAP"]
     # Copy only what --train False may read.
@@ -127,10 +148,13 @@ def test_eval_round_trip_reads_only_test_pickle(trained, tmp_path):
     evaluated = fusion_main(IEMOCAP, ["--feature_dir", str(tmp_path / "feature"), "--save_dir",
                                       str(tmp_path / "save"), "--train", "False", "--n_head", "2",
                                       "--batch_size", "4", "--device", "cpu"])
-    assert evaluated["preds"] == result["preds"]
-    assert evaluated["test"] == pytest.approx(result["test_at_selected"])
+    trained_preds = saved_predictions(root / "save")
+    assert evaluated["preds"] == trained_preds["preds"]
+    for key in ("accuracy", "weighted_f1"):
+        assert evaluated[key] == pytest.approx(result["test"][key])
+    assert evaluated["confusion"] == result["test"]["confusion"]
     written = json.loads((tmp_path / "save" / "multimodal_fusion_best.json").read_text())
-    assert written == {"labels": result["labels"], "preds": result["preds"]}
+    assert written == trained_preds
 
 
 def test_separate_text_blocks_train_and_eval(tmp_path):
@@ -142,12 +166,12 @@ def test_separate_text_blocks_train_and_eval(tmp_path):
     evaluated = fusion_main(IEMOCAP, ["--feature_dir", str(tmp_path / "feature"), "--save_dir",
                                       str(tmp_path / "save"), "--train", "False", "--n_head", "2",
                                       "--batch_size", "4"])
-    assert evaluated["preds"] == trained["preds"]
+    assert evaluated["preds"] == saved_predictions(tmp_path / "save")["preds"]
 
 
 def test_hidden_dim_mismatch_names_both_numbers(tmp_path):
     write_synthetic_features(tmp_path / "feature", IEMOCAP, {"train": 3, "dev": 2, "test": 2}, width=WIDTH, seed=1)
-    with pytest.raises(SystemExit, match=r"--hidden_dim 32 does not match the width 16"):
+    with pytest.raises(UserError, match=r"--hidden_dim 32 does not match the width 16"):
         run(IEMOCAP, tmp_path, "--hidden_dim", "32")
 
 
@@ -346,14 +370,9 @@ def test_packed_dropout_keeps_the_units_f_dropout_keeps(p):
 
 
 def fusion_objective(out, target, alpha=0.7, beta=0.8, feature_loss=True):
-    """``CE(W_t T') + alpha KD(A') + beta KD(V')`` over the real utterances' rows (docs/METHOD.md §5), with
-    ``KD(X') = CE(W_x X') + L_logit(W_x X', W_t T') [+ L_feat(X', T')]``."""
-
-    def kd(logits, feat):
-        loss = F.cross_entropy(logits, target) + logit_kd_loss(logits, out.t_logits)
-        return loss + feature_kd_loss(feat, out.t_feat) if feature_loss else loss
-
-    return F.cross_entropy(out.t_logits, target) + alpha * kd(out.a_logits, out.a_feat) + beta * kd(out.v_logits, out.v_feat)
+    """The stage's ``CE(W_t T') + alpha KD(A') + beta KD(V')`` (IEMOCAP's weights) over the given rows."""
+    return script("IEMOCAP", "multimodal_fusion").objective(out, target, alpha=alpha, beta=beta,
+                                                            feature_loss=feature_loss)
 
 
 def _loss(model, batch, keep=None):

@@ -25,14 +25,16 @@ from conftest import copy_checkpoints, flags, script, stage_paths
 from IEMOCAP.config import IEMOCAP, speaker_letter
 from magtkd import dataset as magtkd_dataset
 from magtkd import model as magtkd_model
-from magtkd import utils as magtkd_utils
+from magtkd import engine as magtkd_engine
+from magtkd import pretrained as magtkd_pretrained
+from magtkd.artifacts import SubstitutionReport, feature_path
 from magtkd.dataset import (
-    FEATURE_KEYS, SPLITS, SampleDataset, build_samples, feature_path, group_dialogues, load_features,
-    load_speaker2id, load_split,
+    SPLITS, SampleDataset, build_samples, group_dialogues, load_speaker2id, load_split,
 )
-from magtkd.model import load_encoder
+from magtkd.features import FEATURE_KEYS, load_features
+from magtkd.model import load_checkpoint
+from magtkd.pretrained import load_encoder
 from magtkd.synthetic.models import AV_HIDDEN, TEXT_HIDDEN
-from magtkd.utils import SubstitutionReport, load_checkpoint
 from MELD.config import MELD
 
 DATASETS = {"IEMOCAP": IEMOCAP, "MELD": MELD}
@@ -49,6 +51,7 @@ def digest(path: Path) -> str:
 # --------------------------------------------------------------------------- KD checkpoints (docs/METHOD.md §3)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dataset", ["IEMOCAP", "MELD"])
 @pytest.mark.parametrize("student", STUDENTS)
 def test_kd_checkpoint_and_metrics_json(demo, dataset, student):
@@ -68,6 +71,7 @@ def test_kd_checkpoint_and_metrics_json(demo, dataset, student):
         assert {"precision", "recall", "f1-score", "support"} <= set(doc["test"]["per_class"][label])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dataset", ["IEMOCAP", "MELD"])
 def test_kd_objective_defaults_per_dataset(demo, dataset):
     expected = {"IEMOCAP": (1.0, 0.0), "MELD": (0.1, 1.0)}[dataset]  # docs/METHOD.md §3
@@ -98,6 +102,7 @@ def kd_evaluated(demo, tmp_path_factory):
     return run
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dataset", ["IEMOCAP", "MELD"])
 @pytest.mark.parametrize("student", STUDENTS)
 def test_kd_evaluation_only_reproduces_saved_test_metrics(kd_evaluated, dataset, student):
@@ -112,6 +117,7 @@ def test_kd_evaluation_only_reproduces_saved_test_metrics(kd_evaluated, dataset,
     assert not (run["paths"]["save_dir"] / f"text_KD_{student}.json").exists()
 
 
+@pytest.mark.slow
 def test_kd_evaluation_only_keeps_the_training_substitution_report(kd_evaluated):
     run = kd_evaluated("MELD", "audio")
     trained = SubstitutionReport.read(run["demo_paths"]["save_dir"] / "text_KD_audio_substitutions.tsv")
@@ -152,9 +158,9 @@ class Watch:
         self.taus: set[float] = set()
         self.objectives: list[tuple[float, float, float]] = []  # (loss of the step, CE + weighted terms, CE)
         self._terms: dict[str, torch.Tensor] = {}
-        build, loaders = magtkd_model.load_encoder, magtkd_dataset.loaders
-        load, fit = magtkd_utils.load_checkpoint, magtkd_utils.fit
-        logit, feature = magtkd_model.logit_kd_loss, magtkd_model.feature_kd_loss
+        build, loaders = magtkd_pretrained.load_encoder, magtkd_dataset.loaders
+        load, fit = magtkd_model.load_checkpoint, magtkd_engine.fit
+        logit, feature, cross_entropy = magtkd_model.logit_kd_loss, magtkd_model.feature_kd_loss, F.cross_entropy
 
         def watched_build(modality, pretrained_dir, num_classes, feature_dir=None, audio_cache=None):
             model, field = build(modality, pretrained_dir, num_classes, feature_dir, audio_cache)
@@ -168,9 +174,9 @@ class Watch:
                 self.fields[split] = [f.name for f in fields]
             return loaders(samples, fields, batch_size, num_workers, seed, splits)
 
-        def watched_load(model, path, produced_by):
+        def watched_load(model, path, produced_by, dataset=None, labels=None):
             self.checkpoints.append(Path(path).name)
-            return load(model, path, produced_by)
+            return load(model, path, produced_by, dataset, labels)
 
         def watched_logit(s, t, tau=2.0, **kw):
             self.losses["logit"] += 1
@@ -183,26 +189,31 @@ class Watch:
             self._terms["feature"] = feature(s, t)
             return self._terms["feature"]
 
-        def watched_fit(*, step, **kwargs):
-            def checked_step(batch, train):
+        def watched_cross_entropy(*args, **kwargs):
+            self._terms["ce"] = cross_entropy(*args, **kwargs)
+            return self._terms["ce"]
+
+        def watched_fit(model, objective, *args, **kwargs):
+            # The stage's own objective (KD.objective with its weights); every training step's loss is
+            # compared with CE + logit_weight L_logit + feature_weight L_feat of the terms it computed.
+            def checked(student, batch):
                 self._terms.clear()
-                loss, logits = step(batch, train)
-                if train:
-                    ce = F.cross_entropy(logits.float(), batch["labels"])
-                    zero = torch.zeros(())
-                    expected = (ce + logit_weight * self._terms.get("logit", zero)
-                                + feature_weight * self._terms.get("feature", zero))
-                    self.objectives.append((loss.item(), expected.item(), ce.item()))
-                return loss, logits
+                loss = objective(student, batch)
+                zero = torch.zeros(())
+                expected = (self._terms["ce"] + logit_weight * self._terms.get("logit", zero)
+                            + feature_weight * self._terms.get("feature", zero))
+                self.objectives.append((loss.item(), expected.item(), self._terms["ce"].item()))
+                return loss
 
-            return fit(step=checked_step, **kwargs)
+            return fit(model, checked, *args, **kwargs)
 
-        monkeypatch.setattr(magtkd_model, "load_encoder", watched_build)
+        monkeypatch.setattr(magtkd_pretrained, "load_encoder", watched_build)
         monkeypatch.setattr(magtkd_dataset, "loaders", watched_loaders)
-        monkeypatch.setattr(magtkd_utils, "load_checkpoint", watched_load)
-        monkeypatch.setattr(magtkd_utils, "fit", watched_fit)
+        monkeypatch.setattr(magtkd_model, "load_checkpoint", watched_load)
+        monkeypatch.setattr(magtkd_engine, "fit", watched_fit)
         monkeypatch.setattr(magtkd_model, "logit_kd_loss", watched_logit)
         monkeypatch.setattr(magtkd_model, "feature_kd_loss", watched_feature)
+        monkeypatch.setattr(F, "cross_entropy", watched_cross_entropy)
 
     def _teacher_call(self, module, _inputs) -> None:
         trainable = any(p.requires_grad for p in module.parameters())
@@ -216,6 +227,7 @@ def refuse(field: str):
     return load
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("student", STUDENTS)
 def test_kd_run_loads_only_its_modalities_and_freezes_the_teacher(demo, generated, tmp_path, monkeypatch, student):
     demo_paths = stage_paths(demo["workdir"], "IEMOCAP")
@@ -251,6 +263,7 @@ def test_kd_run_loads_only_its_modalities_and_freezes_the_teacher(demo, generate
     assert (args["logit_weight"], args["feature_weight"], args["learning_rate"]) == (1.0, 0.0, 1e-5)
 
 
+@pytest.mark.slow
 def test_kd_objective_weights_its_terms(demo, generated, tmp_path, monkeypatch):
     """``--logit_weight``/``--feature_weight``/``--tau`` set the objective CE + w_l L_logit + w_f L_feat
     (MELD's weights 0.1 / 1, on a few IEMOCAP rows)."""
@@ -282,6 +295,7 @@ def expected_speakers(spec, dialogue: list, speaker2id: dict | None) -> list[int
     return [order.setdefault(speaker_letter(u.speaker), len(order)) for u in dialogue]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dataset", ["IEMOCAP", "MELD"])
 @pytest.mark.parametrize("split", SPLITS)
 def test_feature_pickle_layout(demo, dataset, split):
@@ -320,6 +334,7 @@ def test_feature_pickle_layout(demo, dataset, split):
         assert not np.allclose(flat[a], flat[b]), (a, b)  # each key has its own model
 
 
+@pytest.mark.slow
 def test_feature_vectors_come_from_their_checkpoints(demo):
     """The first batch of IEMOCAP test, run through each checkpoint, gives the pickle's vectors."""
     paths = stage_paths(demo["workdir"], "IEMOCAP")
@@ -376,6 +391,7 @@ def extracted_twice(demo, generated, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_extraction_metadata_does_not_depend_on_batch_size(extracted_twice):
     for split in SPLITS:
         one, eight, full = (extracted_twice[b][split] for b in (1, 8, 16))
@@ -389,6 +405,7 @@ def test_extraction_metadata_does_not_depend_on_batch_size(extracted_twice):
             assert one["speakers"][dia] == full["speakers"][dia][:n]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("key", [
     "text", "video", "video_kd",
     "audio", "audio_kd",
@@ -406,6 +423,7 @@ def test_extracted_features_do_not_depend_on_batch_size(extracted_twice, key):
 # --------------------------------------------------------------------------- the fusion stage reads them
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dataset", ["IEMOCAP", "MELD"])
 def test_fusion_labels_follow_the_test_pickle(demo, dataset):
     paths = stage_paths(demo["workdir"], dataset)

@@ -14,10 +14,11 @@ from transformers import Wav2Vec2FeatureExtractor
 from magtkd import media as media_mod
 from magtkd.dataset import AudioField, Sample, SampleDataset, Utterance
 from magtkd.media import (
-    FRAMES_PER_CLIP, TARGET_SAMPLE_RATE, MediaError, clip_step, decode_audio, decode_windows, kept_indices,
+    FRAMES_PER_CLIP, TARGET_SAMPLE_RATE, MediaError, clip_step, decode_audio_isolated, decode_windows, kept_indices,
     window_frames, window_step,
 )
-from magtkd.utils import SubstitutionReport, note_problems
+from magtkd.artifacts import SubstitutionReport
+from magtkd.engine import note_problems
 from magtkd.synthetic.media import index_frame, read_index, tone, write_video, write_wav
 
 FPS = 10
@@ -301,7 +302,7 @@ def test_decode_audio_from_stereo_aac_mp4(tmp_path, sr):
     path = tmp_path / f"clip_{sr}.mp4"
     write_video(path, (index_frame(i, 48, 64) for i in range(20)), 10, codec="libx264",
                 audio=tone(freq, seconds, sr, channels=2), sample_rate=sr)
-    x = decode_audio(path)
+    x = decode_audio_isolated(path)
     assert x.dtype == np.float32 and x.ndim == 1
     aac_frame = 1024 * TARGET_SAMPLE_RATE / sr
     assert abs(len(x) - seconds * TARGET_SAMPLE_RATE) <= 2 * aac_frame
@@ -313,12 +314,12 @@ def test_decode_audio_from_stereo_aac_mp4(tmp_path, sr):
 def test_decode_wav_at_target_rate_is_exact(tmp_path):
     samples = tone(300, 1.0, 16000, noise=0.05, rng=np.random.default_rng(2))[:, 0]
     write_wav(tmp_path / "mono.wav", samples, 16000)
-    x = decode_audio(tmp_path / "mono.wav")
+    x = decode_audio_isolated(tmp_path / "mono.wav")
     assert x.shape == samples.shape
     assert np.abs(x - samples).max() <= 1.5 / 32767
     stereo = np.stack([samples, -0.5 * samples], axis=1)
     write_wav(tmp_path / "stereo.wav", stereo, 16000)
-    assert np.abs(decode_audio(tmp_path / "stereo.wav") - stereo.mean(axis=1)).max() <= 1.5 / 32767
+    assert np.abs(decode_audio_isolated(tmp_path / "stereo.wav") - stereo.mean(axis=1)).max() <= 1.5 / 32767
 
 
 def test_audio_field_normalises_the_whole_clip_then_keeps_the_head(tmp_path):
@@ -329,7 +330,7 @@ def test_audio_field_normalises_the_whole_clip_then_keeps_the_head(tmp_path):
     wave = wave + 0.01 * rng.standard_normal(len(wave)).astype(np.float32)
     path = tmp_path / "long.wav"
     write_wav(path, wave, 16000)
-    full = decode_audio(path)
+    full = decode_audio_isolated(path)
     assert full.shape == wave.shape  # the whole clip is decoded
     extractor = Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=TARGET_SAMPLE_RATE, padding_value=0.0,
                                          do_normalize=True, return_attention_mask=True)
@@ -356,7 +357,7 @@ def test_bad_audio_raises_and_audio_field_substitutes_silence(tmp_path, caplog):
     write_video(silent_video, (index_frame(i, 48, 64) for i in range(5)), 10, codec="libx264")
     for path, reason in [(missing, "not found"), (corrupt, "cannot open"), (silent_video, "no audio stream")]:
         with pytest.raises(MediaError, match=path.name) as err:
-            decode_audio(path)
+            decode_audio_isolated(path)
         assert reason in err.value.reason and err.value.path == str(path)
 
     # The audio stages load through AudioField: an unreadable file becomes one second of
@@ -419,10 +420,9 @@ def test_resize_crop_equals_the_image_processor(edge, crop):
 
 def _count_decodes(monkeypatch, fail: bool = False) -> list:
     """Count (or refuse) calls of the decoder the audio cache uses."""
-    from magtkd import dataset as dataset_mod
 
     calls: list = []
-    real = dataset_mod.decode_audio_isolated
+    real = media_mod.decode_audio_isolated
 
     def decode(path, *args, **kwargs):
         calls.append(str(path))
@@ -430,7 +430,7 @@ def _count_decodes(monkeypatch, fail: bool = False) -> list:
             raise AssertionError(f"decoded {path} again")
         return real(path, *args, **kwargs)
 
-    monkeypatch.setattr(dataset_mod, "decode_audio_isolated", decode)
+    monkeypatch.setattr(media_mod, "decode_audio_isolated", decode)
     return calls
 
 
@@ -444,7 +444,7 @@ def _clips(tmp_path):
 
 
 def test_audio_cache_hit_is_bit_identical_and_does_not_decode(tmp_path, monkeypatch):
-    from magtkd.dataset import AudioCache
+    from magtkd.media import AudioCache
 
     cache = AudioCache(tmp_path / "cache")
     for path in _clips(tmp_path):
@@ -473,7 +473,7 @@ def test_audio_cache_hit_is_bit_identical_and_does_not_decode(tmp_path, monkeypa
 def test_audio_cache_decodes_a_changed_file_again(tmp_path, monkeypatch):
     import os
 
-    from magtkd.dataset import AudioCache
+    from magtkd.media import AudioCache
 
     wav, _ = _clips(tmp_path)
     cache = AudioCache(tmp_path / "cache")
@@ -487,13 +487,14 @@ def test_audio_cache_decodes_a_changed_file_again(tmp_path, monkeypatch):
     write_wav(wav, tone(500, 0.5, 22050), 22050)  # replaced by another clip
     after = cache.load(wav)
     assert len(calls) == 3 and after.shape != before.shape
-    assert np.array_equal(after, media_mod.decode_audio(wav))
+    native_sr, mono = media_mod.decode_audio_native(wav)  # the same decoding, not counted
+    assert np.array_equal(after, media_mod.resample_audio(wav, mono, native_sr))
     cache.load(wav)
     assert len(calls) == 3
 
 
 def test_audio_cache_corrupt_entry_is_decoded_again_and_failures_are_not_stored(tmp_path, monkeypatch, caplog):
-    from magtkd.dataset import AudioCache
+    from magtkd.media import AudioCache
 
     wav, _ = _clips(tmp_path)
     cache = AudioCache(tmp_path / "cache")
@@ -519,17 +520,16 @@ def test_audio_cache_corrupt_entry_is_decoded_again_and_failures_are_not_stored(
 
 
 def test_audio_cache_replays_partial_decode_notes_and_writes_atomically(tmp_path, monkeypatch, caplog):
-    from magtkd import dataset as dataset_mod
-    from magtkd.dataset import AudioCache
+    from magtkd.media import AudioCache
 
     wav, _ = _clips(tmp_path)
-    real = dataset_mod.decode_audio_isolated
+    real = media_mod.decode_audio_isolated
 
     def partial(path, sample_rate, notes):
         notes.append("partial decode: audio stopped at 0.40 s (injected)")
         return real(path, sample_rate)[:6400]
 
-    monkeypatch.setattr(dataset_mod, "decode_audio_isolated", partial)
+    monkeypatch.setattr(media_mod, "decode_audio_isolated", partial)
     extractor = Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=TARGET_SAMPLE_RATE, padding_value=0.0,
                                          do_normalize=True, return_attention_mask=True)
     field = AudioField(extractor, cache_dir=tmp_path / "cache")
@@ -553,7 +553,7 @@ def test_audio_cache_replays_partial_decode_notes_and_writes_atomically(tmp_path
     monkeypatch.setattr(np, "savez", broken_savez)
     cache = AudioCache(tmp_path / "cache")
     with caplog.at_level(logging.WARNING, logger="magtkd"):
-        assert np.array_equal(cache.load(other), media_mod.decode_audio(other))
+        assert np.array_equal(cache.load(other), media_mod.decode_audio_isolated(other))
     assert not cache.entry(other).exists() and not list((tmp_path / "cache").glob(".*.tmp"))
     assert any("cannot write the audio cache" in r.getMessage() for r in caplog.records)
 

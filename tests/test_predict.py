@@ -23,11 +23,13 @@ import torch
 from conftest import copy_checkpoints, flags, script, stage_paths
 from IEMOCAP.config import IEMOCAP
 from magtkd import dataset as magtkd_dataset
-from magtkd.dataset import (
-    FEATURE_KEYS, DataError, feature_path, fusion_speaker_ids, load_conversation, load_features, load_split,
-)
+from magtkd.artifacts import StageFiles, SubstitutionReport, feature_path
+from magtkd.dataset import DataError, fusion_speaker_ids, load_conversation, load_split
+from magtkd.features import FEATURE_KEYS, load_features
 from magtkd.model import FusionCheckpointError
-from magtkd.utils import FUSION_CHECKPOINT, FUSION_PREDICTIONS, SubstitutionReport
+
+FUSION_CHECKPOINT = StageFiles.fusion("").checkpoint.name  # multimodal_fusion_best.bin
+FUSION_PREDICTIONS = StageFiles.fusion("").predictions.name  # multimodal_fusion_best.json
 from MELD.config import MELD
 
 DATASETS = {"IEMOCAP": IEMOCAP, "MELD": MELD}
@@ -55,6 +57,7 @@ def predicted(request, demo, tmp_path_factory):
             "table": pd.read_csv(out, dtype={"Speaker": str, "Utterance": str}, keep_default_na=False)}
 
 
+@pytest.mark.slow
 def test_emotions_match_the_fusion_stage_test_predictions(predicted):
     spec, table = predicted["spec"], predicted["table"]
     demo_paths = predicted["demo_paths"]
@@ -68,6 +71,7 @@ def test_emotions_match_the_fusion_stage_test_predictions(predicted):
     assert predicted["result"]["emotions"] == table["emotion"].tolist()
 
 
+@pytest.mark.slow
 def test_output_columns_order_and_probabilities(predicted):
     spec, table = predicted["spec"], predicted["table"]
     source = pd.read_csv(predicted["conversation"], dtype=str, keep_default_na=False)
@@ -85,6 +89,7 @@ def test_output_columns_order_and_probabilities(predicted):
     assert [spec.labels[i] for i in probs.argmax(axis=1)] == table["emotion"].tolist()
 
 
+@pytest.mark.slow
 def test_features_and_speakers_are_the_pipeline_s(predicted):
     """The conversation's pickle holds exactly the extraction stage's test vectors and speaker ids."""
     ours = load_features(predicted["result"]["paths"]["features"])
@@ -100,6 +105,7 @@ def test_features_and_speakers_are_the_pipeline_s(predicted):
     assert not (predicted["paths"]["feature_dir"] / "video").exists()
 
 
+@pytest.mark.slow
 def test_substitutions_are_the_pipeline_s(predicted):
     """Every unreadable medium of the test split is substituted and reported as the pipeline did."""
     out = predicted["out"]
@@ -115,6 +121,7 @@ def test_substitutions_are_the_pipeline_s(predicted):
         assert ours  # the generated MELD test split has missing and corrupt clips
 
 
+@pytest.mark.slow
 def test_interleaved_dialogues_keep_file_order(predicted):
     """File order with interleaved dialogues, no Emotion column, absolute media paths: same predictions."""
     dataset, spec, table = predicted["dataset"], predicted["spec"], predicted["table"]
@@ -149,6 +156,7 @@ def test_interleaved_dialogues_keep_file_order(predicted):
     assert len(folders) == 2  # the other conversation's frames are never reused
 
 
+@pytest.mark.slow
 def test_missing_utterance_column_is_named(predicted):
     conversation = predicted["tmp"] / "no_utterance.csv"
     pd.read_csv(predicted["conversation"], dtype=str, keep_default_na=False).drop(columns=["Utterance"]).to_csv(
@@ -159,6 +167,7 @@ def test_missing_utterance_column_is_named(predicted):
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_empty_file_is_named(predicted, tmp_path):
     for name, text in (("empty.csv", ""), ("header_only.csv", "Dialogue_ID,Utterance_ID\n")):
         (tmp_path / name).write_text(text, encoding="utf-8")
@@ -173,6 +182,7 @@ def test_empty_file_is_named(predicted, tmp_path):
     assert not (tmp_path / "out.csv").exists()
 
 
+@pytest.mark.slow
 def test_other_dataset_checkpoint_is_refused_before_any_work(predicted, demo, tmp_path):
     dataset = predicted["dataset"]
     other = "MELD" if dataset == "IEMOCAP" else "IEMOCAP"
@@ -184,6 +194,7 @@ def test_other_dataset_checkpoint_is_refused_before_any_work(predicted, demo, tm
     assert not (tmp_path / "out.csv").exists() and not (tmp_path / "feature").exists()
 
 
+@pytest.mark.slow
 def test_meld_unknown_speaker_gets_the_padding_row_or_an_error(demo, tmp_path, caplog):
     paths = {**stage_paths(demo["workdir"], "MELD"), "feature_dir": tmp_path / "feature"}
     source = pd.read_csv(paths["data_dir"] / MELD.csv_names["test"], dtype=str, keep_default_na=False)
@@ -204,6 +215,7 @@ def test_meld_unknown_speaker_gets_the_padding_row_or_an_error(demo, tmp_path, c
     assert len(pd.read_csv(tmp_path / "out.csv")) == len(dialogue)
 
 
+@pytest.mark.slow
 def test_fusion_speaker_ids_with_a_padding_row(demo):
     """IEMOCAP: a third speaker is an error in the pipeline, the padding row in prediction."""
     utts = load_split(IEMOCAP, stage_paths(demo["workdir"], "IEMOCAP")["data_dir"], "test")[:3]
@@ -214,6 +226,7 @@ def test_fusion_speaker_ids_with_a_padding_row(demo):
     assert fusion_speaker_ids(IEMOCAP, three, None, padding=2) == [0, 1, 2]
 
 
+@pytest.mark.slow
 def test_load_conversation_checks(demo, tmp_path, caplog):
     data_dir = stage_paths(demo["workdir"], "IEMOCAP")["data_dir"]
     source = pd.read_csv(data_dir / IEMOCAP.csv_names["test"], dtype=str, keep_default_na=False).iloc[:3]

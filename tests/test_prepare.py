@@ -13,7 +13,8 @@ import pytest
 from IEMOCAP.config import IEMOCAP
 from IEMOCAP.preprocessing import format_time, main as iemocap_main, prepare_iemocap
 from magtkd.dataset import SPLITS, DataError, load_speaker2id, load_split
-from magtkd.utils import SubstitutionReport
+from magtkd.artifacts import SubstitutionReport
+from magtkd.utils import UserError
 from MELD.config import CLIP_DIRS, MELD, OFFICIAL_COLUMNS, OFFICIAL_CSV
 from MELD.preprocessing import REPORT_NAME, main as meld_main, prepare_meld
 
@@ -136,12 +137,12 @@ def test_iemocap_rewrite_is_identical_and_atomic(tmp_path: Path) -> None:
 
 
 def test_iemocap_bad_data_dir(tmp_path: Path) -> None:
-    with pytest.raises(SystemExit, match="Session1 ... Session5"):
+    with pytest.raises(UserError, match="Session1 ... Session5"):
         iemocap_main(["--data_dir", str(tmp_path / "absent")])
-    with pytest.raises(SystemExit, match="no Session folders.*dialog/transcriptions"):
+    with pytest.raises(UserError, match="no Session folders.*dialog/transcriptions"):
         iemocap_main(["--data_dir", str(tmp_path)])
     (tmp_path / "Session1").mkdir()
-    with pytest.raises(SystemExit, match="Session1 has no dialog/transcriptions"):
+    with pytest.raises(UserError, match="Session1 has no dialog/transcriptions"):
         iemocap_main(["--data_dir", str(tmp_path)])
 
 
@@ -277,7 +278,7 @@ def test_meld_rewrite_is_identical(tmp_path: Path) -> None:
 
 
 def test_meld_bad_inputs(tmp_path: Path) -> None:
-    with pytest.raises(SystemExit, match="train_sent_emo.csv"):
+    with pytest.raises(UserError, match="train_sent_emo.csv"):
         meld_main(["--data_dir", str(tmp_path / "absent")])
     make_meld_tree(tmp_path, clips=False)
     frame = pd.read_csv(tmp_path / "dev_sent_emo.csv", dtype=str, keep_default_na=False)
@@ -289,7 +290,7 @@ def test_meld_bad_inputs(tmp_path: Path) -> None:
         prepare_meld(tmp_path)
     (tmp_path / "test_sent_emo.csv").unlink()
     frame.to_csv(tmp_path / "dev_sent_emo.csv", index=False)
-    with pytest.raises(SystemExit, match="test_sent_emo.csv not found"):
+    with pytest.raises(UserError, match="test_sent_emo.csv not found"):
         meld_main(["--data_dir", str(tmp_path)])
 
 

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from magtkd import model as P
-from magtkd.model import PRETRAINED
+from magtkd import pretrained as P
+from magtkd.pretrained import PRETRAINED
 from magtkd.synthetic.__main__ import generate
 from magtkd.synthetic.models import write_models
 
@@ -249,6 +249,7 @@ def test_generate_rejects_unknown_part(tmp_path: Path) -> None:
         generate(tmp_path, what="everything")
 
 
+@pytest.mark.slow
 def test_cli_writes_models(tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "magtkd.synthetic", "--what", "models", "--out", str(tmp_path), "--seed", "0"],

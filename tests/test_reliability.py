@@ -8,6 +8,7 @@ the demo's artifacts) except one interrupted 1-epoch text training.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -24,10 +25,12 @@ import pytest
 from conftest import REPO, copy_checkpoints, flags, script, stage_paths
 from IEMOCAP.config import IEMOCAP
 from magtkd import dataset as ds
-from magtkd import media, pipeline, utils
+from magtkd import engine, media, pipeline, results, utils
 from magtkd.dataset import DataError, FeatureFileError, frame_file, load_frames, load_split
 from magtkd.media import DecoderProcess, MediaError
-from magtkd.utils import CheckpointError, SubstitutionReport, UserError
+from magtkd.artifacts import StageFiles, SubstitutionReport, output_lock
+from magtkd.model import CheckpointError
+from magtkd.utils import UserError
 from MELD.config import MELD
 
 # Plain PyAV, no project code: decode the first video or audio stream of argv[1].
@@ -80,7 +83,7 @@ def _cut_until_av_crashes(clips: list[Path], out_dir: Path) -> dict[str, Path]:
 def bad_meld(generated, tmp_path_factory) -> dict:
     """A copy of the generated MELD whose test split has a clip on which PyAV itself crashes while decoding
     video, one while decoding audio (if this PyAV build crashes on no cut, a clip whose decoder child is made
-    to die of SIGSEGV through media.CRASH_HOOK), random bytes mid-file, half a file, an empty file and a clip
+    to die of SIGSEGV through media.run_in_decoder), random bytes mid-file, half a file, an empty file and a clip
     cut before its moov atom."""
     root = tmp_path_factory.mktemp("bad_meld")
     data_dir = root / "MELD"
@@ -113,10 +116,17 @@ def bad_meld(generated, tmp_path_factory) -> dict:
             "paths": {k: u.video_path for k, u in victims.items()}, "hooked": hooked}
 
 
+def crash_on(paths: frozenset, path: str, fn, args):
+    """A `media.run_in_decoder` that kills the decoder child (SIGSEGV) for ``paths``, else decodes."""
+    if path in paths:
+        os.kill(os.getpid(), signal.SIGSEGV)
+    return fn(*args)
+
+
 @pytest.fixture
 def crash_hook(bad_meld, monkeypatch):
     if bad_meld["hooked"]:  # no cut crashes this PyAV build: the decoder child is made to die of SIGSEGV instead
-        monkeypatch.setenv(media.CRASH_HOOK, os.pathsep.join(bad_meld["hooked"]))
+        monkeypatch.setattr(media, "run_in_decoder", functools.partial(crash_on, frozenset(bad_meld["hooked"])))
 
 
 @pytest.mark.parametrize("kind", ["video", "audio"])
@@ -124,7 +134,7 @@ def test_plain_pyav_crashes_on_the_cut_clip(bad_meld, kind):
     path = bad_meld["paths"][f"crash_{kind}"]
     if str(path) in bad_meld["hooked"]:
         pytest.skip(f"no cut of the generated clips crashes this PyAV build's {kind} decoding; isolation is "
-                    "tested through media.CRASH_HOOK")
+                    "tested through media.run_in_decoder")
     run = subprocess.run([sys.executable, "-c", PLAIN_AV[kind], str(path)], capture_output=True)
     assert run.returncode < 0
 
@@ -145,7 +155,8 @@ def test_decoder_child_crash_and_timeout_lose_only_that_call(bad_meld, crash_hoo
             slow.call("hang.mp4", time.sleep, 30)
         assert slow.call("next.mp4", sum, [1, 2]) == 3
     samples = media.decode_audio_isolated(healthy)
-    assert np.array_equal(samples, media.decode_audio(healthy))
+    native_sr, mono = media.decode_audio_native(healthy)  # the same decoding in this process
+    assert np.array_equal(samples, media.resample_audio(healthy, mono, native_sr))
 
 
 @pytest.mark.parametrize("workers", [0, 2])
@@ -180,6 +191,7 @@ def test_frame_extraction_survives_a_crashing_clip(bad_meld, crash_hook, generat
     assert record["complete"] is True and record["substituted"] == len(rows)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("workers", [0, 2])
 def test_audio_loading_survives_a_crashing_clip(demo, bad_meld, crash_hook, tmp_path, workers):
     paths = copy_checkpoints(stage_paths(demo["workdir"], "MELD"), tmp_path, "audio.bin", "audio.json")
@@ -214,6 +226,7 @@ def test_a_track_lost_to_truncation_is_not_reported_as_a_clip_without_that_strea
 # --------------------------------------------------------------------------- outputs that know they are complete
 
 
+@pytest.mark.slow
 def test_interrupted_training_is_incomplete_and_redone(generated, tmp_path, monkeypatch):
     paths = {"data_dir": generated / "datasets" / "MELD", "pretrained_dir": generated / "pretrained_model",
              "save_dir": tmp_path / "save_model", "feature_dir": tmp_path / "feature"}
@@ -222,15 +235,15 @@ def test_interrupted_training_is_incomplete_and_redone(generated, tmp_path, monk
     strays[0].parent.mkdir(parents=True)
     for stray in strays:
         stray.write_bytes(b"")
-    real_predict, calls = utils.predict, []
+    real_evaluate, calls = engine.SampleBatches.evaluate, []
 
-    def dies_in_epoch_two(*args, **kwargs):
-        calls.append(kwargs.get("desc", args[-1] if args else ""))
+    def dies_in_epoch_two(self, model, split, config):
+        calls.append(split)
         if len(calls) > 2:  # dev + test of epoch 1 done; "killed" during epoch 2's dev pass
             raise KeyboardInterrupt
-        return real_predict(*args, **kwargs)
+        return real_evaluate(self, model, split, config)
 
-    monkeypatch.setattr(utils, "predict", dies_in_epoch_two)
+    monkeypatch.setattr(engine.SampleBatches, "evaluate", dies_in_epoch_two)
     with pytest.raises(KeyboardInterrupt):
         script("MELD", "text").main(flags(paths, epochs=2, batch_size=8, learning_rate=1e-3))
     monkeypatch.undo()
@@ -263,6 +276,7 @@ def _mark_incomplete(record: Path) -> None:
     os.utime(record, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
 
 
+@pytest.mark.slow
 def test_pipeline_reruns_exactly_the_interrupted_stage(demo, tmp_path, monkeypatch, caplog):
     paths = _copy_demo(demo, tmp_path, "IEMOCAP")
     ran: list[str] = []
@@ -280,6 +294,7 @@ def test_pipeline_reruns_exactly_the_interrupted_stage(demo, tmp_path, monkeypat
     assert "says its last run did not finish; re-running audio.py" in caplog.text
 
 
+@pytest.mark.slow
 def test_downstream_stages_refuse_incomplete_frames_and_features(demo, tmp_path):
     paths = _copy_demo(demo, tmp_path, "IEMOCAP")
     _mark_incomplete(paths["feature_dir"] / "video" / "extraction.json")
@@ -291,6 +306,7 @@ def test_downstream_stages_refuse_incomplete_frames_and_features(demo, tmp_path)
                                                      "--save_dir", str(paths["save_dir"]), "--train", "False"])
 
 
+@pytest.mark.slow
 def test_fusion_removes_stale_temps_and_publishes_a_complete_record(demo, tmp_path):
     feature_dir = stage_paths(demo["workdir"], "IEMOCAP")["feature_dir"]
     save_dir = tmp_path / "save"
@@ -302,7 +318,7 @@ def test_fusion_removes_stale_temps_and_publishes_a_complete_record(demo, tmp_pa
     script("IEMOCAP", "multimodal_fusion").main(["--feature_dir", str(feature_dir), "--save_dir", str(save_dir),
                                                  "--epochs", "1", "--batch_size", "4"])
     assert not any(stray.exists() for stray in strays)
-    record = json.loads((save_dir / utils.FUSION_METRICS).read_text())
+    record = json.loads(StageFiles.fusion(save_dir).metrics.read_text())
     assert record["complete"] is True and record["dataset"] == "IEMOCAP"
     assert record["labels"] == list(IEMOCAP.labels) and record["width"] > 0
 
@@ -310,6 +326,7 @@ def test_fusion_removes_stale_temps_and_publishes_a_complete_record(demo, tmp_pa
 # --------------------------------------------------------------------------- refuse what does not fit
 
 
+@pytest.mark.slow
 def test_meld_fusion_checkpoint_on_iemocap_features_is_refused(demo, tmp_path):
     meld_save = stage_paths(demo["workdir"], "MELD")["save_dir"]
     iemocap_features = stage_paths(demo["workdir"], "IEMOCAP")["feature_dir"]
@@ -317,12 +334,13 @@ def test_meld_fusion_checkpoint_on_iemocap_features_is_refused(demo, tmp_path):
         script("IEMOCAP", "multimodal_fusion").main(["--feature_dir", str(iemocap_features),
                                                      "--save_dir", str(meld_save), "--train", "False"])
     # Without its metrics JSON (as the authors' checkpoints come) the class count still gives it away.
-    bare = copy_checkpoints({"save_dir": meld_save}, tmp_path, utils.FUSION_CHECKPOINT)["save_dir"]
+    bare = copy_checkpoints({"save_dir": meld_save}, tmp_path, StageFiles.fusion(meld_save).checkpoint.name)["save_dir"]
     with pytest.raises(UserError, match=r"predicts 7 classes but this run has 6 \(IEMOCAP, --clsNum\)"):
         script("IEMOCAP", "multimodal_fusion").main(["--feature_dir", str(iemocap_features),
                                                      "--save_dir", str(bare), "--train", "False"])
 
 
+@pytest.mark.slow
 def test_first_stage_checkpoint_of_the_other_dataset_is_refused(demo, tmp_path):
     paths = stage_paths(demo["workdir"], "MELD")
     iemocap = copy_checkpoints(stage_paths(demo["workdir"], "IEMOCAP"), tmp_path, "text.bin", "text.json")
@@ -330,6 +348,7 @@ def test_first_stage_checkpoint_of_the_other_dataset_is_refused(demo, tmp_path):
         script("MELD", "text").main(flags({**paths, "save_dir": iemocap["save_dir"]}, train="False"))
 
 
+@pytest.mark.slow
 def test_truncated_checkpoint_and_frame_file_name_the_file_and_the_stage(demo, tmp_path):
     paths = copy_checkpoints(stage_paths(demo["workdir"], "MELD"), tmp_path, "text.bin")
     blob = (paths["save_dir"] / "text.bin").read_bytes()
@@ -391,6 +410,7 @@ def _cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=300, cwd=cwd)
 
 
+@pytest.mark.slow
 def test_user_errors_are_one_line_with_status_2_and_debug_shows_the_traceback(generated, tmp_path, capsys):
     data_dir = tmp_path / "MELD"
     shutil.copytree(generated / "datasets" / "MELD", data_dir)
@@ -429,6 +449,7 @@ def test_unexpected_failures_keep_their_traceback():
         utils.run(user, ["--debug"])
 
 
+@pytest.mark.slow
 def test_run_sh_resolves_relative_folders_against_the_callers_directory(tmp_path):
     run = subprocess.run(["bash", str(REPO / "MELD" / "run.sh"), "--data_dir", "relative/MELD"],
                          capture_output=True, text=True, cwd=tmp_path, timeout=300)
@@ -442,14 +463,15 @@ def test_run_sh_resolves_relative_folders_against_the_callers_directory(tmp_path
 # --------------------------------------------------------------------------- one run per output set
 
 
+@pytest.mark.slow
 def test_second_fusion_run_into_the_same_folder_stops(demo, tmp_path):
     feature_dir = stage_paths(demo["workdir"], "IEMOCAP")["feature_dir"]
     save_dir = tmp_path / "save"
     argv = ["--feature_dir", str(feature_dir), "--save_dir", str(save_dir), "--epochs", "1"]
-    with utils.output_lock(save_dir, "multimodal_fusion"):  # the first run, still going
+    with output_lock(save_dir, "multimodal_fusion"):  # the first run, still going
         with pytest.raises(UserError, match=rf"{save_dir} is in use: another run \(PID {os.getpid()}\)"):
             script("IEMOCAP", "multimodal_fusion").main(argv)
-    assert not (save_dir / utils.FUSION_CHECKPOINT).exists()
+    assert not StageFiles.fusion(save_dir).checkpoint.exists()
 
 
 @pytest.mark.parametrize("dataset", ["IEMOCAP", "MELD"])
@@ -467,19 +489,18 @@ def test_preprocessing_removes_the_temps_of_a_killed_run(generated, tmp_path, da
 
 
 def test_seeds_summary_removes_the_temps_of_a_killed_run(tmp_path):
-    stem = tmp_path / "multimodal_fusion"
-    copies = {}
-    for seed in (1, 2):
-        own = tmp_path / f"multimodal_fusion_best_seed{seed}.bin"
-        own.write_bytes(bytes([seed]))
-        copies[seed] = [(own, tmp_path / "multimodal_fusion_best.bin")]
+    files, docs = {}, {}
+    for seed, f1 in ((1, 0.4), (2, 0.6)):
+        files[seed] = StageFiles.fusion(tmp_path, utils.seed_tag(seed, [1, 2]))
+        assert files[seed].checkpoint.name == f"multimodal_fusion_best_seed{seed}.bin"
+        files[seed].checkpoint.write_bytes(bytes([seed]))
+        docs[seed] = {"stage": "test", "args": {"epochs": 1}, "selected_epoch": 1, "dev_weighted_f1": f1,
+                      "test": {"accuracy": 0.5, "weighted_f1": f1, "per_class": {"a": {"f1-score": f1}}}}
     strays = [tmp_path / f".{name}.k1ll.tmp" for name in
               ("multimodal_fusion_seeds.json", "multimodal_fusion_seeds.md", "multimodal_fusion_best.bin")]
     for stray in strays:
         stray.write_bytes(b"")
-    rows = [{"seed": seed, "selected_epoch": 1, "dev_weighted_f1": f1, "test_accuracy": 0.5, "test_weighted_f1": f1,
-             "test_per_class_f1": {"a": f1}} for seed, f1 in ((1, 0.4), (2, 0.6))]
-    doc = utils.keep_best_seed("test", rows, ["a"], stem, copies)
+    doc = results.finish_seeds(docs, files, StageFiles.fusion(tmp_path), ["a"])["seeds"]
     assert doc["best_seed"] == 2 and (tmp_path / "multimodal_fusion_best.bin").read_bytes() == bytes([2])
     assert [stray.name for stray in strays if stray.exists()] == []
     assert json.loads((tmp_path / "multimodal_fusion_seeds.json").read_text())["mean"]["test_weighted_f1"] == 0.5
@@ -491,7 +512,7 @@ def test_stale_lock_of_a_dead_process_is_taken_over(tmp_path, caplog):
     lock = tmp_path / ".multimodal_fusion.lock"
     lock.write_text(f"{dead.pid}\n")
     caplog.set_level(logging.WARNING, logger="magtkd")
-    with utils.output_lock(tmp_path, "multimodal_fusion") as held:
+    with output_lock(tmp_path, "multimodal_fusion") as held:
         assert held.read_text().strip() == str(os.getpid())
     assert f"taking over the stale lock {lock} of PID {dead.pid}" in caplog.text
     assert not lock.exists()

@@ -19,7 +19,8 @@ from torch import nn
 
 from conftest import REPO, script
 from IEMOCAP.config import IEMOCAP
-from magtkd import dataset, model, utils
+from magtkd import dataset, engine, pretrained, utils
+from magtkd.artifacts import StageFiles
 from magtkd.synthetic.models import write_models
 from magtkd.synthetic.text import corpus
 
@@ -37,7 +38,7 @@ def test_real_size_standins_have_the_real_architectures(tmp_path: Path) -> None:
     write_models(tmp_path, corpus(), seed=0, size="real", weights=False)
     assert not list(tmp_path.rglob("*.safetensors"))
 
-    tok = model.load_tokenizer(tmp_path)
+    tok = pretrained.load_tokenizer(tmp_path)
     assert (len(tok), tok.mask_token_id, tok.model_max_length) == (50265, 50264, 512)
     ids = tok("Now <mask>").input_ids
     assert ids[0] == 0 and ids[-2:] == [50264, 2]
@@ -51,7 +52,7 @@ def test_real_size_standins_have_the_real_architectures(tmp_path: Path) -> None:
     video = AutoConfig.from_pretrained(tmp_path / "timesformer-base-finetuned-k400")
     assert (video.image_size, video.num_frames, video.num_hidden_layers, video.hidden_size,
             video.num_labels) == (224, 8, 12, 768, 400)
-    assert model.representation_width(tmp_path) == 768
+    assert pretrained.representation_width(tmp_path) == 768
 
     with torch.device("meta"):  # parameter counts without allocating them
         counts = {name: sum(p.numel() for p in AutoModel.from_config(AutoConfig.from_pretrained(
@@ -61,9 +62,9 @@ def test_real_size_standins_have_the_real_architectures(tmp_path: Path) -> None:
     assert 90e6 < counts["data2vec-audio-base-960h"] < 96e6
     assert 118e6 < counts["timesformer-base-finetuned-k400"] < 124e6
 
-    processor = model.load_image_processor(tmp_path)
+    processor = pretrained.load_image_processor(tmp_path)
     assert (processor.crop_size["height"], processor.size["shortest_edge"]) == (224, 224)
-    assert model.load_audio_feature_extractor(tmp_path).sampling_rate == 16000
+    assert pretrained.load_audio_feature_extractor(tmp_path).sampling_rate == 16000
     with pytest.raises(ValueError, match="expected one of tiny, real"):
         write_models(tmp_path / "x", corpus(), size="huge")
 
@@ -88,23 +89,39 @@ class Toy(torch.utils.data.Dataset):
                 "labels": torch.tensor([it["label"] for it in items])}
 
 
-def toy_fit(tmp: Path, batch_size: int, grad_accum: int, epochs: int = 2) -> dict[str, torch.Tensor]:
-    """`utils.fit` on the toy data; the weights after the last epoch (from the training state)."""
-    torch.manual_seed(0)
-    net = nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 3))
+class ToyNet(nn.Sequential):
+    """A small classifier without dropout, with the encoders' ``encode(batch) -> (representation, logits)``."""
 
-    def step(batch: dict, train: bool):
-        logits = net(batch["x"])
-        return F.cross_entropy(logits, batch["labels"]), logits
+    def __init__(self) -> None:
+        super().__init__(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 3))
+
+    def encode(self, batch: dict):
+        logits = self(batch["x"])
+        return logits, logits
+
+
+def toy_fit(tmp: Path, batch_size: int, grad_accum: int, epochs: int = 2) -> dict[str, torch.Tensor]:
+    """`engine.fit` on the toy data; the weights after the last epoch (from the training state)."""
+    torch.manual_seed(0)
+    net = ToyNet()
+
+    def objective(model: nn.Module, batch: dict) -> torch.Tensor:
+        return F.cross_entropy(model(batch["x"]), batch["labels"])
 
     loaders = {split: dataset.make_loader(Toy(n, seed), batch_size, split == "train", 0, seed=7)
                for split, n, seed in (("train", 22, 1), ("dev", 6, 2), ("test", 6, 3))}
     args = Namespace(train=True, epochs=epochs, batch_size=batch_size, learning_rate=0.5, seed=0, amp=False,
                      per_batch_schedule=False, grad_accum=grad_accum, grad_checkpointing=False, resume=False)
-    checkpoint = tmp / f"toy_{batch_size}x{grad_accum}.bin"
-    utils.fit(stage="toy", model=net, step=step, loaders=loaders, args=args, device=torch.device("cpu"),
-              checkpoint=checkpoint, producer="test", label_names=["a", "b", "c"])
-    return torch.load(utils.state_path(checkpoint), weights_only=True)["model"]
+    files = StageFiles.first_stage(tmp, f"toy_{batch_size}x{grad_accum}")
+    # As the first-stage scripts: the configuration (which checks the flags), AdamW, the reference schedule.
+    config = engine.FitConfig(stage="toy", script="test", dataset="toy", labels=["a", "b", "c"], files=files,
+                              epochs=epochs, seed=0, args=vars(args), grad_accum=grad_accum)
+    data = engine.SampleBatches(loaders, torch.device("cpu"))
+    optimizer = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=args.learning_rate)
+    scheduler = engine.reference_schedule(optimizer, data.n_train, data.updates_per_epoch(grad_accum), epochs,
+                                          args.per_batch_schedule)
+    engine.fit(net, objective, data, optimizer, scheduler, config)
+    return torch.load(files.state, weights_only=True)["model"]
 
 
 def test_grad_accum_update_equals_a_larger_batch(tmp_path: Path) -> None:
@@ -119,7 +136,7 @@ def test_grad_accum_update_equals_a_larger_batch(tmp_path: Path) -> None:
 
 
 def test_grad_accum_flag_is_checked(tmp_path: Path) -> None:
-    with pytest.raises(utils.UserError, match="--grad_accum must be at least 1"):
+    with pytest.raises(utils.UserError, match=r"--grad_accum \(0\) must be at least 1"):
         toy_fit(tmp_path, batch_size=4, grad_accum=0)
 
 
@@ -127,7 +144,7 @@ def test_grad_accum_flag_is_checked(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("modality", ["text", "audio", "video"])
 def test_grad_checkpointing_gives_the_same_gradients(generated: Path, modality: str) -> None:
-    encoder, _ = model.load_encoder(modality, generated / "pretrained_model", 6, generated / "feature")
+    encoder, _ = pretrained.load_encoder(modality, generated / "pretrained_model", 6, generated / "feature")
     g = torch.Generator().manual_seed(0)
     batch = {
         "text": {"text_ids": torch.randint(5, 300, (2, 12), generator=g), "text_mask": torch.ones(2, 12, dtype=torch.long)},
@@ -144,14 +161,14 @@ def test_grad_checkpointing_gives_the_same_gradients(generated: Path, modality: 
         return {k: p.grad.clone() for k, p in encoder.named_parameters() if p.grad is not None}
 
     plain = gradients()
-    assert utils.enable_grad_checkpointing(encoder)
+    assert engine.enable_grad_checkpointing(encoder)
     assert encoder.backbone.is_gradient_checkpointing
     checkpointed = gradients()
     assert plain.keys() == checkpointed.keys()
     for key in plain:
         torch.testing.assert_close(checkpointed[key], plain[key], rtol=1e-4, atol=1e-6)
-    with pytest.raises(SystemExit, match="no Hugging Face backbone"):
-        utils.enable_grad_checkpointing(nn.Linear(2, 2))
+    with pytest.raises(utils.UserError, match="no Hugging Face backbone"):
+        engine.enable_grad_checkpointing(nn.Linear(2, 2))
 
 
 # --------------------------------------------------------------------------- small data for subprocess runs
@@ -192,6 +209,7 @@ def assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) 
 
 # --------------------------------------------------------------------------- --resume
 
+@pytest.mark.slow
 def test_text_killed_and_resumed_ends_bit_identical(generated: Path, small_iemocap: Path, tmp_path: Path) -> None:
     epochs = ["--epochs", "4"]
     pdir = generated / "pretrained_model"
@@ -220,6 +238,7 @@ def fusion_command(features: Path, save_dir: Path, *extra: str) -> list[str]:
             *extra]
 
 
+@pytest.mark.slow
 def test_fusion_killed_and_resumed_ends_bit_identical(demo: dict, tmp_path: Path, caplog) -> None:
     features = demo["workdir"] / "IEMOCAP" / "feature"
     epochs = ["--epochs", "6"]
@@ -227,7 +246,7 @@ def test_fusion_killed_and_resumed_ends_bit_identical(demo: dict, tmp_path: Path
                           text=True, cwd=REPO)
     assert full.returncode == 0, full.stderr[-2000:]
     save_dir = tmp_path / "resumed"
-    killed_at = kill_after_first_epoch(fusion_command(features, save_dir, *epochs), save_dir / utils.FUSION_STATE)
+    killed_at = kill_after_first_epoch(fusion_command(features, save_dir, *epochs), StageFiles.fusion(save_dir).state)
     assert 1 <= killed_at < 6
     again = subprocess.run(fusion_command(features, save_dir, *epochs, "--resume", "True"), env=ENV,
                            capture_output=True, text=True, cwd=REPO)
@@ -235,26 +254,28 @@ def test_fusion_killed_and_resumed_ends_bit_identical(demo: dict, tmp_path: Path
     assert f"resuming from epoch {killed_at} of 6" in again.stderr
 
     load = lambda path: torch.load(path, map_location="cpu", weights_only=True)  # noqa: E731
-    assert_same_tensors(load(save_dir / utils.FUSION_CHECKPOINT), load(tmp_path / "full" / utils.FUSION_CHECKPOINT))
-    assert_same_tensors(load(save_dir / utils.FUSION_STATE)["model"], load(tmp_path / "full" / utils.FUSION_STATE)["model"])
-    metrics = lambda d: json.loads((d / utils.FUSION_METRICS).read_text())  # noqa: E731
+    ours, full_files = StageFiles.fusion(save_dir), StageFiles.fusion(tmp_path / "full")
+    assert_same_tensors(load(ours.checkpoint), load(full_files.checkpoint))
+    assert_same_tensors(load(ours.state)["model"], load(full_files.state)["model"])
+    metrics = lambda d: json.loads(StageFiles.fusion(d).metrics.read_text())  # noqa: E731
     strip = lambda curve: [{k: v for k, v in e.items() if not k.endswith("seconds")} for e in curve]  # noqa: E731
-    assert strip(metrics(save_dir)["curve"]) == strip(metrics(tmp_path / "full")["curve"])
+    assert strip(metrics(save_dir)["epochs"]) == strip(metrics(tmp_path / "full")["epochs"])
     assert metrics(save_dir)["complete"] and metrics(save_dir)["selected_epoch"] == metrics(tmp_path / "full")["selected_epoch"]
 
     # Other training flags: refused, naming them. Without --resume: the state is ignored, and says so.
     fusion = script("IEMOCAP", "multimodal_fusion")
     argv = fusion_command(features, save_dir)[2:]
-    with pytest.raises(SystemExit, match="--epochs 6 then, 7 now"):
+    with pytest.raises(utils.UserError, match="--epochs 6 then, 7 now"):
         fusion.main(argv + ["--epochs", "7", "--resume", "True"])
     caplog.set_level("INFO", logger="magtkd")
     fusion.main(argv + ["--epochs", "1"])
     assert "ignoring the training state" in caplog.text and "resuming" not in caplog.text
-    assert load(save_dir / utils.FUSION_STATE)["epoch"] == 1
+    assert load(ours.state)["epoch"] == 1
 
 
 # --------------------------------------------------------------------------- torchrun
 
+@pytest.mark.slow
 def test_torchrun_two_cpu_processes_train_text(generated: Path, small_iemocap: Path, tmp_path: Path) -> None:
     save_dir = tmp_path / "ddp"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",

@@ -14,8 +14,9 @@ import pytest
 import torch
 
 from conftest import copy_checkpoints, flags, script, stage_paths
+from magtkd import artifacts, results, utils
 from magtkd import dataset as magtkd_dataset
-from magtkd import utils
+from magtkd import features as magtkd_features
 from magtkd.synthetic.features import write_synthetic_features
 from MELD.config import MELD
 from test_kd_extract import tiny_iemocap
@@ -77,8 +78,8 @@ def fusion_seeds(tmp_path_factory) -> dict:
     main = script("MELD", "multimodal_fusion").main
     reads: list[str] = []
     with pytest.MonkeyPatch.context() as patch:
-        load = magtkd_dataset.load_dialogues
-        patch.setattr(magtkd_dataset, "load_dialogues", lambda path, *a, **k: reads.append(Path(path).name)
+        load = magtkd_features.load_dialogues
+        patch.setattr(magtkd_features, "load_dialogues", lambda path, *a, **k: reads.append(Path(path).name)
                       or load(path, *a, **k))
         result = main(["--feature_dir", str(root / "feature"), "--save_dir", str(root / "save"), *FUSION,
                        "--seeds", "1", "2", "3"])
@@ -87,6 +88,7 @@ def fusion_seeds(tmp_path_factory) -> dict:
     return {"root": root, "save": root / "save", "result": result, "single": single, "reads": reads}
 
 
+@pytest.mark.slow
 def test_fusion_seeds_write_one_model_per_seed_and_the_summary(fusion_seeds):
     save = fusion_seeds["save"]
     doc = json.loads((save / "multimodal_fusion_seeds.json").read_text(encoding="utf-8"))
@@ -102,21 +104,23 @@ def test_fusion_seeds_write_one_model_per_seed_and_the_summary(fusion_seeds):
         assert metrics["args"]["seed"] == seed and metrics["complete"] is True
         # Each row is its seed's metrics at the dev-selected epoch ...
         assert row["selected_epoch"] == metrics["selected_epoch"]
-        assert row["dev_weighted_f1"] == metrics["dev_at_selected"]["weighted_f1"]
-        assert row["test_accuracy"] == metrics["test_at_selected"]["accuracy"]
-        assert row["test_weighted_f1"] == metrics["test_at_selected"]["weighted_f1"]
-        assert row["test_per_class_f1"] == {n: metrics["test_per_class"][n]["f1-score"] for n in MELD.labels}
+        assert row["dev_weighted_f1"] == metrics["dev"]["weighted_f1"] == metrics["dev_weighted_f1"]
+        assert row["test_accuracy"] == metrics["test"]["accuracy"]
+        assert row["test_weighted_f1"] == metrics["test"]["weighted_f1"]
+        assert row["test_per_class_f1"] == {n: metrics["test"]["per_class"][n]["f1-score"] for n in MELD.labels}
         # ... plus the authors' protocol: the best test score over all epochs.
-        test_curve = [c["test_not_used_for_selection"]["weighted_f1"] for c in metrics["curve"]]
+        test_curve = [c["test"]["weighted_f1"] for c in metrics["epochs"]]
         assert row["test_selected_weighted_f1"] == max(test_curve) >= row["test_weighted_f1"]
+        assert metrics["test_selected_weighted_f1"] == max(test_curve)
         predictions = json.loads((save / f"multimodal_fusion_best_seed{seed}.json").read_text(encoding="utf-8"))
-        assert utils.summary(predictions["labels"], predictions["preds"])["weighted_f1"] == \
+        assert results.summary(predictions["labels"], predictions["preds"])["weighted_f1"] == \
             pytest.approx(row["test_weighted_f1"])
     # Seeds give different models.
     states = [torch.load(save / f"multimodal_fusion_best_seed{s}.bin", weights_only=True) for s in (1, 2, 3)]
     assert not torch.equal(states[0]["w_t.weight"], states[1]["w_t.weight"])
 
 
+@pytest.mark.slow
 def test_fusion_best_dev_seed_is_kept_under_the_usual_names(fusion_seeds):
     save, rows = fusion_seeds["save"], fusion_seeds["result"]["seeds"]["seeds"]
     best = max(rows, key=lambda r: r["dev_weighted_f1"])["seed"]
@@ -135,14 +139,15 @@ def test_fusion_best_dev_seed_is_kept_under_the_usual_names(fusion_seeds):
     assert evaluated["preds"] == json.loads((save / f"multimodal_fusion_best_seed{best}.json").read_text())["preds"]
 
 
+@pytest.mark.slow
 def test_fusion_seed_among_several_equals_its_single_seed_run(fusion_seeds):
     """Seed 2 of ``--seeds 1 2 3`` is exactly ``--seed 2`` alone: fresh model, own shuffle, same numbers."""
     save, single = fusion_seeds["save"], fusion_seeds["root"] / "single"
     ours = torch.load(save / "multimodal_fusion_best_seed2.bin", weights_only=True)
     alone = torch.load(single / "multimodal_fusion_best.bin", weights_only=True)
     assert ours.keys() == alone.keys() and all(torch.equal(ours[k], alone[k]) for k in ours)
-    curve = json.loads((save / "multimodal_fusion_metrics_seed2.json").read_text())["curve"]
-    assert [c["train_loss"] for c in curve] == [c["train_loss"] for c in fusion_seeds["single"]["curve"]]
+    curve = json.loads((save / "multimodal_fusion_metrics_seed2.json").read_text())["epochs"]
+    assert [c["train_loss"] for c in curve] == [c["train_loss"] for c in fusion_seeds["single"]["epochs"]]
     # A single seed writes exactly the usual files (plus its plots), no seed files and no summary.
     assert sorted(p.name for p in single.iterdir()) == [
         "multimodal_fusion.state.pt", "multimodal_fusion_best.bin", "multimodal_fusion_best.json", "multimodal_fusion_confusion.png",
@@ -150,6 +155,7 @@ def test_fusion_seed_among_several_equals_its_single_seed_run(fusion_seeds):
     assert "seeds" not in fusion_seeds["single"]
 
 
+@pytest.mark.slow
 def test_fusion_seeds_markdown_shows_both_protocols_and_mean_std(fusion_seeds):
     text = (fusion_seeds["save"] / "multimodal_fusion_seeds.md").read_text(encoding="utf-8")
     doc = fusion_seeds["result"]["seeds"]
@@ -170,6 +176,7 @@ def test_fusion_seeds_markdown_shows_both_protocols_and_mean_std(fusion_seeds):
     assert "authors' protocol" in text and "best dev weighted F1" in text
 
 
+@pytest.mark.slow
 def test_fusion_seed_plots_are_valid_pngs(fusion_seeds):
     save = fusion_seeds["save"]
     for stem in ("multimodal_fusion", "multimodal_fusion_seed1", "multimodal_fusion_seed2",
@@ -203,6 +210,7 @@ def test_a_plot_that_cannot_be_drawn_never_fails_the_run(tmp_path, monkeypatch, 
 # --------------------------------------------------------------------------- first stage (KD: the longest loop)
 
 
+@pytest.mark.slow
 def test_kd_seeds_fresh_models_summary_and_best_copy(demo, generated, tmp_path, monkeypatch):
     """``KD.py --seeds 7 8``: per-seed student checkpoints (each as its single-seed run), the summary,
     the best dev seed as text_KD_audio.bin, plots beside every metrics JSON."""
@@ -256,7 +264,7 @@ def test_seeds_summary_mean_and_sample_std():
              "test_per_class_f1": {"a": 0.2, "b": 0.8}},
             {"seed": 2, "selected_epoch": 4, "dev_weighted_f1": 0.7, "test_accuracy": 0.8, "test_weighted_f1": 0.6,
              "test_per_class_f1": {"a": 0.4, "b": 0.6}}]
-    doc = utils.seeds_summary(rows)
+    doc = results.seeds_summary(rows)
     assert doc["seeds"] == rows
     mean, std = doc["mean"], doc["std"]
     assert mean.pop("test_per_class_f1") == pytest.approx({"a": 0.3, "b": 0.7})
@@ -266,16 +274,16 @@ def test_seeds_summary_mean_and_sample_std():
     assert std.pop("test_per_class_f1") == pytest.approx({"a": sd, "b": sd})
     assert std == pytest.approx({"selected_epoch": 2 ** 0.5, "dev_weighted_f1": sd, "test_accuracy": sd,
                                  "test_weighted_f1": sd})
-    assert utils.seeds_summary(rows[:1])["std"]["test_weighted_f1"] == 0.0
+    assert results.seeds_summary(rows[:1])["std"]["test_weighted_f1"] == 0.0
 
 
 def test_seed_list_defaults_and_errors():
     ns = argparse.Namespace
     assert utils.seed_list(ns(seed=2024, seeds=None, train=True)) == [2024]
     assert utils.seed_list(ns(seed=2024, seeds=[3, 1], train=True)) == [3, 1]
-    with pytest.raises(SystemExit, match=r"--seeds lists \[3\] more than once"):
+    with pytest.raises(utils.UserError, match=r"--seeds lists \[3\] more than once"):
         utils.seed_list(ns(seed=0, seeds=[3, 1, 3], train=True))
-    with pytest.raises(SystemExit, match="--train False"):
+    with pytest.raises(utils.UserError, match="--train False"):
         utils.seed_list(ns(seed=0, seeds=[1, 2], train=False))
     assert utils.seed_tag(5, [5]) == "" and utils.seed_tag(5, [5, 6]) == "_seed5"
 
@@ -302,7 +310,7 @@ def test_first_stage_help_lists_seeds(capsys):
 def test_copy_file_is_atomic_and_streams(tmp_path):
     src = tmp_path / "a.bin"
     src.write_bytes(b"x" * (3 << 20))
-    utils.copy_file(src, tmp_path / "out" / "b.bin")
+    artifacts.copy_file(src, tmp_path / "out" / "b.bin")
     assert (tmp_path / "out" / "b.bin").read_bytes() == src.read_bytes()
     assert not list((tmp_path / "out").glob(".*"))
     shutil.rmtree(tmp_path / "out")

@@ -132,6 +132,7 @@ def _tokens(text: str) -> set[str]:
 # --- IEMOCAP ---------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_iemocap_layout_and_split(trees: SimpleNamespace) -> None:
     root, manifest = trees.iemocap_root, trees.iemocap
     assert sorted(p.name for p in root.iterdir()) == [f"Session{n}" for n in range(1, 6)]
@@ -152,6 +153,7 @@ def test_iemocap_layout_and_split(trees: SimpleNamespace) -> None:
     assert not (root / "Session5" / "dialog" / "avi" / "DivX").exists()
 
 
+@pytest.mark.slow
 def test_iemocap_transcription_format(trees: SimpleNamespace) -> None:
     texts, nonverbal, reordered, overlaps = [], 0, [], 0
     for dialogue, path in _dialogue_files(trees.iemocap_root, "transcriptions").items():
@@ -181,6 +183,7 @@ def test_iemocap_transcription_format(trees: SimpleNamespace) -> None:
     assert any("]:" in t for t in texts)  # a greedy `]: ` split would cut this text
 
 
+@pytest.mark.slow
 def test_iemocap_emo_evaluation_format(trees: SimpleNamespace) -> None:
     root = trees.iemocap_root
     transcribed = {
@@ -215,6 +218,7 @@ def test_iemocap_emo_evaluation_format(trees: SimpleNamespace) -> None:
     assert nonverbal_wavs == []
 
 
+@pytest.mark.slow
 def test_iemocap_manifest_matches_the_raw_files(trees: SimpleNamespace) -> None:
     parsed = _parse_iemocap(trees.iemocap_root)
     keys = ("dialogue", "name", "start", "end", "text", "emotion")
@@ -227,6 +231,7 @@ def test_iemocap_manifest_matches_the_raw_files(trees: SimpleNamespace) -> None:
     assert max(counts.values()) <= 2 * min(counts.values())
 
 
+@pytest.mark.slow
 def test_iemocap_media_carry_the_label_signal(trees: SimpleNamespace) -> None:
     root, manifest = trees.iemocap_root, trees.iemocap
     fps, (height, width) = manifest["fps"], manifest["frame_size"]
@@ -272,6 +277,7 @@ def test_iemocap_paths_follow_the_authors_csvs() -> None:
 # --- MELD ------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_meld_csvs_are_written_like_the_official_files(trees: SimpleNamespace) -> None:
     utterances = ""
     speakers_by_split = {}
@@ -314,6 +320,7 @@ def test_meld_csvs_are_written_like_the_official_files(trees: SimpleNamespace) -
     assert set.intersection(*(set(v) for v in speakers_by_split.values()))  # speakers shared across splits
 
 
+@pytest.mark.slow
 def test_meld_csv_header_and_timestamps_match_the_official_release(trees: SimpleNamespace) -> None:
     official = REFERENCE / "MELD" / "dev_sent_emo.csv"
     if not official.is_file():
@@ -326,6 +333,7 @@ def test_meld_csv_header_and_timestamps_match_the_official_release(trees: Simple
     assert TIMESTAMP.match(official_row[-1]) and TIMESTAMP.match(our_row[-1])
 
 
+@pytest.mark.slow
 def test_meld_clips_and_faults(trees: SimpleNamespace) -> None:
     root, manifest = trees.meld_root, trees.meld
     faults = manifest["faults"]
@@ -354,6 +362,7 @@ def test_meld_clips_and_faults(trees: SimpleNamespace) -> None:
     assert row["StartTime"][:5] == row["EndTime"][:5]  # the CSV times look like a normal short clip
 
 
+@pytest.mark.slow
 def test_meld_clips_carry_the_label_signal(trees: SimpleNamespace) -> None:
     root, manifest = trees.meld_root, trees.meld
     rates = Counter()
@@ -383,6 +392,7 @@ def test_meld_clips_carry_the_label_signal(trees: SimpleNamespace) -> None:
 # --- signal strength, text, determinism ---------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dataset", ["iemocap", "meld"])
 def test_every_modality_beats_the_majority_class(trees: SimpleNamespace, dataset: str) -> None:
     utts = getattr(trees, dataset)["utterances"]
@@ -417,6 +427,7 @@ def test_text_generator() -> None:
         synth_text.make_utterance("ang", np.random.default_rng(0), markup='He said, "{u}"')
 
 
+@pytest.mark.slow
 def test_corpus_covers_every_generated_text(trees: SimpleNamespace) -> None:
     vocabulary = set().union(*(_tokens(line) for line in synth_text.corpus()))
     texts = [u["text"] for u in trees.iemocap["utterances"] + trees.meld["utterances"]]
@@ -426,6 +437,7 @@ def test_corpus_covers_every_generated_text(trees: SimpleNamespace) -> None:
     assert not missing
 
 
+@pytest.mark.slow
 def test_generation_is_deterministic(trees: SimpleNamespace, tmp_path: Path) -> None:
     # IEMOCAP is cheap: regenerate everything and compare every byte (media included).
     again = write_iemocap(tmp_path / "IEMOCAP", seed=0)
@@ -445,6 +457,7 @@ def test_generation_is_deterministic(trees: SimpleNamespace, tmp_path: Path) -> 
     assert other["utterances"] != trees.meld["utterances"]
 
 
+@pytest.mark.slow
 def test_meld_clips_are_the_same_bytes_again(trees: SimpleNamespace, tmp_path: Path) -> None:
     # x264 with its default rate control encoded about one tiny clip in a hundred differently from run
     # to run, which moved the demo's MELD figures; the whole tree, media included, must repeat.
