@@ -78,11 +78,11 @@ def main(argv=None) -> dict:
             prompt = pretrained.text_prompt(args.save_dir / f"{args.teacher}.json", args.prompt)
             teacher, t_field = pretrained.load_encoder(args.teacher, args.pretrained_dir, MELD.num_classes,
                                                        prompt=prompt)
-            model.load_checkpoint(teacher, args.save_dir / f"{args.teacher}.bin", f"MELD/{args.teacher}.py",
+            pretrained.load_checkpoint(teacher, args.save_dir / f"{args.teacher}.bin", f"MELD/{args.teacher}.py",
                                   MELD.name)
             teacher.to(device).eval().requires_grad_(False)
             if args.student == "audio":
-                model.load_checkpoint(student, args.save_dir / "audio.bin", "MELD/audio.py", MELD.name)
+                pretrained.load_checkpoint(student, args.save_dir / "audio.bin", "MELD/audio.py", MELD.name)
         student.to(device)
         # Training batches also carry the teacher's input, dev/test batches only the student's
         loaders = dataset.loaders(samples, [s_field], args.batch_size, args.num_workers, seed, ("dev", "test"))

@@ -147,7 +147,7 @@ def run_stage(stage: str, root: Path, device_name: str | None, amp: bool, checkp
         fields = [t_field, s_field]
     student.to(device)
     if checkpointing:
-        engine.enable_grad_checkpointing(student)
+        pretrained.enable_grad_checkpointing(student)
 
     def objective(encoder, batch: dict) -> torch.Tensor:
         """The scripts' objective (`model.encoder_cross_entropy`; KD adds the logit loss of the frozen teacher)."""

@@ -38,8 +38,8 @@ from torch.optim.lr_scheduler import LambdaLR
 from .artifacts import (StageFiles, SubstitutionReport, WriteError, atomic_path, begin_outputs, json_default, output_lock,
                         remove_stale_temps, save_state_dict, write_json)
 from .dataset import DatasetSpec
-from .model import load_checkpoint
-from .results import Watch, format_test_report, metrics_document, summary, test_report, write_plots
+from .pretrained import enable_grad_checkpointing, load_checkpoint
+from .results import Watch, format_test_report, metrics_document, summary, test_report, watch_line, write_plots
 from .utils import UserError, gather_objects, is_main, progress, rank, set_precision, world_size
 
 log = logging.getLogger("magtkd")
@@ -298,19 +298,6 @@ class ObjectiveModule(nn.Module):
 
     def forward(self, batch: Any) -> torch.Tensor:
         return self.objective(self.model, batch)
-
-
-def enable_grad_checkpointing(model: nn.Module) -> list[str]:
-    """``--grad_checkpointing True``: the Hugging Face backbones inside ``model`` recompute their layers'
-    activations during backward (less memory, about a third more compute); returns their class names."""
-    found = [m for m in model.modules() if getattr(m, "supports_gradient_checkpointing", False)
-             and hasattr(m, "gradient_checkpointing_enable")]
-    if not found:
-        raise UserError(f"--grad_checkpointing True: {type(model).__name__} has no Hugging Face backbone")
-    for module in found:
-        # Non-reentrant checkpointing restores the RNG state, so dropout masks match the plain run.
-        module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return [type(m).__name__ for m in found]
 
 
 # --------------------------------------------------------------------------- the two kinds of batch
@@ -777,15 +764,6 @@ def publish(files: StageFiles, config: FitConfig, doc: Mapping[str, Any], names:
     write_plots(files, f"{config.stage}, seed {config.seed}", doc, names)
     write_json(files.metrics, doc)  # last: publishes checkpoint + document as one complete set
     files.in_progress(files.metrics).unlink(missing_ok=True)
-
-
-def watch_line(device: torch.device, epoch_seconds: Sequence[float], remaining: int) -> str:
-    """The end of an epoch's log line: the stage's ETA (remaining epochs x mean epoch time of this run)
-    and, on CUDA, the epoch's peak memory."""
-    line = f" | ETA {remaining * sum(epoch_seconds) / len(epoch_seconds) / 60:.1f} min" if remaining else ""
-    if device.type == "cuda":
-        line += f" | peak memory {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB"
-    return line
 
 
 def evaluate_checkpoint(model: nn.Module, data: SampleBatches | DialogueBatches, config: FitConfig,

@@ -24,7 +24,7 @@ from torch import nn
 from torch.nn.utils.rnn import pad_sequence
 
 from . import media, utils
-from .artifacts import (FIRST_STAGE_MODELS, StageFiles, SubstitutionReport, atomic_path, begin_outputs, check_complete,
+from .artifacts import (FIRST_STAGE_MODELS, CheckpointError, StageFiles, SubstitutionReport, atomic_path, begin_outputs, check_complete,
                         FEATURES_REPORT, feature_path, features_record, finish_outputs, frames_record, output_lock,
                         remove_stale_temps, write_json)
 from .dataset import (LABEL_PAD, SPLITS, DatasetSpec, FeatureFileError, FrameCodec, Sample, SampleDataset, Utterance,
@@ -32,9 +32,9 @@ from .dataset import (LABEL_PAD, SPLITS, DatasetSpec, FeatureFileError, FrameCod
 from .engine import (DialogueBatches, FitConfig, autocast, concat_chunks, evaluate_checkpoint, in_dataset_order,
                      note_problems, to_device)
 from .media import DecoderProcess, MediaError, decode_windows
-from .model import (AnchorGatedTransformer, CheckpointError, check_fusion_record, fusion_width,
-                    infer_sizes_from_checkpoint, load_checkpoint, load_fusion_checkpoint, read_fusion_state)
-from .pretrained import load_encoder, text_prompt
+from .model import (AnchorGatedTransformer, check_fusion_record, fusion_width, infer_sizes_from_checkpoint,
+                    load_fusion_checkpoint, read_fusion_state)
+from .pretrained import load_checkpoint, load_encoder, text_prompt
 
 log = logging.getLogger("magtkd")
 

@@ -14,16 +14,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .artifacts import FUSION, StageFiles, check_complete
+from .artifacts import FUSION, CheckpointError, StageFiles, check_complete, mismatch, read_state_dict
 from .dataset import DatasetSpec
 from .utils import UserError
 
 
 log = logging.getLogger("magtkd")
 
-
-class CheckpointError(UserError, RuntimeError):
-    """A checkpoint that is missing or does not fit the model it is loaded into."""
 
 
 # --------------------------------------------------------------------------- first-stage encoders
@@ -623,61 +620,6 @@ class AnchorGatedTransformer(nn.Module):
 
 # --------------------------------------------------------------------------- checkpoints
 
-def read_state_dict(path: str | Path, produced_by: str) -> dict[str, torch.Tensor]:
-    """``torch.load`` (tensors only) a plain state_dict; a missing or unreadable file names the stage that writes it."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} not found: it is written by {produced_by}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # truncated zip, not a checkpoint, refused global, ...
-        message = str(exc).splitlines()[0] if str(exc) else ""
-        raise CheckpointError(
-            f"cannot read checkpoint {path} ({type(exc).__name__}: {message[:200]}); it is truncated or "
-            f"not a checkpoint: re-run {produced_by}"
-        ) from exc
-    if not isinstance(state, dict):
-        raise CheckpointError(f"{path} is not a state_dict (got {type(state).__name__})")
-    return state
-
-
-def mismatch(model: nn.Module, state: Mapping[str, torch.Tensor]) -> str:
-    """Missing / unexpected keys and shape mismatches of ``state`` against ``model`` ('' if it fits)."""
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    shapes = sorted(
-        f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-        for k in set(own) & set(state) if tuple(state[k].shape) != tuple(own[k].shape)
-    )
-
-    def show(keys: list[str]) -> str:
-        return ", ".join(keys[:8]) + (f" ... (+{len(keys) - 8} more)" if len(keys) > 8 else "")
-
-    problems = [f"missing keys: {show(missing)}" if missing else "",
-                f"unexpected keys: {show(unexpected)}" if unexpected else "",
-                f"shape mismatches: {show(shapes)}" if shapes else ""]
-    return "; ".join(p for p in problems if p)
-
-
-def check_checkpoint_record(path: Path, produced_by: str, dataset: str | None = None,
-                            labels: Sequence[str] | None = None) -> None:
-    """Refuse a checkpoint whose metrics JSON says its run did not finish or that it belongs to another
-    ``dataset`` / label list (both sides named). Checkpoints without a JSON (the authors') are accepted."""
-    path = Path(path)
-    record = path.with_suffix(".json")
-    doc = check_complete(record, f"checkpoint {path}", produced_by)
-    if doc is None:
-        return
-    expected = dataset
-    if expected and doc.get("dataset") not in (None, expected):
-        raise CheckpointError(f"checkpoint {path} was trained on {doc['dataset']} ({record}) but this run "
-                              f"needs a {expected} checkpoint written by {produced_by}")
-    if labels is not None and doc.get("labels") is not None and list(doc["labels"]) != list(labels):
-        raise CheckpointError(f"checkpoint {path} has labels {doc['labels']} ({record}); this run needs "
-                              f"{list(labels)}: use the checkpoint {produced_by} writes for this dataset")
-
-
 def check_fusion_record(save_dir: Path, dataset: str, checkpoint: Path) -> dict[str, Any] | None:
     """The fusion's metrics JSON (its completion record) must say complete and name ``dataset``;
     a checkpoint without one (the authors') is accepted."""
@@ -690,77 +632,6 @@ def check_fusion_record(save_dir: Path, dataset: str, checkpoint: Path) -> dict[
             f"({record}) but this is {producer}: pass the --save_dir of a {dataset} run"
         )
     return doc
-
-
-# The authors' first-stage modules (docs/METHOD.md §7): the pretrained encoder is ``text_model``
-# (a RobertaModel WITH its pooler, which the representation never uses) or ``model``
-# (data2vec / TimeSformer), the classifier ``W``; ours are ``backbone`` and ``classifier``
-# (+ the text ``project``). Entries of theirs that our modules lack and nothing reads.
-AUTHORS_BACKBONES = ("text_model.", "model.")
-AUTHORS_UNUSED = (".pooler.", "embeddings.position_ids")
-
-
-def from_authors_layout(model: nn.Module, state: Mapping[str, torch.Tensor], path: Path
-                        ) -> dict[str, torch.Tensor]:
-    """A first-stage state_dict as the authors' code writes it, renamed onto ``model``'s names.
-
-    ``text_model.*`` / ``model.*`` -> ``backbone.*``; the pooler (and a stored
-    ``position_ids`` buffer) are dropped; each other top-level Linear (``W``, and
-    the text projection whatever its name) goes to the one head Linear of ours
-    with its weight's shape. Anything that fits nowhere keeps its name, so the
-    strict check in `load_checkpoint` reports it. Our own checkpoints pass unchanged.
-    """
-    if any(k.startswith("backbone.") for k in state) or not any(k.startswith(AUTHORS_BACKBONES) for k in state):
-        return dict(state)
-    own = model.state_dict()
-    mapped: dict[str, torch.Tensor] = {}
-    dropped: list[str] = []
-    heads: dict[str, dict[str, torch.Tensor]] = {}
-    for key, value in state.items():
-        prefix = next((p for p in AUTHORS_BACKBONES if key.startswith(p)), None)
-        if prefix is None:
-            module, _, leaf = key.rpartition(".")
-            heads.setdefault(module, {})[leaf] = value
-            continue
-        ours = "backbone." + key[len(prefix):]
-        if ours not in own and any(part in key for part in AUTHORS_UNUSED):
-            dropped.append(key)
-        else:
-            mapped[ours] = value
-    our_heads = {k.rpartition(".")[0] for k in own if not k.startswith("backbone.")}
-    renamed = []
-    for module, params in heads.items():
-        weight = params.get("weight")
-        fits = [h for h in our_heads if weight is not None and set(params) == {"weight", "bias"}
-                and tuple(own[f"{h}.weight"].shape) == tuple(weight.shape)]
-        if module and len(fits) == 1:
-            our_heads.discard(fits[0])
-            mapped.update({f"{fits[0]}.{leaf}": v for leaf, v in params.items()})
-            renamed.append(f"{module} -> {fits[0]}")
-        else:  # unknown to us: left under its own name for the error message
-            mapped.update({f"{module}.{leaf}" if module else leaf: v for leaf, v in params.items()})
-    log.info("%s: laid out as the authors' code writes it; backbone renamed, heads %s, %d unused entries "
-             "dropped (%s)", path, ", ".join(renamed) or "none", len(dropped),
-             ", ".join(sorted({k.split(".pooler.")[0] + ".pooler" if ".pooler." in k else k for k in dropped})))
-    return mapped
-
-
-def load_checkpoint(model: nn.Module, path: Path, produced_by: str, dataset: str | None = None,
-                    labels: Sequence[str] | None = None) -> nn.Module:
-    """Load a plain state_dict strictly (ours, or the authors' layout, `from_authors_layout`);
-    errors name the file and the mismatched keys; a metrics JSON beside it must say complete and
-    name ``dataset`` and ``labels`` (`check_checkpoint_record`)."""
-    check_checkpoint_record(path, produced_by, dataset, labels)
-    state = from_authors_layout(model, read_state_dict(path, produced_by), Path(path))
-    problems = mismatch(model, state)
-    if problems:
-        raise CheckpointError(
-            f"checkpoint {path} does not match the model ({problems}); "
-            f"was it written by {produced_by} with the same pretrained folder?"
-        )
-    model.load_state_dict(state)
-    return model
-
 
 
 # --- the fusion's checkpoints

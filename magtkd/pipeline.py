@@ -33,15 +33,14 @@ import torch
 
 from . import utils
 from . import results
-from .artifacts import (FIRST_STAGE_MODELS, FRAMES_REPORT, StageFiles, SubstitutionReport, copy_file, feature_path,
+from .artifacts import (FIRST_STAGE_MODELS, CheckpointError, FRAMES_REPORT, StageFiles, SubstitutionReport, copy_file, feature_path,
                         features_record, frames_record, read_record, write_json, write_text)
 from .dataset import (SPLITS, DatasetSpec, Utterance, build_samples, fusion_speaker_ids, group_dialogues,
                       load_conversation, load_samples, load_speaker2id)
 from .engine import dialogue_logits
 from .features import (assemble_features, check_first_stage_checkpoints, extract_frames, first_stage_features,
                        load_dialogues, load_features, plan_jobs, save_features)
-from .model import (AnchorGatedTransformer, CheckpointError, fusion_sizes_for, fusion_width,
-                    load_fusion_checkpoint)
+from .model import AnchorGatedTransformer, fusion_sizes_for, fusion_width, load_fusion_checkpoint
 from .pretrained import load_image_processor
 from .utils import setup_logging
 
@@ -726,11 +725,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     args = parser().parse_args(argv)
     if args.in_process and args.nproc_per_node > 1:
         raise utils.UserError("--in_process runs every stage in this one process: it cannot take --nproc_per_node")
-    try:
-        return run(args)
-    except PipelineError as err:
-        log.error("%s", err)
-        raise SystemExit(err.status) from err
+    return run(args)  # a PipelineError ends `utils.run` with the failed stage's status
 
 
 if __name__ == "__main__":

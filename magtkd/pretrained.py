@@ -12,12 +12,12 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 from torch import nn
 
-from .artifacts import read_record
+from .artifacts import CheckpointError, check_complete, mismatch, read_record, read_state_dict
 from .dataset import AudioField, FrameCodec, TextField, VideoField, add_speaker_tokens
 from .model import AudioEncoder, TextEncoder, VideoEncoder
 from .utils import UserError
@@ -340,3 +340,105 @@ def load_encoder(modality: str, pretrained_dir: Path, num_classes: int, feature_
         return load_video_encoder(pretrained_dir, num_classes), VideoField(codec, feature_dir)
     raise ValueError(f"unknown modality {modality!r}; expected text, audio or video")
 
+
+def enable_grad_checkpointing(model: nn.Module) -> list[str]:
+    """``--grad_checkpointing True``: the Hugging Face backbones inside ``model`` recompute their layers'
+    activations during backward (less memory, about a third more compute); returns their class names."""
+    found = [m for m in model.modules() if getattr(m, "supports_gradient_checkpointing", False)
+             and hasattr(m, "gradient_checkpointing_enable")]
+    if not found:
+        raise UserError(f"--grad_checkpointing True: {type(model).__name__} has no Hugging Face backbone")
+    for module in found:
+        # Non-reentrant checkpointing restores the RNG state, so dropout masks match the plain run.
+        module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return [type(m).__name__ for m in found]
+
+
+# --------------------------------------------------------------------------- trained first-stage checkpoints
+
+def check_checkpoint_record(path: Path, produced_by: str, dataset: str | None = None,
+                            labels: Sequence[str] | None = None) -> None:
+    """Refuse a checkpoint whose metrics JSON says its run did not finish or that it belongs to another
+    ``dataset`` / label list (both sides named). Checkpoints without a JSON (the authors') are accepted."""
+    path = Path(path)
+    record = path.with_suffix(".json")
+    doc = check_complete(record, f"checkpoint {path}", produced_by)
+    if doc is None:
+        return
+    expected = dataset
+    if expected and doc.get("dataset") not in (None, expected):
+        raise CheckpointError(f"checkpoint {path} was trained on {doc['dataset']} ({record}) but this run "
+                              f"needs a {expected} checkpoint written by {produced_by}")
+    if labels is not None and doc.get("labels") is not None and list(doc["labels"]) != list(labels):
+        raise CheckpointError(f"checkpoint {path} has labels {doc['labels']} ({record}); this run needs "
+                              f"{list(labels)}: use the checkpoint {produced_by} writes for this dataset")
+
+
+# The authors' first-stage modules (docs/METHOD.md §7): the pretrained encoder is ``text_model``
+# (a RobertaModel WITH its pooler, which the representation never uses) or ``model``
+# (data2vec / TimeSformer), the classifier ``W``; ours are ``backbone`` and ``classifier``
+# (+ the text ``project``). Entries of theirs that our modules lack and nothing reads.
+AUTHORS_BACKBONES = ("text_model.", "model.")
+AUTHORS_UNUSED = (".pooler.", "embeddings.position_ids")
+
+
+def from_authors_layout(model: nn.Module, state: Mapping[str, torch.Tensor], path: Path
+                        ) -> dict[str, torch.Tensor]:
+    """A first-stage state_dict as the authors' code writes it, renamed onto ``model``'s names.
+
+    ``text_model.*`` / ``model.*`` -> ``backbone.*``; the pooler (and a stored
+    ``position_ids`` buffer) are dropped; each other top-level Linear (``W``, and
+    the text projection whatever its name) goes to the one head Linear of ours
+    with its weight's shape. Anything that fits nowhere keeps its name, so the
+    strict check in `load_checkpoint` reports it. Our own checkpoints pass unchanged.
+    """
+    if any(k.startswith("backbone.") for k in state) or not any(k.startswith(AUTHORS_BACKBONES) for k in state):
+        return dict(state)
+    own = model.state_dict()
+    mapped: dict[str, torch.Tensor] = {}
+    dropped: list[str] = []
+    heads: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in state.items():
+        prefix = next((p for p in AUTHORS_BACKBONES if key.startswith(p)), None)
+        if prefix is None:
+            module, _, leaf = key.rpartition(".")
+            heads.setdefault(module, {})[leaf] = value
+            continue
+        ours = "backbone." + key[len(prefix):]
+        if ours not in own and any(part in key for part in AUTHORS_UNUSED):
+            dropped.append(key)
+        else:
+            mapped[ours] = value
+    our_heads = {k.rpartition(".")[0] for k in own if not k.startswith("backbone.")}
+    renamed = []
+    for module, params in heads.items():
+        weight = params.get("weight")
+        fits = [h for h in our_heads if weight is not None and set(params) == {"weight", "bias"}
+                and tuple(own[f"{h}.weight"].shape) == tuple(weight.shape)]
+        if module and len(fits) == 1:
+            our_heads.discard(fits[0])
+            mapped.update({f"{fits[0]}.{leaf}": v for leaf, v in params.items()})
+            renamed.append(f"{module} -> {fits[0]}")
+        else:  # unknown to us: left under its own name for the error message
+            mapped.update({f"{module}.{leaf}" if module else leaf: v for leaf, v in params.items()})
+    log.info("%s: laid out as the authors' code writes it; backbone renamed, heads %s, %d unused entries "
+             "dropped (%s)", path, ", ".join(renamed) or "none", len(dropped),
+             ", ".join(sorted({k.split(".pooler.")[0] + ".pooler" if ".pooler." in k else k for k in dropped})))
+    return mapped
+
+
+def load_checkpoint(model: nn.Module, path: Path, produced_by: str, dataset: str | None = None,
+                    labels: Sequence[str] | None = None) -> nn.Module:
+    """Load a plain state_dict strictly (ours, or the authors' layout, `from_authors_layout`);
+    errors name the file and the mismatched keys; a metrics JSON beside it must say complete and
+    name ``dataset`` and ``labels`` (`check_checkpoint_record`)."""
+    check_checkpoint_record(path, produced_by, dataset, labels)
+    state = from_authors_layout(model, read_state_dict(path, produced_by), Path(path))
+    problems = mismatch(model, state)
+    if problems:
+        raise CheckpointError(
+            f"checkpoint {path} does not match the model ({problems}); "
+            f"was it written by {produced_by} with the same pretrained folder?"
+        )
+    model.load_state_dict(state)
+    return model

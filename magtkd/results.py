@@ -498,3 +498,12 @@ def write_ablation(folder: Path, table: str, dataset: str, variants: Sequence[An
     ablation_plot(folder / f"{table}.png", doc)
     log.info("ablation %s: wrote %s (.json, .md, .png)\n%s", table, folder / table, ablation_markdown(doc))
     return doc
+
+
+def watch_line(device: torch.device, epoch_seconds: Sequence[float], remaining: int) -> str:
+    """The end of an epoch's log line: the stage's ETA (remaining epochs x mean epoch time of this run)
+    and, on CUDA, the epoch's peak memory."""
+    line = f" | ETA {remaining * sum(epoch_seconds) / len(epoch_seconds) / 60:.1f} min" if remaining else ""
+    if device.type == "cuda":
+        line += f" | peak memory {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB"
+    return line

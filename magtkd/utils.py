@@ -47,6 +47,8 @@ class UserError(Exception):
     ...) derive from it.
     """
 
+    status = 2  # the exit status `run` ends with (the pipeline passes on a stage's own)
+
 
 class InputMissing(UserError, FileNotFoundError):
     """An input file or folder that does not exist; the message says which stage writes it."""
@@ -63,7 +65,7 @@ QUIET_INTERRUPT = "MAGTKD_QUIET_INTERRUPT"
 def run(main: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | None = None) -> None:
     """The stage scripts' entry point: ``if __name__ == "__main__": utils.run(main)``.
 
-    A `UserError` becomes one line on stderr and exit status 2; with ``--debug``
+    A `UserError` becomes one line on stderr and exit status 2 (its ``status``); with ``--debug``
     on the command line it keeps its traceback. Ctrl-C becomes one line naming the script and exit
     status 130 (docs/METHOD.md §6). Anything else is unexpected and keeps its traceback.
     ``main(argv)`` called directly (tests) raises as usual.
@@ -76,14 +78,14 @@ def run(main: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | None 
         if debug:
             raise
         print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+        sys.exit(err.status)
     except KeyboardInterrupt as err:
         if debug:
             raise
         if not os.environ.get(QUIET_INTERRUPT):
             print(f"interrupted: {err if isinstance(err, Interrupted) else interrupted_line(main)}",
                   file=sys.stderr)
-        raise SystemExit(130) from None
+        sys.exit(130)
 
 
 def interrupted_line(main: Callable[..., Any]) -> str:

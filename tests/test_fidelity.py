@@ -19,7 +19,8 @@ from IEMOCAP.config import IEMOCAP
 from magtkd import engine, utils
 from magtkd import pretrained as model_lib
 from magtkd.artifacts import StageFiles
-from magtkd.model import CheckpointError, load_checkpoint
+from magtkd.artifacts import CheckpointError
+from magtkd.pretrained import load_checkpoint
 
 # --------------------------------------------------------------------------- KD precision and clipping
 

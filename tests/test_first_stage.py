@@ -26,7 +26,7 @@ from IEMOCAP.config import IEMOCAP
 from magtkd import media
 from magtkd.dataset import SPLITS, AudioField, FrameCodec, SampleDataset, frame_file, load_samples, load_split
 from magtkd.artifacts import SubstitutionReport
-from magtkd.model import CheckpointError
+from magtkd.artifacts import CheckpointError
 from magtkd.pretrained import PretrainedMissingError, load_audio_encoder, load_image_processor
 from magtkd.synthetic.media import read_index
 from magtkd.synthetic.meld import write_meld

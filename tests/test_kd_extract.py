@@ -32,7 +32,7 @@ from magtkd.dataset import (
     SPLITS, SampleDataset, build_samples, group_dialogues, load_speaker2id, load_split,
 )
 from magtkd.features import FEATURE_KEYS, load_features
-from magtkd.model import load_checkpoint
+from magtkd.pretrained import load_checkpoint
 from magtkd.pretrained import load_encoder
 from magtkd.synthetic.models import AV_HIDDEN, TEXT_HIDDEN
 from MELD.config import MELD
@@ -159,7 +159,7 @@ class Watch:
         self.objectives: list[tuple[float, float, float]] = []  # (loss of the step, CE + weighted terms, CE)
         self._terms: dict[str, torch.Tensor] = {}
         build, loaders = magtkd_pretrained.load_encoder, magtkd_dataset.loaders
-        load, fit = magtkd_model.load_checkpoint, magtkd_engine.fit
+        load, fit = magtkd_pretrained.load_checkpoint, magtkd_engine.fit
         logit, feature, cross_entropy = magtkd_model.logit_kd_loss, magtkd_model.feature_kd_loss, F.cross_entropy
 
         def watched_build(modality, pretrained_dir, num_classes, feature_dir=None, audio_cache=None):
@@ -209,7 +209,7 @@ class Watch:
 
         monkeypatch.setattr(magtkd_pretrained, "load_encoder", watched_build)
         monkeypatch.setattr(magtkd_dataset, "loaders", watched_loaders)
-        monkeypatch.setattr(magtkd_model, "load_checkpoint", watched_load)
+        monkeypatch.setattr(magtkd_pretrained, "load_checkpoint", watched_load)
         monkeypatch.setattr(magtkd_engine, "fit", watched_fit)
         monkeypatch.setattr(magtkd_model, "logit_kd_loss", watched_logit)
         monkeypatch.setattr(magtkd_model, "feature_kd_loss", watched_feature)

@@ -29,7 +29,7 @@ from magtkd import engine, media, pipeline, results, utils
 from magtkd.dataset import DataError, FeatureFileError, frame_file, load_frames, load_split
 from magtkd.media import DecoderProcess, MediaError
 from magtkd.artifacts import StageFiles, SubstitutionReport, output_lock
-from magtkd.model import CheckpointError
+from magtkd.artifacts import CheckpointError
 from magtkd.utils import UserError
 from MELD.config import MELD
 

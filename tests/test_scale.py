@@ -161,14 +161,14 @@ def test_grad_checkpointing_gives_the_same_gradients(generated: Path, modality: 
         return {k: p.grad.clone() for k, p in encoder.named_parameters() if p.grad is not None}
 
     plain = gradients()
-    assert engine.enable_grad_checkpointing(encoder)
+    assert pretrained.enable_grad_checkpointing(encoder)
     assert encoder.backbone.is_gradient_checkpointing
     checkpointed = gradients()
     assert plain.keys() == checkpointed.keys()
     for key in plain:
         torch.testing.assert_close(checkpointed[key], plain[key], rtol=1e-4, atol=1e-6)
     with pytest.raises(utils.UserError, match="no Hugging Face backbone"):
-        engine.enable_grad_checkpointing(nn.Linear(2, 2))
+        pretrained.enable_grad_checkpointing(nn.Linear(2, 2))
 
 
 # --------------------------------------------------------------------------- small data for subprocess runs
