@@ -151,9 +151,11 @@ def test_set_seed_as_the_authors(monkeypatch):
         assert os.environ["PYTHONHASHSEED"] == "2024"
         assert torch.backends.cudnn.deterministic is True and torch.backends.cudnn.benchmark is False
         a = torch.rand(2)
-        utils.set_seed(2024, deterministic=False)
-        assert torch.backends.cudnn.deterministic is False and torch.backends.cudnn.benchmark is True
+        utils.set_seed(2024, deterministic=False)  # variable-length inputs: no cuDNN tuning per new shape
+        assert torch.backends.cudnn.deterministic is False and torch.backends.cudnn.benchmark is False
         assert torch.equal(a, torch.rand(2))
+        utils.set_seed(2024, deterministic=False, fixed_shapes=True)  # the video stage's 8 frames
+        assert torch.backends.cudnn.benchmark is True
     finally:
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = before
 

@@ -280,7 +280,7 @@ def _mark_incomplete(record: Path) -> None:
 def test_pipeline_reruns_exactly_the_interrupted_stage(demo, tmp_path, monkeypatch, caplog):
     paths = _copy_demo(demo, tmp_path, "IEMOCAP")
     ran: list[str] = []
-    monkeypatch.setattr(pipeline, "run_script", lambda path, argv, in_process: ran.append(path.name))
+    monkeypatch.setattr(pipeline, "run_script", lambda path, argv, in_process, command=None: ran.append(path.name))
     argv = ["IEMOCAP", *[x for k in ("data_dir", "pretrained_dir", "save_dir", "feature_dir")
                          for x in (f"--{k}", str(paths[k]))], "--in_process"]
     pipeline.main(argv)
@@ -494,7 +494,7 @@ def test_seeds_summary_removes_the_temps_of_a_killed_run(tmp_path):
         files[seed] = StageFiles.fusion(tmp_path, utils.seed_tag(seed, [1, 2]))
         assert files[seed].checkpoint.name == f"multimodal_fusion_best_seed{seed}.bin"
         files[seed].checkpoint.write_bytes(bytes([seed]))
-        docs[seed] = {"stage": "test", "args": {"epochs": 1}, "selected_epoch": 1, "dev_weighted_f1": f1,
+        docs[seed] = {"stage": "test", "args": {"epochs": 1}, "sizes": {}, "selected_epoch": 1, "dev_weighted_f1": f1,
                       "test": {"accuracy": 0.5, "weighted_f1": f1, "per_class": {"a": {"f1-score": f1}}}}
     strays = [tmp_path / f".{name}.k1ll.tmp" for name in
               ("multimodal_fusion_seeds.json", "multimodal_fusion_seeds.md", "multimodal_fusion_best.bin")]

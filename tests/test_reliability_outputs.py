@@ -97,7 +97,7 @@ def test_ctrl_c_in_a_stage_is_one_line_and_exit_130(capsys):
 
 
 def test_ctrl_c_in_the_pipeline_names_the_stage(tmp_path, monkeypatch, capsys):
-    def interrupted(path, argv, in_process):
+    def interrupted(path, argv, in_process, command=None):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(pipeline, "run_script", interrupted)
@@ -141,7 +141,7 @@ def test_pipeline_reruns_a_stage_whose_recorded_arguments_differ(generated, tmp_
     finish_outputs(files.metrics, "MELD text", {"epochs": 1, "learning_rate": 0.001, "seed": 2024, "device": "cpu"},
                    dataset="MELD")
     ran: list[str] = []
-    monkeypatch.setattr(pipeline, "run_script", lambda path, argv, in_process: ran.append(path.name))
+    monkeypatch.setattr(pipeline, "run_script", lambda path, argv, in_process, command=None: ran.append(path.name))
     caplog.set_level(logging.INFO, logger="magtkd")
     base = ["MELD", "--data_dir", str(data_dir), "--save_dir", str(save), "--feature_dir", str(tmp_path / "f"),
             "--pretrained_dir", str(generated / "pretrained_model"), "--learning_rate", "1e-3", "--device", "cuda"]
