@@ -88,6 +88,7 @@ def test_text_only_fusion_never_reads_audio_or_video(pickles: Path, tmp_path: Pa
 
 @pytest.mark.parametrize("extra", [["--modalities", "A", "V"], ["--gates", "False", "--speaker_embedding", "False"],
                                    ["--fusion", "concat", "--modalities", "T", "V"]])
+@pytest.mark.slow
 def test_variants_train_and_evaluate_from_the_checkpoint(pickles: Path, tmp_path: Path, extra: list[str]):
     trained = fusion(*FAST, *extra, "--feature_dir", str(pickles), "--save_dir", str(tmp_path))
     again = fusion("--feature_dir", str(pickles), "--save_dir", str(tmp_path), "--train", "False", "--n_head", "2")
@@ -111,6 +112,7 @@ def test_prompt_variants():
     assert PROMPTS == utils.PROMPT_VARIANTS
 
 
+@pytest.mark.slow
 def test_text_prompt_no_speakers_is_recorded_and_used(generated: Path, tmp_path: Path):
     paths = stage_paths(generated, "IEMOCAP")
     paths["save_dir"] = tmp_path
@@ -136,6 +138,7 @@ def test_text_prompt_no_speakers_is_recorded_and_used(generated: Path, tmp_path:
         script("IEMOCAP", "extract_first_stage_features").main(flags(paths, prompt="full", device="cpu"))
 
 
+@pytest.mark.slow
 def test_modalities_table(pickles: Path, tmp_path: Path):
     argv = ["--table", "modalities", "--seeds", "1", "2", "--feature_dir", str(pickles), "--save_dir",
             str(tmp_path), *FAST]

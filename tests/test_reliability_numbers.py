@@ -109,6 +109,7 @@ def test_non_finite_logits_at_evaluation_are_an_error(trained):
         fusion(trained["features"], trained["save"], "--train", "False")
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_before_publishing_and_keeps_the_previous_set(trained, monkeypatch):
     module = script("IEMOCAP", "multimodal_fusion")
     real, calls = module.objective, []
@@ -174,6 +175,7 @@ def test_largest_numpy_seed_is_accepted():
 
 # --------------------------------------------------------------------------- nothing lost
 
+@pytest.mark.slow
 def test_interrupted_rerun_keeps_the_previous_set_and_resume_publishes(trained, monkeypatch):
     files = trained["files"]
     real = engine.save_training_state
@@ -206,6 +208,7 @@ def test_meld_fusion_refuses_iemocap_features_naming_both(tmp_path):
         fusion(features, tmp_path / "save", "--epochs", "1", dataset="MELD")
 
 
+@pytest.mark.slow
 def test_iemocap_fusion_refuses_meld_features_also_with_train_false(trained, tmp_path):
     from MELD.config import MELD
 

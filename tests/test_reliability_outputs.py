@@ -66,6 +66,7 @@ def test_read_only_folder_is_one_line(tmp_path):
             artifacts.write_json(folder / "a.json", {})
 
 
+@pytest.mark.slow
 def test_fusion_evaluation_into_a_read_only_save_dir_is_one_line_with_status_2(tmp_path, capsys):
     features, save = make_features(tmp_path / "feature"), tmp_path / "save"
     fusion(features, save, "--epochs", "1")
