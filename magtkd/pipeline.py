@@ -6,7 +6,8 @@
 README's order and the run stops at the first failure, naming the stage. A stage
 whose outputs all exist, are newer than its inputs and whose completion record
 says the run finished is skipped (``--force`` re-runs everything); a stage whose
-record says its run was interrupted is re-run. Relative folders are taken from
+record says its run was interrupted is re-run, and so is a training stage whose record
+holds other values of the flags passed now (`changed_flags`, docs/METHOD.md §6). Relative folders are taken from
 the directory the command was called from. Each stage runs as its own process, exactly as a user would
 run the script; ``--in_process`` calls the scripts' ``main()`` instead (used by
 the demo to save interpreter start-ups).

@@ -249,10 +249,12 @@ def test_interrupted_training_is_incomplete_and_redone(generated, tmp_path, monk
     monkeypatch.undo()
     assert not any(stray.exists() for stray in strays)  # the killed writes' temp files are removed at the next start
     assert not (paths["save_dir"] / ".text.lock").exists()
-    assert (paths["save_dir"] / "text.bin").is_file()  # a valid-looking checkpoint of epoch 1 ...
-    record = json.loads((paths["save_dir"] / "text.json").read_text())
-    assert record["complete"] is False  # ... whose record says the run did not finish
-    with pytest.raises(UserError, match=r"text.bin is incomplete.*re-run MELD/text.py"):
+    # Nothing published: epoch 1's checkpoint and record are in progress, and the record says so.
+    assert not (paths["save_dir"] / "text.bin").exists() and not (paths["save_dir"] / "text.json").exists()
+    assert (paths["save_dir"] / "text.bin.partial").is_file()
+    record = json.loads((paths["save_dir"] / "text.json.partial").read_text())
+    assert record["complete"] is False
+    with pytest.raises(UserError, match=r"text.bin not found: it is written by MELD/text.py"):
         script("MELD", "text").main(flags(paths, train="False"))
     ctx = pipeline.Context(MELD, paths["data_dir"], paths["pretrained_dir"], paths["save_dir"], paths["feature_dir"])
     text_stage = next(s for s in pipeline.STAGES if s.name == "text")
