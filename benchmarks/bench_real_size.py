@@ -16,16 +16,16 @@ memory is its own:
 - ``frames``: IEMOCAP/video_feature_extract.py over every utterance (224 px crops);
   seconds per utterance.
 - ``text``, ``audio``, ``video``, ``KD audio``, ``KD video``: the stage's encoders
-  built as the scripts build them (`magtkd.model.load_encoder`, the text teacher of
+  built as the scripts build them (`magtkd.pretrained.load_encoder`, the text teacher of
   KD frozen), batches from the stages' own loaders at the reference batch size 4,
-  then ONE training update exactly as `magtkd.utils.fit` does it
-  (`magtkd.utils.update`: forward, loss, backward, grad clip 10, AdamW, schedule
-  step) and ONE evaluation batch (inference mode, as `magtkd.utils.predict`).
+  then ONE training update exactly as `magtkd.engine.fit` does it
+  (`magtkd.engine.update`: forward, loss, backward, grad clip 10, AdamW, schedule
+  step) and ONE evaluation batch (inference mode, as `magtkd.engine.evaluate`).
   The objectives are the scripts': cross-entropy, and for KD cross-entropy +
   the correlation logit loss (IEMOCAP's defaults).
 - ``extract text/audio/video``: one batch of 4 test utterances (the features do not
   depend on the batch size; extract_first_stage_features.py defaults to 16) through
-  the encoders that share that input (`magtkd.utils.representations`: text;
+  the encoders that share that input (`magtkd.features.representations`: text;
   audio + audio_kd; video + video_kd).
 
 Columns: parameters (trainable / total in the process), seconds of the update and
@@ -97,7 +97,7 @@ def run_stage(stage: str, root: Path, device_name: str | None, amp: bool, checkp
     import torch.nn.functional as F
 
     from IEMOCAP.config import IEMOCAP
-    from magtkd import dataset, model, utils
+    from magtkd import dataset, engine, features, model, pretrained, utils
 
     utils.setup_logging()
     device = utils.resolve_device(device_name)
@@ -120,14 +120,14 @@ def run_stage(stage: str, root: Path, device_name: str | None, amp: bool, checkp
         keys = [modality] if modality == "text" else [modality, f"{modality}_kd"]
         encoders, field = {}, None
         for key in keys:
-            encoder, field = model.load_encoder(modality, pdir, NUM_CLASSES, fdir)
+            encoder, field = pretrained.load_encoder(modality, pdir, NUM_CLASSES, fdir)
             encoders[key] = encoder.to(device).eval()
         loader = dataset.make_loader(dataset.SampleDataset(samples["test"][:EXTRACT_BATCH], [field]),
                                      EXTRACT_BATCH, shuffle=False, num_workers=0)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         start = time.perf_counter()
-        utils.representations(encoders, loader, device, amp)
+        features.representations(encoders, loader, device, amp)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         total = sum(p.numel() for e in encoders.values() for p in e.parameters())
@@ -138,15 +138,15 @@ def run_stage(stage: str, root: Path, device_name: str | None, amp: bool, checkp
     # Training stages: the encoders and fields the scripts build
     kd = stage.startswith("kd_")
     modality = stage.split("_")[1] if kd else stage
-    student, s_field = model.load_encoder(modality, pdir, NUM_CLASSES, fdir)
+    student, s_field = pretrained.load_encoder(modality, pdir, NUM_CLASSES, fdir)
     fields, teacher = [s_field], None
     if kd:
-        teacher, t_field = model.load_encoder("text", pdir, NUM_CLASSES)
+        teacher, t_field = pretrained.load_encoder("text", pdir, NUM_CLASSES)
         teacher.to(device).eval().requires_grad_(False)
         fields = [t_field, s_field]
     student.to(device)
     if checkpointing:
-        utils.enable_grad_checkpointing(student)
+        engine.enable_grad_checkpointing(student)
 
     def step(batch: dict, train: bool):
         s_rep, s_logits = student.encode(batch)
@@ -163,27 +163,26 @@ def run_stage(stage: str, root: Path, device_name: str | None, amp: bool, checkp
     dev = next(iter(dataset.loaders(samples, [s_field], BATCH, 0, 2024, ("dev",))["dev"]))
     params = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=LEARNING_RATES[stage])
-    scheduler = utils.reference_schedule(optimizer, len(samples["train"]), len(samples["train"]) // BATCH, 10)
-    runner = utils.wrap_for_training(student, step, device)
+    scheduler = engine.reference_schedule(optimizer, len(samples["train"]), len(samples["train"]) // BATCH, 10)
+    runner = engine.ObjectiveModule(student, lambda _model, batch: step(batch, True)[0])
 
     def loss_of(batch: dict) -> torch.Tensor:
-        batch = utils.to_device(batch, device)
-        with utils.autocast(device, amp):
-            loss, _ = runner(batch, True)
-        return loss
+        batch = engine.to_device(batch, device)
+        with engine.autocast(device, amp):
+            return runner(batch)
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     student.train()
     start = time.perf_counter()
-    utils.update(runner, [train], loss_of, optimizer, scheduler, params, 10.0)
+    engine.update(runner, [train], loss_of, optimizer, scheduler, params, 10.0)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     train_s = time.perf_counter() - start
     student.eval()
     start = time.perf_counter()
-    with torch.inference_mode(), utils.autocast(device, amp):
-        step(utils.to_device(dev, device), False)
+    with torch.inference_mode(), engine.autocast(device, amp):
+        step(engine.to_device(dev, device), False)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     eval_s = time.perf_counter() - start
