@@ -19,9 +19,8 @@ memory is its own:
   built as the scripts build them (`magtkd.pretrained.load_encoder`, the text teacher of
   KD frozen), batches from the stages' own loaders at the reference batch size 4,
   then ONE training update exactly as `magtkd.engine.fit` does it
-  (`magtkd.engine.update` on the runner `engine.SampleBatches.prepare` builds: forward,
-  loss, backward, grad clip 10, AdamW, schedule step) and ONE evaluation batch
-  (inference mode, the forward `magtkd.engine.SampleBatches.evaluate` scores).
+  (`magtkd.engine.update`: forward, loss, backward, grad clip 10, AdamW, schedule
+  step) and ONE evaluation batch (inference mode, as `magtkd.engine.evaluate`).
   The objectives are the scripts': cross-entropy, and for KD cross-entropy +
   the correlation logit loss (IEMOCAP's defaults).
 - ``extract text/audio/video``: one batch of 4 test utterances (the features do not
@@ -32,7 +31,7 @@ memory is its own:
 Columns: parameters (trainable / total in the process), seconds of the update and
 of the evaluation batch, peak memory (the process's peak RSS on CPU, including
 the ~0.5 GB of imports; ``torch.cuda.max_memory_allocated`` on CUDA), and the
-size of the training state `engine.fit` saves every epoch for ``--resume`` (weights +
+size of the training state `fit` saves every epoch for ``--resume`` (weights +
 two AdamW moments). A single step includes first-call overheads; it is a floor
 for memory and an upper bound for time, not a throughput figure.
 """
@@ -149,26 +148,23 @@ def run_stage(stage: str, root: Path, device_name: str | None, amp: bool, checkp
     if checkpointing:
         pretrained.enable_grad_checkpointing(student)
 
-    def objective(encoder, batch: dict) -> torch.Tensor:
-        """The scripts' objective (`model.encoder_cross_entropy`; KD adds the logit loss of the frozen teacher)."""
-        _, s_logits = encoder.encode(batch)
+    def step(batch: dict, train: bool):
+        s_rep, s_logits = student.encode(batch)
+        if not train:
+            return None, s_logits
         loss = F.cross_entropy(s_logits.float(), batch["labels"])
         if kd:
             with torch.no_grad():
                 _, t_logits = teacher.encode(batch)
             loss = loss + model.logit_kd_loss(s_logits.float(), t_logits.float())
-        return loss
+        return loss, s_logits
 
-    loaders = {"train": dataset.loaders(samples, fields, BATCH, 0, 2024, ("train",))["train"]}
-    train = next(iter(loaders["train"]))
-    loaders["dev"] = dataset.loaders(samples, [s_field], BATCH, 0, 2024, ("dev",))["dev"]
-    dev = next(iter(loaders["dev"]))
+    train = next(iter(dataset.loaders(samples, fields, BATCH, 0, 2024, ("train",))["train"]))
+    dev = next(iter(dataset.loaders(samples, [s_field], BATCH, 0, 2024, ("dev",))["dev"]))
     params = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=LEARNING_RATES[stage])
     scheduler = engine.reference_schedule(optimizer, len(samples["train"]), len(samples["train"]) // BATCH, 10)
-    data = engine.SampleBatches(loaders, device)
-    data.prepare(student, objective)  # the runner `engine.fit` steps (DDP under torchrun)
-    runner = data.runner
+    runner = engine.ObjectiveModule(student, lambda _model, batch: step(batch, True)[0])
 
     def loss_of(batch: dict) -> torch.Tensor:
         batch = engine.to_device(batch, device)
@@ -186,7 +182,7 @@ def run_stage(stage: str, root: Path, device_name: str | None, amp: bool, checkp
     student.eval()
     start = time.perf_counter()
     with torch.inference_mode(), engine.autocast(device, amp):
-        student.encode(engine.to_device(dev, device))  # the forward `SampleBatches.evaluate` scores
+        step(engine.to_device(dev, device), False)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     eval_s = time.perf_counter() - start

@@ -66,9 +66,21 @@ class PretrainedMismatchError(UserError, ValueError):
     """A pretrained folder holds another model than the one it is named after (or unreadable files)."""
 
 
+# What the code reads from each folder (``hf download --include``): without it the CLI fetches every
+# framework's copy of the weights (roberta-large ships PyTorch, TF, Flax, Rust and ONNX ones). Weights in
+# whichever of the two PyTorch formats a repo ships (transformers reads model.safetensors first).
+DOWNLOAD_INCLUDE = {
+    TEXT: ("config.json", "model.safetensors", "tokenizer.json", "vocab.json", "merges.txt"),
+    AUDIO: ("config.json", "preprocessor_config.json", "model.safetensors", "pytorch_model.bin"),
+    IMAGE_PROCESSOR: ("preprocessor_config.json",),
+    VIDEO: ("config.json", "model.safetensors", "pytorch_model.bin"),
+}
+
+
 def download_command(pretrained_dir: Path, name: str) -> str:
-    """The command that fills ``pretrained_dir/name`` from the hub."""
-    return f"hf download {_hub_id(name)} --local-dir {_folder(pretrained_dir, name)}"
+    """The command that fills ``pretrained_dir/name`` from the hub, fetching only what the code reads."""
+    return (f"hf download {_hub_id(name)} --local-dir {_folder(pretrained_dir, name)} --include "
+            + " ".join(DOWNLOAD_INCLUDE[name]))
 
 
 def pretrained_folder(
