@@ -84,7 +84,8 @@ def metrics_document(*, stage: str, script: str, dataset: str, labels: Sequence[
 
     ``epochs`` holds one row per trained epoch (``epoch``, ``train_loss``, ``dev``, ``test`` when it was
     scored, ``train_seconds``, ``eval_seconds``, ``samples_per_second``); ``best`` the selected epoch's
-    ``epoch``, ``dev`` and full ``test`` report (`test_report`). The document is also the artifact set's
+    ``epoch``, ``dev`` and full ``test`` report (`test_report`). ``sizes``: the model's sizes; the fusion's also
+    hold ``variant`` (its ablation variant, docs/METHOD.md §5). The document is also the artifact set's
     completion record (``complete``).
     """
     doc: dict[str, Any] = {
