@@ -371,7 +371,7 @@ def add_prompt_flag(parser: argparse.ArgumentParser, training: bool = False) -> 
 
 def add_loop_flags(parser: argparse.ArgumentParser, checkpointing: bool) -> argparse.ArgumentParser:
     """Memory and restart flags of every training loop (`fit`, `fit_fusion`)."""
-    parser.add_argument("--grad_accum", type=int, default=1,
+    parser.add_argument("--grad_accum", type=positive_int, default=1,
                         help="accumulate gradients over N batches per update (an N times larger batch)")
     if checkpointing:
         parser.add_argument("--grad_checkpointing", type=str2bool, default=False,

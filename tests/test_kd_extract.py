@@ -162,8 +162,8 @@ class Watch:
         load, fit = magtkd_pretrained.load_checkpoint, magtkd_engine.fit
         logit, feature, cross_entropy = magtkd_model.logit_kd_loss, magtkd_model.feature_kd_loss, F.cross_entropy
 
-        def watched_build(modality, pretrained_dir, num_classes, feature_dir=None, audio_cache=None):
-            model, field = build(modality, pretrained_dir, num_classes, feature_dir, audio_cache)
+        def watched_build(modality, pretrained_dir, num_classes, feature_dir=None, audio_cache=None, **options):
+            model, field = build(modality, pretrained_dir, num_classes, feature_dir, audio_cache, **options)
             if modality == "text":  # the teacher
                 model.register_forward_pre_hook(self._teacher_call)
             self.built.append(modality)

@@ -470,7 +470,7 @@ def test_second_fusion_run_into_the_same_folder_stops(demo, tmp_path):
     feature_dir = stage_paths(demo["workdir"], "IEMOCAP")["feature_dir"]
     save_dir = tmp_path / "save"
     argv = ["--feature_dir", str(feature_dir), "--save_dir", str(save_dir), "--epochs", "1"]
-    with output_lock(save_dir, "multimodal_fusion"):  # the first run, still going
+    with output_lock(save_dir, StageFiles.fusion(save_dir).lock_name):  # the first run, still going
         with pytest.raises(UserError, match=rf"{save_dir} is in use: another run \(PID {os.getpid()}\)"):
             script("IEMOCAP", "multimodal_fusion").main(argv)
     assert not StageFiles.fusion(save_dir).checkpoint.exists()

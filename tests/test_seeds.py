@@ -50,8 +50,9 @@ def assert_png(path: Path, size: tuple[int, int]) -> None:
 
 def assert_summary_agrees_with_rows(doc: dict, label_names) -> None:
     """``mean`` / ``std`` (sample, n - 1) of every numeric key, recomputed from the per-seed rows."""
-    assert set(doc) == {"seeds", "mean", "std"}
+    assert {"seeds", "mean", "std", "best_seed"} <= set(doc) <= {"seeds", "mean", "std", "best_seed", "variant"}
     rows = doc["seeds"]
+    assert doc["best_seed"] == max(rows, key=lambda r: r["dev_weighted_f1"])["seed"]
     numeric = [k for k in rows[0] if k not in ("seed", "test_per_class_f1")]
     assert set(doc["mean"]) == set(doc["std"]) == {*numeric, "test_per_class_f1"}
     for key in numeric:
