@@ -298,3 +298,9 @@ def test_torchrun_two_cpu_processes_train_text(generated: Path, small_iemocap: P
     test = json.loads((save_dir / "text.json").read_text())["test"]["per_class"]
     assert {name: int(test[name]["support"]) for name in IEMOCAP.labels} == {n: gold.get(n, 0) for n in IEMOCAP.labels}
     assert int(test["weighted avg"]["support"]) == 9
+
+
+def test_grad_accum_zero_is_refused_at_parsing(capsys) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        script("MELD", "multimodal_fusion").main(["--grad_accum", "0"])
+    assert exit_.value.code == 2 and "argument --grad_accum: expected an integer >= 1" in capsys.readouterr().err
