@@ -267,6 +267,17 @@ def read_record(record: str | os.PathLike) -> dict[str, Any] | None:
     return doc if isinstance(doc, dict) else None
 
 
+def recorded_args(metrics: str | os.PathLike) -> dict[str, Any]:
+    """The arguments a training stage recorded in its metrics document (``{}`` when there is none):
+    the settings a checkpoint does not show, such as the fusion's ``n_head``."""
+    doc = read_record(metrics)
+    if doc is None:
+        if Path(metrics).exists():
+            log.warning("%s is not a metrics document; using the default settings", metrics)
+        return {}
+    return doc["args"] if isinstance(doc.get("args"), dict) else {}
+
+
 def check_complete(record: str | os.PathLike, what: str, producer: str) -> dict[str, Any] | None:
     """Refuse an artifact set whose record says its run did not finish.
 

@@ -35,7 +35,7 @@ import torch
 from . import utils
 from . import results
 from .artifacts import (FIRST_STAGE_MODELS, CheckpointError, FRAMES_REPORT, StageFiles, SubstitutionReport, copy_file, feature_path,
-                        features_record, frames_record, read_record, write_json, write_text)
+                        features_record, frames_record, read_record, recorded_args, write_json, write_text)
 from .dataset import (SPLITS, DatasetSpec, Utterance, build_samples, fusion_speaker_ids, group_dialogues,
                       load_conversation, load_samples, load_speaker2id)
 from .engine import dialogue_logits
@@ -408,17 +408,6 @@ def check_media(conversation: Path, utterances: Sequence[Utterance]) -> None:
     if empty:
         log.warning("%s: rows %s have an empty Utterance: their text model sees only the prompt", conversation,
                     ", ".join(map(str, empty[:20])) + (" ..." if len(empty) > 20 else ""))
-
-
-def recorded_args(metrics: Path) -> dict[str, Any]:
-    """The arguments a training stage recorded in its metrics document (``{}`` when there is none):
-    the settings a checkpoint does not show, such as the fusion's ``n_head``."""
-    doc = read_record(metrics)
-    if doc is None:
-        if metrics.exists():
-            log.warning("%s is not a metrics document; using the default settings", metrics)
-        return {}
-    return doc["args"] if isinstance(doc.get("args"), dict) else {}
 
 
 def prediction_table(spec: DatasetSpec, utterances: Sequence[Utterance], ordered: Sequence[Utterance],

@@ -17,7 +17,7 @@ from typing import Mapping, Sequence
 import torch
 from torch import nn
 
-from .artifacts import CheckpointError, check_complete, mismatch, read_record, read_state_dict
+from .artifacts import CheckpointError, check_complete, mismatch, read_state_dict, recorded_args
 from .dataset import AudioField, FrameCodec, TextField, VideoField, add_speaker_tokens
 from .model import AudioEncoder, TextEncoder, VideoEncoder
 from .utils import UserError
@@ -324,8 +324,7 @@ def text_prompt(text_record: Path, given: str | None) -> str:
     """The prompt variant the text model next to ``text_record`` (``text.json``) was trained with: its recorded
     ``args.prompt``, ``full`` for a checkpoint without one (the authors', or trained before the variants);
     ``given`` (an explicit ``--prompt``) must agree (docs/METHOD.md §2, Prompt variants)."""
-    record = read_record(text_record)
-    args = record["args"] if record is not None and isinstance(record.get("args"), dict) else {}
+    args = recorded_args(text_record)
     trained = str(args["prompt"]) if args.get("prompt") is not None else "full"
     if given is not None and given != trained:
         raise UserError(f"--prompt {given} but the text model was trained with --prompt {trained} ({text_record}); "
