@@ -288,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
                 status, note = "FAIL", f"{type(err).__name__}: {err}"
         results.append((name, status, time.time() - t0, note))
         print(f"{status}  {name} ({time.time() - t0:.0f} s): {note}", flush=True)
-    print(f"\n| check | result | seconds | note |\n|---|---|---|---|")
+    print("\n| check | result | seconds | note |\n|---|---|---|---|")
     for name, status, seconds, note in results:
         print(f"| {name} | {status} | {seconds:.0f} | {note[:160]} |")
     failed = [r for r in results if r[1] == "FAIL"]

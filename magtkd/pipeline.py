@@ -36,7 +36,7 @@ from . import utils
 from . import results
 from .artifacts import (FIRST_STAGE_MODELS, CheckpointError, FRAMES_REPORT, StageFiles, SubstitutionReport, copy_file, feature_path,
                         features_record, frames_record, read_record, recorded_args, write_json, write_text)
-from .dataset import (SPLITS, DatasetSpec, Utterance, build_samples, fusion_speaker_ids, group_dialogues,
+from .dataset import (PROMPTS, SPLITS, DatasetSpec, Utterance, build_samples, fusion_speaker_ids, group_dialogues,
                       load_conversation, load_samples, load_speaker2id)
 from .engine import dialogue_logits
 from .features import (assemble_features, check_first_stage_checkpoints, extract_frames, first_stage_features,
@@ -445,8 +445,6 @@ def prediction_summary(table: pd.DataFrame, width: int = 48) -> str:
     return short.to_string(index=False)
 
 
-
-
 # --------------------------------------------------------------------------- ablation tables (<DS>/ablation.py)
 
 @dataclass(frozen=True)
@@ -459,10 +457,10 @@ class Variant:
     baseline: str | None = None
     script: str = "multimodal_fusion.py"
     model: str = "multimodal_fusion"  # the checkpoint's name (kd: the first-stage model)
+    text_argv: tuple[str, ...] = ()  # prompt table: the flags of text.py that make it (the fusion gets none)
 
 
 ABLATION_TABLES = ("modalities", "components", "kd", "prompt")
-PROMPTS = ("full", "no_template", "no_speakers", "no_context")
 ABLATION_RECORD = "ablation_variant.json"  # per variant folder: its setting, seeds' rows and predictions
 _SUBSETS = ("T", "A", "V", "T+A", "T+V", "A+V", "T+A+V")
 CAPTIONS = {
@@ -503,7 +501,7 @@ def ablation_variants(table: str, spec: DatasetSpec) -> list[Variant]:
                 Variant("video_kd", "video distilled (text -> video)", ("--student", "video", "--teacher", "text"),
                         "video", "KD.py", "text_KD_video")]
     if table == "prompt":
-        return [Variant(key, f"prompt {key}", ("--prompt", key), None if key == "full" else "full")
+        return [Variant(key, f"prompt {key}", (), None if key == "full" else "full", text_argv=("--prompt", key))
                 for key in PROMPTS]
     raise utils.UserError(f"--table {table}: expected one of {', '.join(ABLATION_TABLES)}")
 
@@ -518,6 +516,8 @@ def run_ablation(spec: DatasetSpec, args: argparse.Namespace, extra: Sequence[st
         folder = table_dir / variant.key
         setting = {"table": args.table, "variant": variant.key, "argv": [*variant.argv, *extra],
                    "seeds": list(args.seeds), "train": bool(args.train), "feature_dir": str(args.feature_dir)}
+        if args.table == "prompt":  # the text model is part of the setting: new text flags re-run the variant
+            setting["text_argv"] = [*variant.text_argv, *shlex.split(args.text_args)]
         record = read_record(folder / ABLATION_RECORD)
         if record is not None and record.get("complete") is True and record.get("setting") == setting:
             log.info("ablation %s: %s finished before with this setting, skipped", args.table, variant.key)
@@ -608,7 +608,7 @@ def _prompt_features(spec: DatasetSpec, args: argparse.Namespace, variant: Varia
     feature_dir = folder / "feature"
     paths = ["--data_dir", str(args.data_dir), "--pretrained_dir", str(args.pretrained_dir)] + \
         (["--device", args.device] if args.device else [])
-    text_argv = [*variant.argv, *shlex.split(args.text_args), *paths, "--feature_dir", str(args.feature_dir),
+    text_argv = [*variant.text_argv, *shlex.split(args.text_args), *paths, "--feature_dir", str(args.feature_dir),
                  "--save_dir", str(models), "--seed", str(args.seeds[0])]
     _stage(spec, "text.py", text_argv)
     for name in ("audio", "video", "text_KD_audio", "text_KD_video"):

@@ -417,6 +417,8 @@ def ablation_document(table: str, dataset: str, variants: Sequence[Any], runs: M
         seeds = [{k: v for k, v in row.items() if k not in ("labels", "preds")} for row in run["seeds"]]
         row: dict[str, Any] = {"key": variant.key, "name": variant.name, "argv": run["setting"]["argv"],
                                "seeds": seeds, "reference": variant.baseline}
+        if "text_argv" in run["setting"]:  # the prompt table: the flags of its text model
+            row["text_argv"] = run["setting"]["text_argv"]
         for metric in ("test_weighted_f1", "test_accuracy", "test_selected_weighted_f1"):
             values = [s[metric] for s in seeds if metric in s]
             if values:

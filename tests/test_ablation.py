@@ -16,6 +16,7 @@ from sklearn.metrics import f1_score
 from magtkd import pipeline, results, utils
 from magtkd.artifacts import StageFiles, feature_path
 from magtkd.dataset import PROMPTS, SPEAKER_TOKENS, TextField, build_prompt
+from magtkd.features import load_features
 from magtkd.pipeline import dataset_spec
 from magtkd.pretrained import load_tokenizer, text_prompt
 from magtkd.synthetic.features import write_synthetic_features
@@ -204,3 +205,40 @@ def test_tables_on_the_demo(demo: dict, tmp_path: Path, table: str):
             assert len(row["seeds"]) == 1 and row["test_weighted_f1_std"] == 0.0
         audio_kd = next(r for r in doc["variants"] if r["key"] == "audio_kd")
         assert audio_kd["reference"] == "audio" and "p_value" in audio_kd
+
+
+@pytest.mark.slow
+def test_prompt_table_on_the_demo(demo: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Two of the prompt rows end to end: the prompt goes to text.py (and its record to the extraction), never
+    to the fusion; the text flags are part of a variant's setting."""
+    monkeypatch.setattr(pipeline, "PROMPTS", ("full", "no_speakers"))
+    calls: list[tuple[str, list[str]]] = []
+    real_stage = pipeline._stage
+    monkeypatch.setattr(pipeline, "_stage", lambda spec, name, argv: calls.append((name, argv))
+                        or real_stage(spec, name, argv))
+    paths = copy_checkpoints(stage_paths(demo["workdir"], "IEMOCAP"), tmp_path, *(
+        f"{n}{s}" for n in ("audio", "video", "text_KD_audio", "text_KD_video") for s in (".bin", ".json")))
+    argv = ["--table", "prompt", "--seeds", "1", *flags(paths), "--device", "cpu", "--text_args", "--epochs 1",
+            "--epochs", "2", "--lr", "1e-3", "--batch_size", "2"]
+    doc = script("IEMOCAP", "ablation").main(argv)
+    assert [v["key"] for v in doc["variants"]] == ["full", "no_speakers"]
+    assert [name for name, _ in calls] == ["text.py", "extract_first_stage_features.py", "multimodal_fusion.py"] * 2
+    assert calls[3][1][:2] == ["--prompt", "no_speakers"]
+    assert not any("--prompt" in a for name, a in calls if name != "text.py")
+    folder = tmp_path / "save_model" / "ablation" / "prompt" / "no_speakers"
+    assert text_prompt(folder / "save_model" / "text.json", None) == "no_speakers"
+    features = load_features(feature_path(folder / "feature", "test"))
+    reference = load_features(feature_path(folder.parent / "full" / "feature", "test"))
+    vid = next(iter(features["text"]))
+    assert not np.array_equal(features["text"][vid], reference["text"][vid])  # another text model
+    assert np.array_equal(features["audio"][vid], reference["audio"][vid])  # the pipeline's audio model
+    no_speakers = next(r for r in doc["variants"] if r["key"] == "no_speakers")
+    assert no_speakers["reference"] == "full" and 0 < no_speakers["p_value"] <= 1
+    assert no_speakers["argv"][:2] == ["--epochs", "2"]
+    assert no_speakers["text_argv"] == ["--prompt", "no_speakers", "--epochs", "1"]
+    assert "| prompt no_speakers | 1 |" in (tmp_path / "save_model" / "ablation" / "prompt.md").read_text()
+    setting = json.loads((folder / pipeline.ABLATION_RECORD).read_text())["setting"]
+    assert setting["text_argv"] == ["--prompt", "no_speakers", "--epochs", "1"]  # changed: the row re-runs
+    calls.clear()
+    script("IEMOCAP", "ablation").main(argv)
+    assert calls == []  # both rows finished with this setting

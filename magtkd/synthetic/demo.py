@@ -40,7 +40,7 @@ from ..features import load_features
 from ..pipeline import parser as pipeline_parser
 from ..pipeline import run as run_pipeline
 from ..results import SEED_SUMMARY_NOTE, TEST_SELECTED_NOTE, majority_weighted_f1, summary
-from ..utils import nonnegative_int, positive_float, positive_int, seed_tag, setup_logging
+from ..utils import nonnegative_int, positive_float, positive_int, setup_logging
 
 log = logging.getLogger("magtkd")
 DATASETS = ("IEMOCAP", "MELD")
