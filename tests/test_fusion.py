@@ -159,7 +159,7 @@ def test_eval_round_trip_reads_only_test_pickle(trained, tmp_path):
 
 def test_separate_text_blocks_train_and_eval(tmp_path):
     write_synthetic_features(tmp_path / "feature", IEMOCAP, {"train": 6, "dev": 3, "test": 3}, width=WIDTH, seed=5)
-    trained = run(IEMOCAP, tmp_path, "--separate_text_blocks", "--epochs", "2")
+    run(IEMOCAP, tmp_path, "--separate_text_blocks", "--epochs", "2")
     state = torch.load(tmp_path / "save" / "multimodal_fusion_best.bin", weights_only=True)
     assert "a_t_gate.fc.weight" in state and infer_sizes_from_checkpoint(state)["separate_text_blocks"]
     # Evaluation infers the separate blocks from the checkpoint.
