@@ -195,7 +195,8 @@ def test_frame_extraction_survives_a_crashing_clip(bad_meld, crash_hook, generat
 @pytest.mark.parametrize("workers", [0, 2])
 def test_audio_loading_survives_a_crashing_clip(demo, bad_meld, crash_hook, tmp_path, workers):
     paths = copy_checkpoints(stage_paths(demo["workdir"], "MELD"), tmp_path, "audio.bin", "audio.json")
-    paths["data_dir"] = bad_meld["data_dir"]
+    # its own audio cache: the demo's holds the demo's clips (test_audio_cache_holds_each_readable_clip_once)
+    paths["data_dir"], paths["feature_dir"] = bad_meld["data_dir"], tmp_path / "feature"
     script("MELD", "audio").main(flags(paths, train="False", num_workers=workers))
     items = {s.key: s for s in SubstitutionReport.read(paths["save_dir"] / "audio_eval_substitutions.tsv")}
     keys = bad_meld["keys"]
