@@ -34,9 +34,6 @@ if WORKER is not None:
     torch.set_num_threads(1)
 
 
-EARLY_FILES = ("test_torchrun.py", "test_gpu_check.py")
-
-
 def shared_fixture(factory: pytest.TempPathFactory, name: str, build: Callable[[Path], Any]) -> Any:
     """``build(folder)`` once per test run: in-process without xdist; across xdist workers, by the first
     worker under a lock (its value pickled beside the folder; a build that failed is tried again)."""
@@ -123,6 +120,3 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "demo" in getattr(item, "fixturenames", ()) and not item.get_closest_marker("slow"):
             item.add_marker(pytest.mark.slow)
-    # The long files that never need the demo first: under xdist one worker runs them while the other builds
-    # the demo (otherwise both wait for it at the start). The order within each file is kept.
-    items.sort(key=lambda item: item.path.name not in EARLY_FILES)
