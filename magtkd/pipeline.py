@@ -527,7 +527,7 @@ def run_ablation(spec: DatasetSpec, args: argparse.Namespace, extra: Sequence[st
         if args.table == "kd":
             rows = _first_stage_variant(spec, args, variant, folder, list(extra))
         else:
-            feature_dir = _prompt_features(spec, args, variant, folder, list(extra)) if args.table == "prompt" \
+            feature_dir = _prompt_features(spec, args, setting["text_argv"], folder) if args.table == "prompt" \
                 else Path(args.feature_dir)
             rows = _fusion_variant(spec, args, variant, folder, feature_dir, list(extra))
         runs[variant.key] = {"complete": True, "setting": setting, **rows}
@@ -600,15 +600,15 @@ def _first_stage_variant(spec: DatasetSpec, args: argparse.Namespace, variant: V
     return {"labels": list(spec.labels), "dialogues": dialogues, "seeds": seeds}
 
 
-def _prompt_features(spec: DatasetSpec, args: argparse.Namespace, variant: Variant, folder: Path,
-                     extra: list[str]) -> Path:
-    """The prompt table's first stage: text.py trained with the variant's prompt (the first seed), then the
+def _prompt_features(spec: DatasetSpec, args: argparse.Namespace, text_flags: list[str], folder: Path) -> Path:
+    """The prompt table's first stage: text.py trained with ``text_flags`` (the row's setting: its prompt and
+    ``--text_args``; the first seed), then the
     feature pickles extracted with it and the pipeline's other four checkpoints; returns their folder."""
     save_dir, models = Path(args.save_dir), folder / "save_model"
     feature_dir = folder / "feature"
     paths = ["--data_dir", str(args.data_dir), "--pretrained_dir", str(args.pretrained_dir)] + \
         (["--device", args.device] if args.device else [])
-    text_argv = [*variant.text_argv, *shlex.split(args.text_args), *paths, "--feature_dir", str(args.feature_dir),
+    text_argv = [*text_flags, *paths, "--feature_dir", str(args.feature_dir),
                  "--save_dir", str(models), "--seed", str(args.seeds[0])]
     _stage(spec, "text.py", text_argv)
     for name in ("audio", "video", "text_KD_audio", "text_KD_video"):
