@@ -478,7 +478,7 @@ def speaker_token(speaker: int) -> str:
     return SPEAKER_TOKENS[speaker]
 
 
-PROMPTS = ("full", "no_template", "no_speakers", "no_context")  # text.py --prompt (docs/METHOD.md §2, Prompt variants)
+PROMPTS = utils.PROMPT_VARIANTS  # text.py --prompt (docs/METHOD.md §2, Prompt variants); utils holds them for the flag
 
 
 def build_prompt(texts: Sequence[str], speakers: Sequence[int], variant: str = "full") -> str:

@@ -357,7 +357,7 @@ def predict_parser(spec: DatasetSpec, script_dir: str | Path, description: str |
     return add_audio_cache_flags(parser)
 
 
-PROMPT_VARIANTS = ("full", "no_template", "no_speakers", "no_context")  # = magtkd.dataset.PROMPTS
+PROMPT_VARIANTS = ("full", "no_template", "no_speakers", "no_context")  # magtkd.dataset.PROMPTS (one list)
 
 
 def add_prompt_flag(parser: argparse.ArgumentParser, training: bool = False) -> argparse.ArgumentParser:
