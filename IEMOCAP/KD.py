@@ -25,8 +25,13 @@ import torch.nn.functional as F
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 from IEMOCAP.config import IEMOCAP  # noqa: E402
-from magtkd import dataset, engine, model, pretrained, results, utils  # noqa: E402
+from magtkd import (checkpoints, cli, dataset, engine, loaders, losses, pretrained, results, runtime,  # noqa: E402
+                    schedule, utils)
 from magtkd.artifacts import StageFiles, SubstitutionReport, kd_name  # noqa: E402
+
+# Flags: the reference's names, IEMOCAP's defaults; the objective CE + L_logit (docs/METHOD.md §3)
+DEFAULTS = dict(epochs=10, batch_size=4, learning_rate=1e-5)
+KD_WEIGHTS = dict(logit_weight=1.0, feature_weight=0.0)
 
 
 def objective(student, batch: dict, *, teacher, logit_weight: float, feature_weight: float,
@@ -38,32 +43,36 @@ def objective(student, batch: dict, *, teacher, logit_weight: float, feature_wei
         t_rep, t_logits = teacher.encode(batch)
     s_logits, t_logits = s_logits.float(), t_logits.float()
     loss = F.cross_entropy(s_logits, batch["labels"])
-    loss = loss + logit_weight * model.logit_kd_loss(s_logits, t_logits, tau=tau)
+    loss = loss + logit_weight * losses.logit_kd_loss(s_logits, t_logits, tau=tau)
     if feature_weight:
-        loss = loss + feature_weight * model.feature_kd_loss(s_rep.float(), t_rep.float())
+        loss = loss + feature_weight * losses.feature_kd_loss(s_rep.float(), t_rep.float())
     return loss
 
 
 def main(argv=None) -> dict:
-    # Flags: the reference's names, IEMOCAP's defaults
-    parser = utils.training_parser(IEMOCAP, HERE, __doc__, epochs=10, batch_size=4, learning_rate=1e-5, kd=True)
-    parser.add_argument("--student", choices=("audio", "video"), required=True)
-    parser.add_argument("--teacher", choices=("text",), default="text")
-    parser.add_argument("--logit_weight", type=float, default=1.0, help="weight of the correlation logit loss")
-    parser.add_argument("--feature_weight", type=float, default=0.0, help="weight of the relational feature loss")
+    parser = cli.training_parser(IEMOCAP, HERE, __doc__, **DEFAULTS, kd=True)
+    parser.add_argument("--student", choices=("audio", "video"), required=True,
+                        help="the modality distilled: audio (starts from audio.bin) or video (starts from the "
+                             "pretrained TimeSformer)")
+    parser.add_argument("--teacher", choices=("text",), default="text", help="the frozen teacher (text.bin)")
+    parser.add_argument("--logit_weight", type=float, default=KD_WEIGHTS["logit_weight"],
+                        help="weight of the correlation logit loss")
+    parser.add_argument("--feature_weight", type=float, default=KD_WEIGHTS["feature_weight"],
+                        help="weight of the relational feature loss")
     parser.add_argument("--tau", type=utils.positive_float, default=2.0, help="logit-loss temperature")
-    utils.add_audio_cache_flags(parser)
-    utils.add_prompt_flag(parser)  # the teacher's prompt: text.json's
+    cli.add_audio_cache_flags(parser)
+    cli.add_prompt_flag(parser)  # the teacher's prompt: text.json's
     args = parser.parse_args(argv)
-    utils.setup_logging()
-    device = utils.resolve_device(args.device)
-    seeds = utils.seed_list(args)
+    runtime.setup_logging()
+    device = runtime.resolve_device(args.device)
+    seeds = cli.seed_list(args.seed, args.seeds, args.train)
     name, stage = kd_name(args.teacher, args.student), f"IEMOCAP KD {args.teacher}->{args.student}"
     usual = StageFiles.first_stage(args.save_dir, name)
+    audio_cache = cli.audio_cache_dir(args.audio_cache, args.audio_cache_dir, args.feature_dir)
 
     # Data: one dialogue-prefix sample per utterance, in CSV order (read once for all seeds)
     samples = dataset.load_samples(IEMOCAP, args.data_dir)
-    utils.log_start(stage, args, device, {s: len(v) for s, v in samples.items()})
+    runtime.log_start(stage, vars(args), device, {s: len(v) for s, v in samples.items()})
     report = SubstitutionReport()
 
     runs, files = {}, {}
@@ -71,30 +80,32 @@ def main(argv=None) -> dict:
         # Models: the student (audio from audio.bin; video from the pretrained TimeSformer) and, for
         # training only, the frozen text teacher from text.bin (built again per seed, so that each seed
         # draws its random numbers exactly as a run with that single seed)
-        utils.set_seed(seed, args.deterministic)
+        runtime.set_seed(seed, args.deterministic)
         student, s_field = pretrained.load_encoder(args.student, args.pretrained_dir, IEMOCAP.num_classes,
-                                                   args.feature_dir, utils.audio_cache_dir(args))
+                                                   args.feature_dir, audio_cache)
         if args.train:
             prompt = pretrained.text_prompt(args.save_dir / f"{args.teacher}.json", args.prompt)
             teacher, t_field = pretrained.load_encoder(args.teacher, args.pretrained_dir, IEMOCAP.num_classes,
                                                        prompt=prompt)
-            pretrained.load_checkpoint(teacher, args.save_dir / f"{args.teacher}.bin", f"IEMOCAP/{args.teacher}.py",
-                                  IEMOCAP.name)
+            checkpoints.load_checkpoint(teacher, args.save_dir / f"{args.teacher}.bin", f"IEMOCAP/{args.teacher}.py",
+                                       IEMOCAP.name)
             teacher.to(device).eval().requires_grad_(False)
             if args.student == "audio":
-                pretrained.load_checkpoint(student, args.save_dir / "audio.bin", "IEMOCAP/audio.py", IEMOCAP.name)
+                checkpoints.load_checkpoint(student, args.save_dir / "audio.bin", "IEMOCAP/audio.py", IEMOCAP.name)
         student.to(device)
         # Training batches also carry the teacher's input, dev/test batches only the student's
-        loaders = dataset.loaders(samples, [s_field], args.batch_size, args.num_workers, seed, ("dev", "test"))
+        batches = loaders.loaders(samples, [s_field], args.batch_size, args.num_workers, seed, ("dev", "test"))
         if args.train:
-            loaders.update(dataset.loaders(samples, [t_field, s_field], args.batch_size, args.num_workers, seed,
+            batches.update(loaders.loaders(samples, [t_field, s_field], args.batch_size, args.num_workers, seed,
                                            ("train",)))
-        data = engine.SampleBatches(loaders, device, report)
-        files[seed] = StageFiles.first_stage(args.save_dir, name, utils.seed_tag(seed, seeds))
+        data = loaders.SampleBatches(batches, device, report)
+        files[seed] = StageFiles.first_stage(args.save_dir, name, cli.seed_tag(seed, seeds))
         # fp16 autocast with a gradient scaler, as the authors (docs/METHOD.md §3)
-        config = engine.FitConfig.first_stage(args, IEMOCAP, stage=stage, script=f"IEMOCAP/KD.py --student {args.student}",
-                                              files=files[seed], seed=seed, width=student.width,
-                                              amp_dtype=torch.float16, clip_scaled=args.reference_kd_clip)
+        config = engine.FitConfig.from_flags(vars(args), seed=seed, stage=stage,
+                                             script=f"IEMOCAP/KD.py --student {args.student}", dataset=IEMOCAP.name,
+                                             labels=IEMOCAP.labels, files=files[seed], width=student.width,
+                                             authors_batch=4, amp_dtype=torch.float16,
+                                             clip_scaled=args.reference_kd_clip)
         if not args.train:
             result = engine.evaluate_checkpoint(student, data, config)
             if args.student == "audio":
@@ -103,10 +114,7 @@ def main(argv=None) -> dict:
 
         # Optimizer, schedule and gradient scaler: AdamW; the authors' warmup counted in samples
         optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=args.learning_rate)
-        scheduler = engine.reference_schedule(optimizer, data.n_train, data.updates_per_epoch(args.grad_accum),
-                                              args.epochs, args.per_batch_schedule,
-                                              global_batch=data.global_batch(args.grad_accum), authors_batch=4,
-                                              epoch_anchored=args.schedule_epochs)
+        scheduler = schedule.reference_schedule(optimizer, data, config)
         scaler = torch.amp.GradScaler(device.type, enabled=args.amp)
         loss = functools.partial(objective, teacher=teacher, logit_weight=args.logit_weight,
                                  feature_weight=args.feature_weight, tau=args.tau)

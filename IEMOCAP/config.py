@@ -7,7 +7,7 @@ checks that the two agree).
 
 from __future__ import annotations
 
-from magtkd.dataset import DatasetSpec
+from magtkd.spec import DatasetSpec
 
 LABELS = ("ang", "exc", "fru", "hap", "neu", "sad")
 
@@ -46,4 +46,5 @@ IEMOCAP = DatasetSpec(
         "dialog/transcriptions, dialog/EmoEvaluation and sentences/wav) and, after "
         "`python IEMOCAP/preprocessing.py`, IEMOCAP_{train,dev,test}.csv"
     ),
+    raw_files=("Session*/dialog/*/*.txt",),  # transcriptions and EmoEvaluation: what preparation reads
 )

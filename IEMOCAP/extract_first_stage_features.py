@@ -18,38 +18,39 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 from IEMOCAP.config import IEMOCAP  # noqa: E402
-from magtkd import dataset, features, utils  # noqa: E402
+from magtkd import cli, dataset, extract, runtime, utils  # noqa: E402
 from magtkd.artifacts import SubstitutionReport  # noqa: E402
 
 
 def main(argv=None) -> dict:
     # Flags: the folders, the batch size (features do not depend on it) and autocast
-    parser = utils.paths_parser(IEMOCAP, HERE, __doc__)
+    parser = cli.paths_parser(IEMOCAP, HERE, __doc__)
     parser.add_argument("--batch_size", type=utils.positive_int, default=16, help="utterances per forward pass")
-    parser.add_argument("--amp", type=utils.str2bool, default=False,
-                        help="bf16 autocast on CUDA; default fp32, as the authors")
-    utils.add_audio_cache_flags(parser)
-    utils.add_prompt_flag(parser)  # the text model's prompt: text.json's
+    cli.add_amp_flag(parser)
+    cli.add_audio_cache_flags(parser)
+    cli.add_prompt_flag(parser)  # the text model's prompt: text.json's
     args = parser.parse_args(argv)
-    utils.setup_logging()
-    device = utils.resolve_device(args.device)
+    runtime.setup_logging()
+    device = runtime.resolve_device(args.device)
 
-    # Data: every utterance of every split in the pickles' order (CSV order grouped by dialogue)
+    # Data: every utterance of every split in the pickles' order (CSV order grouped by dialogue), the speakers
     dialogues = {s: dataset.group_dialogues(dataset.load_split(IEMOCAP, args.data_dir, s)) for s in dataset.SPLITS}
     samples = {s: dataset.build_samples([u for _, dialogue in dialogues[s] for u in dialogue]) for s in dataset.SPLITS}
-    utils.log_start("IEMOCAP extract_first_stage_features", args, device, {s: len(v) for s, v in samples.items()})
+    speaker2id = dataset.load_speaker2id(args.data_dir) if IEMOCAP.global_speaker_ids else None  # checked first
+    runtime.log_start("IEMOCAP extract_first_stage_features", vars(args), device,
+                      {s: len(v) for s, v in samples.items()})
 
     # Models: the five first-stage checkpoints, one input group at a time (each clip decoded once)
     report = SubstitutionReport()
-    vectors = features.first_stage_features(IEMOCAP, samples, pretrained_dir=args.pretrained_dir,
-                                            save_dir=args.save_dir, feature_dir=args.feature_dir, device=device,
-                                            batch_size=args.batch_size, num_workers=args.num_workers, amp=args.amp,
-                                            report=report, audio_cache=utils.audio_cache_dir(args),
-                                            prompt=args.prompt)
+    vectors = extract.first_stage_features(
+        IEMOCAP, samples, pretrained_dir=args.pretrained_dir, save_dir=args.save_dir, feature_dir=args.feature_dir,
+        device=device, batch_size=args.batch_size, num_workers=args.num_workers, amp=args.amp, report=report,
+        audio_cache=cli.audio_cache_dir(args.audio_cache, args.audio_cache_dir, args.feature_dir), prompt=args.prompt)
 
     # Artifacts: one pickle per split and the substitution report, published as one set by rank 0
     # (under torchrun the ranks' representations were gathered in order)
-    paths = features.write_feature_pickles(IEMOCAP, dialogues, vectors, args.feature_dir, report, args)
+    paths = extract.write_feature_pickles(IEMOCAP, dialogues, vectors, args.feature_dir, report, vars(args),
+                                          speaker2id)
     return {"paths": {k: str(v) for k, v in paths.items()}, "substituted": len(report)}
 
 

@@ -24,20 +24,25 @@ import torch.nn.functional as F
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 from IEMOCAP.config import IEMOCAP  # noqa: E402
-from magtkd import engine, features, model, results, utils  # noqa: E402
+from magtkd import cli, engine, fusion_data, losses, results, runtime, schedule, utils  # noqa: E402
 from magtkd.artifacts import StageFiles  # noqa: E402
+from magtkd.fusion_settings import FusionRequest  # noqa: E402
+from magtkd.model import FusionOutput  # noqa: E402
+
+# Flags: the reference's names with IEMOCAP's distillation defaults (docs/METHOD.md §5)
+DEFAULTS = dict(audio_feature="audio_kd", video_feature="video", alpha=0.7, beta=0.8, feature_loss=True)
 
 
 def anchor_kd(logits: torch.Tensor, feat: torch.Tensor, t_logits: torch.Tensor, t_feat: torch.Tensor,
               target: torch.Tensor, feature_loss: bool) -> torch.Tensor:
     """KD(X') = CE(W_x X') + L_logit(W_x X', W_t T') [+ L_feat(X', T')]; the text side is not detached."""
-    loss = F.cross_entropy(logits, target) + model.logit_kd_loss(logits, t_logits)
+    loss = F.cross_entropy(logits, target) + losses.logit_kd_loss(logits, t_logits)
     if feature_loss:
-        loss = loss + model.feature_kd_loss(feat, t_feat)
+        loss = loss + losses.feature_kd_loss(feat, t_feat)
     return loss
 
 
-def objective(out: model.FusionOutput, target: torch.Tensor, *, alpha: float, beta: float,
+def objective(out: FusionOutput, target: torch.Tensor, *, alpha: float, beta: float,
               feature_loss: bool) -> torch.Tensor:
     """CE(W_t T') + alpha KD(A') + beta KD(V') over the real utterances (docs/METHOD.md §5). An ablation
     variant keeps the terms of the anchors it has: T' is then the predicting anchor (A' without T, V' alone)
@@ -57,45 +62,44 @@ def objective(out: model.FusionOutput, target: torch.Tensor, *, alpha: float, be
 
 
 def main(argv=None) -> dict:
-    # Flags: the reference's names with IEMOCAP's distillation defaults
-    args = utils.fusion_parser(IEMOCAP, HERE, __doc__, audio_feature="audio_kd", video_feature="video",
-                               alpha=0.7, beta=0.8, feature_loss=True).parse_args(argv)
-    utils.setup_logging()
-    device = utils.resolve_device(args.device)
-    seeds = utils.seed_list(args)
+    args = cli.fusion_parser(IEMOCAP, HERE, __doc__, **DEFAULTS).parse_args(argv)
+    runtime.setup_logging()
+    device = runtime.resolve_device(args.device)
+    seeds = cli.seed_list(args.seed, args.seeds, args.train)
+    # The model the flags ask for: unset, the paper's model on this dataset's feature keys (training) or
+    # what the checkpoint and its metrics document say (--train False; a contradicting flag is an error)
+    request = FusionRequest.from_flags(vars(args), (DEFAULTS["audio_feature"], DEFAULTS["video_feature"]))
     if not args.train:
-        return features.evaluate_fusion(IEMOCAP, args, device)
+        run = fusion_data.Evaluation(args.save_dir, args.feature_dir, args.clsNum, args.batch_size, args.packed,
+                                     args.seed, vars(args))
+        return fusion_data.evaluate_fusion(IEMOCAP, run, request, device)
     stage = "IEMOCAP multimodal_fusion"
-    variant = utils.fusion_variant(args)  # --modalities --gates --speaker_embedding --fusion
-    vars(args).update(variant)  # recorded as resolved (the metrics document's args and sizes["variant"])
 
-    # Data: the three feature pickles as per-dialogue tensors on the device (read once for all seeds)
-    splits, sizes = features.fusion_training_data(IEMOCAP, args, device)
-    utils.log_start(stage, args, device, sizes)
-    data = engine.DialogueBatches(splits, args.batch_size, args.packed)
-    names = features.fusion_label_names(IEMOCAP, args.clsNum)
+    # Data: the three feature pickles as per-dialogue tensors on the device (read once for all seeds),
+    # and the settings of the model they train (width, speakers, heads, variant, feature keys)
+    splits, settings, sizes = fusion_data.fusion_training_data(IEMOCAP, args.feature_dir, request, args.clsNum,
+                                                               device)
+    flags = {**vars(args), **settings.flags()}  # recorded as resolved (the metrics document's args)
+    runtime.log_start(stage, flags, device, sizes)
+    data = fusion_data.DialogueBatches(splits, args.batch_size, args.packed)
+    names = fusion_data.fusion_label_names(IEMOCAP, args.clsNum)
     loss = functools.partial(objective, alpha=args.alpha, beta=args.beta, feature_loss=args.feature_loss)
 
     runs, files = {}, {}
     for seed in seeds:
         # Model: audio, video and text anchors over the dialogue (or the ablation variant asked for)
-        utils.set_seed(seed, args.deterministic)
-        fusion = model.AnchorGatedTransformer(sizes["hidden"], args.clsNum, sizes["n_speaker"], args.n_head,
-                                              args.dropout, args.separate_text_blocks, **variant).to(device)
+        runtime.set_seed(seed, args.deterministic)
+        fusion = settings.build(args.dropout).to(device)
+        files[seed] = StageFiles.fusion(args.save_dir, cli.seed_tag(seed, seeds))
+        config = engine.FitConfig.from_flags(flags, seed=seed, stage=stage, script="IEMOCAP/multimodal_fusion.py",
+                                             dataset=IEMOCAP.name, labels=names, files=files[seed],
+                                             test_every_epoch=True, width=settings.hidden, sizes=sizes,
+                                             authors_batch=16)
 
         # Optimizer and schedule: fused AdamW (one pass over each tensor, docs/METHOD.md §5 "Speed");
         # the authors' warmup counted in dialogues, stepped per update
         optimizer = torch.optim.AdamW(fusion.parameters(), lr=args.lr, weight_decay=args.l2, fused=True)
-        scheduler = engine.reference_schedule(optimizer, data.n_train, data.updates_per_epoch(args.grad_accum),
-                                              args.epochs, args.per_batch_schedule,
-                                              global_batch=data.global_batch(args.grad_accum), authors_batch=16,
-                                              epoch_anchored=args.schedule_epochs)
-        files[seed] = StageFiles.fusion(args.save_dir, utils.seed_tag(seed, seeds))
-        config = engine.FitConfig(stage=stage, script="IEMOCAP/multimodal_fusion.py", dataset=IEMOCAP.name,
-                                  labels=names, files=files[seed], epochs=args.epochs, seed=seed,
-                                  args={**vars(args), "seed": seed}, grad_accum=args.grad_accum, resume=args.resume,
-                                  test_every_epoch=True, width=sizes["hidden"], sizes=sizes,
-                                  tf32=args.tf32, tensorboard=args.tensorboard)
+        scheduler = schedule.reference_schedule(optimizer, data, config)
         runs[seed] = engine.fit(fusion, loss, data, optimizer, scheduler, config)
 
     # Several seeds: multimodal_fusion_seeds.json/.md; the best dev seed's files also under the usual names

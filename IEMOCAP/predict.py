@@ -28,16 +28,26 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 from IEMOCAP.config import IEMOCAP  # noqa: E402
-from magtkd import pipeline, utils  # noqa: E402
+from IEMOCAP.multimodal_fusion import DEFAULTS  # noqa: E402
+from magtkd import cli, predict, runtime, utils  # noqa: E402
+from magtkd.fusion_settings import FusionRequest  # noqa: E402
+
+# What --unknown_speakers applies to on IEMOCAP (docs/METHOD.md §5: two speaker rows)
+UNKNOWN_SPEAKERS = "a dialogue's speakers beyond the first 2"
 
 
 def main(argv=None) -> dict:
     # Flags: the stage folders, the conversation and the output, batch size, autocast, fusion settings
-    args = utils.predict_parser(IEMOCAP, HERE, __doc__, unknown_speakers="a dialogue's speakers beyond the first 2").parse_args(argv)
-    utils.setup_logging()
-    device = utils.resolve_device(args.device)
-    # Stages 3, 7 and 8 on the conversation; the fusion's features as it was trained, else IEMOCAP's defaults
-    return pipeline.predict_conversation(IEMOCAP, args, device, default_features=("audio_kd", "video"))
+    args = cli.predict_parser(IEMOCAP, HERE, __doc__, unknown_speakers=UNKNOWN_SPEAKERS).parse_args(argv)
+    runtime.setup_logging()
+    device = runtime.resolve_device(args.device)
+    run = predict.Prediction.from_flags(vars(args), cli.audio_cache_dir(args.audio_cache, args.audio_cache_dir,
+                                                                        args.feature_dir))
+    # The fusion model as trained (its metrics document), else this dataset's feature keys; a flag may
+    # only repeat what the model was trained with
+    request = FusionRequest.from_flags(vars(args), (DEFAULTS["audio_feature"], DEFAULTS["video_feature"]))
+    # Stages 3, 7 and 8 on the conversation
+    return predict.predict_conversation(IEMOCAP, run, request, device)
 
 
 if __name__ == "__main__":

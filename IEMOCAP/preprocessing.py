@@ -15,7 +15,6 @@ utterances relabelled xxx -> hap (printed at the end).
 
 from __future__ import annotations
 
-import argparse
 import re
 import sys
 from collections import Counter
@@ -28,8 +27,9 @@ import pandas as pd
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 from IEMOCAP.config import DEV_DIALOGUES, IEMOCAP, TEST_SESSIONS  # noqa: E402
-from magtkd.dataset import SPLITS, check_data_dir  # noqa: E402
-from magtkd import utils  # noqa: E402
+from magtkd.dataset import check_data_dir  # noqa: E402
+from magtkd.spec import SPLITS  # noqa: E402
+from magtkd import cli, utils  # noqa: E402
 from magtkd.artifacts import atomic_path, remove_stale_temps  # noqa: E402
 
 
@@ -203,11 +203,7 @@ def summary(frames: dict[str, pd.DataFrame]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data_dir", type=Path, default=IEMOCAP.default_data_dir(HERE),
-                        help="the unpacked IEMOCAP release; the CSVs are written here")
-    utils.add_debug_flag(parser)
-    args = parser.parse_args(argv)
+    args = cli.preparation_parser(IEMOCAP, HERE, __doc__, "the unpacked IEMOCAP release; the CSVs are written here").parse_args(argv)
     try:
         frames = prepare_iemocap(args.data_dir)
     except FileNotFoundError as exc:  # DataError is a UserError already

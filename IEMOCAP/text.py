@@ -21,49 +21,51 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 from IEMOCAP.config import IEMOCAP  # noqa: E402
-from magtkd import dataset, engine, model, pretrained, results, utils  # noqa: E402
+from magtkd import cli, dataset, encoders, engine, loaders, pretrained, results, runtime, schedule, utils  # noqa: E402
 from magtkd.artifacts import StageFiles  # noqa: E402
 
+# Flags: the reference's names, IEMOCAP's defaults (docs/METHOD.md §2)
+DEFAULTS = dict(epochs=10, batch_size=4, learning_rate=1e-5)
+
 # Objective: cross-entropy on the mask token's logits
-objective = model.encoder_cross_entropy
+objective = encoders.encoder_cross_entropy
 
 
 def main(argv=None) -> dict:
-    # Flags: the reference's names, IEMOCAP's defaults
-    parser = utils.training_parser(IEMOCAP, HERE, __doc__, epochs=10, batch_size=4, learning_rate=1e-5)
-    utils.add_prompt_flag(parser, training=True)
+    parser = cli.training_parser(IEMOCAP, HERE, __doc__, **DEFAULTS)
+    cli.add_prompt_flag(parser, training=True)
     args = parser.parse_args(argv)
-    utils.setup_logging()
-    device = utils.resolve_device(args.device)
-    seeds = utils.seed_list(args)
+    runtime.setup_logging()
+    device = runtime.resolve_device(args.device)
+    seeds = cli.seed_list(args.seed, args.seeds, args.train)
     # The prompt variant (docs/METHOD.md §2): --train False evaluates with the one text.json recorded
-    args.prompt = (args.prompt or "full") if args.train else \
+    prompt = (args.prompt or "full") if args.train else \
         pretrained.text_prompt(StageFiles.first_stage(args.save_dir, "text").metrics, args.prompt)
+    flags = {**vars(args), "prompt": prompt}  # recorded as resolved
 
     # Data: one dialogue-prefix sample per utterance, in CSV order (read once, shared by all seeds)
     samples = dataset.load_samples(IEMOCAP, args.data_dir)
-    utils.log_start("IEMOCAP text", args, device, {s: len(v) for s, v in samples.items()})
+    runtime.log_start("IEMOCAP text", flags, device, {s: len(v) for s, v in samples.items()})
 
     runs, files = {}, {}
     for seed in seeds:
-        # Model: RoBERTa-large (+ speaker tokens) -> Linear(hidden, D) -> Linear(D, 6)
-        utils.set_seed(seed, args.deterministic)
+        # Model: RoBERTa-large (+ speaker tokens) -> Linear(hidden, D) -> Linear(D, C)
+        runtime.set_seed(seed, args.deterministic)
         encoder, field = pretrained.load_encoder("text", args.pretrained_dir, IEMOCAP.num_classes,
-                                                   prompt=args.prompt)
+                                                 prompt=prompt)
         encoder.to(device)
-        data = engine.SampleBatches(dataset.loaders(samples, [field], args.batch_size, args.num_workers, seed), device)
-        files[seed] = StageFiles.first_stage(args.save_dir, "text", utils.seed_tag(seed, seeds))
-        config = engine.FitConfig.first_stage(args, IEMOCAP, stage="IEMOCAP text", script="IEMOCAP/text.py",
-                                              files=files[seed], seed=seed, width=encoder.width)
+        data = loaders.SampleBatches(loaders.loaders(samples, [field], args.batch_size, args.num_workers, seed),
+                                     device)
+        files[seed] = StageFiles.first_stage(args.save_dir, "text", cli.seed_tag(seed, seeds))
+        config = engine.FitConfig.from_flags(flags, seed=seed, stage="IEMOCAP text", script="IEMOCAP/text.py",
+                                             dataset=IEMOCAP.name, labels=IEMOCAP.labels, files=files[seed],
+                                             width=encoder.width, authors_batch=4)
         if not args.train:
             return engine.evaluate_checkpoint(encoder, data, config)
 
-        # Optimizer and schedule: AdamW; the authors' warmup counted in samples, stepped per update (curve logged in epochs)
+        # Optimizer and schedule: AdamW; the authors' warmup counted in samples, stepped per update
         optimizer = torch.optim.AdamW([p for p in encoder.parameters() if p.requires_grad], lr=args.learning_rate)
-        scheduler = engine.reference_schedule(optimizer, data.n_train, data.updates_per_epoch(args.grad_accum),
-                                              args.epochs, args.per_batch_schedule,
-                                              global_batch=data.global_batch(args.grad_accum), authors_batch=4,
-                                              epoch_anchored=args.schedule_epochs)
+        scheduler = schedule.reference_schedule(optimizer, data, config)
         runs[seed] = engine.fit(encoder, objective, data, optimizer, scheduler, config)
 
     # Several seeds: text_seeds.json/.md; the best dev seed's files also as text.bin/.json

@@ -19,13 +19,21 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
+from MELD import KD, audio, extract_first_stage_features, multimodal_fusion, text, video  # noqa: E402
 from MELD.config import MELD  # noqa: E402
-from magtkd import pipeline, utils  # noqa: E402
+from magtkd import ablation, cli, runtime, utils  # noqa: E402
+
+# The stage scripts the tables run, by file name
+SCRIPTS = {"text.py": text.main, "audio.py": audio.main, "video.py": video.main, "KD.py": KD.main,
+           "extract_first_stage_features.py": extract_first_stage_features.main,
+           "multimodal_fusion.py": multimodal_fusion.main}
 
 
 def main(argv=None) -> dict:
     # Flags: the table, the seeds and MELD's folders; the rest passes through to the stage runs
-    return pipeline.ablation_main(MELD, HERE, __doc__, argv)
+    args, extra = cli.ablation_parser(MELD, HERE, __doc__).parse_known_args(argv)
+    runtime.setup_logging()
+    return ablation.run_ablation(MELD, ablation.Ablation.from_flags(vars(args), extra, SCRIPTS))
 
 
 if __name__ == "__main__":

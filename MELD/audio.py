@@ -21,52 +21,53 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 from MELD.config import MELD  # noqa: E402
-from magtkd import dataset, engine, model, pretrained, results, utils  # noqa: E402
+from magtkd import cli, dataset, encoders, engine, loaders, pretrained, results, runtime, schedule, utils  # noqa: E402
 from magtkd.artifacts import StageFiles, SubstitutionReport  # noqa: E402
 
+# Flags: the reference's names, MELD's defaults (docs/METHOD.md §2)
+DEFAULTS = dict(epochs=10, batch_size=4, learning_rate=1e-5)
+
 # Objective: cross-entropy on the first frame's logits
-objective = model.encoder_cross_entropy
+objective = encoders.encoder_cross_entropy
 
 
 def main(argv=None) -> dict:
-    # Flags: the reference's names, MELD's defaults
-    parser = utils.training_parser(MELD, HERE, __doc__, epochs=10, batch_size=4, learning_rate=1e-5)
-    utils.add_audio_cache_flags(parser)
+    parser = cli.training_parser(MELD, HERE, __doc__, **DEFAULTS)
+    cli.add_audio_cache_flags(parser)
     args = parser.parse_args(argv)
-    utils.setup_logging()
-    device = utils.resolve_device(args.device)
-    seeds = utils.seed_list(args)
+    runtime.setup_logging()
+    device = runtime.resolve_device(args.device)
+    seeds = cli.seed_list(args.seed, args.seeds, args.train)
     usual = StageFiles.first_stage(args.save_dir, "audio")
 
     # Data (read once for all seeds): one sample per utterance; missing, corrupt or silent clips become
     # silence and are reported
     samples = dataset.load_samples(MELD, args.data_dir)
-    utils.log_start("MELD audio", args, device, {s: len(v) for s, v in samples.items()})
+    runtime.log_start("MELD audio", vars(args), device, {s: len(v) for s, v in samples.items()})
     report = SubstitutionReport()
 
     runs, files = {}, {}
     for seed in seeds:
-        # Model: data2vec-audio (time masking length 3) -> first frame -> Linear(hidden, 7)
-        utils.set_seed(seed, args.deterministic)
+        # Model: data2vec-audio (time masking length 3) -> first frame -> Linear(hidden, C)
+        runtime.set_seed(seed, args.deterministic)
         encoder, field = pretrained.load_encoder("audio", args.pretrained_dir, MELD.num_classes,
-                                                 audio_cache=utils.audio_cache_dir(args))
+                                                 audio_cache=cli.audio_cache_dir(args.audio_cache,
+                                                                                 args.audio_cache_dir, args.feature_dir))
         encoder.to(device)
-        loaders = dataset.loaders(samples, [field], args.batch_size, args.num_workers, seed)
-        data = engine.SampleBatches(loaders, device, report)
-        files[seed] = StageFiles.first_stage(args.save_dir, "audio", utils.seed_tag(seed, seeds))
-        config = engine.FitConfig.first_stage(args, MELD, stage="MELD audio", script="MELD/audio.py",
-                                              files=files[seed], seed=seed, width=encoder.width)
+        data = loaders.SampleBatches(loaders.loaders(samples, [field], args.batch_size, args.num_workers, seed),
+                                     device, report)
+        files[seed] = StageFiles.first_stage(args.save_dir, "audio", cli.seed_tag(seed, seeds))
+        config = engine.FitConfig.from_flags(vars(args), seed=seed, stage="MELD audio", script="MELD/audio.py",
+                                             dataset=MELD.name, labels=MELD.labels, files=files[seed],
+                                             width=encoder.width, authors_batch=4)
         if not args.train:
             result = engine.evaluate_checkpoint(encoder, data, config)
             report.write(usual.eval_substitutions)
             return result
 
-        # Optimizer and schedule: AdamW; the authors' warmup counted in samples, stepped per update (curve logged in epochs)
+        # Optimizer and schedule: AdamW; the authors' warmup counted in samples, stepped per update
         optimizer = torch.optim.AdamW([p for p in encoder.parameters() if p.requires_grad], lr=args.learning_rate)
-        scheduler = engine.reference_schedule(optimizer, data.n_train, data.updates_per_epoch(args.grad_accum),
-                                              args.epochs, args.per_batch_schedule,
-                                              global_batch=data.global_batch(args.grad_accum), authors_batch=4,
-                                              epoch_anchored=args.schedule_epochs)
+        scheduler = schedule.reference_schedule(optimizer, data, config)
         runs[seed] = engine.fit(encoder, objective, data, optimizer, scheduler, config)
 
     # Artifacts: the substitution report (all seeds); with several seeds audio_seeds.json/.md and the

@@ -7,7 +7,7 @@ checks that the two agree).
 
 from __future__ import annotations
 
-from magtkd.dataset import SPEAKER_MAP, DatasetSpec
+from magtkd.spec import SPEAKER_MAP, DatasetSpec
 
 LABELS = ("anger", "disgust", "fear", "joy", "neutral", "sadness", "surprise")
 
@@ -41,4 +41,5 @@ MELD = DatasetSpec(
         "the clip folders train_splits, dev_splits_complete, output_repeated_splits_test; "
         f"after `python MELD/preprocessing.py`, {{train,dev,test}}_meld_emo.csv and {SPEAKER_MAP}"
     ),
+    raw_files=tuple(OFFICIAL_CSV.values()),
 )

@@ -25,16 +25,26 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 from MELD.config import MELD  # noqa: E402
-from magtkd import pipeline, utils  # noqa: E402
+from MELD.multimodal_fusion import DEFAULTS  # noqa: E402
+from magtkd import cli, predict, runtime, utils  # noqa: E402
+from magtkd.fusion_settings import FusionRequest  # noqa: E402
+
+# What --unknown_speakers applies to on MELD (docs/METHOD.md §5: a row per speaker2id.json name)
+UNKNOWN_SPEAKERS = "speakers not in speaker2id.json"
 
 
 def main(argv=None) -> dict:
     # Flags: the stage folders, the conversation and the output, batch size, autocast, fusion settings
-    args = utils.predict_parser(MELD, HERE, __doc__, unknown_speakers="speakers not in speaker2id.json").parse_args(argv)
-    utils.setup_logging()
-    device = utils.resolve_device(args.device)
-    # Stages 3, 7 and 8 on the conversation; the fusion's features as it was trained, else MELD's defaults
-    return pipeline.predict_conversation(MELD, args, device, default_features=("audio_kd", "video_kd"))
+    args = cli.predict_parser(MELD, HERE, __doc__, unknown_speakers=UNKNOWN_SPEAKERS).parse_args(argv)
+    runtime.setup_logging()
+    device = runtime.resolve_device(args.device)
+    run = predict.Prediction.from_flags(vars(args), cli.audio_cache_dir(args.audio_cache, args.audio_cache_dir,
+                                                                        args.feature_dir))
+    # The fusion model as trained (its metrics document), else this dataset's feature keys; a flag may
+    # only repeat what the model was trained with
+    request = FusionRequest.from_flags(vars(args), (DEFAULTS["audio_feature"], DEFAULTS["video_feature"]))
+    # Stages 3, 7 and 8 on the conversation
+    return predict.predict_conversation(MELD, run, request, device)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ are listed in ``preparation_report.tsv``. Speaker ids follow first appearance ov
 
 from __future__ import annotations
 
-import argparse
 import re
 import sys
 from collections import Counter
@@ -27,8 +26,10 @@ import pandas as pd
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 from MELD.config import CLIP_DIRS, OFFICIAL_COLUMNS, OFFICIAL_CSV, MELD  # noqa: E402
-from magtkd.dataset import SPEAKER_MAP, SPLITS, DataError, check_data_dir, read_csv_checked  # noqa: E402
-from magtkd import utils  # noqa: E402
+from magtkd.dataset import check_data_dir, read_csv_checked  # noqa: E402
+from magtkd.spec import SPEAKER_MAP, SPLITS  # noqa: E402
+from magtkd.utils import DataError  # noqa: E402
+from magtkd import cli, utils  # noqa: E402
 from magtkd.artifacts import SubstitutionReport, atomic_path, remove_stale_temps, write_json, write_text  # noqa: E402
 
 
@@ -146,11 +147,7 @@ def summary(data_dir: Path, result: MeldPrepared) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data_dir", type=Path, default=MELD.default_data_dir(HERE),
-                        help="folder with the official CSVs and clip folders; outputs are written here")
-    utils.add_debug_flag(parser)
-    args = parser.parse_args(argv)
+    args = cli.preparation_parser(MELD, HERE, __doc__, "folder with the official CSVs and clip folders; outputs are written here").parse_args(argv)
     try:
         result = prepare_meld(args.data_dir)
     except FileNotFoundError as exc:  # DataError is a UserError already

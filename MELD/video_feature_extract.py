@@ -21,7 +21,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 from MELD.config import MELD  # noqa: E402
-from magtkd import dataset, features, pretrained, utils  # noqa: E402
+from magtkd import cli, dataset, frames, pretrained, runtime, utils  # noqa: E402
 from magtkd.artifacts import FRAMES_REPORT  # noqa: E402
 
 log = logging.getLogger("magtkd")
@@ -29,20 +29,20 @@ log = logging.getLogger("magtkd")
 
 def main(argv=None) -> dict:
     # Flags: the folders, --num_workers (source videos decoded in parallel), --channel_order
-    parser = utils.paths_parser(MELD, HERE, __doc__)
+    parser = cli.paths_parser(MELD, HERE, __doc__)
     parser.add_argument("--channel_order", choices=("rgb", "bgr"), default="rgb",
                         help="rgb: what the image processor was trained on (our fix); bgr: the authors' "
                              "OpenCV frames (docs/METHOD.md §7)")
     args = parser.parse_args(argv)
-    utils.setup_logging()
-    device = utils.resolve_device("cpu")  # frames are decoded on CPU; under torchrun this joins the group
+    runtime.setup_logging()
+    device = runtime.resolve_device("cpu")  # frames are decoded on CPU; under torchrun this joins the group
 
     # Data: the utterances whose frames are still missing, grouped by source video
     utterances = [u for split in dataset.SPLITS for u in dataset.load_split(MELD, args.data_dir, split)]
-    jobs = features.plan_jobs(MELD, utterances, args.feature_dir, args.channel_order)
+    jobs = frames.plan_jobs(MELD, utterances, args.feature_dir, args.channel_order)
     todo = sum(len(j.keys) for j in jobs)
-    utils.log_start("MELD video_feature_extract", args, device,
-                    {"utterances": len(utterances), "to_extract": todo, "source_videos": len(jobs)})
+    runtime.log_start("MELD video_feature_extract", vars(args), device,
+                      {"utterances": len(utterances), "to_extract": todo, "source_videos": len(jobs)})
 
     # "Model": the videomae-base image processor's resize and centre crop
     processor = pretrained.load_image_processor(args.pretrained_dir)
@@ -50,7 +50,7 @@ def main(argv=None) -> dict:
     # Loop and artifacts: one decode per source video; frames written atomically, then the report
     started = time.time()
     report_path = args.feature_dir / "video" / FRAMES_REPORT
-    report = features.extract_frames(jobs, processor, args.num_workers, report_path, args)
+    report = frames.extract_frames(jobs, processor, args.num_workers, report_path, vars(args))
     seconds = time.time() - started
     log.info("MELD: stored %d utterances from %d videos in %.1f s; %d substituted (see %s)",
              todo, len(jobs), seconds, len(report), report_path)

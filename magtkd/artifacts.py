@@ -8,7 +8,6 @@ of them changes and complete after the last (`begin_outputs` / `finish_outputs`)
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import errno
 import json
@@ -25,12 +24,12 @@ from typing import Any, Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
-from .utils import UserError, gather_objects, is_main
+from .runtime import gather_objects, is_main
+from .utils import UserError
+
 
 log = logging.getLogger("magtkd")
 
-
-# --------------------------------------------------------------------------- the registry of artifact names
 
 # The five first-stage models behind the feature keys (docs/METHOD.md §4): feature key -> the name of
 # its checkpoint (``<name>.bin``) and the script of the dataset's folder that writes it.
@@ -41,10 +40,20 @@ FIRST_STAGE_MODELS: dict[str, tuple[str, str]] = {
     "video": ("video", "video.py"),
     "video_kd": ("text_KD_video", "KD.py --student video --teacher text"),
 }
+
+
 FUSION = "multimodal_fusion"
+
+
 FEATURES_RECORD = "first_stage_features.json"  # beside the pickles, written last by the extraction stage
+
+
 FEATURES_REPORT = "first_stage_substitutions.tsv"
+
+
 FRAMES_RECORD = "extraction.json"  # in <feature_dir>/video/, written last by video_feature_extract.py
+
+
 FRAMES_REPORT = "substitutions.tsv"  # in <feature_dir>/video/ (predict: in its conversation folder)
 
 
@@ -131,7 +140,9 @@ class StageFiles:
         return [*self.published(), *self.pending(), self.state, self.substitutions]
 
 
+
 # --------------------------------------------------------------------------- atomic artifact I/O
+
 
 class WriteError(UserError, OSError):
     """An output could not be written (no space, read-only folder, permission); the message names the
@@ -224,7 +235,15 @@ def save_state_dict(path: str | os.PathLike, model: nn.Module) -> None:
         torch.save(state, tmp)
 
 
+def copy_file(src: Path, dst: Path) -> None:
+    """Copy ``src`` onto ``dst`` atomically (streamed: checkpoints can be gigabytes)."""
+    with atomic_path(dst) as tmp:
+        shutil.copyfile(src, tmp)
+
+
+
 # --------------------------------------------------------------------------- complete outputs, locks
+
 
 def remove_stale_temps(folder: str | os.PathLike, names: Sequence[str]) -> None:
     """Delete the temp files `atomic_path` leaves when a write of one of ``names`` was killed.
@@ -237,7 +256,7 @@ def remove_stale_temps(folder: str | os.PathLike, names: Sequence[str]) -> None:
             stray.unlink(missing_ok=True)
 
 
-def begin_outputs(record: str | os.PathLike, stage: str, args: argparse.Namespace | Mapping[str, Any],
+def begin_outputs(record: str | os.PathLike, stage: str, args: Mapping[str, Any],
                   **facts: Any) -> None:
     """Mark an artifact set as being rewritten: its completion record says ``complete: false``.
 
@@ -247,15 +266,15 @@ def begin_outputs(record: str | os.PathLike, stage: str, args: argparse.Namespac
     write_json(record, {"stage": stage, "complete": False, **facts, "args": args_doc(args)})
 
 
-def finish_outputs(record: str | os.PathLike, stage: str, args: argparse.Namespace | Mapping[str, Any],
+def finish_outputs(record: str | os.PathLike, stage: str, args: Mapping[str, Any],
                    **facts: Any) -> None:
     """Publish an artifact set: the completion record is written last, naming the stage and its arguments."""
     write_json(record, {"stage": stage, "complete": True, **facts, "args": args_doc(args)})
 
 
-def args_doc(args: argparse.Namespace | Mapping[str, Any]) -> dict[str, Any]:
-    items = vars(args).items() if isinstance(args, argparse.Namespace) else args.items()
-    return {k: str(v) if isinstance(v, Path) else v for k, v in items}
+def args_doc(args: Mapping[str, Any]) -> dict[str, Any]:
+    """A run's flags as its records hold them (paths as strings)."""
+    return {k: str(v) if isinstance(v, Path) else v for k, v in args.items()}
 
 
 def read_record(record: str | os.PathLike) -> dict[str, Any] | None:
@@ -342,50 +361,9 @@ def output_lock(folder: str | os.PathLike, name: str) -> Iterator[Path]:
                 lock.unlink()
 
 
-# --------------------------------------------------------------------------- reading checkpoints
-
-class CheckpointError(UserError, RuntimeError):
-    """A checkpoint that is missing or does not fit the model it is loaded into."""
-
-
-def read_state_dict(path: str | Path, produced_by: str) -> dict[str, torch.Tensor]:
-    """``torch.load`` (tensors only) a plain state_dict; a missing or unreadable file names the stage that writes it."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} not found: it is written by {produced_by}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # truncated zip, not a checkpoint, refused global, ...
-        message = str(exc).splitlines()[0] if str(exc) else ""
-        raise CheckpointError(
-            f"cannot read checkpoint {path} ({type(exc).__name__}: {message[:200]}); it is truncated or "
-            f"not a checkpoint: re-run {produced_by}"
-        ) from exc
-    if not isinstance(state, dict):
-        raise CheckpointError(f"{path} is not a state_dict (got {type(state).__name__})")
-    return state
-
-
-def mismatch(model: nn.Module, state: Mapping[str, torch.Tensor]) -> str:
-    """Missing / unexpected keys and shape mismatches of ``state`` against ``model`` ('' if it fits)."""
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    shapes = sorted(
-        f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-        for k in set(own) & set(state) if tuple(state[k].shape) != tuple(own[k].shape)
-    )
-
-    def show(keys: list[str]) -> str:
-        return ", ".join(keys[:8]) + (f" ... (+{len(keys) - 8} more)" if len(keys) > 8 else "")
-
-    problems = [f"missing keys: {show(missing)}" if missing else "",
-                f"unexpected keys: {show(unexpected)}" if unexpected else "",
-                f"shape mismatches: {show(shapes)}" if shapes else ""]
-    return "; ".join(p for p in problems if p)
-
 
 # --------------------------------------------------------------------------- substitution report
+
 
 @dataclass(frozen=True)
 class Substitution:
@@ -444,11 +422,3 @@ class SubstitutionReport:
     def read(path: str | Path) -> list[Substitution]:
         lines = Path(path).read_text(encoding="utf-8").splitlines()[1:]
         return [Substitution(*line.split("\t")) for line in lines if line]
-
-
-
-def copy_file(src: Path, dst: Path) -> None:
-    """Copy ``src`` onto ``dst`` atomically (streamed: checkpoints can be gigabytes)."""
-    with atomic_path(dst) as tmp:
-        shutil.copyfile(src, tmp)
-

@@ -1,285 +1,39 @@
-"""Models: the three first-stage encoders, the KD losses, the multi-modal anchor gated
-transformer, and the loaders of both kinds of checkpoint, ours and the authors'
-(docs/METHOD.md §2, §3, §5, §6).
+"""The second-stage model: the multi-modal anchor gated transformer and its ablation variants
+(docs/METHOD.md §5).
+
+Audio and video anchors gather the other streams through self/cross-attention blocks and gates;
+the text anchor attends to the fused audio and video streams and predicts. It reads first-stage
+feature vectors only, so this module needs nothing but torch (no media or Hugging Face library):
+evaluating downloaded features loads no more than this.
 """
 
 from __future__ import annotations
 
-import logging
 import math
-from pathlib import Path
-from typing import Any, Callable, Mapping, NamedTuple, Sequence
+from dataclasses import dataclass
+from typing import Any, Mapping, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .artifacts import FUSION, CheckpointError, StageFiles, check_complete, mismatch, read_state_dict
-from .dataset import DatasetSpec
-from .utils import UserError
-
-
-log = logging.getLogger("magtkd")
-
-
-
-# --------------------------------------------------------------------------- first-stage encoders
-
-class TextEncoder(nn.Module):
-    """RoBERTa prompt encoder: hidden state at the mask token -> Linear(hidden, D) -> Linear(D, C)."""
-
-    def __init__(self, backbone: nn.Module, out_dim: int, num_classes: int) -> None:
-        super().__init__()
-        self.backbone = backbone
-        self.project = nn.Linear(backbone.config.hidden_size, out_dim)
-        self.classifier = nn.Linear(out_dim, num_classes)
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        # Prompts are LEFT-padded and end with the mask token, so the last
-        # position is the mask token for every sample (docs/METHOD.md §2, Text).
-        rep = self.project(hidden[:, -1, :])
-        return rep, self.classifier(rep)
-
-    @property
-    def width(self) -> int:
-        """D, the representation's width."""
-        return self.classifier.in_features
-
-    def encode(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(representation, logits)`` of a batch from `magtkd.dataset.TextField`."""
-        return self(batch["text_ids"], batch["text_mask"])
-
-
-class AudioEncoder(nn.Module):
-    """data2vec-audio: first frame of the last hidden state -> Linear(hidden, C)."""
-
-    def __init__(self, backbone: nn.Module, num_classes: int) -> None:
-        super().__init__()
-        self.backbone = backbone
-        self.classifier = nn.Linear(backbone.config.hidden_size, num_classes)
-        self._frame_mask: torch.Tensor | None = None
-        # data2vec zeroes padded frames once, before its STACK of positional
-        # convolutions; after the first one they are no longer zero and leak into
-        # a clip's last frames (and, through attention, into frame 0). Re-zero them
-        # after every positional conv layer, so a clip's representation does not
-        # depend on its batch (docs/METHOD.md §2, Audio). Unpadded clips are unchanged.
-        pos_conv = getattr(getattr(backbone, "encoder", None), "pos_conv_embed", None)
-        for layer in getattr(pos_conv, "layers", ()):
-            layer.register_forward_hook(self._zero_padded_frames)
-
-    def _zero_padded_frames(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
-        if self._frame_mask is None or output.shape[-1] != self._frame_mask.shape[-1]:
-            return output
-        return output * self._frame_mask[:, None, :].to(output.dtype)
-
-    def forward(self, input_values: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # Right padding + attention mask: frame 0 is always real audio.
-        lengths = attention_mask.sum(-1)
-        frames = self.backbone._get_feat_extract_output_lengths(lengths)
-        total = self.backbone._get_feat_extract_output_lengths(torch.full_like(lengths, input_values.shape[-1]))
-        self._frame_mask = torch.arange(int(total.max()), device=lengths.device)[None, :] < frames[:, None]
-        try:
-            hidden = self.backbone(input_values=input_values, attention_mask=attention_mask).last_hidden_state
-        finally:
-            self._frame_mask = None
-        rep = hidden[:, 0, :]
-        return rep, self.classifier(rep)
-
-    @property
-    def width(self) -> int:
-        return self.classifier.in_features
-
-    def encode(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(representation, logits)`` of a batch from `magtkd.dataset.AudioField`."""
-        return self(batch["audio_values"], batch["audio_mask"])
-
-
-class VideoEncoder(nn.Module):
-    """TimeSformer: CLS token of the last hidden state -> Linear(hidden, C)."""
-
-    def __init__(self, backbone: nn.Module, num_classes: int) -> None:
-        super().__init__()
-        self.backbone = backbone
-        self.classifier = nn.Linear(backbone.config.hidden_size, num_classes)
-
-    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        rep = self.backbone(pixel_values=pixel_values).last_hidden_state[:, 0, :]
-        return rep, self.classifier(rep)
-
-    @property
-    def width(self) -> int:
-        return self.classifier.in_features
-
-    def encode(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(representation, logits)`` of a batch from `magtkd.dataset.VideoField`."""
-        return self(batch["video_pixels"])
-
-
-# --------------------------------------------------------------------------- losses
-
-def encoder_cross_entropy(encoder: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """The objective of the text, audio and video stages: cross-entropy on the encoder's logits
-    (computed in fp32 under autocast; docs/METHOD.md §2)."""
-    _, logits = encoder.encode(batch)
-    return F.cross_entropy(logits.float(), batch["labels"])
-
-
-PEARSON_EPS = 1e-8
-
-
-def pearson(x: torch.Tensor, y: torch.Tensor, dim: int = -1, eps: float = PEARSON_EPS) -> torch.Tensor:
-    """Pearson correlation along ``dim``: cosine of mean-centred vectors, ``eps`` added to the denominator."""
-    x = x - x.mean(dim=dim, keepdim=True)
-    y = y - y.mean(dim=dim, keepdim=True)
-    return (x * y).sum(dim=dim) / (x.norm(dim=dim) * y.norm(dim=dim) + eps)
-
-
-def logit_kd_loss(
-    student_logits: torch.Tensor, teacher_logits: torch.Tensor, tau: float = 2.0,
-    beta: float = 1.0, gamma: float = 1.0,
-) -> torch.Tensor:
-    """``tau^2 * (beta * inter + gamma * intra)`` for logits of shape (batch, classes) (docs/METHOD.md §3).
-
-    ``inter = 1 - mean_i pearson(p_s[i, :], p_t[i, :])`` and
-    ``intra = 1 - mean_j pearson(p_s[:, j], p_t[:, j])`` with ``p = softmax(z / tau)``.
-    With a batch of one the intra term is constant 1 (a single value has no
-    spread to correlate); it then contributes no gradient.
-    """
-    if student_logits.shape != teacher_logits.shape or student_logits.dim() != 2:
-        raise ValueError(
-            f"logit_kd_loss expects two (batch, classes) tensors of the same shape, got "
-            f"student {tuple(student_logits.shape)} and teacher {tuple(teacher_logits.shape)}"
-        )
-    p_s = torch.softmax(student_logits / tau, dim=1)
-    p_t = torch.softmax(teacher_logits / tau, dim=1)
-    inter = 1.0 - pearson(p_s, p_t, dim=1).mean()
-    intra = 1.0 - pearson(p_s, p_t, dim=0).mean()
-    return tau**2 * (beta * inter + gamma * intra)
-
-
-def feature_kd_loss(student_feat: torch.Tensor, teacher_feat: torch.Tensor) -> torch.Tensor:
-    """Relational feature loss ``KL(P || Q)``, batch-mean, temperature 1 (docs/METHOD.md §3).
-
-    After L2 normalisation, ``P = softmax(h_t h_t^T)`` and ``log Q = log_softmax(h_t h_s^T)``,
-    both row-wise over the batch.
-    """
-    if student_feat.dim() != 2 or teacher_feat.dim() != 2 or student_feat.shape[0] != teacher_feat.shape[0]:
-        raise ValueError(
-            f"feature_kd_loss expects (batch, width) tensors with the same batch size, got "
-            f"student {tuple(student_feat.shape)} and teacher {tuple(teacher_feat.shape)}"
-        )
-    if student_feat.shape[1] != teacher_feat.shape[1]:
-        raise ValueError(
-            f"feature_kd_loss: student width {student_feat.shape[1]} != teacher width "
-            f"{teacher_feat.shape[1]} (h_t h_s^T needs equal widths)"
-        )
-    h_s = F.normalize(student_feat, dim=1)
-    h_t = F.normalize(teacher_feat, dim=1)
-    p = torch.softmax(h_t @ h_t.t(), dim=1)
-    log_q = torch.log_softmax(h_t @ h_s.t(), dim=1)
-    return F.kl_div(log_q, p, reduction="batchmean")
-
-
-# --------------------------------------------------------------------------- anchor gated fusion transformer
+from .packing import Layout, dropout
 
 
 MAX_LEN = 512  # longest dialogue the positional encoding covers
+
+
 MASK_VALUE = -1e9  # score given to padded keys before the softmax
-SMALL_DROPOUT = 65536  # values below which one F.dropout call costs less than drawing the mask ourselves
+
 
 # Blocks by anchor: (name, key/value stream, query stream). docs/METHOD.md §5, "Forward".
 AUDIO_ANCHOR = ("a_a", "t_a", "v_a")
+
+
 VIDEO_ANCHOR = ("v_v", "t_v", "a_v")
+
+
 TEXT_ANCHOR = ("t_t", "a_t", "v_t")
-
-
-class FusionCheckpointError(CheckpointError):
-    """A fusion checkpoint that is missing or does not fit the model."""
-
-
-class Layout:
-    """Where the utterances of a fusion batch sit, and how the streams are laid out.
-
-    ``mask`` (batch, length) is True for real utterances. With ``index`` the streams
-    are PACKED: rows (N, hidden) of the real utterances only, dialogue after
-    dialogue, at flat positions ``index`` of the batch x length grid and at
-    ``positions`` within their dialogue. Without it they are PADDED (batch, length,
-    hidden), the authors' layout. Both compute the same function of the real
-    utterances (docs/METHOD.md §5, "Speed"): only attention needs the grid, so the
-    per-utterance layers (projections, feed-forward, gates, heads) skip the padding.
-    Dropout draws its mask over the whole grid in both layouts, so a seed gives the
-    same masks, and the same training run, as the padded model.
-    """
-
-    def __init__(self, mask: torch.Tensor, index: torch.Tensor | None = None,
-                 positions: torch.Tensor | None = None) -> None:
-        self.mask, self.index, self.positions = mask, index, positions
-        self.key_padding = ~mask  # True where the KEY position is padding
-
-    @property
-    def packed(self) -> bool:
-        return self.index is not None
-
-    @property
-    def length(self) -> int:
-        return self.mask.size(1)
-
-    def grid(self, x: torch.Tensor) -> torch.Tensor:
-        """(batch, length, ...) view of ``x``; packed rows are scattered into zeros."""
-        if not self.packed:
-            return x
-        batch, length = self.mask.shape
-        flat = x.new_zeros(batch * length, *x.shape[1:]).index_copy(0, self.index, x)
-        return flat.view(batch, length, *x.shape[1:])
-
-    def rows(self, grid: torch.Tensor) -> torch.Tensor:
-        """The inverse of :meth:`grid`: the real utterances' rows of a (batch, length, ...) tensor."""
-        if not self.packed:
-            return grid
-        return grid.reshape(-1, *grid.shape[2:]).index_select(0, self.index)
-
-    def positional(self, pe: torch.Tensor) -> torch.Tensor:
-        """The sinusoidal rows ``pe`` (1, max_len, hidden) for this layout's positions."""
-        if self.length > pe.size(1):
-            raise ValueError(f"dialogue of {self.length} utterances exceeds the positional encoding's {pe.size(1)}")
-        return pe[0].index_select(0, self.positions) if self.packed else pe[:, :self.length]
-
-    def dropout(self, x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
-        """:func:`dropout` of the padded stream, applied to this layout's rows: packed rows get the
-        rows of a mask drawn over the whole grid, with the same generator calls, so the same units
-        are kept as in the padded model (bit for bit on CPU, which the tests check)."""
-        if not self.packed or not training or p == 0 or p >= 1:
-            return dropout(x, p, training)
-        return x * _dropout_noise((*self.mask.shape, *x.shape[1:]), p, x, self.rows)
-
-
-def _dropout_noise(shape: Sequence[int], p: float, like: torch.Tensor,
-                   select: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
-    """The tensor ``F.dropout`` multiplies a ``shape`` input by (0 or ``1 / (1 - p)``), drawn with
-    its generator calls; ``select`` (e.g. :meth:`Layout.rows`) keeps part of it, decided only there.
-
-    On CPU ``F.dropout`` fills its mask with ``bernoulli_(1 - p)``, which draws one
-    float64 uniform per element and keeps it when below ``1 - p``, then divides by
-    ``1 - p``; ``torch.rand(..., float64) < 1 - p`` makes the same draws about three
-    times faster. Elsewhere ``native_dropout`` of ones draws ``F.dropout``'s mask.
-    """
-    if like.device.type == "cpu":
-        uniforms = torch.rand(shape, dtype=torch.float64)
-        if select is not None:  # every draw is made; only the selected ones are compared and scaled
-            uniforms = select(uniforms)
-        return (uniforms < 1 - p).to(like.dtype).div_(1 - p)
-    noise = torch.native_dropout(like.new_ones(shape), p, True)[0]
-    return noise if select is None else select(noise)
-
-
-def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
-    """``F.dropout``, with its CPU mask drawn faster (:func:`_dropout_noise`): the same tensor, bit for
-    bit. Small tensors, where one call costs less, strided ones and other devices run ``F.dropout``."""
-    if (not training or p == 0 or p >= 1 or x.device.type != "cpu" or not x.is_contiguous()
-            or x.numel() < SMALL_DROPOUT):
-        return F.dropout(x, p, training)
-    return x * _dropout_noise(x.shape, p, x)
 
 
 class PositionalEncoding(nn.Module):
@@ -431,9 +185,15 @@ class FusionOutput(NamedTuple):
 
 
 MODALITIES = ("T", "A", "V")  # the streams, in the order of forward's arguments
+
+
 FUSIONS = ("anchor", "concat")
+
+
 # The nine blocks in the authors' order of construction (docs/METHOD.md §5, Initialisation).
 BUILD_ORDER = TEXT_ANCHOR + AUDIO_ANCHOR + VIDEO_ANCHOR
+
+
 CONCAT_MODALITIES = "concat_modalities"  # buffer of the concat baseline: which of T, A, V it reads
 
 
@@ -446,14 +206,42 @@ def _canonical_modalities(modalities: Sequence[str]) -> tuple[str, ...]:
     return tuple(m for m in MODALITIES if m in given)
 
 
-def variant_name(variant: Mapping[str, object]) -> str:
-    """A short readable name of a :attr:`AnchorGatedTransformer.variant`, e.g. ``anchor T+A+V, gates, speaker
-    embedding`` (used in the checkpoint errors)."""
-    parts = [f"{variant['fusion']} {'+'.join(variant['modalities'])}"]
-    if variant["fusion"] == "anchor":
-        parts.append("gates" if variant["gates"] else "no gates")
-    parts.append("speaker embedding" if variant["speaker_embedding"] else "no speaker embedding")
-    return ", ".join(parts)
+@dataclass(frozen=True)
+class FusionVariant:
+    """Which model `AnchorGatedTransformer` is (docs/METHOD.md §5, "Ablation variants"), in canonical form:
+    ``modalities`` in T, A, V order, and ``gates`` False for the concat baseline, which has none. The
+    defaults are the paper's model. ``as_dict()`` is the recorded form (metrics document, seeds summary)
+    and the model's keyword arguments: ``AnchorGatedTransformer(..., **variant.as_dict())``."""
+
+    modalities: tuple[str, ...] = MODALITIES
+    gates: bool = True
+    speaker_embedding: bool = True
+    fusion: str = "anchor"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "modalities", _canonical_modalities(self.modalities))
+        if self.fusion not in FUSIONS:
+            raise ValueError(f"fusion must be one of {', '.join(FUSIONS)}, got {self.fusion!r}")
+        object.__setattr__(self, "gates", bool(self.gates) and self.fusion == "anchor")
+        object.__setattr__(self, "speaker_embedding", bool(self.speaker_embedding))
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> "FusionVariant":
+        return cls(**{key: values[key] for key in ("modalities", "gates", "speaker_embedding", "fusion")})
+
+    def as_dict(self) -> dict[str, Any]:
+        """``{"modalities": ["T", "A", "V"], "gates": True, "speaker_embedding": True, "fusion": "anchor"}``."""
+        return {"modalities": list(self.modalities), "gates": self.gates,
+                "speaker_embedding": self.speaker_embedding, "fusion": self.fusion}
+
+    @property
+    def name(self) -> str:
+        """A short readable name, e.g. ``anchor T+A+V, gates, speaker embedding`` (used in errors and titles)."""
+        parts = [f"{self.fusion} {'+'.join(self.modalities)}"]
+        if self.fusion == "anchor":
+            parts.append("gates" if self.gates else "no gates")
+        parts.append("speaker embedding" if self.speaker_embedding else "no speaker embedding")
+        return ", ".join(parts)
 
 
 class AnchorGatedTransformer(nn.Module):
@@ -482,19 +270,16 @@ class AnchorGatedTransformer(nn.Module):
                  separate_text_blocks: bool = False, *, modalities: Sequence[str] = MODALITIES, gates: bool = True,
                  speaker_embedding: bool = True, fusion: str = "anchor") -> None:
         super().__init__()
-        modalities = _canonical_modalities(modalities)
-        if fusion not in FUSIONS:
-            raise ValueError(f"fusion must be one of {', '.join(FUSIONS)}, got {fusion!r}")
-        if speaker_embedding and n_speaker is None:
+        variant = FusionVariant(modalities, gates, speaker_embedding, fusion)
+        if variant.speaker_embedding and n_speaker is None:
             raise ValueError("n_speaker is needed for the speaker embedding (speaker_embedding=True)")
-        if fusion == "concat" and separate_text_blocks:
+        if variant.fusion == "concat" and separate_text_blocks:
             raise ValueError("separate_text_blocks applies to the anchor fusion only, not to fusion='concat'")
         self.hidden, self.n_classes, self.n_speaker = hidden, n_classes, n_speaker
         self.separate_text_blocks = separate_text_blocks
-        self.modalities, self.fusion = modalities, fusion
-        self.gates = bool(gates) and fusion == "anchor"
-        self.speaker_embedding = bool(speaker_embedding)
-        present = {m.lower() for m in modalities}
+        self.modalities, self.fusion = variant.modalities, variant.fusion
+        self.gates, self.speaker_embedding = variant.gates, variant.speaker_embedding
+        present = {m.lower() for m in self.modalities}
         self._present = present
         # The predicting anchor: text if present, else audio, else video (docs/METHOD.md §5, Ablation variants).
         self._predictor = next(m for m in "tav" if m in present)
@@ -561,11 +346,9 @@ class AnchorGatedTransformer(nn.Module):
         return "concat" if self.fusion == "concat" else self._predictor.upper()
 
     @property
-    def variant(self) -> dict[str, object]:
-        """The variant as a plain dict, the constructor's keyword arguments:
-        ``{"modalities": ["T", "A", "V"], "gates": True, "speaker_embedding": True, "fusion": "anchor"}``."""
-        return {"modalities": list(self.modalities), "gates": self.gates,
-                "speaker_embedding": self.speaker_embedding, "fusion": self.fusion}
+    def variant(self) -> FusionVariant:
+        """The model's variant; ``variant.as_dict()`` gives the constructor's keyword arguments."""
+        return FusionVariant(self.modalities, self.gates, self.speaker_embedding, self.fusion)
 
     def _path(self, name: str, x: torch.Tensor, y: torch.Tensor, layout: Layout, spk: torch.Tensor | None,
               cross: bool) -> torch.Tensor:
@@ -616,163 +399,3 @@ class AnchorGatedTransformer(nn.Module):
 
         return FusionOutput(logits[pred], other("a", logits), other("v", logits),
                             feats[pred], other("a", feats), other("v", feats))
-
-
-# --------------------------------------------------------------------------- checkpoints
-
-def check_fusion_record(save_dir: Path, dataset: str, checkpoint: Path) -> dict[str, Any] | None:
-    """The fusion's metrics JSON (its completion record) must say complete and name ``dataset``;
-    a checkpoint without one (the authors') is accepted."""
-    producer = f"{dataset}/{FUSION}.py"
-    record = StageFiles.fusion(save_dir).metrics
-    doc = check_complete(record, f"the fusion checkpoint {checkpoint}", producer)
-    if doc is not None and doc.get("dataset") not in (None, dataset):
-        raise CheckpointError(
-            f"fusion checkpoint {checkpoint} was trained on {doc['dataset']} features "
-            f"({record}) but this is {producer}: pass the --save_dir of a {dataset} run"
-        )
-    return doc
-
-
-# --- the fusion's checkpoints
-
-_REFERENCE_ONLY = ("fc.",)  # the reference's top-level fc, never used in its forward
-_UNUSED_WHEN_SHARING = ("a_t.", "v_t.", "a_t_gate.", "v_t_gate.")
-_SELF_BLOCKS = {"T": "t_t.", "A": "a_a.", "V": "v_v."}  # an anchor model has X's self block iff it reads X
-
-
-def variant_from_checkpoint(state: Mapping[str, torch.Tensor]) -> dict[str, object]:
-    """The variant (:attr:`AnchorGatedTransformer.variant`) a fusion checkpoint was trained as.
-
-    Read from the names: the concat baseline holds :data:`CONCAT_MODALITIES` (which streams it read);
-    an anchor model holds the self block ``x_x`` of each modality X it reads; gates show as
-    ``*_gate.fc.weight``, the speaker embedding as ``speaker_embeddings.weight``. The authors'
-    checkpoints are ``anchor T+A+V`` with gates and speaker embedding.
-    """
-    if CONCAT_MODALITIES in state:
-        flags = [bool(f) for f in state[CONCAT_MODALITIES].tolist()]
-        modalities, fusion = [m for m, on in zip(MODALITIES, flags) if on], "concat"
-    else:
-        modalities = [m for m, prefix in _SELF_BLOCKS.items() if any(k.startswith(prefix) for k in state)]
-        fusion = "anchor"
-    if not modalities:
-        raise FusionCheckpointError("checkpoint has none of the blocks t_t, a_a, v_v and no "
-                                    f"{CONCAT_MODALITIES!r}: not a multimodal fusion checkpoint")
-    return {"modalities": modalities,
-            "gates": fusion == "anchor" and any(k.endswith("_gate.fc.weight") for k in state),
-            "speaker_embedding": "speaker_embeddings.weight" in state, "fusion": fusion}
-
-
-def infer_sizes_from_checkpoint(state: Mapping[str, torch.Tensor], with_variant: bool = False
-                                ) -> dict[str, object]:
-    """Sizes a checkpoint fixes: ``n_speaker``, ``hidden``, ``n_classes``, ``separate_text_blocks``;
-    with ``with_variant`` also ``"variant"``: :func:`variant_from_checkpoint`, so that
-    ``AnchorGatedTransformer(hidden, n_classes, n_speaker, n_head, dropout, separate_text_blocks,
-    **sizes["variant"])`` rebuilds the model of any variant.
-
-    ``n_head`` does not show in any shape and must come from the command line.
-    ``separate_text_blocks`` is True only for our checkpoints trained with
-    separate text blocks (``a_t``/``v_t`` weights without the reference's ``fc``).
-    ``n_speaker`` is None for a model without speaker embedding. ``n_classes`` (and
-    ``hidden`` without a speaker table) come from the predicting head (``w_t``,
-    else ``w_a``, ``w_v``; ``w_concat`` for the concat baseline).
-    """
-    variant = variant_from_checkpoint(state)
-    head = "w_concat" if variant["fusion"] == "concat" else f"w_{variant['modalities'][0].lower()}"
-    for key in (("speaker_embeddings.weight",) if variant["speaker_embedding"] else ()) + (f"{head}.weight",):
-        if key not in state:
-            raise FusionCheckpointError(f"checkpoint has no {key!r}: not a multimodal fusion checkpoint")
-    n_classes, hidden = state[f"{head}.weight"].shape
-    n_speaker = None
-    if variant["speaker_embedding"]:
-        rows, hidden = state["speaker_embeddings.weight"].shape
-        n_speaker = int(rows) - 1
-    has_text_blocks = any(k.startswith(("a_t.", "v_t.")) for k in state)
-    is_reference = any(k.startswith(_REFERENCE_ONLY) for k in state)
-    sizes: dict[str, object] = {
-        "n_speaker": n_speaker,
-        "hidden": int(hidden),
-        "n_classes": int(n_classes),
-        "separate_text_blocks": bool(has_text_blocks and not is_reference),
-    }
-    if with_variant:
-        sizes["variant"] = variant
-    return sizes
-
-
-def fusion_sizes_for(spec: DatasetSpec, path: str | Path, speaker2id: Mapping[str, int] | None = None,
-                     with_variant: bool = False) -> dict[str, object]:
-    """:func:`infer_sizes_from_checkpoint` of the checkpoint at ``path``, checked against the dataset.
-
-    The class count must be the dataset's, and the speaker embedding (when the
-    model has one) must have a row for every speaker id the dataset uses (MELD:
-    every id of ``speaker2id``; IEMOCAP: ``spec.n_speaker``), so a checkpoint
-    trained for the other dataset is refused with an error naming it.
-    """
-    sizes = infer_sizes_from_checkpoint(read_fusion_state(path), with_variant)
-    needed = max(speaker2id.values()) + 1 if spec.global_speaker_ids and speaker2id else spec.n_speaker
-    problems = []
-    if sizes["n_classes"] != spec.num_classes:
-        problems.append(f"{sizes['n_classes']} classes, {spec.name} has {spec.num_classes} ({', '.join(spec.labels)})")
-    if sizes["n_speaker"] is not None and sizes["n_speaker"] < needed:
-        problems.append(f"{sizes['n_speaker']} speaker rows (+ padding), {spec.name} needs {needed}")
-    if problems:
-        raise FusionCheckpointError(f"fusion checkpoint {path} was not trained for {spec.name}: it has "
-                                    f"{'; '.join(problems)}")
-    return sizes
-
-
-def read_fusion_state(path: str | Path) -> dict[str, torch.Tensor]:
-    """``torch.load`` a plain state_dict (tensors only) from ``path``."""
-    try:
-        return read_state_dict(path, "multimodal_fusion.py --train True")
-    except CheckpointError as err:
-        raise FusionCheckpointError(f"fusion {err}") from err
-
-
-def load_fusion_checkpoint(model: AnchorGatedTransformer, path: str | Path) -> AnchorGatedTransformer:
-    """Load our checkpoint or the reference's into ``model``; errors name the file and the keys.
-
-    A checkpoint of another variant (:func:`variant_from_checkpoint`) is refused with
-    an error naming both variants. The reference's never-used entries (``fc.*``, and
-    ``a_t``/``v_t`` blocks and gates when the model shares the text block as the
-    reference does) are dropped with one log line. Anything else missing, unexpected
-    or of another shape is an error (docs/METHOD.md §6).
-    """
-    path = Path(path)
-    state = read_fusion_state(path)
-    try:
-        found = variant_from_checkpoint(state)
-    except FusionCheckpointError:
-        found = None  # no fusion blocks at all: the key listing below names what is wrong
-    if found is not None and found != model.variant:
-        raise FusionCheckpointError(
-            f"fusion checkpoint {path} is the variant {variant_name(found)} ({found}) but the model is the "
-            f"variant {variant_name(model.variant)} ({model.variant}); build the model with "
-            f"{', '.join(f'{k}={v!r}' for k, v in found.items())} (infer_sizes_from_checkpoint(..., "
-            f"with_variant=True) reads them)")
-    is_reference = any(k.startswith(_REFERENCE_ONLY) for k in state)
-    drop = _REFERENCE_ONLY + (() if model.separate_text_blocks else _UNUSED_WHEN_SHARING)
-    dropped = sorted(k for k in state if is_reference and k.startswith(drop))
-    if dropped:
-        log.info("%s: reference checkpoint; dropping %d never-used entries (%s)", path, len(dropped),
-                 ", ".join(sorted({k.split(".")[0] for k in dropped})))
-        state = {k: v for k, v in state.items() if k not in set(dropped)}
-    problems = mismatch(model, state)
-    if problems:
-        hint = ""
-        unexpected = set(state) - set(model.state_dict())
-        if not model.separate_text_blocks and any(k.startswith(_UNUSED_WHEN_SHARING) for k in unexpected):
-            hint = "; it holds a_t/v_t blocks without the reference's fc: was it trained with --separate_text_blocks?"
-        raise FusionCheckpointError(f"fusion checkpoint {path} does not fit the model ({problems}){hint}")
-    model.load_state_dict(state)
-    return model
-
-
-def fusion_width(hidden_dim: int | None, n_head: int, width: int, source: str) -> int:
-    """The features' width, checked against ``--hidden_dim`` and ``--n_head``; errors name ``source``."""
-    if hidden_dim is not None and hidden_dim != width:
-        raise UserError(f"--hidden_dim {hidden_dim} does not match the width {width} of {source}")
-    if width % n_head:
-        raise UserError(f"--n_head {n_head} does not divide the feature width {width} ({source})")
-    return width

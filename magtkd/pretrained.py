@@ -4,7 +4,8 @@
 Encoders read their widths from the backbones' configs, never hard-coded, so the
 same code runs the real pretrained models and the tiny generated stand-ins.
 Every loader checks its folder first, so a missing or incomplete download fails
-with the exact ``hf download`` command that fixes it.
+with the exact ``hf download`` command that fixes it. transformers is imported
+only when a folder is loaded.
 """
 
 from __future__ import annotations
@@ -12,20 +13,21 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Sequence
 
 import torch
 from torch import nn
 
-from .artifacts import CheckpointError, check_complete, mismatch, read_state_dict, recorded_args
-from .dataset import AudioField, FrameCodec, TextField, VideoField, add_speaker_tokens
-from .model import AudioEncoder, TextEncoder, VideoEncoder
+from .artifacts import recorded_args
+from .encoders import AudioEncoder, TextEncoder, VideoEncoder
+from .frames import FrameCodec
+from .loaders import AudioField, TextField, VideoField
+from .prompt import add_speaker_tokens
 from .utils import UserError
+
 
 log = logging.getLogger("magtkd")
 
-
-# --------------------------------------------------------------------------- pretrained folders
 
 # Names of the four pretrained folders inside --pretrained_dir, with their hub ids.
 PRETRAINED = {
@@ -37,21 +39,36 @@ PRETRAINED = {
 
 
 TEXT = "roberta-large"
+
+
 AUDIO = "data2vec-audio-base-960h"
+
+
 IMAGE_PROCESSOR = "videomae-base"
+
+
 VIDEO = "timesformer-base-finetuned-k400"
 
+
 CONFIG = "config.json"
+
+
 PREPROCESSOR = "preprocessor_config.json"
+
+
 # Any one of these holds the weights (hub repos ship .bin, .safetensors or both).
 WEIGHTS = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json", "pytorch_model.bin.index.json")
+
+
 # Any one of these holds the tokenizer (tokenizer.json, or the slow vocab.json + merges.txt).
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json")
+
 
 # What each folder must hold (config.json's ``model_type``, and the prefix of its ``architectures``):
 # another model loads with random backbone weights, or fails deep inside transformers.
 MODEL_TYPES = {TEXT: ("roberta", "Roberta"), AUDIO: ("data2vec-audio", "Data2VecAudio"),
                IMAGE_PROCESSOR: ("videomae", "VideoMAE"), VIDEO: ("timesformer", "Timesformer")}
+
 
 # Heads of the checkpoints that the base models do not use: their "unexpected
 # keys" are the normal result of loading a base model from a head checkpoint.
@@ -192,9 +209,6 @@ def load_video_backbone(pretrained_dir: Path):
     return _load_model(TimesformerModel, VIDEO, pretrained_dir)
 
 
-# --- helpers --------------------------------------------------------------------
-
-
 def _hub_id(name: str) -> str:
     try:
         return PRETRAINED[name]
@@ -240,6 +254,10 @@ def _load_model(model_cls, name: str, pretrained_dir: Path, **kwargs):
     other difference (missing or mismatched weights, unexpected non-head keys)
     or a failed load re-emits the original report.
     """
+    from transformers.utils import logging as hf_logging
+
+    # One tqdm bar per epoch is ours; transformers' per-load "Loading weights" bars are noise.
+    hf_logging.disable_progress_bar()
     folder = pretrained_folder(pretrained_dir, name, (CONFIG, WEIGHTS))
     hf_logger = logging.getLogger("transformers.modeling_utils")
     hold = _HoldLoadReports()
@@ -277,7 +295,6 @@ def _release(hf_logger: logging.Logger, hold: _HoldLoadReports) -> None:
         hf_logger.handle(record)
 
 
-
 def _hidden_size(pretrained_dir: Path, name: str) -> int:
     config = pretrained_folder(pretrained_dir, name) / "config.json"
     return int(json.loads(config.read_text(encoding="utf-8"))["hidden_size"])
@@ -293,6 +310,10 @@ def representation_width(pretrained_dir: Path) -> int:
             "needs one representation width for all modalities"
         )
     return audio
+
+
+
+# --------------------------------------------------------------------------- encoders
 
 
 def load_text_encoder(pretrained_dir: Path, num_classes: int) -> tuple[TextEncoder, object]:
@@ -350,106 +371,3 @@ def load_encoder(modality: str, pretrained_dir: Path, num_classes: int, feature_
         codec = FrameCodec(load_image_processor(pretrained_dir))
         return load_video_encoder(pretrained_dir, num_classes), VideoField(codec, feature_dir)
     raise ValueError(f"unknown modality {modality!r}; expected text, audio or video")
-
-
-def enable_grad_checkpointing(model: nn.Module) -> list[str]:
-    """``--grad_checkpointing True``: the Hugging Face backbones inside ``model`` recompute their layers'
-    activations during backward (less memory, about a third more compute); returns their class names."""
-    found = [m for m in model.modules() if getattr(m, "supports_gradient_checkpointing", False)
-             and hasattr(m, "gradient_checkpointing_enable")]
-    if not found:
-        raise UserError(f"--grad_checkpointing True: {type(model).__name__} has no Hugging Face backbone")
-    for module in found:
-        # Non-reentrant checkpointing restores the RNG state, so dropout masks match the plain run.
-        module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return [type(m).__name__ for m in found]
-
-
-# --------------------------------------------------------------------------- trained first-stage checkpoints
-
-def check_checkpoint_record(path: Path, produced_by: str, dataset: str | None = None,
-                            labels: Sequence[str] | None = None) -> None:
-    """Refuse a checkpoint whose metrics JSON says its run did not finish or that it belongs to another
-    ``dataset`` / label list (both sides named). Checkpoints without a JSON (the authors') are accepted."""
-    path = Path(path)
-    record = path.with_suffix(".json")
-    doc = check_complete(record, f"checkpoint {path}", produced_by)
-    if doc is None:
-        return
-    expected = dataset
-    if expected and doc.get("dataset") not in (None, expected):
-        raise CheckpointError(f"checkpoint {path} was trained on {doc['dataset']} ({record}) but this run "
-                              f"needs a {expected} checkpoint written by {produced_by}")
-    if labels is not None and doc.get("labels") is not None and list(doc["labels"]) != list(labels):
-        raise CheckpointError(f"checkpoint {path} has labels {doc['labels']} ({record}); this run needs "
-                              f"{list(labels)}: use the checkpoint {produced_by} writes for this dataset")
-
-
-# The authors' first-stage modules (docs/METHOD.md §7): the pretrained encoder is ``text_model``
-# (a RobertaModel WITH its pooler, which the representation never uses) or ``model``
-# (data2vec / TimeSformer), the classifier ``W``; ours are ``backbone`` and ``classifier``
-# (+ the text ``project``). Entries of theirs that our modules lack and nothing reads.
-AUTHORS_BACKBONES = ("text_model.", "model.")
-AUTHORS_UNUSED = (".pooler.", "embeddings.position_ids")
-
-
-def from_authors_layout(model: nn.Module, state: Mapping[str, torch.Tensor], path: Path
-                        ) -> dict[str, torch.Tensor]:
-    """A first-stage state_dict as the authors' code writes it, renamed onto ``model``'s names.
-
-    ``text_model.*`` / ``model.*`` -> ``backbone.*``; the pooler (and a stored
-    ``position_ids`` buffer) are dropped; each other top-level Linear (``W``, and
-    the text projection whatever its name) goes to the one head Linear of ours
-    with its weight's shape. Anything that fits nowhere keeps its name, so the
-    strict check in `load_checkpoint` reports it. Our own checkpoints pass unchanged.
-    """
-    if any(k.startswith("backbone.") for k in state) or not any(k.startswith(AUTHORS_BACKBONES) for k in state):
-        return dict(state)
-    own = model.state_dict()
-    mapped: dict[str, torch.Tensor] = {}
-    dropped: list[str] = []
-    heads: dict[str, dict[str, torch.Tensor]] = {}
-    for key, value in state.items():
-        prefix = next((p for p in AUTHORS_BACKBONES if key.startswith(p)), None)
-        if prefix is None:
-            module, _, leaf = key.rpartition(".")
-            heads.setdefault(module, {})[leaf] = value
-            continue
-        ours = "backbone." + key[len(prefix):]
-        if ours not in own and any(part in key for part in AUTHORS_UNUSED):
-            dropped.append(key)
-        else:
-            mapped[ours] = value
-    our_heads = {k.rpartition(".")[0] for k in own if not k.startswith("backbone.")}
-    renamed = []
-    for module, params in heads.items():
-        weight = params.get("weight")
-        fits = [h for h in our_heads if weight is not None and set(params) == {"weight", "bias"}
-                and tuple(own[f"{h}.weight"].shape) == tuple(weight.shape)]
-        if module and len(fits) == 1:
-            our_heads.discard(fits[0])
-            mapped.update({f"{fits[0]}.{leaf}": v for leaf, v in params.items()})
-            renamed.append(f"{module} -> {fits[0]}")
-        else:  # unknown to us: left under its own name for the error message
-            mapped.update({f"{module}.{leaf}" if module else leaf: v for leaf, v in params.items()})
-    log.info("%s: laid out as the authors' code writes it; backbone renamed, heads %s, %d unused entries "
-             "dropped (%s)", path, ", ".join(renamed) or "none", len(dropped),
-             ", ".join(sorted({k.split(".pooler.")[0] + ".pooler" if ".pooler." in k else k for k in dropped})))
-    return mapped
-
-
-def load_checkpoint(model: nn.Module, path: Path, produced_by: str, dataset: str | None = None,
-                    labels: Sequence[str] | None = None) -> nn.Module:
-    """Load a plain state_dict strictly (ours, or the authors' layout, `from_authors_layout`);
-    errors name the file and the mismatched keys; a metrics JSON beside it must say complete and
-    name ``dataset`` and ``labels`` (`check_checkpoint_record`)."""
-    check_checkpoint_record(path, produced_by, dataset, labels)
-    state = from_authors_layout(model, read_state_dict(path, produced_by), Path(path))
-    problems = mismatch(model, state)
-    if problems:
-        raise CheckpointError(
-            f"checkpoint {path} does not match the model ({problems}); "
-            f"was it written by {produced_by} with the same pretrained folder?"
-        )
-    model.load_state_dict(state)
-    return model

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from ..utils import setup_logging
+from ..runtime import setup_logging
 
 log = logging.getLogger("magtkd.synthetic")
 

@@ -28,19 +28,19 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import multiprocessing
 import os
+import subprocess
+import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Sequence
 
-from ..artifacts import StageFiles, feature_path, write_json, write_text
-from ..features import load_features
-from ..pipeline import parser as pipeline_parser
-from ..pipeline import run as run_pipeline
+from ..artifacts import StageFiles, feature_path, read_record, write_json, write_text
+from ..pickles import load_features
+from ..pipeline import REPO, RUN_RECORD, PipelineError
 from ..results import SEED_SUMMARY_NOTE, TEST_SELECTED_NOTE, majority_weighted_f1, summary
-from ..utils import nonnegative_int, positive_float, positive_int, setup_logging
+from ..runtime import setup_logging
+from ..utils import nonnegative_int, positive_float, positive_int
 
 log = logging.getLogger("magtkd")
 DATASETS = ("IEMOCAP", "MELD")
@@ -121,28 +121,36 @@ def markdown(results: dict, seeds: Sequence[int]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run_dataset(workdir: Path, name: str, args: argparse.Namespace, worker: bool = False) -> dict:
-    """One dataset's pipeline (the stages of ``<DS>/run.sh``, in this process) and its `dataset_results`.
-    ``worker``: this is a process of its own, running beside the other dataset's (logging set up here,
-    tqdm bars off so two processes do not draw over each other; the epoch lines stay)."""
-    if worker:
-        os.environ["TQDM_DISABLE"] = "1"
-        setup_logging()
+def run_dataset(workdir: Path, name: str, args: argparse.Namespace, quiet: bool = False) -> subprocess.Popen:
+    """Start one dataset's pipeline: ``<DS>/pipeline.py`` (what ``<DS>/run.sh`` runs: preparation + the eight
+    stage scripts) as its own process, every stage in it (``--in_process``; ``--subprocess``: each stage a
+    process of its own, exactly like run.sh). ``quiet``: this process runs beside the other dataset's (tqdm
+    bars off, so two processes do not draw over each other; the epoch lines stay)."""
+    env = dict(os.environ)
+    if quiet:
+        env["TQDM_DISABLE"] = "1"
     if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
-    stage_args = pipeline_parser().parse_args([
-        name, "--data_dir", str(workdir / "datasets" / name),
-        "--pretrained_dir", str(workdir / "pretrained_model"),
+        env["OMP_NUM_THREADS"] = str(args.threads)  # torch's intra-op threads in the pipeline and its stages
+    argv = [
+        "--data_dir", str(workdir / "datasets" / name), "--pretrained_dir", str(workdir / "pretrained_model"),
         "--save_dir", str(workdir / name / "save_model"), "--feature_dir", str(workdir / name / "feature"),
         "--device", args.device, "--epochs", str(args.epochs), "--learning_rate", str(args.learning_rate),
         "--per_batch_schedule", "--fusion_epochs", str(args.fusion_epochs),
         "--fusion_args", f"{args.fusion_args} --seeds {' '.join(map(str, args.fusion_seeds))}", "--force",
         *([] if args.subprocess else ["--in_process"]),
-    ])
-    seconds = run_pipeline(stage_args)
-    result = dataset_results(workdir, name, seconds, args.fusion_seeds)
+    ]
+    return subprocess.Popen([sys.executable, str(REPO / name / "pipeline.py"), *argv], env=env)
+
+
+def finish_dataset(workdir: Path, name: str, process: subprocess.Popen, seeds: Sequence[int]) -> dict:
+    """Wait for a dataset's pipeline and return its `dataset_results`; a failed pipeline stops the demo
+    (its stage printed the reason)."""
+    status = process.wait()
+    if status != 0:
+        raise PipelineError(f"demo: the {name} pipeline failed (exit status {status}; its message is above)",
+                            status if status > 0 else 1)
+    record = read_record(workdir / name / "save_model" / RUN_RECORD) or {}
+    result = dataset_results(workdir, name, record.get("seconds", {}), seeds)
     log.info("demo %s: %s", name, {k: v for k, v in result.items() if k not in ("seconds", "seeds")})
     return result
 
@@ -167,7 +175,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                    help="run every stage as its own process, exactly like run.sh (slower)")
     p.add_argument("--jobs", type=nonnegative_int, default=0,
                    help="datasets run side by side in this many processes (0 = one per dataset, at most one per "
-                        "CPU core; 1 = one after the other in this process)")
+                        "CPU core; 1 = one after the other)")
     args = p.parse_args(None if argv is None else list(argv))
     setup_logging()
     workdir = args.workdir.resolve()
@@ -179,12 +187,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
     # The datasets' pipelines share nothing but the generated pretrained folder (read only), and each
     # runs on one thread: side by side in their own processes they finish in the time of the longer one.
     jobs = min(args.jobs or os.cpu_count() or 1, len(args.datasets))
-    if jobs > 1:
-        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-            futures = {name: pool.submit(run_dataset, workdir, name, args, True) for name in args.datasets}
-            results = {name: future.result() for name, future in futures.items()}
-    else:
-        results = {name: run_dataset(workdir, name, args) for name in args.datasets}
+    results = {}
+    for start in range(0, len(args.datasets), jobs):
+        names = args.datasets[start:start + jobs]
+        running = {name: run_dataset(workdir, name, args, quiet=jobs > 1) for name in names}
+        results.update({name: finish_dataset(workdir, name, process, args.fusion_seeds)
+                        for name, process in running.items()})
     total = round(time.time() - started, 1)
     write_json(workdir / "results.json", results)
     table = markdown(results, args.fusion_seeds) + f"\nTotal wall time {total} s (data generation included).\n"

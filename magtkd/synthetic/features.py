@@ -18,8 +18,8 @@ from typing import Mapping
 import numpy as np
 
 from ..artifacts import feature_path
-from ..dataset import SPLITS, DatasetSpec
-from ..features import FEATURE_KEYS, assemble_features, save_features
+from ..spec import SPLITS, DatasetSpec
+from ..pickles import FEATURE_KEYS, assemble_features, save_features
 
 SIGNAL = {"text": 1.0, "audio": 0.5, "video": 0.3, "audio_kd": 0.8, "video_kd": 0.6}
 MAX_SPEAKERS_PER_DIALOGUE = 9

@@ -1,0 +1,338 @@
+"""The command lines: one set of parsers built on each other, so a flag is declared once and means the
+same in every script that has it (docs/METHOD.md §0).
+
+``base_parser`` (``--device --debug``) -> ``paths_parser`` (+ the four folders, ``--num_workers``) ->
+``training_parser`` (text, audio, video, KD) and ``predict_parser``; ``fusion_parser`` and
+``ablation_parser`` take the folders they use. Each script passes its dataset's description and
+defaults; the help shows every default once. Standard library only (besides the dataset
+description), so ``--help`` starts at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+from .spec import PROMPTS, DatasetSpec
+from .utils import (UserError, nonnegative_float, nonnegative_int, positive_float, positive_int, probability,
+                    seed_int, str2bool)
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Keep the script docstring's layout (it holds the exact command) and show each flag's default once:
+    not when its help already says what the default is, and never as ``(default: None)``."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help_text = action.help or ""
+        if action.default is None or "default" in help_text.lower() or action.default is argparse.SUPPRESS:
+            return help_text
+        return super()._get_help_string(action)
+
+
+def base_parser(description: str | None, allow_abbrev: bool = True, device: bool = True) -> argparse.ArgumentParser:
+    """``--device`` and ``--debug``: what every script has (preparation: ``--debug`` only)."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter, allow_abbrev=allow_abbrev)
+    if device:
+        parser.add_argument("--device", default=None,
+                            help="cuda, cuda:1 or cpu; default: CUDA when available, else CPU")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the full traceback of errors in the input (flags, files, data)")
+    return parser
+
+
+def preparation_parser(spec: DatasetSpec, script_dir: str | Path, description: str | None,
+                       data_help: str) -> argparse.ArgumentParser:
+    """The flags of ``preprocessing.py``: the release folder (the CSVs are written into it)."""
+    return add_folders(base_parser(description, device=False), spec, script_dir, ("data_dir",), {"data_dir": data_help})
+
+
+# The four folders: help text, and the DatasetSpec method that gives the default (relative to the script).
+FOLDERS = {
+    "data_dir": ("the dataset folder (release + prepared CSVs)", "default_data_dir"),
+    "pretrained_dir": ("folder holding the four pretrained model folders", "default_pretrained_dir"),
+    "save_dir": ("checkpoints (.bin) and their metrics JSON", "default_save_dir"),
+    "feature_dir": ("stored frames, the audio cache and the first-stage feature pickles", "default_feature_dir"),
+}
+
+
+def add_folders(parser: argparse.ArgumentParser, spec: DatasetSpec, script_dir: str | Path,
+                names: Sequence[str] = tuple(FOLDERS), helps: dict[str, str] | None = None) -> argparse.ArgumentParser:
+    """The folder flags ``names``, each defaulting to the dataset's folder relative to ``script_dir``."""
+    for name in names:
+        help_text, default = FOLDERS[name]
+        parser.add_argument(f"--{name}", type=Path, default=getattr(spec, default)(Path(script_dir)),
+                            help=(helps or {}).get(name, help_text))
+    return parser
+
+
+def paths_parser(spec: DatasetSpec, script_dir: str | Path, description: str | None) -> argparse.ArgumentParser:
+    """Flags every stage has: folders (defaulting relative to the script's folder), device, workers."""
+    parser = add_folders(base_parser(description), spec, script_dir)
+    parser.add_argument("--num_workers", type=nonnegative_int, default=0, help="data-loading worker processes")
+    return parser
+
+
+def add_seed_flags(parser: argparse.ArgumentParser, seed: int, files: str) -> None:
+    """``--seed`` and ``--seeds`` (one model per seed; ``files``: the per-seed names, for the help)."""
+    parser.add_argument("--seed", type=seed_int, default=seed,
+                        help="seeds the model, the data order and every random draw")
+    parser.add_argument("--seeds", type=seed_int, nargs="+", default=None,
+                        help=f"train one model per seed ({files}; the best dev one also under the usual names) and "
+                             "write the seeds summary (.json/.md, mean ± std); default: the single --seed")
+    parser.add_argument("--train", type=str2bool, default=True,
+                        help="True: train; False: evaluate the saved checkpoint on test")
+
+
+def add_amp_flag(parser: argparse.ArgumentParser, fp16_scaler: bool = False) -> None:
+    """``--amp``: bf16 autocast on CUDA (default off, the authors' fp32); for KD (``fp16_scaler``) fp16
+    autocast with a gradient scaler, default on, as the authors' KD (docs/METHOD.md §3)."""
+    if fp16_scaler:
+        parser.add_argument("--amp", type=str2bool, default=True,
+                            help="fp16 autocast on CUDA with a gradient scaler, as the authors' KD (the scaler "
+                                 "also runs on CPU, where the forward stays fp32); False: fp32")
+    else:
+        parser.add_argument("--amp", type=str2bool, default=False,
+                            help="bf16 autocast on CUDA; default False: fp32, as the authors (CPU always runs fp32)")
+
+
+def training_parser(spec: DatasetSpec, script_dir: str | Path, description: str | None, *, epochs: int,
+                    batch_size: int, learning_rate: float, kd: bool = False) -> argparse.ArgumentParser:
+    """The flags of every first-stage training script (text, audio, video, KD), with the given defaults:
+    the reference's names (``--epochs --batch_size --seed --learning_rate --train``) plus ours
+    (docs/METHOD.md §2, §3)."""
+    parser = paths_parser(spec, script_dir, description)
+    parser.add_argument("--epochs", type=positive_int, default=epochs, help="training epochs")
+    parser.add_argument("--batch_size", type=positive_int, default=batch_size,
+                        help="utterances per batch and process (the global batch is processes x this x --grad_accum)")
+    add_seed_flags(parser, 2024, "<name>_seed<S>.bin")
+    parser.add_argument("--learning_rate", type=positive_float, default=learning_rate,
+                        help="AdamW learning rate (the peak of the schedule)")
+    add_amp_flag(parser, fp16_scaler=kd)
+    if kd:
+        parser.add_argument("--reference_kd_clip", type=str2bool, default=False,
+                            help="clip the still-SCALED gradients at 10, as the authors did (the update then sees "
+                                 "gradients of norm about 10/scale); default False: unscale, then clip")
+    add_loop_flags(parser, checkpointing=True)
+    return parser
+
+
+def fusion_parser(spec: DatasetSpec, script_dir: str | Path, description: str | None, *, audio_feature: str,
+                  video_feature: str, alpha: float, beta: float, feature_loss: bool) -> argparse.ArgumentParser:
+    """The flags of ``multimodal_fusion.py``: the reference's names (``--lr --l2 --dropout --hidden_dim
+    --n_head --batch_size --epochs --seed --train``) with the dataset's distillation defaults, plus ours.
+    The model's settings default to None: training takes the paper's model and the dataset's feature keys,
+    ``--train False`` what the checkpoint and its metrics document say (`magtkd.fusion_settings`)."""
+    p = add_folders(base_parser(description), spec, script_dir, ("feature_dir", "save_dir"),
+                    {"feature_dir": "folder of first_stage_{train,dev,test}_features.pkl",
+                     "save_dir": "folder of multimodal_fusion_best.{bin,json} and multimodal_fusion_metrics.json"})
+    p.add_argument("--lr", type=positive_float, default=1e-4, help="AdamW learning rate (peak of the schedule)")
+    p.add_argument("--l2", type=nonnegative_float, default=1e-6, help="AdamW weight decay")
+    p.add_argument("--batch_size", type=positive_int, default=16, help="dialogues per batch")
+    add_seed_flags(p, 2024, "multimodal_fusion_best_seed<S>.bin")
+    p.add_argument("--epochs", type=positive_int, default=30, help="training epochs")
+    p.add_argument("--dropout", type=probability, default=0.5, help="dropout everywhere in the model")
+    p.add_argument("--hidden_dim", type=positive_int, default=None,
+                   help="the model's width; default: the features' width (it must equal it)")
+    p.add_argument("--n_head", type=positive_int, default=None,
+                   help="attention heads; default 8 (--train False: as trained)")
+    p.add_argument("--clsNum", type=int, default=spec.num_classes, help="number of classes")
+    p.add_argument("--audio_feature", choices=("audio", "audio_kd"), default=None,
+                   help=f"feature key feeding the audio stream A; default {audio_feature} (--train False: as trained)")
+    p.add_argument("--video_feature", choices=("video", "video_kd"), default=None,
+                   help=f"feature key feeding the video stream V; default {video_feature} (--train False: as trained)")
+    p.add_argument("--alpha", type=float, default=alpha, help="weight of KD(A')")
+    p.add_argument("--beta", type=float, default=beta, help="weight of KD(V')")
+    p.add_argument("--feature_loss", type=str2bool, default=feature_loss, help="add L_feat(X', T') to KD(X')")
+    p.add_argument("--separate_text_blocks", type=str2bool, nargs="?", const=True, default=None,
+                   help="text-anchor paths use their own a_t/v_t blocks and gates (the reference shares t_t); "
+                        "default False (--train False: as trained)")
+    p.add_argument("--packed", type=str2bool, nargs="?", const=True, default=None,
+                   help="per-utterance layers on the real utterances only (True) or on the padded (dialogues x "
+                        "longest) grid as the authors' code (False); the same results. Default: packed for batches "
+                        "large enough to gain (docs/METHOD.md §5, Speed)")
+    p.add_argument("--n_speaker", type=int, default=None,
+                   help=f"speaker embedding rows without padding; default {spec.n_speaker}"
+                        + (" or the largest id + 1 in the data, whichever is larger" if spec.global_speaker_ids
+                           else "") + " (--train False: from the checkpoint)")
+    add_variant_flags(p)
+    add_loop_flags(p, checkpointing=False)
+    return p
+
+
+def add_variant_flags(p: argparse.ArgumentParser) -> None:
+    """The fusion's ablation variant (docs/METHOD.md §5, "Ablation variants"). ``None`` (not given): the
+    paper's model when training; as the checkpoint was trained for ``--train False`` and prediction."""
+    p.add_argument("--modalities", type=str.upper, nargs="+", choices=("T", "A", "V"), default=None,
+                   help="streams the fusion reads, any non-empty subset of T A V; default T A V (--train False: "
+                        "as trained)")
+    p.add_argument("--gates", type=str2bool, default=None,
+                   help="False: every gate is the identity; default True (--train False: as trained)")
+    p.add_argument("--speaker_embedding", type=str2bool, default=None,
+                   help="False: no speaker embedding; default True (--train False: as trained)")
+    p.add_argument("--fusion", choices=("anchor", "concat"), default=None,
+                   help="anchor: the anchor gated transformer; concat: the baseline without anchors; default "
+                        "anchor (--train False: as trained)")
+
+
+def predict_parser(spec: DatasetSpec, script_dir: str | Path, description: str | None,
+                   unknown_speakers: str) -> argparse.ArgumentParser:
+    """The flags of ``predict.py``: the stage folders, the conversation and the output, batch size,
+    autocast and the fusion settings that its metrics document records (``None``: as trained)."""
+    parser = paths_parser(spec, script_dir, description)
+    parser.add_argument("--conversation", type=Path, required=True, help="the conversation CSV")
+    parser.add_argument("--out", type=Path, required=True, help="the predictions CSV to write")
+    parser.add_argument("--batch_size", type=positive_int, default=16,
+                        help="utterances per first-stage forward pass and dialogues per fusion batch")
+    add_amp_flag(parser)
+    add_variant_flags(parser)
+    add_prompt_flag(parser)
+    parser.add_argument("--channel_order", choices=("rgb", "bgr"), default="rgb",
+                        help="frame channel order; use the one video_feature_extract.py used for training")
+    parser.add_argument("--audio_feature", choices=("audio", "audio_kd"), default=None,
+                        help="feature key feeding the audio stream A; default: as trained")
+    parser.add_argument("--video_feature", choices=("video", "video_kd"), default=None,
+                        help="feature key feeding the video stream V; default: as trained")
+    parser.add_argument("--n_head", type=positive_int, default=None,
+                        help="attention heads; default: as trained, else 8")
+    parser.add_argument("--unknown_speakers", choices=("padding", "error"), default="padding",
+                        help=f"{unknown_speakers}: the model's padding row (warning) or an error")
+    return add_audio_cache_flags(parser)
+
+
+def add_prompt_flag(parser: argparse.ArgumentParser, training: bool = False) -> argparse.ArgumentParser:
+    """``--prompt``: the text prompt variant (docs/METHOD.md §2, Prompt variants). Training the text model:
+    default full; everywhere else (and text.py --train False) default: what text.json recorded."""
+    parser.add_argument("--prompt", choices=PROMPTS, default=None,
+                        help="text prompt variant; default " + ("full (--train False: as trained)" if training
+                                                                else "as the text model was trained (text.json)"))
+    return parser
+
+
+def add_loop_flags(parser: argparse.ArgumentParser, checkpointing: bool) -> argparse.ArgumentParser:
+    """The training loop's flags (`magtkd.engine.FitConfig.from_flags` reads them): schedule, memory,
+    restarts, precision, determinism and monitoring."""
+    parser.add_argument("--per_batch_schedule", type=str2bool, nargs="?", const=True, default=False,
+                        help="count warmup/total steps in batches instead of the reference's items")
+    parser.add_argument("--schedule_epochs", type=str2bool, default=False,
+                        help="anchor warmup and decay to the authors' curve in EPOCHS (as at their global batch) "
+                             "whatever the global batch (per-process batch x processes x --grad_accum); default "
+                             "False: their count in steps, whose length in epochs grows with the global batch "
+                             "(docs/METHOD.md §2)")
+    parser.add_argument("--grad_accum", type=positive_int, default=1,
+                        help="accumulate gradients over N batches per update (an N times larger batch)")
+    if checkpointing:
+        parser.add_argument("--grad_checkpointing", type=str2bool, default=False,
+                            help="recompute the Hugging Face backbone's activations in backward (less memory)")
+    parser.add_argument("--resume", type=str2bool, default=False,
+                        help="continue from the training state saved after the last completed epoch")
+    parser.add_argument("--tf32", type=str2bool, default=False,
+                        help="TF32 matrix products in the fp32 computations on CUDA (faster on Ampere and newer, "
+                             "about 3 significant digits); default False, as the authors (docs/METHOD.md §3)")
+    parser.add_argument("--deterministic", type=str2bool, default=True,
+                        help="cudnn.deterministic=True, benchmark=False, as the authors; False trades "
+                             "run-to-run reproducibility for speed")
+    parser.add_argument("--tensorboard", type=Path, default=None,
+                        help="write TensorBoard event files to this folder: per update the train loss, learning "
+                             "rate, gradient norm and scale; per epoch the dev/test metrics (rank 0 only); "
+                             "default: none")
+    return parser
+
+
+def add_audio_cache_flags(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """``--audio_cache``/``--audio_cache_dir`` of the stages that decode audio (`audio_cache_dir`)."""
+    parser.add_argument("--audio_cache", type=str2bool, default=True,
+                        help="store each clip's decoded 16 kHz samples the first time (keyed by the source "
+                             "file's path, size and mtime; identical samples) and read them in later epochs "
+                             "and stages; False: decode every time")
+    parser.add_argument("--audio_cache_dir", type=Path, default=None,
+                        help="the audio cache folder; default: <feature_dir>/audio_cache")
+    return parser
+
+
+def audio_cache_dir(enabled: bool, folder: Path | None, feature_dir: Path) -> Path | None:
+    """The audio cache folder ``--audio_cache``/``--audio_cache_dir`` name; None when caching is off."""
+    if not enabled:
+        return None
+    return Path(folder) if folder is not None else Path(feature_dir) / "audio_cache"
+
+
+def seed_list(seed: int, seeds: Sequence[int] | None, train: bool = True) -> list[int]:
+    """The seeds to train: ``--seeds``, or the single ``--seed``."""
+    chosen = list(seeds) if seeds else [seed]
+    duplicates = sorted({s for s in chosen if chosen.count(s) > 1})
+    if duplicates:
+        raise UserError(f"--seeds lists {duplicates} more than once")
+    if len(chosen) > 1 and not train:
+        raise UserError("--seeds with several seeds trains one model per seed; --train False evaluates the "
+                        "single saved checkpoint (give no --seeds)")
+    return chosen
+
+
+def seed_tag(seed: int, seeds: Sequence[int]) -> str:
+    """``_seed<S>`` for the files of one seed among several; '' for a single seed (the usual names)."""
+    return f"_seed{seed}" if len(seeds) > 1 else ""
+
+
+ABLATION_TABLES = ("modalities", "components", "kd", "prompt")
+
+
+def ablation_parser(spec: DatasetSpec, script_dir: Path, description: str | None) -> argparse.ArgumentParser:
+    """``<DS>/ablation.py``'s own flags; every other flag passes through to the stage runs."""
+    p = add_folders(base_parser(description, allow_abbrev=False), spec, script_dir,
+                    helps={"save_dir": "the pipeline's checkpoints; the tables go to <save_dir>/ablation/",
+                           "feature_dir": "the first-stage feature pickles (and stored frames)"})
+    p.add_argument("--table", choices=ABLATION_TABLES, required=True,
+                   help="modalities: the fusion on each subset of T, A, V; components: without each component; "
+                        "kd: the first-stage models; prompt: the text-prompt variants through the fusion")
+    p.add_argument("--seeds", type=seed_int, nargs="+", required=True, help="one run per seed of every variant")
+    p.add_argument("--train", type=str2bool, default=False,
+                   help="kd table: True trains the first-stage models; False tests the saved ones")
+    p.add_argument("--text_args", default="",
+                   help='prompt table: flags for text.py, e.g. "--epochs 2 --learning_rate 1e-3" (the other flags '
+                        "go to the fusion); default: none")
+    return p
+
+
+# The pipeline's environment variables (run.sh): flag -> variable.
+PIPELINE_ENV = {"data_dir": "DATA_DIR", "pretrained_dir": "PRETRAINED_DIR", "save_dir": "SAVE_DIR",
+                "feature_dir": "FEATURE_DIR", "device": "DEVICE", "num_workers": "NUM_WORKERS", "epochs": "EPOCHS",
+                "fusion_epochs": "FUSION_EPOCHS", "learning_rate": "LEARNING_RATE", "seeds": "SEEDS",
+                "fusion_args": "FUSION_ARGS", "nproc_per_node": "NPROC_PER_NODE"}
+
+
+def pipeline_parser(description: str | None) -> argparse.ArgumentParser:
+    """The flags of ``run.sh`` (`magtkd.pipeline`); each defaults to its environment variable
+    (`PIPELINE_ENV`) when that is set. Relative folders are the caller's (the working directory)."""
+    env = {flag: os.environ.get(variable) or None for flag, variable in PIPELINE_ENV.items()}
+    p = base_parser(description)
+    p.set_defaults(device=env["device"])
+    for name, (help_text, _) in FOLDERS.items():
+        p.add_argument(f"--{name}", type=Path, default=env[name], help=f"{help_text}; default: the dataset's")
+    p.add_argument("--num_workers", type=nonnegative_int, default=int(env["num_workers"] or 0),
+                   help="data-loading worker processes of every stage")
+    p.add_argument("--epochs", type=positive_int, default=_number(env["epochs"], int),
+                   help="epochs of the first-stage and KD trainings; default: each stage's own")
+    p.add_argument("--fusion_epochs", type=positive_int, default=_number(env["fusion_epochs"], int),
+                   help="epochs of the fusion; default: its own (30)")
+    p.add_argument("--learning_rate", type=positive_float, default=_number(env["learning_rate"], float),
+                   help="learning rate of the first-stage and KD trainings; default: each stage's own")
+    p.add_argument("--per_batch_schedule", action="store_true",
+                   help="first-stage and KD schedules counted in batches (see text.py --help)")
+    p.add_argument("--seeds", type=seed_int, nargs="+", default=[int(s) for s in (env["seeds"] or "").split()] or None,
+                   help="train every first-stage, KD and fusion model once per seed (see text.py --help); "
+                        "default: each stage's --seed")
+    p.add_argument("--fusion_args", default=env["fusion_args"] or "",
+                   help='extra flags for multimodal_fusion.py, e.g. "--lr 1e-3 --batch_size 2"; default: none')
+    p.add_argument("--force", action="store_true", help="re-run stages whose outputs are up to date")
+    p.add_argument("--in_process", action="store_true", help="call each script's main() in this process")
+    p.add_argument("--nproc_per_node", type=positive_int, default=int(env["nproc_per_node"] or 1),
+                   help="processes (one per GPU) for the stages that run data-parallel: each is launched as "
+                        "python -m torch.distributed.run --standalone --nproc_per_node N <script>; the fusion "
+                        "and preparation run in one process")
+    return p
+
+
+def _number(text: str | None, kind: type) -> Any:
+    return kind(text) if text else None

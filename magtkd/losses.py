@@ -1,0 +1,64 @@
+"""The distillation losses: the correlation-based logit loss and the relational feature loss
+(docs/METHOD.md §3). The stage scripts' ``objective`` functions weight them.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+PEARSON_EPS = 1e-8
+
+
+def pearson(x: torch.Tensor, y: torch.Tensor, dim: int = -1, eps: float = PEARSON_EPS) -> torch.Tensor:
+    """Pearson correlation along ``dim``: cosine of mean-centred vectors, ``eps`` added to the denominator."""
+    x = x - x.mean(dim=dim, keepdim=True)
+    y = y - y.mean(dim=dim, keepdim=True)
+    return (x * y).sum(dim=dim) / (x.norm(dim=dim) * y.norm(dim=dim) + eps)
+
+
+def logit_kd_loss(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, tau: float = 2.0,
+    beta: float = 1.0, gamma: float = 1.0,
+) -> torch.Tensor:
+    """``tau^2 * (beta * inter + gamma * intra)`` for logits of shape (batch, classes) (docs/METHOD.md §3).
+
+    ``inter = 1 - mean_i pearson(p_s[i, :], p_t[i, :])`` and
+    ``intra = 1 - mean_j pearson(p_s[:, j], p_t[:, j])`` with ``p = softmax(z / tau)``.
+    With a batch of one the intra term is constant 1 (a single value has no
+    spread to correlate); it then contributes no gradient.
+    """
+    if student_logits.shape != teacher_logits.shape or student_logits.dim() != 2:
+        raise ValueError(
+            f"logit_kd_loss expects two (batch, classes) tensors of the same shape, got "
+            f"student {tuple(student_logits.shape)} and teacher {tuple(teacher_logits.shape)}"
+        )
+    p_s = torch.softmax(student_logits / tau, dim=1)
+    p_t = torch.softmax(teacher_logits / tau, dim=1)
+    inter = 1.0 - pearson(p_s, p_t, dim=1).mean()
+    intra = 1.0 - pearson(p_s, p_t, dim=0).mean()
+    return tau**2 * (beta * inter + gamma * intra)
+
+
+def feature_kd_loss(student_feat: torch.Tensor, teacher_feat: torch.Tensor) -> torch.Tensor:
+    """Relational feature loss ``KL(P || Q)``, batch-mean, temperature 1 (docs/METHOD.md §3).
+
+    After L2 normalisation, ``P = softmax(h_t h_t^T)`` and ``log Q = log_softmax(h_t h_s^T)``,
+    both row-wise over the batch.
+    """
+    if student_feat.dim() != 2 or teacher_feat.dim() != 2 or student_feat.shape[0] != teacher_feat.shape[0]:
+        raise ValueError(
+            f"feature_kd_loss expects (batch, width) tensors with the same batch size, got "
+            f"student {tuple(student_feat.shape)} and teacher {tuple(teacher_feat.shape)}"
+        )
+    if student_feat.shape[1] != teacher_feat.shape[1]:
+        raise ValueError(
+            f"feature_kd_loss: student width {student_feat.shape[1]} != teacher width "
+            f"{teacher_feat.shape[1]} (h_t h_s^T needs equal widths)"
+        )
+    h_s = F.normalize(student_feat, dim=1)
+    h_t = F.normalize(teacher_feat, dim=1)
+    p = torch.softmax(h_t @ h_t.t(), dim=1)
+    log_q = torch.log_softmax(h_t @ h_s.t(), dim=1)
+    return F.kl_div(log_q, p, reduction="batchmean")

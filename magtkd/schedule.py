@@ -1,0 +1,112 @@
+"""The authors' learning-rate schedule: linear warmup then linear decay, counted as they counted it
+(in training items, stepped once per update), logged in epochs for the run's global batch
+(docs/METHOD.md §2, "Schedule").
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from torch.optim.lr_scheduler import LambdaLR
+
+from .utils import UserError
+
+if TYPE_CHECKING:  # for the annotations only: the engine does not depend on the schedule
+    from .engine import Batches, FitConfig
+
+log = logging.getLogger("magtkd")
+
+
+class WarmupDecay:
+    """LR factor: linear warmup to 1 over ``warmup`` steps, then linear decay to 0 at ``total`` steps."""
+
+    def __init__(self, warmup: int, total: int) -> None:
+        self.warmup, self.total = int(warmup), int(total)
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return float(step) / float(max(1, self.warmup))
+        return max(0.0, float(self.total - step) / float(max(1, self.total - self.warmup)))
+
+
+@dataclass(frozen=True)
+class GlobalBatch:
+    """Items per update: the per-process batch x processes x ``--grad_accum``."""
+
+    per_process: int
+    processes: int
+    grad_accum: int
+
+    @property
+    def size(self) -> int:
+        return self.per_process * self.processes * self.grad_accum
+
+    def __str__(self) -> str:
+        return f"{self.size} ({self.per_process} per process x {self.processes} processes x {self.grad_accum} accumulated)"
+
+
+def schedule_steps(n_train: int, updates_per_epoch: int, epochs: int, per_batch: bool = False,
+                   anchor_batch: int | None = None) -> tuple[int, int]:
+    """(warmup, total) in scheduler steps (one per update) of the authors' schedule (docs/METHOD.md §2).
+
+    The authors count both in training SAMPLES (warmup = ``n_train``, total = ``n_train * epochs``)
+    while stepping once per update, so the curve's length in epochs is proportional to the global
+    batch. ``per_batch`` counts them in updates (warmup = one epoch). ``anchor_batch`` (the authors'
+    global batch, ``--schedule_epochs True``) rescales their counts to this run's updates per epoch:
+    the learning rate at each fraction of training is theirs whatever the global batch.
+    """
+    if per_batch:
+        return updates_per_epoch, updates_per_epoch * epochs
+    if anchor_batch is None:
+        return n_train, n_train * epochs
+    scale = updates_per_epoch / math.ceil(n_train / anchor_batch)  # their updates per epoch at their batch
+    return max(1, round(n_train * scale)), max(1, round(n_train * epochs * scale))
+
+
+def describe_schedule(warmup: int, total: int, updates_per_epoch: int, epochs: int) -> str:
+    """The curve in epochs: where warmup ends, the peak factor reached, the factor of the last update."""
+    curve, last = WarmupDecay(warmup, total), updates_per_epoch * epochs - 1
+    # LambdaLR applies factor(k) to update k + 1: the first update runs at factor 0, as the authors'.
+    peak, final = curve(min(warmup, last)), curve(last)
+    ends = (f"warmup ends after {warmup / updates_per_epoch:.2f} of {epochs} epochs" if warmup <= last + 1
+            else f"warmup would end after {warmup / updates_per_epoch:.2f} epochs: it never ends in {epochs}")
+    return f"{ends}; peak factor {peak:.3f}; factor at the last update {final:.3f}"
+
+
+def reference_schedule(optimizer: torch.optim.Optimizer, data: Batches, config: FitConfig) -> LambdaLR:
+    """The authors' schedule, stepped once per update (`schedule_steps`, docs/METHOD.md §2), for ``data``
+    (`magtkd.engine.Batches`) trained as ``config`` (`magtkd.engine.FitConfig`) says: its epochs, its
+    ``--grad_accum``, ``--per_batch_schedule``, ``--schedule_epochs`` and the authors' global batch.
+
+    The curve is logged in epochs; when the global batch is not the authors' and the counts are
+    theirs in steps, a warning names the two ways back to their curve: the per-process batch that
+    gives their global batch, or ``--schedule_epochs True``.
+    """
+    per_batch, authors_batch = config.per_batch_schedule, config.authors_batch
+    if config.schedule_epochs and authors_batch is None:
+        raise UserError("--schedule_epochs True: this stage has no reference global batch to anchor to")
+    anchor = authors_batch if config.schedule_epochs and not per_batch else None
+    updates_per_epoch, global_batch = data.updates_per_epoch(config.grad_accum), data.global_batch(config.grad_accum)
+    warmup, total = schedule_steps(data.n_train, updates_per_epoch, config.epochs, per_batch, anchor)
+    how = ("counted in updates (--per_batch_schedule)" if per_batch else
+           f"anchored in epochs to the authors' global batch {authors_batch} (--schedule_epochs)" if anchor
+           else "counted in steps as the authors")
+    log.info("schedule: global batch %s, %s, %d updates per epoch: %s", global_batch, how, updates_per_epoch,
+             describe_schedule(warmup, total, updates_per_epoch, config.epochs))
+    if authors_batch is not None and global_batch.size != authors_batch and not per_batch and not anchor:
+        log.warning("schedule: the global batch %d is not the authors' %d, so their warmup (counted in steps) "
+                    "ends after %.2f epochs instead of about %d: %s", global_batch.size, authors_batch,
+                    warmup / updates_per_epoch, authors_batch, schedule_choices(global_batch, authors_batch))
+    return LambdaLR(optimizer, WarmupDecay(warmup, total))
+
+
+def schedule_choices(global_batch: GlobalBatch, authors_batch: int) -> str:
+    """The two ways to the authors' curve over epochs, for `reference_schedule`'s warning."""
+    others = global_batch.processes * global_batch.grad_accum
+    batch = (f"--batch_size {authors_batch // others} gives their global batch" if authors_batch % others == 0
+             else f"no --batch_size gives their global batch with {others} processes x accumulation")
+    return f"{batch}, or --schedule_epochs True keeps their curve over epochs at this batch (docs/METHOD.md §2)"
