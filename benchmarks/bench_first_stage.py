@@ -21,8 +21,8 @@ utterance texts from `magtkd.synthetic.text`; plus MELD-style mp4 clips (H.264 +
    converted every frame, so (b) is a lower bound of its cost). The frame
    indices read back from both must be identical, and equal to the authors'
    loop written out over the frame positions. The whole stage is compared too:
-   ours is `magtkd.features.run_job` (decode + resize/crop + atomic .npy writes
-   at the real videomae-base 224 px settings) and `features.extract_frames` (the
+   ours is `magtkd.frames.run_job` (decode + resize/crop + atomic .npy writes
+   at the real videomae-base 224 px settings) and `frames.extract_frames` (the
    same in the supervised decoder child, its start included); the reference's
    stage is (b) followed by the same resize/crop and writes per utterance, and
    its stored .npy bytes must equal ours. Short timings are the median of 3
@@ -30,10 +30,11 @@ utterance texts from `magtkd.synthetic.text`; plus MELD-style mp4 clips (H.264 +
 2. Disk bytes per utterance: the uint8 .npy written above at 224 px vs the
    reference's float32 (8, 3, 224, 224) tensors, extrapolated to IEMOCAP/MELD.
 3. Samples per second of each encoder on the tiny stand-in models: batches of 4
-   from the stages' own fields and collate (`magtkd.dataset`), then
+   from the stages' own fields and collate (`magtkd.loaders`), then
    forward + backward + grad clip 10 + AdamW + schedule step as in
-   `magtkd.engine.fit` (`engine.update`), and the same forward in inference mode
-   (evaluation, as `magtkd.engine.SampleBatches.evaluate`);
+   `magtkd.engine.fit` (`engine.Step.update`; the schedule of `magtkd.schedule`),
+   and the same forward in inference mode (evaluation, as
+   `magtkd.loaders.SampleBatches.evaluate`);
    samples/s = 4 / the median seconds per batch. Batches are built before
    timing, so data loading is not counted.
 4. The audio input pipeline: clips per second through `AudioField.load` (what
@@ -65,15 +66,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import av  # noqa: E402
 import torch  # noqa: E402
+from torch.optim.lr_scheduler import LambdaLR  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
 from IEMOCAP.config import IEMOCAP  # noqa: E402
-from magtkd import dataset, features, model, pretrained  # noqa: E402
-from magtkd.dataset import (AudioField, Sample, SampleDataset, Utterance, build_samples, make_loader,  # noqa: E402
-                            save_frames)
+from magtkd import pretrained  # noqa: E402
+from magtkd.dataset import Sample, Utterance, build_samples, window_of  # noqa: E402
+from magtkd.encoders import encoder_cross_entropy  # noqa: E402
+from magtkd.frames import (FrameCodec, _init_worker, extract_frames, frame_file, plan_jobs, run_job,  # noqa: E402
+                           save_frames)
+from magtkd.loaders import AudioField, SampleDataset, make_loader  # noqa: E402
 from magtkd.media import decode_windows, kept_indices, window_frames, window_step  # noqa: E402
 from magtkd.artifacts import write_json  # noqa: E402
-from magtkd.engine import reference_schedule  # noqa: E402
+from magtkd.schedule import WarmupDecay, schedule_steps  # noqa: E402
 from magtkd.synthetic.media import INDEX_BITS, index_frame, read_index, tone, write_video, write_wav  # noqa: E402
 from magtkd.synthetic.models import FRAME_SIZE, write_models  # noqa: E402
 from magtkd.synthetic.text import corpus, make_utterance  # noqa: E402
@@ -190,38 +195,38 @@ def time_stage(pretrained_dir: Path, utterances: list[Utterance], feature_dir: P
     rerun of the stage after deleting its outputs would. An untimed first run
     produces the files and the substitution count.
     """
-    features._init_worker(pretrained.load_image_processor(pretrained_dir))
-    (job,) = features.plan_jobs(IEMOCAP, utterances, feature_dir)
-    problems = features.run_job(job)  # first run: also warms up the processor
-    seconds = median_seconds(lambda: features.run_job(job), repeats)
+    _init_worker(pretrained.load_image_processor(pretrained_dir))
+    (job,) = plan_jobs(IEMOCAP, utterances, feature_dir)
+    problems = run_job(job)  # first run: also warms up the processor
+    seconds = median_seconds(lambda: run_job(job), repeats)
     return seconds, job.outputs[0].stat().st_size, len(problems)
 
 
 def time_supervised(pretrained_dir: Path, utterances: list[Utterance], feature_dir: Path, repeats: int) -> float:
-    """Median seconds of `features.extract_frames` (0 workers: one supervised decoder child, started in the call).
+    """Median seconds of `frames.extract_frames` (0 workers: one supervised decoder child, started in the call).
 
     The job is planned once, while ``feature_dir`` is empty; each repeat overwrites its files."""
     processor = pretrained.load_image_processor(pretrained_dir)
-    (job,) = features.plan_jobs(IEMOCAP, utterances, feature_dir)
+    (job,) = plan_jobs(IEMOCAP, utterances, feature_dir)
     report = feature_dir / "video" / "substitutions.tsv"
-    return median_seconds(lambda: features.extract_frames([job], processor, 0, report), repeats)
+    return median_seconds(lambda: extract_frames([job], processor, 0, report), repeats)
 
 
 def reference_stage(clips: list[np.ndarray | None], pretrained_dir: Path, feature_dir: Path,
                     utterances: list[Utterance]) -> float:
     """Seconds the reference-style stage spends after its decodes: the same resize/crop and .npy write
     per utterance (black frames where no frame was read), so that its stored bytes can be compared."""
-    codec = dataset.FrameCodec(pretrained.load_image_processor(pretrained_dir))
+    codec = FrameCodec(pretrained.load_image_processor(pretrained_dir))
     start = time.perf_counter()
     for utt, clip in zip(utterances, clips):
-        save_frames(dataset.frame_file(feature_dir, utt.split, utt.key),
+        save_frames(frame_file(feature_dir, utt.split, utt.key),
                     codec.black() if clip is None else codec.resize_crop(clip))
     return time.perf_counter() - start
 
 
 def same_files(a: Path, b: Path, utterances: list[Utterance]) -> bool:
     """Whether two stage runs stored the same bytes for every utterance."""
-    return all(dataset.frame_file(a, u.split, u.key).read_bytes() == dataset.frame_file(b, u.split, u.key).read_bytes()
+    return all(frame_file(a, u.split, u.key).read_bytes() == frame_file(b, u.split, u.key).read_bytes()
                for u in utterances)
 
 
@@ -229,7 +234,7 @@ def profile_stage(clips: list[np.ndarray | None], pretrained_dir: Path, out: Pat
     """Seconds of the stage's parts over the dialogue's clips: resize/crop as the processor call on the
     frame list (before issue 15) and as `FrameCodec.resize_crop` (now), and the .npy writes."""
     processor = pretrained.load_image_processor(pretrained_dir)
-    codec = dataset.FrameCodec(processor)
+    codec = FrameCodec(processor)
     kept = [c for c in clips if c is not None]
 
     def processor_call() -> list[np.ndarray]:
@@ -265,12 +270,20 @@ def import_seconds() -> float:
 
 
 def batches_for(field, samples: list[Sample], n: int, seed: int) -> list[dict]:
-    """``n`` shuffled batches of 4 through the stage's field and collate (`magtkd.dataset`)."""
+    """``n`` shuffled batches of 4 through the stage's field and collate (`magtkd.loaders`)."""
     loader = make_loader(SampleDataset(samples, [field]), BATCH, shuffle=True, num_workers=0, seed=seed)
     out: list[dict] = []
     while len(out) < n:
         out.extend(b for b in loader if len(b["labels"]) == BATCH)
     return out[:n]
+
+
+def authors_schedule(optimizer: torch.optim.Optimizer, n_train: int, updates_per_epoch: int,
+                     epochs: int) -> LambdaLR:
+    """The curve `magtkd.schedule.reference_schedule` gives a first-stage run with the authors' counts
+    (in steps; no --per_batch_schedule, no --schedule_epochs), for these sizes: its two parts, without
+    the stage's loaders and `FitConfig`."""
+    return LambdaLR(optimizer, WarmupDecay(*schedule_steps(n_train, updates_per_epoch, epochs)))
 
 
 def describe(name: str, batches: list[dict]) -> str:
@@ -285,16 +298,16 @@ def describe(name: str, batches: list[dict]) -> str:
 
 def time_encoder(name: str, args: Namespace, samples: list[Sample], warmup: int, steps: int) -> dict:
     """Train and eval samples/s of one encoder, stepped exactly as `magtkd.engine.fit` steps it
-    (the stages' objective `magtkd.model.encoder_cross_entropy`; evaluated as its forward in inference mode)."""
+    (the stages' objective `magtkd.encoders.encoder_cross_entropy`; evaluated as its forward in inference mode)."""
     torch.manual_seed(0)
     encoder, field = pretrained.load_encoder(name, args.pretrained_dir, IEMOCAP.num_classes, args.feature_dir)
     batches = batches_for(field, samples, warmup + steps, seed=0)
     params = [p for p in encoder.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=LEARNING_RATES[name])
-    scheduler = reference_schedule(optimizer, len(samples), len(samples) // BATCH, 10)
+    scheduler = authors_schedule(optimizer, len(samples), len(samples) // BATCH, 10)
 
     def train(batch: dict) -> None:
-        loss = model.encoder_cross_entropy(encoder, batch)
+        loss = encoder_cross_entropy(encoder, batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 10.0)
@@ -303,7 +316,7 @@ def time_encoder(name: str, args: Namespace, samples: list[Sample], warmup: int,
 
     def evaluate(batch: dict) -> None:
         with torch.inference_mode():
-            model.encoder_cross_entropy(encoder, batch)
+            encoder_cross_entropy(encoder, batch)
 
     # Median seconds per batch over the timed steps (robust to other processes on the cores).
     encoder.train()
@@ -399,7 +412,7 @@ def main(argv: list[str] | None = None) -> None:
         meld = make_meld_clips(work, 12 if args.quick else args.meld_clips, seed=1)
         setup_s = time.perf_counter() - t0
         video = utterances[0].video_path
-        windows = [dataset.window_of(IEMOCAP, u) for u in utterances]
+        windows = [window_of(IEMOCAP, u) for u in utterances]
         real = processor_224(standin, work / "pretrained_224")
 
         # 1. frame extraction: decode only, then the whole stage, then its profile

@@ -31,6 +31,7 @@ one (same dropout draws, same outputs) is what ``tests/test_fusion.py`` checks.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import math
 import os
@@ -52,6 +53,11 @@ SIZES = {
 OBJECTIVE = {"IEMOCAP": ("audio_kd", "video", 0.7, 0.8, True), "MELD": ("audio_kd", "video_kd", 0.01, 0.08, False)}
 
 
+def dataset_spec(name: str):
+    """The dataset's `magtkd.spec.DatasetSpec`, from its own folder (``<name>/config.py``)."""
+    return getattr(importlib.import_module(f"{name}.config"), name)
+
+
 def authors_epochs(name: str, feature_dir: Path, epochs: int, seed: int = 2024) -> list[dict]:
     """The authors' loop (see the module docstring) for ``epochs`` epochs: per-epoch seconds."""
     import numpy as np
@@ -59,12 +65,14 @@ def authors_epochs(name: str, feature_dir: Path, epochs: int, seed: int = 2024) 
     import torch
     import torch.nn.functional as F
     from torch.nn.utils.rnn import pad_sequence
+    from torch.optim.lr_scheduler import LambdaLR
     from torch.utils.data import DataLoader, Dataset
 
-    from magtkd import engine, model
+    from magtkd import model, packing
     from magtkd.artifacts import feature_path
-    from magtkd.features import load_features
-    from magtkd.pipeline import dataset_spec
+    from magtkd.losses import feature_kd_loss, logit_kd_loss
+    from magtkd.pickles import load_features
+    from magtkd.schedule import WarmupDecay, schedule_steps
 
     spec = dataset_spec(name)
     audio_key, video_key, alpha, beta, feature_loss = OBJECTIVE[name]
@@ -93,20 +101,23 @@ def authors_epochs(name: str, feature_dir: Path, epochs: int, seed: int = 2024) 
 
     def objective(out: model.FusionOutput, target: torch.Tensor) -> torch.Tensor:
         def kd(logits, feat):
-            loss = F.cross_entropy(logits, target) + model.logit_kd_loss(logits, out.t_logits)
-            return loss + model.feature_kd_loss(feat, out.t_feat) if feature_loss else loss
+            loss = F.cross_entropy(logits, target) + logit_kd_loss(logits, out.t_logits)
+            return loss + feature_kd_loss(feat, out.t_feat) if feature_loss else loss
         return (F.cross_entropy(out.t_logits, target) + alpha * kd(out.a_logits, out.a_feat)
                 + beta * kd(out.v_logits, out.v_feat))
 
-    # The authors' layers call nn.Dropout, i.e. F.dropout, not our faster draw of the same mask.
-    model.dropout = F.dropout
+    # The authors' layers call nn.Dropout, i.e. F.dropout, not our faster draw of the same mask (the
+    # attention's, in magtkd.model, and the streams', through magtkd.packing.Layout.dropout).
+    model.dropout = packing.dropout = F.dropout
     train = AuthorsDataset("train")
     width = int(train.f["text"][train.keys[0]][0].shape[0])
     torch.manual_seed(seed)
     fusion = model.AnchorGatedTransformer(width, spec.num_classes, spec.n_speaker, 8, 0.5)
     optimizer = torch.optim.AdamW(fusion.parameters(), lr=1e-4, weight_decay=1e-6)
     n_batches = math.ceil(len(train) / 16)
-    scheduler = engine.reference_schedule(optimizer, len(train), n_batches, epochs, False)
+    # The stage's schedule (magtkd.schedule.reference_schedule at the authors' global batch 16: counted in
+    # steps as they counted it), built from its parts since this loop has no DialogueBatches or FitConfig.
+    scheduler = LambdaLR(optimizer, WarmupDecay(*schedule_steps(len(train), n_batches, epochs)))
     # The stage's shuffle (a generator seeded with the seed, one permutation per epoch), so both loops
     # see the same batches; the loader's own generator keeps it off the global one.
     order = torch.Generator().manual_seed(seed)
@@ -151,9 +162,7 @@ def child(args: argparse.Namespace) -> None:
     if args.loop == "authors":
         curve = authors_epochs(args.child, feature_dir, args.epochs)
     else:
-        from magtkd.pipeline import REPO, load_script
-
-        fusion = load_script(REPO / args.child / "multimodal_fusion.py")
+        fusion = importlib.import_module(f"{args.child}.multimodal_fusion")
         curve = fusion.main(["--feature_dir", str(feature_dir), "--save_dir", str(Path(args.work) / "save"),
                              "--epochs", str(args.epochs), "--device", "cpu"])["epochs"]
     print(json.dumps({
@@ -182,7 +191,7 @@ def padding_ratio(feature_dir: Path, seed: int = 0, batch: int = 16, draws: int 
     import numpy as np
 
     from magtkd.artifacts import feature_path
-    from magtkd.features import load_features
+    from magtkd.pickles import load_features
 
     f = load_features(feature_path(feature_dir, "train"), keys=("text",))
     lengths = np.array([len(f["labels"][v]) for v in f["vids"]])
@@ -195,7 +204,6 @@ def padding_ratio(feature_dir: Path, seed: int = 0, batch: int = 16, draws: int 
 
 
 def parent(args: argparse.Namespace) -> None:
-    from magtkd.pipeline import dataset_spec
     from magtkd.synthetic.features import write_synthetic_features
 
     width = 128 if args.quick else 768

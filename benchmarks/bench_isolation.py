@@ -7,14 +7,14 @@
 MELD has ~13700 short clips, so a per-clip cost shows there first. For the same
 clips this prints:
 
-1. frames, before: the stage's per-video job (`features.run_job`: decode, resize/crop,
+1. frames, before: the stage's per-video job (`frames.run_job`: decode, resize/crop,
    atomic .npy writes) called in this process, as the stage did before decoding was
-   isolated; after: the same job run through a `media.DecoderProcess` (a long-lived
+   isolated; after: the same job run through a `decoder.DecoderProcess` (a long-lived
    supervised child), alternating clip by clip with the in-process call so that the
-   machine's load hits both alike; then the whole stage call `features.extract_frames`
+   machine's load hits both alike; then the whole stage call `frames.extract_frames`
    with 0 and 2 workers (decoder start-up, lock and records included);
 2. audio, before: `media.decode_audio_native` + `media.resample_audio` in this process; after:
-   `media.decode_audio_isolated` (PyAV in the supervised child, resampling here),
+   `decoder.decode_audio_isolated` (PyAV in the supervised child, resampling here),
    alternating likewise.
  Writes its clips
 to a temporary folder and deletes it at the end.
@@ -33,8 +33,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from MELD.config import MELD  # noqa: E402
-from magtkd import features, media, pretrained  # noqa: E402
+from magtkd import decoder, media, pretrained  # noqa: E402
 from magtkd.dataset import Utterance  # noqa: E402
+from magtkd.frames import _init_worker, extract_frames, plan_jobs, run_job  # noqa: E402
 from magtkd.synthetic.media import index_frame, tone, write_video  # noqa: E402
 from magtkd.synthetic.models import write_models  # noqa: E402
 
@@ -77,34 +78,34 @@ def main(argv: list[str] | None = None) -> None:
 
         def fresh(name: str) -> tuple[list, Path]:
             feature_dir = work / name
-            return features.plan_jobs(MELD, utterances, feature_dir), feature_dir / "video" / "substitutions.tsv"
+            return plan_jobs(MELD, utterances, feature_dir), feature_dir / "video" / "substitutions.tsv"
 
         jobs, _ = fresh("warm")  # warm the page cache and the processor
-        features._init_worker(processor)
+        _init_worker(processor)
         for job in jobs[:5]:
-            features.run_job(job)
+            run_job(job)
 
         # Per clip, alternating in-process and supervised child (the same job into two folders), so a
         # change in the machine's load hits both sides alike.
         before_jobs, _ = fresh("before")
         child_jobs, _ = fresh("child")
         t0 = time.perf_counter()
-        decoder = media.DecoderProcess(media.VIDEO_TIMEOUT_S, features._init_worker, (processor,)).start()
+        child = decoder.DecoderProcess(decoder.VIDEO_TIMEOUT_S, _init_worker, (processor,)).start()
         start_s = time.perf_counter() - t0
         before_s = child_s = 0.0
         for plain_job, child_job in zip(before_jobs, child_jobs):
             t0 = time.perf_counter()
-            features.run_job(plain_job)
+            run_job(plain_job)
             t1 = time.perf_counter()
-            decoder.call(child_job.video, features.run_job, child_job)
+            child.call(child_job.video, run_job, child_job)
             t2 = time.perf_counter()
             before_s, child_s = before_s + t1 - t0, child_s + t2 - t1
-        decoder.close()
+        child.close()
         after_s = {}
         for workers in (0, 2):
             jobs, report = fresh(f"after{workers}")
             t0 = time.perf_counter()
-            features.extract_frames(jobs, processor, workers, report)
+            extract_frames(jobs, processor, workers, report)
             after_s[workers] = time.perf_counter() - t0
 
         audio_before = audio_after = 0.0
@@ -114,7 +115,7 @@ def main(argv: list[str] | None = None) -> None:
             native_sr, mono = media.decode_audio_native(u.audio_path)
             plain = media.resample_audio(u.audio_path, mono, native_sr)
             t1 = time.perf_counter()
-            isolated = media.decode_audio_isolated(u.audio_path)
+            isolated = decoder.decode_audio_isolated(u.audio_path)
             t2 = time.perf_counter()
             audio_before, audio_after = audio_before + t1 - t0, audio_after + t2 - t1
             same = same and np.array_equal(plain, isolated)
@@ -131,7 +132,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"2. audio, before: in-process decode          {audio_before:7.2f} s  ({1000 * audio_before / n:6.1f} ms/clip)")
     print(f"   after: decode_audio_isolated              {audio_after:7.2f} s  ({1000 * audio_after / n:6.1f} ms/clip, "
           f"{100 * (audio_after / audio_before - 1):+.1f}%); identical samples: {same}")
-    media._audio_decoder and media._audio_decoder.close()
+    decoder._audio_decoder and decoder._audio_decoder.close()
 
 
 if __name__ == "__main__":

@@ -19,13 +19,13 @@ memory is its own:
   built as the scripts build them (`magtkd.pretrained.load_encoder`, the text teacher of
   KD frozen), batches from the stages' own loaders at the reference batch size 4,
   then ONE training update exactly as `magtkd.engine.fit` does it
-  (`magtkd.engine.update`: forward, loss, backward, grad clip 10, AdamW, schedule
-  step) and ONE evaluation batch (inference mode, as `magtkd.engine.evaluate`).
+  (`magtkd.engine.Step.update`: forward, loss, backward, grad clip 10, AdamW, schedule
+  step) and ONE evaluation batch (inference mode, as `magtkd.loaders.SampleBatches.evaluate`).
   The objectives are the scripts': cross-entropy, and for KD cross-entropy +
   the correlation logit loss (IEMOCAP's defaults).
 - ``extract text/audio/video``: one batch of 4 test utterances (the features do not
   depend on the batch size; extract_first_stage_features.py defaults to 16) through
-  the encoders that share that input (`magtkd.features.representations`: text;
+  the encoders that share that input (`magtkd.extract.representations`: text;
   audio + audio_kd; video + video_kd).
 
 Columns: parameters (trainable / total in the process), seconds of the update and
@@ -95,12 +95,17 @@ def run_stage(stage: str, root: Path, device_name: str | None, amp: bool, checkp
     """One stage in this process; returns its row."""
     import torch
     import torch.nn.functional as F
+    from torch.optim.lr_scheduler import LambdaLR
 
     from IEMOCAP.config import IEMOCAP
-    from magtkd import dataset, engine, features, model, pretrained, utils
+    from magtkd import dataset, engine, pretrained, runtime
+    from magtkd.extract import representations
+    from magtkd.loaders import ObjectiveModule, SampleDataset, loaders, make_loader, to_device
+    from magtkd.losses import logit_kd_loss
+    from magtkd.schedule import WarmupDecay, schedule_steps
 
-    utils.setup_logging()
-    device = utils.resolve_device(device_name)
+    runtime.setup_logging()
+    device = runtime.resolve_device(device_name)
     pdir, data_dir, fdir = root / "pretrained_model", root / "datasets" / "IEMOCAP", root / "feature"
     torch.manual_seed(0)
     if stage == "frames":
@@ -122,12 +127,12 @@ def run_stage(stage: str, root: Path, device_name: str | None, amp: bool, checkp
         for key in keys:
             encoder, field = pretrained.load_encoder(modality, pdir, NUM_CLASSES, fdir)
             encoders[key] = encoder.to(device).eval()
-        loader = dataset.make_loader(dataset.SampleDataset(samples["test"][:EXTRACT_BATCH], [field]),
-                                     EXTRACT_BATCH, shuffle=False, num_workers=0)
+        loader = make_loader(SampleDataset(samples["test"][:EXTRACT_BATCH], [field]),
+                             EXTRACT_BATCH, shuffle=False, num_workers=0)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         start = time.perf_counter()
-        features.representations(encoders, loader, device, amp)
+        representations(encoders, loader, device, amp)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         total = sum(p.numel() for e in encoders.values() for p in e.parameters())
@@ -146,7 +151,7 @@ def run_stage(stage: str, root: Path, device_name: str | None, amp: bool, checkp
         fields = [t_field, s_field]
     student.to(device)
     if checkpointing:
-        pretrained.enable_grad_checkpointing(student)
+        engine.enable_grad_checkpointing(student)
 
     def step(batch: dict, train: bool):
         s_rep, s_logits = student.encode(batch)
@@ -156,33 +161,35 @@ def run_stage(stage: str, root: Path, device_name: str | None, amp: bool, checkp
         if kd:
             with torch.no_grad():
                 _, t_logits = teacher.encode(batch)
-            loss = loss + model.logit_kd_loss(s_logits.float(), t_logits.float())
+            loss = loss + logit_kd_loss(s_logits.float(), t_logits.float())
         return loss, s_logits
 
-    train = next(iter(dataset.loaders(samples, fields, BATCH, 0, 2024, ("train",))["train"]))
-    dev = next(iter(dataset.loaders(samples, [s_field], BATCH, 0, 2024, ("dev",))["dev"]))
+    train = next(iter(loaders(samples, fields, BATCH, 0, 2024, ("train",))["train"]))
+    dev = next(iter(loaders(samples, [s_field], BATCH, 0, 2024, ("dev",))["dev"]))
     params = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=LEARNING_RATES[stage])
-    scheduler = engine.reference_schedule(optimizer, len(samples["train"]), len(samples["train"]) // BATCH, 10)
-    runner = engine.ObjectiveModule(student, lambda _model, batch: step(batch, True)[0])
+    # The authors' schedule as `magtkd.schedule.reference_schedule` builds it (counted in steps), from its parts
+    n_samples = len(samples["train"])
+    scheduler = LambdaLR(optimizer, WarmupDecay(*schedule_steps(n_samples, n_samples // BATCH, 10)))
+    runner = ObjectiveModule(student, lambda _model, batch: step(batch, True)[0])
 
     def loss_of(batch: dict) -> torch.Tensor:
-        batch = engine.to_device(batch, device)
-        with engine.autocast(device, amp):
+        batch = to_device(batch, device)
+        with runtime.autocast(device, amp):
             return runner(batch)
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     student.train()
     start = time.perf_counter()
-    engine.update(runner, [train], loss_of, optimizer, scheduler, params, 10.0)
+    engine.Step(optimizer, scheduler, params, 10.0).update(runner, [train], loss_of)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     train_s = time.perf_counter() - start
     student.eval()
     start = time.perf_counter()
-    with torch.inference_mode(), engine.autocast(device, amp):
-        step(engine.to_device(dev, device), False)
+    with torch.inference_mode(), runtime.autocast(device, amp):
+        step(to_device(dev, device), False)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     eval_s = time.perf_counter() - start

@@ -3,11 +3,11 @@
     python benchmarks/bench_text_precision.py --device cuda            # RoBERTa-large size (24 x 1024)
     python benchmarks/bench_text_precision.py --device cpu --layers 2  # a quick check that it runs
 
-Builds ``TextEncoder`` (magtkd.model) around a randomly initialised
+Builds ``TextEncoder`` (magtkd.encoders) around a randomly initialised
 RoBERTa with the roberta-large config (no download needed), feeds batches of
 ``--batch_size`` prompts of ``--tokens`` tokens (left-padded like the stage
 would), and times the full training step of magtkd.engine.fit (forward under
-``magtkd.engine.autocast``, backward, clip 10, AdamW) after a warm-up. Prints
+``magtkd.runtime.autocast``, backward, clip 10, AdamW) after a warm-up. Prints
 samples/s and peak GPU memory for fp32 and bf16. Nothing is asserted.
 """
 
@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from transformers import RobertaConfig, RobertaModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from magtkd.model import TextEncoder  # noqa: E402
-from magtkd.engine import autocast  # noqa: E402
+from magtkd.encoders import TextEncoder  # noqa: E402
+from magtkd.runtime import autocast  # noqa: E402
 
 
 def measure(device: torch.device, amp: bool, args: argparse.Namespace) -> dict[str, float]:

@@ -8,8 +8,8 @@ Writes the tiny generated IEMOCAP and MELD releases and model stand-ins (`magtkd
 by the datasets' preprocessing.py) into a temporary folder (on CPU the CSVs are cut to a few
 utterances), then runs the scripts as a user would, each in its own process:
 
-- ``pipeline IEMOCAP`` / ``pipeline MELD``: `python -m magtkd.pipeline --in_process` end to end (fp32 first stage,
-  fp16 KD with its gradient scaler, fused AdamW fusion), every completion record complete;
+- ``pipeline IEMOCAP`` / ``pipeline MELD``: `python <DS>/pipeline.py --in_process` (what run.sh runs) end to
+  end (fp32 first stage, fp16 KD with its gradient scaler, fused AdamW fusion), every completion record complete;
 - ``fusion packed`` vs ``fusion padded``: the same test predictions;
 - ``workers``: text.py with 2 data-loading workers (forked after CUDA initialised);
 - ``bf16 accum+checkpointing``: text.py --amp True --grad_accum 2 --grad_checkpointing True;
@@ -27,6 +27,7 @@ hardware and the date.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import shutil
@@ -85,7 +86,6 @@ def fusion_flags(folders: dict[str, Path], device: str, *extra: str) -> list[str
 def prepare(ctx: Context) -> None:
     from IEMOCAP.preprocessing import main as prepare_iemocap
     from MELD.preprocessing import main as prepare_meld
-    from magtkd.pipeline import dataset_spec
     from magtkd.synthetic.__main__ import generate
 
     generate(ctx.root, seed=0)
@@ -93,7 +93,7 @@ def prepare(ctx: Context) -> None:
     prepare_meld(["--data_dir", str(ctx.data("MELD"))])
     if ctx.tiny:
         for ds in ("IEMOCAP", "MELD"):
-            spec = dataset_spec(ds)
+            spec = getattr(importlib.import_module(f"{ds}.config"), ds)  # the dataset's DatasetSpec
             for split, rows in CUT.items():
                 path = ctx.data(ds) / spec.csv_names[split]
                 lines = path.read_text(encoding="utf-8").splitlines()
@@ -110,7 +110,7 @@ def records_complete(folders: dict[str, Path]) -> list[str]:
 
 def check_pipeline(ctx: Context, ds: str) -> str:
     folders = ctx.out(ds, "pipeline")
-    ctx.run(["-m", "magtkd.pipeline", ds, "--data_dir", str(ctx.data(ds)), "--pretrained_dir", str(ctx.pdir),
+    ctx.run([f"{ds}/pipeline.py", "--data_dir", str(ctx.data(ds)), "--pretrained_dir", str(ctx.pdir),
              "--save_dir", str(folders["save_dir"]), "--feature_dir", str(folders["feature_dir"]),
              "--device", ctx.device, "--epochs", "1", "--learning_rate", "1e-3", "--fusion_epochs", "2",
              "--fusion_args", "--lr 1e-3 --batch_size 2 --dropout 0.1", "--in_process"], timeout=900)
@@ -208,7 +208,8 @@ def check_evaluation(ctx: Context) -> str:
 def check_cuda_vs_cpu(ctx: Context) -> str:
     import numpy as np
 
-    from magtkd import features
+    from magtkd.artifacts import feature_path
+    from magtkd.pickles import FEATURE_KEYS, load_features
 
     base = ctx.out("IEMOCAP", "pipeline")
     cpu = ctx.root / "runs" / "cpu_features"
@@ -219,9 +220,9 @@ def check_cuda_vs_cpu(ctx: Context) -> str:
              str(ctx.pdir), "--save_dir", str(base["save_dir"]), "--feature_dir", str(cpu), "--device", "cpu"])
     worst = 0.0
     for split in ("train", "dev", "test"):
-        a = features.load_features(features.feature_path(base["feature_dir"], split))
-        b = features.load_features(features.feature_path(cpu, split))
-        for key in features.FEATURE_KEYS:
+        a = load_features(feature_path(base["feature_dir"], split))
+        b = load_features(feature_path(cpu, split))
+        for key in FEATURE_KEYS:
             for vid in a["vids"]:
                 worst = max(worst, float(np.abs(np.asarray(a[key][vid]) - np.asarray(b[key][vid])).max()))
     if worst > 1e-2:
@@ -246,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
 
     cuda = args.device.startswith("cuda")
     if cuda and not torch.cuda.is_available():
-        from magtkd.utils import cuda_unavailable_hint
+        from magtkd.runtime import cuda_unavailable_hint
 
         print(f"FAIL  setup: --device {args.device} but CUDA is not available{cuda_unavailable_hint()}")
         return 1
