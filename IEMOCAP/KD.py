@@ -49,7 +49,8 @@ def objective(student, batch: dict, *, teacher, logit_weight: float, feature_wei
     return loss
 
 
-def main(argv=None) -> dict:
+def parser():
+    """The flags: the reference's names with IEMOCAP's defaults, and the distillation's own."""
     parser = cli.training_parser(IEMOCAP, HERE, __doc__, **DEFAULTS, kd=True)
     parser.add_argument("--student", choices=("audio", "video"), required=True,
                         help="the modality distilled: audio (starts from audio.bin) or video (starts from the "
@@ -61,8 +62,20 @@ def main(argv=None) -> dict:
                         help="weight of the relational feature loss")
     parser.add_argument("--tau", type=utils.positive_float, default=2.0, help="logit-loss temperature")
     cli.add_audio_cache_flags(parser)
-    cli.add_prompt_flag(parser)  # the teacher's prompt: text.json's
-    args = parser.parse_args(argv)
+    return cli.add_prompt_flag(parser)  # the teacher's prompt: text.json's
+
+
+def frozen_teacher(args, device):
+    """The teacher from <teacher>.bin with the prompt its record names, in eval mode, without gradients."""
+    prompt = pretrained.text_prompt(args.save_dir / f"{args.teacher}.json", args.prompt)
+    teacher, field = pretrained.load_encoder(args.teacher, args.pretrained_dir, IEMOCAP.num_classes, prompt=prompt)
+    checkpoints.load_checkpoint(teacher, args.save_dir / f"{args.teacher}.bin", f"IEMOCAP/{args.teacher}.py",
+                                IEMOCAP.name)
+    return teacher.to(device).eval().requires_grad_(False), field
+
+
+def main(argv=None) -> dict:
+    args = parser().parse_args(argv)
     runtime.setup_logging()
     device = runtime.resolve_device(args.device)
     seeds = cli.seed_list(args.seed, args.seeds, args.train)
@@ -84,20 +97,16 @@ def main(argv=None) -> dict:
         student, s_field = pretrained.load_encoder(args.student, args.pretrained_dir, IEMOCAP.num_classes,
                                                    args.feature_dir, audio_cache)
         if args.train:
-            prompt = pretrained.text_prompt(args.save_dir / f"{args.teacher}.json", args.prompt)
-            teacher, t_field = pretrained.load_encoder(args.teacher, args.pretrained_dir, IEMOCAP.num_classes,
-                                                       prompt=prompt)
-            checkpoints.load_checkpoint(teacher, args.save_dir / f"{args.teacher}.bin", f"IEMOCAP/{args.teacher}.py",
-                                       IEMOCAP.name)
-            teacher.to(device).eval().requires_grad_(False)
+            teacher, t_field = frozen_teacher(args, device)
             if args.student == "audio":
                 checkpoints.load_checkpoint(student, args.save_dir / "audio.bin", "IEMOCAP/audio.py", IEMOCAP.name)
         student.to(device)
         # Training batches also carry the teacher's input, dev/test batches only the student's
-        batches = loaders.loaders(samples, [s_field], args.batch_size, args.num_workers, seed, ("dev", "test"))
+        batches = loaders.split_loaders(samples, [s_field], args.batch_size, args.num_workers, seed,
+                                        ("dev", "test"))
         if args.train:
-            batches.update(loaders.loaders(samples, [t_field, s_field], args.batch_size, args.num_workers, seed,
-                                           ("train",)))
+            batches.update(loaders.split_loaders(samples, [t_field, s_field], args.batch_size, args.num_workers,
+                                                 seed, ("train",)))
         data = loaders.SampleBatches(batches, device, report)
         files[seed] = StageFiles.first_stage(args.save_dir, name, cli.seed_tag(seed, seeds))
         # fp16 autocast with a gradient scaler, as the authors (docs/METHOD.md §3)

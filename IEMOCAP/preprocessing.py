@@ -202,8 +202,12 @@ def summary(frames: dict[str, pd.DataFrame]) -> str:
     return "\n".join(lines)
 
 
+DATA_HELP = "the unpacked IEMOCAP release; the CSVs are written here"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = cli.preparation_parser(IEMOCAP, HERE, __doc__, "the unpacked IEMOCAP release; the CSVs are written here").parse_args(argv)
+    # Flags: the release folder (IEMOCAP's default); the CSVs are written into it
+    args = cli.preparation_parser(IEMOCAP, HERE, __doc__, DATA_HELP).parse_args(argv)
     try:
         frames = prepare_iemocap(args.data_dir)
     except FileNotFoundError as exc:  # DataError is a UserError already

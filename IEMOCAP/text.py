@@ -54,8 +54,8 @@ def main(argv=None) -> dict:
         encoder, field = pretrained.load_encoder("text", args.pretrained_dir, IEMOCAP.num_classes,
                                                  prompt=prompt)
         encoder.to(device)
-        data = loaders.SampleBatches(loaders.loaders(samples, [field], args.batch_size, args.num_workers, seed),
-                                     device)
+        batches = loaders.split_loaders(samples, [field], args.batch_size, args.num_workers, seed)
+        data = loaders.SampleBatches(batches, device)
         files[seed] = StageFiles.first_stage(args.save_dir, "text", cli.seed_tag(seed, seeds))
         config = engine.FitConfig.from_flags(flags, seed=seed, stage="IEMOCAP text", script="IEMOCAP/text.py",
                                              dataset=IEMOCAP.name, labels=IEMOCAP.labels, files=files[seed],

@@ -43,8 +43,8 @@ def main(argv=None) -> dict:
         runtime.set_seed(seed, args.deterministic, fixed_shapes=True)
         encoder, field = pretrained.load_encoder("video", args.pretrained_dir, IEMOCAP.num_classes, args.feature_dir)
         encoder.to(device)
-        data = loaders.SampleBatches(loaders.loaders(samples, [field], args.batch_size, args.num_workers, seed),
-                                     device)
+        batches = loaders.split_loaders(samples, [field], args.batch_size, args.num_workers, seed)
+        data = loaders.SampleBatches(batches, device)
         files[seed] = StageFiles.first_stage(args.save_dir, "video", cli.seed_tag(seed, seeds))
         config = engine.FitConfig.from_flags(vars(args), seed=seed, stage="IEMOCAP video", script="IEMOCAP/video.py",
                                              dataset=IEMOCAP.name, labels=IEMOCAP.labels, files=files[seed],

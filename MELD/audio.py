@@ -39,6 +39,7 @@ def main(argv=None) -> dict:
     device = runtime.resolve_device(args.device)
     seeds = cli.seed_list(args.seed, args.seeds, args.train)
     usual = StageFiles.first_stage(args.save_dir, "audio")
+    audio_cache = cli.audio_cache_dir(args.audio_cache, args.audio_cache_dir, args.feature_dir)
 
     # Data (read once for all seeds): one sample per utterance; missing, corrupt or silent clips become
     # silence and are reported
@@ -51,11 +52,10 @@ def main(argv=None) -> dict:
         # Model: data2vec-audio (time masking length 3) -> first frame -> Linear(hidden, C)
         runtime.set_seed(seed, args.deterministic)
         encoder, field = pretrained.load_encoder("audio", args.pretrained_dir, MELD.num_classes,
-                                                 audio_cache=cli.audio_cache_dir(args.audio_cache,
-                                                                                 args.audio_cache_dir, args.feature_dir))
+                                                 audio_cache=audio_cache)
         encoder.to(device)
-        data = loaders.SampleBatches(loaders.loaders(samples, [field], args.batch_size, args.num_workers, seed),
-                                     device, report)
+        batches = loaders.split_loaders(samples, [field], args.batch_size, args.num_workers, seed)
+        data = loaders.SampleBatches(batches, device, report)
         files[seed] = StageFiles.first_stage(args.save_dir, "audio", cli.seed_tag(seed, seeds))
         config = engine.FitConfig.from_flags(vars(args), seed=seed, stage="MELD audio", script="MELD/audio.py",
                                              dataset=MELD.name, labels=MELD.labels, files=files[seed],

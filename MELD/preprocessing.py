@@ -146,8 +146,12 @@ def summary(data_dir: Path, result: MeldPrepared) -> str:
     return "\n".join(lines)
 
 
+DATA_HELP = "folder with the official CSVs and clip folders; outputs are written here"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = cli.preparation_parser(MELD, HERE, __doc__, "folder with the official CSVs and clip folders; outputs are written here").parse_args(argv)
+    # Flags: the release folder (MELD's default); the CSVs are written into it
+    args = cli.preparation_parser(MELD, HERE, __doc__, DATA_HELP).parse_args(argv)
     try:
         result = prepare_meld(args.data_dir)
     except FileNotFoundError as exc:  # DataError is a UserError already

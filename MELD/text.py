@@ -55,8 +55,8 @@ def main(argv=None) -> dict:
         encoder, field = pretrained.load_encoder("text", args.pretrained_dir, MELD.num_classes,
                                                  prompt=prompt)
         encoder.to(device)
-        data = loaders.SampleBatches(loaders.loaders(samples, [field], args.batch_size, args.num_workers, seed),
-                                     device)
+        batches = loaders.split_loaders(samples, [field], args.batch_size, args.num_workers, seed)
+        data = loaders.SampleBatches(batches, device)
         files[seed] = StageFiles.first_stage(args.save_dir, "text", cli.seed_tag(seed, seeds))
         config = engine.FitConfig.from_flags(flags, seed=seed, stage="MELD text", script="MELD/text.py",
                                              dataset=MELD.name, labels=MELD.labels, files=files[seed],

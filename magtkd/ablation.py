@@ -14,20 +14,19 @@ import os
 import shlex
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 from .artifacts import StageFiles, copy_file, feature_path, read_record, write_json
-from .cli import seed_tag
+from .cli import ABLATION_TABLES, seed_tag
 from .comparison import write_ablation
 from .dataset import load_samples
 from .pickles import load_features
 from .results import seed_row
 from .spec import PROMPTS, DatasetSpec
-from .utils import UserError
+from .utils import StageMain, UserError
 
 log = logging.getLogger("magtkd")
 
-StageMain = Callable[[Sequence[str]], dict]  # a stage script's main(argv)
 
 
 @dataclass(frozen=True)
@@ -78,7 +77,6 @@ class Variant:
     text_argv: tuple[str, ...] = ()  # prompt table: the flags of text.py that make it (the fusion gets none)
 
 
-ABLATION_TABLES = ("modalities", "components", "kd", "prompt")
 
 
 ABLATION_RECORD = "ablation_variant.json"  # per variant folder: its setting, seeds' rows and predictions

@@ -155,7 +155,7 @@ def make_loader(dataset: SampleDataset, batch_size: int, shuffle: bool, num_work
     )
 
 
-def loaders(samples: Mapping[str, Sequence[Sample]], fields: Sequence[Any], batch_size: int, num_workers: int,
+def split_loaders(samples: Mapping[str, Sequence[Sample]], fields: Sequence[Any], batch_size: int, num_workers: int,
             seed: int, splits: Sequence[str] = SPLITS) -> dict[str, DataLoader]:
     """One loader per split with the given fields; only ``train`` is shuffled (by a generator seeded with ``seed``)."""
     return {

@@ -293,7 +293,32 @@ def decode_windows(
     path = Path(path)
     if channel_order not in CHANNEL_ORDERS:
         raise ValueError(f"channel_order must be one of {sorted(CHANNEL_ORDERS)}, got {channel_order!r}")
-    pixel_format = CHANNEL_ORDERS[channel_order]
+    requested = _requested(path, windows)
+    if not requested:
+        return []
+    container = open_checked(path)
+    with container:
+        if not container.streams.video:
+            raise missing_stream(path, "video")
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"  # frame-level threads: same frames, faster decode
+        metadata: dict[int, int] = {}
+        wanted: dict[int, list[_Window]] = {}
+        for window in requested:
+            count = _plan(window, container, stream, path)
+            if count is not None:
+                metadata[window.index] = count
+            for i in window.wanted:
+                wanted.setdefault(i, []).append(window)
+        decoded = _decode_kept(container, stream, wanted, CHANNEL_ORDERS[channel_order], bool(metadata), path, notes)
+    if frame_counts is not None:
+        for index, count in metadata.items():
+            frame_counts[index] = (count, decoded)
+    return [_finish(window) for window in requested]
+
+
+def _requested(path: Path, windows: Sequence[tuple[float, float] | None]) -> list[_Window]:
+    """The windows as `_Window` s (``None``: the whole clip); a window that ends before it starts is an error."""
     requested: list[_Window] = []
     for i, window in enumerate(windows):
         if window is None:
@@ -303,41 +328,27 @@ def decode_windows(
         if not t0 <= t1:
             raise ValueError(f"{path}: window {i} has start {t0} after end {t1}")
         requested.append(_Window(i, t0, t1))
-    if not requested:
-        return []
-    container = open_checked(path)
-    metadata: dict[int, int] = {}
-    decoded = 0
-    with container:
-        if not container.streams.video:
-            raise missing_stream(path, "video")
-        stream = container.streams.video[0]
-        stream.thread_type = "AUTO"  # frame-level threads: same frames, faster decode
-        wanted: dict[int, list[_Window]] = {}
-        for window in requested:
-            count = _plan(window, container, stream, path)
-            if count is not None:
-                metadata[window.index] = count
-            for i in window.wanted:
-                wanted.setdefault(i, []).append(window)
-        to_the_end = bool(metadata)
-        last_needed = max(wanted, default=-1)
-        try:
-            for i, frame in enumerate(container.decode(stream)):
-                decoded = i + 1
-                if i in wanted:
-                    array = frame.to_ndarray(format=pixel_format)
-                    for window in wanted[i]:
-                        window.frames.append(array)
-                if i >= last_needed and not to_the_end:
-                    break
-        except (av.error.FFmpegError, ValueError) as exc:
-            log.warning(
-                "%s: video decoding stopped early (%s); windows keep the frames read so far", path, exc
-            )
-            if notes is not None:
-                notes.append(f"partial decode: video stopped after frame {decoded} ({exc})")
-    if frame_counts is not None:
-        for index, count in metadata.items():
-            frame_counts[index] = (count, decoded)
-    return [_finish(window) for window in requested]
+    return requested
+
+
+def _decode_kept(container: av.container.InputContainer, stream: av.video.stream.VideoStream,
+                 wanted: dict[int, list[_Window]], pixel_format: str, to_the_end: bool, path: Path,
+                 notes: list[str] | None) -> int:
+    """Decode forward once, handing each kept frame (converted once) to the windows that want it; stop after
+    the last kept frame unless ``to_the_end`` (a whole clip's frames are counted). Returns the frames decoded;
+    a decoding error keeps what was read (described in ``notes``)."""
+    decoded, last_needed = 0, max(wanted, default=-1)
+    try:
+        for i, frame in enumerate(container.decode(stream)):
+            decoded = i + 1
+            if i in wanted:
+                array = frame.to_ndarray(format=pixel_format)
+                for window in wanted[i]:
+                    window.frames.append(array)
+            if i >= last_needed and not to_the_end:
+                break
+    except (av.error.FFmpegError, ValueError) as exc:
+        log.warning("%s: video decoding stopped early (%s); windows keep the frames read so far", path, exc)
+        if notes is not None:
+            notes.append(f"partial decode: video stopped after frame {decoded} ({exc})")
+    return decoded

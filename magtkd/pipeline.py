@@ -32,12 +32,11 @@ from .artifacts import (FIRST_STAGE_MODELS, StageFiles, feature_path, features_r
 from .cli import pipeline_parser
 from .runtime import setup_logging
 from .spec import SPLITS, DatasetSpec
-from .utils import QUIET_INTERRUPT, Interrupted, UserError, run as run_main, str2bool
+from .utils import QUIET_INTERRUPT, Interrupted, StageMain, UserError, run as run_main, str2bool
 
 log = logging.getLogger("magtkd")
 REPO = Path(__file__).resolve().parents[1]
 DATASETS = ("IEMOCAP", "MELD")
-StageMain = Callable[[Sequence[str]], Any]
 RUN_RECORD = "pipeline.json"  # in the save folder: the stages of the last pipeline run and their seconds
 
 

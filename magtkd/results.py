@@ -18,7 +18,7 @@ from .utils import UserError
 log = logging.getLogger("magtkd")
 
 
-log = logging.getLogger("magtkd")
+
 
 
 def summary(labels: Sequence[int], preds: Sequence[int]) -> dict[str, float]:

@@ -15,7 +15,7 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from .utils import UserError
 
-if TYPE_CHECKING:  # for the annotations only: the engine does not depend on the schedule
+if TYPE_CHECKING:  # for the annotations only (the engine imports this module, not the reverse)
     from .engine import Batches, FitConfig
 
 log = logging.getLogger("magtkd")

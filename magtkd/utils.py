@@ -42,6 +42,9 @@ class FeatureFileError(UserError, ValueError):
     docs/METHOD.md §4 layout."""
 
 
+StageMain = Callable[[Sequence[str] | None], Any]  # a stage script's main(argv): what `run` runs
+
+
 # Set by the pipeline for its stage processes: on Ctrl-C the pipeline prints the one line, not each stage.
 QUIET_INTERRUPT = "MAGTKD_QUIET_INTERRUPT"
 

@@ -13,19 +13,15 @@ two cores; the tiny tensors gain nothing from a second thread, and oversubscribe
 from __future__ import annotations
 
 import fcntl
-import functools
 import os
 import pickle
 import shutil
-import sys
 from pathlib import Path
 from typing import Any, Callable
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+from helpers import REPO  # noqa: F401  (helpers puts the repository on sys.path)
 WORKER = os.environ.get("PYTEST_XDIST_WORKER")
 if WORKER is not None:
     os.environ["OMP_NUM_THREADS"] = "1"  # also for the stage processes the tests start
@@ -77,38 +73,6 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> dict:
         return {"workdir": workdir, "results": demo_main(["--workdir", str(workdir)])}
 
     return shared_fixture(tmp_path_factory, "demo", build)
-
-
-def stage_paths(workdir: Path, dataset: str) -> dict[str, Path]:
-    """The folders the demo used for one dataset (as passed to every stage)."""
-    return {
-        "data_dir": workdir / "datasets" / dataset,
-        "pretrained_dir": workdir / "pretrained_model",
-        "save_dir": workdir / dataset / "save_model",
-        "feature_dir": workdir / dataset / "feature",
-    }
-
-
-@functools.cache
-def script(dataset: str, name: str):
-    """The module of ``<repo>/<dataset>/<name>.py`` (its ``main(argv)`` takes the CLI flags)."""
-    from magtkd.pipeline import load_script
-
-    return load_script(REPO / dataset / f"{name}.py")
-
-
-def flags(paths: dict[str, Path], **extra: str) -> list[str]:
-    argv = [item for key, value in paths.items() for item in (f"--{key}", str(value))]
-    return argv + [item for key, value in extra.items() for item in (f"--{key}", str(value))]
-
-
-def copy_checkpoints(paths: dict[str, Path], tmp: Path, *names: str) -> dict[str, Path]:
-    """The demo's folders with ``save_dir`` replaced by a copy holding ``names`` (the demo stays untouched)."""
-    save_dir = tmp / "save_model"
-    save_dir.mkdir(parents=True, exist_ok=True)
-    for name in names:
-        shutil.copy2(paths["save_dir"] / name, save_dir / name)
-    return {**paths, "save_dir": save_dir}
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -10,14 +10,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import copy_checkpoints, flags, script, stage_paths
+from helpers import copy_checkpoints, dataset_spec, flags, script, stage_paths
 from sklearn.metrics import f1_score
 
-from magtkd import pipeline, results, utils
+from magtkd import ablation, comparison, results, spec, utils
 from magtkd.artifacts import StageFiles, feature_path
-from magtkd.dataset import PROMPTS, SPEAKER_TOKENS, TextField, build_prompt
-from magtkd.features import load_features
-from magtkd.pipeline import dataset_spec
+from magtkd.loaders import TextField
+from magtkd.prompt import SPEAKER_TOKENS, build_prompt
+from magtkd.spec import PROMPTS
+from magtkd.pickles import load_features
 from magtkd.pretrained import load_tokenizer, text_prompt
 from magtkd.synthetic.features import write_synthetic_features
 
@@ -39,7 +40,7 @@ def test_weighted_f1_of_weights_is_sklearns_on_the_repeated_utterances():
     rng = np.random.default_rng(1)
     labels, preds = rng.integers(0, 5, 60), rng.integers(0, 6, 60)
     weights = rng.integers(0, 4, (3, 60))
-    ours = results.weighted_f1_weighted(labels, preds, weights.astype(float), 6)
+    ours = comparison.weighted_f1_weighted(labels, preds, weights.astype(float), 6)
     for w, value in zip(weights, ours):
         theirs = f1_score(np.repeat(labels, w), np.repeat(preds, w), average="weighted", zero_division=0)
         assert value == pytest.approx(theirs, abs=1e-12)
@@ -49,10 +50,10 @@ def test_paired_bootstrap_identical_and_better_models():
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 3, 200)
     dialogues = np.repeat(np.arange(40), 5)
-    same = results.paired_bootstrap(labels, dialogues, [labels], [labels], 3)
+    same = comparison.paired_bootstrap(labels, dialogues, [labels], [labels], 3)
     assert same["difference"] == 0 and same["p_value"] == 1.0
     noisy = np.where(rng.random(200) < 0.6, rng.integers(0, 3, 200), labels)
-    better = results.paired_bootstrap(labels, dialogues, [labels], [noisy], 3)
+    better = comparison.paired_bootstrap(labels, dialogues, [labels], [noisy], 3)
     assert better["difference"] > 0.2 and better["p_value"] < 0.01
 
 
@@ -110,7 +111,7 @@ def test_prompt_variants():
     assert build_prompt(texts, speakers, "no_template") == "<s1> hi there <s2> oh no <s1> fine"
     assert build_prompt(texts, speakers, "no_speakers") == "hi there oh no fine </s> Now feels"
     assert build_prompt(texts, speakers, "no_context") == "<s1> fine </s> Now<s1> feels"
-    assert PROMPTS == utils.PROMPT_VARIANTS
+    assert PROMPTS == spec.PROMPTS
 
 
 @pytest.mark.slow
@@ -124,7 +125,8 @@ def test_text_prompt_no_speakers_is_recorded_and_used(generated: Path, tmp_path:
     with pytest.raises(utils.UserError, match="--prompt full but the text model was trained with --prompt no_speakers"):
         text_prompt(record, "full")
     tokenizer = load_tokenizer(paths["pretrained_dir"])
-    from magtkd.dataset import add_speaker_tokens, load_samples
+    from magtkd.dataset import load_samples
+    from magtkd.prompt import add_speaker_tokens
 
     add_speaker_tokens(tokenizer)
     speaker_ids = set(tokenizer.convert_tokens_to_ids(list(SPEAKER_TOKENS)))
@@ -164,7 +166,7 @@ def test_modalities_table(pickles: Path, tmp_path: Path):
     table = (folder / "modalities.md").read_text()
     assert "| T+A+V |" in table and "**" in table and " ± " in table
     # resumable: finished variants are skipped; a changed setting re-runs them
-    record = folder / "modalities" / "T" / pipeline.ABLATION_RECORD
+    record = folder / "modalities" / "T" / ablation.ABLATION_RECORD
     before = record.stat().st_mtime_ns
     script("IEMOCAP", "ablation").main(argv)
     assert record.stat().st_mtime_ns == before
@@ -198,7 +200,7 @@ def test_tables_on_the_demo(demo: dict, tmp_path: Path, table: str):
         argv += ["--epochs", "2", "--lr", "1e-3", "--batch_size", "2"]
     doc = script("IEMOCAP", "ablation").main(argv)
     keys = [v["key"] for v in doc["variants"]]
-    assert keys == ([v.key for v in pipeline.ablation_variants(table, dataset_spec("IEMOCAP"))])
+    assert keys == ([v.key for v in ablation.ablation_variants(table, dataset_spec("IEMOCAP"))])
     assert (tmp_path / "save_model" / "ablation" / f"{table}.md").is_file()
     if table == "kd":  # the demo trained one first-stage model per name: one row each, its recorded seed
         for row in doc["variants"]:
@@ -211,11 +213,11 @@ def test_tables_on_the_demo(demo: dict, tmp_path: Path, table: str):
 def test_prompt_table_on_the_demo(demo: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """Two of the prompt rows end to end: the prompt goes to text.py (and its record to the extraction), never
     to the fusion; the text flags are part of a variant's setting."""
-    monkeypatch.setattr(pipeline, "PROMPTS", ("full", "no_speakers"))
+    monkeypatch.setattr(ablation, "PROMPTS", ("full", "no_speakers"))
     calls: list[tuple[str, list[str]]] = []
-    real_stage = pipeline._stage
-    monkeypatch.setattr(pipeline, "_stage", lambda spec, name, argv: calls.append((name, argv))
-                        or real_stage(spec, name, argv))
+    real_stage = ablation.Ablation.stage
+    monkeypatch.setattr(ablation.Ablation, "stage", lambda run, spec, name, argv: calls.append((name, argv))
+                        or real_stage(run, spec, name, argv))
     paths = copy_checkpoints(stage_paths(demo["workdir"], "IEMOCAP"), tmp_path, *(
         f"{n}{s}" for n in ("audio", "video", "text_KD_audio", "text_KD_video") for s in (".bin", ".json")))
     argv = ["--table", "prompt", "--seeds", "1", *flags(paths), "--device", "cpu", "--text_args", "--epochs 1",
@@ -237,7 +239,7 @@ def test_prompt_table_on_the_demo(demo: dict, tmp_path: Path, monkeypatch: pytes
     assert no_speakers["argv"][:2] == ["--epochs", "2"]
     assert no_speakers["text_argv"] == ["--prompt", "no_speakers", "--epochs", "1"]
     assert "| prompt no_speakers | 1 |" in (tmp_path / "save_model" / "ablation" / "prompt.md").read_text()
-    setting = json.loads((folder / pipeline.ABLATION_RECORD).read_text())["setting"]
+    setting = json.loads((folder / ablation.ABLATION_RECORD).read_text())["setting"]
     assert setting["text_argv"] == ["--prompt", "no_speakers", "--epochs", "1"]  # changed: the row re-runs
     calls.clear()
     script("IEMOCAP", "ablation").main(argv)

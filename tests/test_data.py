@@ -9,10 +9,9 @@ from pathlib import Path
 import pytest
 
 from IEMOCAP.config import IEMOCAP
-from magtkd.dataset import (
-    SPLITS, DataError, Utterance, build_samples, fusion_speaker_ids, group_dialogues, load_speaker2id, load_split,
-    read_csv_checked,
-)
+from magtkd.dataset import (Utterance, build_samples, fusion_speaker_ids, group_dialogues, load_speaker2id, load_split, read_csv_checked)
+from magtkd.spec import SPLITS
+from magtkd.utils import DataError
 from magtkd.artifacts import write_json
 from MELD.config import MELD
 

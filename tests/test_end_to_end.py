@@ -12,11 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, stage_paths
+from helpers import REPO, dataset_spec, stage_paths
 from magtkd.artifacts import feature_path
-from magtkd.dataset import SPLITS
-from magtkd.features import FEATURE_KEYS, load_features
-from magtkd.pipeline import dataset_spec
+from magtkd.spec import SPLITS
+from magtkd.pickles import FEATURE_KEYS, load_features
 from magtkd.results import majority_weighted_f1, summary
 
 DATASETS = ("IEMOCAP", "MELD")

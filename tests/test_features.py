@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from magtkd.artifacts import feature_path
-from magtkd.dataset import FeatureFileError
-from magtkd.features import FEATURE_KEYS, assemble_features, load_features, save_features
+from magtkd.utils import FeatureFileError
+from magtkd.pickles import FEATURE_KEYS, assemble_features, load_features, save_features
 
 
 def _create_file(path: str) -> None:

@@ -5,7 +5,6 @@ tests/test_fusion.py.)"""
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import pytest
@@ -14,13 +13,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from conftest import copy_checkpoints, flags, script, stage_paths
+from helpers import copy_checkpoints, flags, script, stage_paths
 from IEMOCAP.config import IEMOCAP
-from magtkd import engine, utils
-from magtkd import pretrained as model_lib
+from magtkd import cli, engine, loaders, pretrained, runtime, schedule
 from magtkd.artifacts import StageFiles
-from magtkd.artifacts import CheckpointError
-from magtkd.pretrained import load_checkpoint
+from magtkd.checkpoints import CheckpointError
+from magtkd.checkpoints import load_checkpoint
 
 # --------------------------------------------------------------------------- KD precision and clipping
 
@@ -58,9 +56,9 @@ def _train_toy(tmp_path, amp: bool, reference_kd_clip: bool, amp_dtype=torch.flo
     gradient norm AdamW saw at each step."""
     torch.manual_seed(0)
     net = _ToyNet(6, 3)
-    loaders = {split: DataLoader(_Toy(12, seed), batch_size=4, shuffle=split == "train", collate_fn=_collate,
-                                 generator=torch.Generator().manual_seed(0))
-               for split, seed in (("train", 1), ("dev", 2), ("test", 3))}
+    splits = {split: DataLoader(_Toy(12, seed), batch_size=4, shuffle=split == "train", collate_fn=_collate,
+                                generator=torch.Generator().manual_seed(0))
+              for split, seed in (("train", 1), ("dev", 2), ("test", 3))}
 
     def objective(model, batch):
         return 50.0 * F.cross_entropy(model(batch["x"]), batch["labels"])
@@ -73,19 +71,17 @@ def _train_toy(tmp_path, amp: bool, reference_kd_clip: bool, amp_dtype=torch.flo
     from torch.optim.optimizer import register_optimizer_step_pre_hook
 
     hook = register_optimizer_step_pre_hook(record)
-    args = argparse.Namespace(train=True, seed=0, epochs=2, learning_rate=1e-2, per_batch_schedule=True, amp=amp,
-                              grad_accum=1, grad_checkpointing=False, resume=False,
-                              reference_kd_clip=reference_kd_clip)
+    flags = dict(train=True, seed=0, epochs=2, learning_rate=1e-2, per_batch_schedule=True, amp=amp, grad_accum=1,
+                 grad_checkpointing=False, resume=False, reference_kd_clip=reference_kd_clip)
     # What the KD stage builds: AdamW, the reference schedule, a gradient scaler for fp16 autocast.
-    data = engine.SampleBatches(loaders, torch.device("cpu"))
-    optimizer = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=args.learning_rate)
-    scheduler = engine.reference_schedule(optimizer, data.n_train, data.updates_per_epoch(args.grad_accum),
-                                          args.epochs, args.per_batch_schedule)
+    data = loaders.SampleBatches(splits, torch.device("cpu"))
+    config = engine.FitConfig.from_flags(flags, seed=0, stage="toy", script="test", dataset="toy",
+                                         labels=["a", "b", "c"],
+                                         files=StageFiles.first_stage(tmp_path, f"toy_{amp}_{reference_kd_clip}"),
+                                         amp_dtype=amp_dtype, clip_scaled=reference_kd_clip)
+    optimizer = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=flags["learning_rate"])
+    scheduler = schedule.reference_schedule(optimizer, data, config)
     scaler = torch.amp.GradScaler("cpu", enabled=bool(amp and amp_dtype == torch.float16))
-    config = engine.FitConfig(stage="toy", script="test", dataset="toy", labels=["a", "b", "c"],
-                              files=StageFiles.first_stage(tmp_path, f"toy_{amp}_{reference_kd_clip}"),
-                              epochs=args.epochs, seed=args.seed, args=vars(args), amp=amp, amp_dtype=amp_dtype,
-                              clip_scaled=reference_kd_clip)
     engine.fit(net, objective, data, optimizer, scheduler, config, scaler)
     hook.remove()
     return {k: v.detach().clone() for k, v in net.state_dict().items()}, seen
@@ -116,7 +112,7 @@ def _help(dataset: str, name: str) -> str:
     import subprocess
     import sys
 
-    from conftest import REPO
+    from helpers import REPO
 
     done = subprocess.run([sys.executable, str(REPO / dataset / f"{name}.py"), "--help"], capture_output=True,
                           text=True, timeout=300)
@@ -127,13 +123,14 @@ def _help(dataset: str, name: str) -> str:
 @pytest.mark.slow
 def test_precision_defaults_of_the_stage_flags():
     text, kd_help = _help("IEMOCAP", "text"), _help("MELD", "KD")
-    assert "--amp AMP bf16 autocast on CUDA; default fp32, as the authors (CPU always runs fp32) (default: False)" in text
+    assert "--amp AMP bf16 autocast on CUDA; default False: fp32, as the authors (CPU always runs fp32)" in text
+    assert "(default: False) --" not in text.split("--amp AMP", 1)[1][:200]  # the default shown once
     assert "--deterministic DETERMINISTIC" in text and "reference_kd_clip" not in text
     assert "--amp AMP fp16 autocast on CUDA with a gradient scaler" in kd_help
     assert "--reference_kd_clip REFERENCE_KD_CLIP clip the still-SCALED gradients" in kd_help
-    args = utils.training_parser(IEMOCAP, ".", None, epochs=1, batch_size=1, learning_rate=1e-5).parse_args([])
+    args = cli.training_parser(IEMOCAP, ".", None, epochs=1, batch_size=1, learning_rate=1e-5).parse_args([])
     assert args.amp is False and args.deterministic is True and not hasattr(args, "reference_kd_clip")
-    kd = utils.training_parser(IEMOCAP, ".", None, epochs=1, batch_size=1, learning_rate=1e-5, kd=True)
+    kd = cli.training_parser(IEMOCAP, ".", None, epochs=1, batch_size=1, learning_rate=1e-5, kd=True)
     args = kd.parse_args([])
     assert args.amp is True and args.reference_kd_clip is False and args.deterministic is True
     assert kd.parse_args(["--reference_kd_clip", "True", "--amp", "False"]).reference_kd_clip is True
@@ -145,16 +142,16 @@ def test_set_seed_as_the_authors(monkeypatch):
     monkeypatch.delenv("PYTHONHASHSEED", raising=False)
     before = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
     try:
-        utils.set_seed(2024)
+        runtime.set_seed(2024)
         import os
 
         assert os.environ["PYTHONHASHSEED"] == "2024"
         assert torch.backends.cudnn.deterministic is True and torch.backends.cudnn.benchmark is False
         a = torch.rand(2)
-        utils.set_seed(2024, deterministic=False)  # variable-length inputs: no cuDNN tuning per new shape
+        runtime.set_seed(2024, deterministic=False)  # variable-length inputs: no cuDNN tuning per new shape
         assert torch.backends.cudnn.deterministic is False and torch.backends.cudnn.benchmark is False
         assert torch.equal(a, torch.rand(2))
-        utils.set_seed(2024, deterministic=False, fixed_shapes=True)  # the video stage's 8 frames
+        runtime.set_seed(2024, deterministic=False, fixed_shapes=True)  # the video stage's 8 frames
         assert torch.backends.cudnn.benchmark is True
     finally:
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = before
@@ -200,7 +197,7 @@ def test_authors_checkpoint_evaluates_like_ours(demo, tmp_path, dataset, modalit
 
 
 def test_authors_text_checkpoint_maps_by_shape_and_names_what_does_not_fit(generated, tmp_path, caplog):
-    encoder, _ = model_lib.load_encoder("text", generated / "pretrained_model", IEMOCAP.num_classes)
+    encoder, _ = pretrained.load_encoder("text", generated / "pretrained_model", IEMOCAP.num_classes)
     ours = {k: v.clone() for k, v in encoder.state_dict().items()}
     hidden = encoder.backbone.config.hidden_size
     # Whichever of the two Linears is called W (classifier or projection), shapes decide.

@@ -21,17 +21,21 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, copy_checkpoints, flags, script, stage_paths
+from helpers import REPO, copy_checkpoints, flags, script, stage_paths
 from IEMOCAP.config import IEMOCAP
-from magtkd import media
-from magtkd.dataset import SPLITS, AudioField, FrameCodec, SampleDataset, frame_file, load_samples, load_split
+from magtkd import decoder, media
+from magtkd.dataset import load_samples, load_split
+from magtkd.frames import FrameCodec, frame_file
+from magtkd.loaders import AudioField, SampleDataset
+from magtkd.spec import SPLITS
 from magtkd.artifacts import SubstitutionReport
-from magtkd.artifacts import CheckpointError
+from magtkd.checkpoints import CheckpointError
 from magtkd.pretrained import PretrainedMissingError, load_audio_encoder, load_image_processor
 from magtkd.synthetic.media import read_index
 from magtkd.synthetic.meld import write_meld
 from magtkd.synthetic.models import AV_HIDDEN, TEXT_HIDDEN
-from magtkd.utils import paths_parser, resolve_device
+from magtkd.cli import paths_parser
+from magtkd.runtime import resolve_device
 from MELD.config import MELD
 
 DATASETS = {"IEMOCAP": IEMOCAP, "MELD": MELD}
@@ -294,7 +298,7 @@ def test_extraction_stage_stores_the_authors_frames(generated, tmp_path, monkeyp
 
 
 def test_meld_clip_with_wrong_frame_count_metadata_is_reported(generated, tmp_path, monkeypatch):
-    from magtkd import features as dataset
+    from magtkd import frames as dataset
 
     utt = load_split(MELD, generated / "datasets" / "MELD", "dev")[0]
     dataset._init_worker(load_image_processor(generated / "pretrained_model"))
@@ -470,7 +474,7 @@ def test_audio_substitution_report_lists_silence(demo, meld_faults):
 def test_audio_cache_holds_each_readable_clip_once(demo, meld_faults, dataset, monkeypatch):
     # The demo's audio stages stored every readable clip once in <feature_dir>/audio_cache (failures are
     # not stored: each stage reports them again); a later read gives the samples decoding gives.
-    from magtkd.media import AudioCache
+    from magtkd.decoder import AudioCache
 
     paths = stage_paths(demo["workdir"], dataset)
     cache = AudioCache(paths["feature_dir"] / "audio_cache")
@@ -480,7 +484,7 @@ def test_audio_cache_holds_each_readable_clip_once(demo, meld_faults, dataset, m
     assert len(readable) < len(utterances) or dataset == "IEMOCAP"
     assert {p.name for p in cache.folder.glob("*.npz")} == {cache.entry(u.audio_path).name for u in readable}
     assert not list(cache.folder.glob(".*.tmp"))
-    monkeypatch.setattr(media, "decode_audio_isolated", lambda *a, **k: pytest.fail("decoded again"))
+    monkeypatch.setattr(decoder, "decode_audio_isolated", lambda *a, **k: pytest.fail("decoded again"))
     for utt in readable[:: max(len(readable) // 4, 1)]:
         native_sr, mono = media.decode_audio_native(utt.audio_path)  # the same decoding, in this process
         assert np.array_equal(cache.load(utt.audio_path), media.resample_audio(utt.audio_path, mono, native_sr)), utt.key

@@ -9,15 +9,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import script
+from helpers import script
 from IEMOCAP.config import IEMOCAP
 from magtkd.artifacts import StageFiles, feature_path
-from magtkd.engine import dialogue_logits
-from magtkd.features import DialogueSet, load_dialogues
-from magtkd.model import (
-    AnchorGatedTransformer, FusionCheckpointError, Layout, dropout, infer_sizes_from_checkpoint,
-    load_fusion_checkpoint,
-)
+from magtkd.fusion_data import dialogue_logits
+from magtkd.fusion_data import DialogueSet, load_dialogues
+from magtkd.checkpoints import FusionCheckpointError, load_fusion_checkpoint, settings_from_checkpoint
+from magtkd.model import AnchorGatedTransformer
+from magtkd.packing import Layout, dropout
 from magtkd.synthetic.features import write_synthetic_features
 from magtkd.utils import UserError
 from MELD.config import MELD
@@ -161,7 +160,7 @@ def test_separate_text_blocks_train_and_eval(tmp_path):
     write_synthetic_features(tmp_path / "feature", IEMOCAP, {"train": 6, "dev": 3, "test": 3}, width=WIDTH, seed=5)
     run(IEMOCAP, tmp_path, "--separate_text_blocks", "--epochs", "2")
     state = torch.load(tmp_path / "save" / "multimodal_fusion_best.bin", weights_only=True)
-    assert "a_t_gate.fc.weight" in state and infer_sizes_from_checkpoint(state)["separate_text_blocks"]
+    assert "a_t_gate.fc.weight" in state and settings_from_checkpoint(state).separate_text_blocks
     # Evaluation infers the separate blocks from the checkpoint.
     evaluated = fusion_main(IEMOCAP, ["--feature_dir", str(tmp_path / "feature"), "--save_dir",
                                       str(tmp_path / "save"), "--train", "False", "--n_head", "2",
@@ -213,8 +212,9 @@ def test_reference_checkpoint_loads(tmp_path, caplog):
     state = reference_state()
     path = tmp_path / "multimodal_fusion_best.bin"
     torch.save(state, path)
-    assert infer_sizes_from_checkpoint(state) == {"n_speaker": N_SPK, "hidden": H, "n_classes": C,
-                                                  "separate_text_blocks": False}
+    settings = settings_from_checkpoint(state)
+    assert (settings.n_speaker, settings.hidden, settings.n_classes, settings.separate_text_blocks) == \
+        (N_SPK, H, C, False)
     model = AnchorGatedTransformer(H, C, N_SPK, n_head=2)
     with caplog.at_level("INFO", logger="magtkd"):
         load_fusion_checkpoint(model, path)
@@ -511,7 +511,7 @@ def test_initial_weights_are_the_authors_draw_for_draw(n_speaker, n_classes, sep
 
 def test_initialiser_order_matches_the_recorded_list():
     """Our written-out order against the recorded list of the authors' constructor (when present)."""
-    from conftest import REPO
+    from helpers import REPO
 
     listing = REPO.parent / "shared" / "reference" / "fusion-init-order.md"
     if not listing.is_file():

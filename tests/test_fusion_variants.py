@@ -4,6 +4,7 @@ baseline build, train and round-trip through their checkpoints in both layouts."
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import itertools
 import subprocess
@@ -13,12 +14,11 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import REPO
-from magtkd.model import (
-    AUDIO_ANCHOR, TEXT_ANCHOR, VIDEO_ANCHOR, AnchorGatedTransformer, FusionCheckpointError, FusionOutput, Gate,
-    Layout, TransformerBlock, infer_sizes_from_checkpoint, load_fusion_checkpoint, read_fusion_state,
-    variant_from_checkpoint,
-)
+from helpers import REPO
+from magtkd.checkpoints import (FusionCheckpointError, load_fusion_checkpoint, read_fusion_state,
+                                settings_from_checkpoint, variant_from_checkpoint)
+from magtkd.model import (AUDIO_ANCHOR, AnchorGatedTransformer, FusionOutput, Gate, TEXT_ANCHOR, TransformerBlock, VIDEO_ANCHOR)
+from magtkd.packing import Layout
 
 H, C, N_SPK, N_HEAD = 16, 5, 3, 2
 LENGTHS = [3, 5, 1, 4]
@@ -168,7 +168,7 @@ def test_default_is_the_model_before_the_variants(separate, layout):
     assert list(ours.state_dict()) == list(frozen.state_dict())
     for (name, a), b in zip(ours.state_dict().items(), frozen.state_dict().values()):
         assert torch.equal(a, b), name
-    assert ours.variant == {"modalities": ["T", "A", "V"], "gates": True, "speaker_embedding": True,
+    assert ours.variant.as_dict() == {"modalities": ["T", "A", "V"], "gates": True, "speaker_embedding": True,
                             "fusion": "anchor"} and ours.predictor == "T"
     kwargs = batches()[layout]
     for mode in (True, False):
@@ -231,7 +231,7 @@ def absent(kwargs, modalities, value):
 def test_modality_subset(modalities, layout):
     model = build(modalities=modalities).train()
     assert top_level(model) == EXPECTED[modalities] | {"speaker_embeddings"}
-    assert model.variant["modalities"] == list(modalities) and model.predictor == PREDICTOR[modalities]
+    assert model.variant.modalities == tuple(modalities) and model.predictor == PREDICTOR[modalities]
     if len(modalities) > 1:
         assert model.state_dict()[f"features_reduce_{modalities[0].lower()}.weight"].shape == (H, len(modalities) * H)
     kwargs = batches()[layout]
@@ -276,7 +276,7 @@ def test_modalities_are_checked():
             build(modalities=bad)
     with pytest.raises(ValueError, match="fusion"):
         build(fusion="sum")
-    assert build(modalities=["v", "t"]).variant["modalities"] == ["T", "V"]
+    assert build(modalities=["v", "t"]).variant.modalities == ("T", "V")
 
 
 # --------------------------------------------------------------------------- gates, speaker embedding, concat
@@ -286,7 +286,7 @@ def test_modalities_are_checked():
 def test_without_gates(modalities):
     model = build(modalities=modalities, gates=False)
     assert top_level(model) == {n for n in EXPECTED[modalities] if not n.endswith("_gate")} | {"speaker_embeddings"}
-    assert model.variant["gates"] is False
+    assert model.variant.gates is False
     for layout, kwargs in batches().items():
         run(model.train(), kwargs).t_logits.sum().backward()
     # g(x) = x: a single modality is its self block and its head, nothing in between.
@@ -312,7 +312,7 @@ def test_gates_off_keeps_the_blocks_draws():
 def test_without_speaker_embedding(modalities):
     model = build(modalities=modalities, speaker_embedding=False, n_speaker=None)
     assert "speaker_embeddings" not in top_level(model) and not hasattr(model, "speaker_embeddings")
-    assert model.variant["speaker_embedding"] is False and model.padding_speaker == 0
+    assert model.variant.speaker_embedding is False and model.padding_speaker == 0
     for layout, kwargs in batches().items():
         out = run(model.train(), kwargs)
         # speakers are not read: other ids, or none at all, change nothing
@@ -329,7 +329,7 @@ def test_concat_baseline(modalities, speaker_embedding):
     expected = {"concat", "concat_reduce", "w_concat", "concat_modalities"}
     assert top_level(model) == expected | ({"speaker_embeddings"} if speaker_embedding else set())
     assert model.concat_reduce.in_features == len(modalities) * H and model.predictor == "concat"
-    assert model.variant == {"modalities": list(modalities), "gates": False, "speaker_embedding": speaker_embedding,
+    assert model.variant.as_dict() == {"modalities": list(modalities), "gates": False, "speaker_embedding": speaker_embedding,
                              "fusion": "concat"}
     outputs = {}
     for layout, kwargs in batches().items():
@@ -364,27 +364,26 @@ def test_checkpoint_round_trip(kwargs, tmp_path):
     trained = build(seed=1, **dict(kwargs)).eval()
     path = tmp_path / "multimodal_fusion_best.bin"
     torch.save(trained.state_dict(), path)
-    sizes = infer_sizes_from_checkpoint(read_fusion_state(path), with_variant=True)
-    assert sizes["variant"] == trained.variant == variant_from_checkpoint(trained.state_dict())
-    assert (sizes["hidden"], sizes["n_classes"], sizes["n_speaker"]) == (H, C, trained.n_speaker)
-    assert sizes["separate_text_blocks"] == bool(kwargs.get("separate") and trained.modalities[0] == "T"
+    settings = settings_from_checkpoint(read_fusion_state(path))
+    assert settings.variant == trained.variant == variant_from_checkpoint(trained.state_dict())
+    assert (settings.hidden, settings.n_classes, settings.n_speaker) == (H, C, trained.n_speaker)
+    assert settings.separate_text_blocks == bool(kwargs.get("separate") and trained.modalities[0] == "T"
                                                  and len(trained.modalities) > 1)
-    rebuilt = AnchorGatedTransformer(sizes["hidden"], sizes["n_classes"], sizes["n_speaker"], N_HEAD, 0.0,
-                                     sizes["separate_text_blocks"], **sizes["variant"])
+    assert settings.n_head is None  # no shape shows the heads: they come from the metrics document
+    rebuilt = dataclasses.replace(settings, n_head=N_HEAD).build(0.0)
     load_fusion_checkpoint(rebuilt, path).eval()
     for batch in batches(seed=3).values():
         with torch.no_grad():
             assert same(rebuilt(**batch), trained(**batch))
-    without = infer_sizes_from_checkpoint(read_fusion_state(path))
-    assert set(without) == {"n_speaker", "hidden", "n_classes", "separate_text_blocks"}
 
 
 def test_authors_layout_is_the_default_variant():
     """The authors' checkpoint layout (a_t/v_t blocks and the top-level fc): the default variant, sizes unchanged."""
     state = dict(build(separate=True).state_dict())
     state.update({"fc.weight": torch.zeros(H, 3 * H), "fc.bias": torch.zeros(H)})
-    assert infer_sizes_from_checkpoint(state) == {"n_speaker": N_SPK, "hidden": H, "n_classes": C,
-                                                  "separate_text_blocks": False}
+    settings = settings_from_checkpoint(state)
+    assert (settings.n_speaker, settings.hidden, settings.n_classes, settings.separate_text_blocks) == \
+        (N_SPK, H, C, False)
     assert variant_from_checkpoint(state) == build().variant
 
 
@@ -406,8 +405,8 @@ def test_checkpoint_of_another_variant_names_both(tmp_path):
 
 def test_not_a_fusion_checkpoint():
     with pytest.raises(FusionCheckpointError, match="not a multimodal fusion checkpoint"):
-        infer_sizes_from_checkpoint({"encoder.weight": torch.zeros(2, 2)})
+        settings_from_checkpoint({"encoder.weight": torch.zeros(2, 2)})
     state = dict(build(modalities="A").state_dict())
     del state["w_a.weight"]
     with pytest.raises(FusionCheckpointError, match="no 'w_a.weight'"):
-        infer_sizes_from_checkpoint(state)
+        settings_from_checkpoint(state)

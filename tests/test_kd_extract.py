@@ -21,18 +21,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import copy_checkpoints, flags, script, stage_paths
+from helpers import copy_checkpoints, flags, script, stage_paths
 from IEMOCAP.config import IEMOCAP, speaker_letter
-from magtkd import dataset as magtkd_dataset
-from magtkd import model as magtkd_model
-from magtkd import engine as magtkd_engine
-from magtkd import pretrained as magtkd_pretrained
+from magtkd import checkpoints, engine, loaders, losses, pretrained
 from magtkd.artifacts import SubstitutionReport, feature_path
-from magtkd.dataset import (
-    SPLITS, SampleDataset, build_samples, group_dialogues, load_speaker2id, load_split,
-)
-from magtkd.features import FEATURE_KEYS, load_features
-from magtkd.pretrained import load_checkpoint
+from magtkd.dataset import build_samples, group_dialogues, load_speaker2id, load_split
+from magtkd.loaders import SampleDataset
+from magtkd.spec import SPLITS
+from magtkd.pickles import FEATURE_KEYS, load_features
+from magtkd.checkpoints import load_checkpoint
 from magtkd.pretrained import load_encoder
 from magtkd.synthetic.models import AV_HIDDEN, TEXT_HIDDEN
 from MELD.config import MELD
@@ -158,9 +155,9 @@ class Watch:
         self.taus: set[float] = set()
         self.objectives: list[tuple[float, float, float]] = []  # (loss of the step, CE + weighted terms, CE)
         self._terms: dict[str, torch.Tensor] = {}
-        build, loaders = magtkd_pretrained.load_encoder, magtkd_dataset.loaders
-        load, fit = magtkd_pretrained.load_checkpoint, magtkd_engine.fit
-        logit, feature, cross_entropy = magtkd_model.logit_kd_loss, magtkd_model.feature_kd_loss, F.cross_entropy
+        build, make_loaders = pretrained.load_encoder, loaders.split_loaders
+        load, fit = checkpoints.load_checkpoint, engine.fit
+        logit, feature, cross_entropy = losses.logit_kd_loss, losses.feature_kd_loss, F.cross_entropy
 
         def watched_build(modality, pretrained_dir, num_classes, feature_dir=None, audio_cache=None, **options):
             model, field = build(modality, pretrained_dir, num_classes, feature_dir, audio_cache, **options)
@@ -172,7 +169,7 @@ class Watch:
         def watched_loaders(samples, fields, batch_size, num_workers, seed, splits=SPLITS):
             for split in splits:
                 self.fields[split] = [f.name for f in fields]
-            return loaders(samples, fields, batch_size, num_workers, seed, splits)
+            return make_loaders(samples, fields, batch_size, num_workers, seed, splits)
 
         def watched_load(model, path, produced_by, dataset=None, labels=None):
             self.checkpoints.append(Path(path).name)
@@ -207,12 +204,12 @@ class Watch:
 
             return fit(model, checked, *args, **kwargs)
 
-        monkeypatch.setattr(magtkd_pretrained, "load_encoder", watched_build)
-        monkeypatch.setattr(magtkd_dataset, "loaders", watched_loaders)
-        monkeypatch.setattr(magtkd_pretrained, "load_checkpoint", watched_load)
-        monkeypatch.setattr(magtkd_engine, "fit", watched_fit)
-        monkeypatch.setattr(magtkd_model, "logit_kd_loss", watched_logit)
-        monkeypatch.setattr(magtkd_model, "feature_kd_loss", watched_feature)
+        monkeypatch.setattr(pretrained, "load_encoder", watched_build)
+        monkeypatch.setattr(loaders, "split_loaders", watched_loaders)
+        monkeypatch.setattr(checkpoints, "load_checkpoint", watched_load)
+        monkeypatch.setattr(engine, "fit", watched_fit)
+        monkeypatch.setattr(losses, "logit_kd_loss", watched_logit)
+        monkeypatch.setattr(losses, "feature_kd_loss", watched_feature)
         monkeypatch.setattr(F, "cross_entropy", watched_cross_entropy)
 
     def _teacher_call(self, module, _inputs) -> None:
@@ -235,7 +232,7 @@ def test_kd_run_loads_only_its_modalities_and_freezes_the_teacher(demo, generate
     paths = copy_checkpoints({**demo_paths, "data_dir": data_dir, "pretrained_dir": generated / "pretrained_model"},
                              tmp_path, "text.bin", "audio.bin")
     other = "video" if student == "audio" else "audio"
-    monkeypatch.setattr(getattr(magtkd_dataset, f"{other.capitalize()}Field"), "load", refuse(other))
+    monkeypatch.setattr(getattr(loaders, f"{other.capitalize()}Field"), "load", refuse(other))
     watch = Watch(monkeypatch, logit_weight=1.0, feature_weight=0.0)
     teacher_before = digest(paths["save_dir"] / "text.bin")
     audio_before = digest(paths["save_dir"] / "audio.bin")

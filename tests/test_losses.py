@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from magtkd.model import feature_kd_loss, logit_kd_loss, pearson
+from magtkd.losses import feature_kd_loss, logit_kd_loss, pearson
 
 # Hand-made inputs: 4 samples x 3 classes, 4 samples x 5 features.
 Z_S = np.array([[2.0, 0.5, -1.0], [0.1, 0.2, 0.3], [-1.0, 3.0, 0.0], [0.5, -0.5, 1.5]])

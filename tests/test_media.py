@@ -11,14 +11,13 @@ import pytest
 
 from transformers import Wav2Vec2FeatureExtractor
 
-from magtkd import media as media_mod
-from magtkd.dataset import AudioField, Sample, SampleDataset, Utterance
-from magtkd.media import (
-    FRAMES_PER_CLIP, TARGET_SAMPLE_RATE, MediaError, clip_step, decode_audio_isolated, decode_windows, kept_indices,
-    window_frames, window_step,
-)
+from magtkd import decoder, media
+from magtkd.dataset import Sample, Utterance
+from magtkd.loaders import AudioField, SampleDataset
+from magtkd.decoder import decode_audio_isolated
+from magtkd.media import (FRAMES_PER_CLIP, MediaError, TARGET_SAMPLE_RATE, clip_step, decode_windows, kept_indices, window_frames, window_step)
 from magtkd.artifacts import SubstitutionReport
-from magtkd.engine import note_problems
+from magtkd.loaders import note_problems
 from magtkd.synthetic.media import index_frame, read_index, tone, write_video, write_wav
 
 FPS = 10
@@ -188,7 +187,7 @@ def test_decode_windows_selects_the_authors_frames_with_one_open(indexed_avi, mo
         None,  # whole clip, step 200 // 8
         (0.0, 1.0),  # duplicate of the first
     ]
-    log = _count_opens(monkeypatch, media_mod)
+    log = _count_opens(monkeypatch, media)
     clips = decode_windows(indexed_avi, windows)
     assert log["opens"] == 1 and log["decodes"] == 1
     assert len(clips) == len(windows)
@@ -234,18 +233,18 @@ def test_decode_windows_h264_mp4_with_audio(tmp_path):
 def test_whole_clip_step_follows_the_metadata_count(indexed_avi, monkeypatch):
     # Wrong metadata (real MELD clips have it): the authors' rule still decides, from the metadata
     # count, and both counts are returned for the report.
-    monkeypatch.setattr(media_mod, "metadata_frame_count", lambda container, stream, fps: 100)
+    monkeypatch.setattr(media, "metadata_frame_count", lambda container, stream, fps: 100)
     counts: dict = {}
     (whole,) = decode_windows(indexed_avi, [None], frame_counts=counts)
     assert _indices(whole) == _expected(None, frame_count=100) == [11, 23, 35, 47, 59, 71, 83, 95]
     assert counts == {0: (100, N_FRAMES)}
-    monkeypatch.setattr(media_mod, "metadata_frame_count", lambda container, stream, fps: 1000)
+    monkeypatch.setattr(media, "metadata_frame_count", lambda container, stream, fps: 1000)
     (whole,) = decode_windows(indexed_avi, [None], frame_counts=counts)
     assert _indices(whole) == _expected(None, frame_count=1000) == [124] * 8  # step 125: one frame
 
 
 def test_decode_windows_stops_after_last_kept_frame(indexed_avi, monkeypatch):
-    log = _count_opens(monkeypatch, media_mod)
+    log = _count_opens(monkeypatch, media)
     clips = decode_windows(indexed_avi, [(0.5, 2.0), (1.0, 4.0)])
     assert [_indices(c) for c in clips] == [_expected((0.5, 2.0)), _expected((1.0, 4.0))]
     assert _indices(clips[1]) == [11, 14, 17, 20, 23, 26, 29, 32]  # frames 9..39, step 3
@@ -254,7 +253,7 @@ def test_decode_windows_stops_after_last_kept_frame(indexed_avi, monkeypatch):
 
 
 def test_decode_windows_keeps_frames_decoded_before_a_failure(indexed_avi, monkeypatch):
-    _count_opens(monkeypatch, media_mod, fail_after=45)  # frames 0..44 decode, then an error
+    _count_opens(monkeypatch, media, fail_after=45)  # frames 0..44 decode, then an error
     clips = decode_windows(indexed_avi, [(0.0, 2.0), (4.2, 6.0), (5.0, 8.0), None])
     assert _indices(clips[0]) == _expected((0.0, 2.0))
     assert _indices(clips[1]) == [42, 44, 44, 44, 44, 44, 44, 44]  # partial window: what was read
@@ -264,13 +263,13 @@ def test_decode_windows_keeps_frames_decoded_before_a_failure(indexed_avi, monke
 
 def test_windows_hold_only_their_kept_frames(indexed_avi, monkeypatch):
     held = []
-    real_finish = media_mod._finish
+    real_finish = media._finish
 
     def recording_finish(window):
         held.append(len(window.frames))
         return real_finish(window)
 
-    monkeypatch.setattr(media_mod, "_finish", recording_finish)
+    monkeypatch.setattr(media, "_finish", recording_finish)
     whole, long = decode_windows(indexed_avi, [None, (0.0, 19.0)])
     assert _indices(whole) == _expected(None) and _indices(long) == _expected((0.0, 19.0))
     assert held == [8, 8]  # 200- and 190-frame windows hold 8 frames each
@@ -399,7 +398,7 @@ def test_resize_crop_equals_the_image_processor(edge, crop):
     import torch
     from transformers import VideoMAEImageProcessor
 
-    from magtkd.dataset import FrameCodec
+    from magtkd.frames import FrameCodec
 
     processor = VideoMAEImageProcessor(size={"shortest_edge": edge}, crop_size={"height": crop, "width": crop})
     codec = FrameCodec(processor)
@@ -422,7 +421,7 @@ def _count_decodes(monkeypatch, fail: bool = False) -> list:
     """Count (or refuse) calls of the decoder the audio cache uses."""
 
     calls: list = []
-    real = media_mod.decode_audio_isolated
+    real = decoder.decode_audio_isolated
 
     def decode(path, *args, **kwargs):
         calls.append(str(path))
@@ -430,7 +429,7 @@ def _count_decodes(monkeypatch, fail: bool = False) -> list:
             raise AssertionError(f"decoded {path} again")
         return real(path, *args, **kwargs)
 
-    monkeypatch.setattr(media_mod, "decode_audio_isolated", decode)
+    monkeypatch.setattr(decoder, "decode_audio_isolated", decode)
     return calls
 
 
@@ -444,11 +443,11 @@ def _clips(tmp_path):
 
 
 def test_audio_cache_hit_is_bit_identical_and_does_not_decode(tmp_path, monkeypatch):
-    from magtkd.media import AudioCache
+    from magtkd.decoder import AudioCache
 
     cache = AudioCache(tmp_path / "cache")
     for path in _clips(tmp_path):
-        direct = media_mod.decode_audio_isolated(path)
+        direct = decoder.decode_audio_isolated(path)
         calls = _count_decodes(monkeypatch)
         first = cache.load(path)
         assert calls == [str(path)] and first.dtype == np.float32 and np.array_equal(first, direct)
@@ -473,7 +472,7 @@ def test_audio_cache_hit_is_bit_identical_and_does_not_decode(tmp_path, monkeypa
 def test_audio_cache_decodes_a_changed_file_again(tmp_path, monkeypatch):
     import os
 
-    from magtkd.media import AudioCache
+    from magtkd.decoder import AudioCache
 
     wav, _ = _clips(tmp_path)
     cache = AudioCache(tmp_path / "cache")
@@ -487,14 +486,14 @@ def test_audio_cache_decodes_a_changed_file_again(tmp_path, monkeypatch):
     write_wav(wav, tone(500, 0.5, 22050), 22050)  # replaced by another clip
     after = cache.load(wav)
     assert len(calls) == 3 and after.shape != before.shape
-    native_sr, mono = media_mod.decode_audio_native(wav)  # the same decoding, not counted
-    assert np.array_equal(after, media_mod.resample_audio(wav, mono, native_sr))
+    native_sr, mono = media.decode_audio_native(wav)  # the same decoding, not counted
+    assert np.array_equal(after, media.resample_audio(wav, mono, native_sr))
     cache.load(wav)
     assert len(calls) == 3
 
 
 def test_audio_cache_corrupt_entry_is_decoded_again_and_failures_are_not_stored(tmp_path, monkeypatch, caplog):
-    from magtkd.media import AudioCache
+    from magtkd.decoder import AudioCache
 
     wav, _ = _clips(tmp_path)
     cache = AudioCache(tmp_path / "cache")
@@ -520,16 +519,16 @@ def test_audio_cache_corrupt_entry_is_decoded_again_and_failures_are_not_stored(
 
 
 def test_audio_cache_replays_partial_decode_notes_and_writes_atomically(tmp_path, monkeypatch, caplog):
-    from magtkd.media import AudioCache
+    from magtkd.decoder import AudioCache
 
     wav, _ = _clips(tmp_path)
-    real = media_mod.decode_audio_isolated
+    real = decoder.decode_audio_isolated
 
     def partial(path, sample_rate, notes):
         notes.append("partial decode: audio stopped at 0.40 s (injected)")
         return real(path, sample_rate)[:6400]
 
-    monkeypatch.setattr(media_mod, "decode_audio_isolated", partial)
+    monkeypatch.setattr(decoder, "decode_audio_isolated", partial)
     extractor = Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=TARGET_SAMPLE_RATE, padding_value=0.0,
                                          do_normalize=True, return_attention_mask=True)
     field = AudioField(extractor, cache_dir=tmp_path / "cache")
@@ -553,7 +552,7 @@ def test_audio_cache_replays_partial_decode_notes_and_writes_atomically(tmp_path
     monkeypatch.setattr(np, "savez", broken_savez)
     cache = AudioCache(tmp_path / "cache")
     with caplog.at_level(logging.WARNING, logger="magtkd"):
-        assert np.array_equal(cache.load(other), media_mod.decode_audio_isolated(other))
+        assert np.array_equal(cache.load(other), decoder.decode_audio_isolated(other))
     assert not cache.entry(other).exists() and not list((tmp_path / "cache").glob(".*.tmp"))
     assert any("cannot write the audio cache" in r.getMessage() for r in caplog.records)
 
@@ -562,10 +561,14 @@ def test_audio_cache_flags():
     import argparse
     from pathlib import Path
 
-    from magtkd.utils import add_audio_cache_flags, audio_cache_dir
+    from magtkd.cli import add_audio_cache_flags, audio_cache_dir
 
     parser = add_audio_cache_flags(argparse.ArgumentParser())
-    parser.add_argument("--feature_dir", type=Path, default=Path("feat"))
-    assert audio_cache_dir(parser.parse_args([])) == Path("feat") / "audio_cache"
-    assert audio_cache_dir(parser.parse_args(["--audio_cache_dir", "/x/c"])) == Path("/x/c")
-    assert audio_cache_dir(parser.parse_args(["--audio_cache", "False"])) is None
+
+    def folder(argv):
+        args = parser.parse_args(argv)
+        return audio_cache_dir(args.audio_cache, args.audio_cache_dir, Path("feat"))
+
+    assert folder([]) == Path("feat") / "audio_cache"
+    assert folder(["--audio_cache_dir", "/x/c"]) == Path("/x/c")
+    assert folder(["--audio_cache", "False"]) is None

@@ -1,5 +1,5 @@
 """Decoder faults: non-finite samples are unreadable media (issue 24 item 1); fault injection
-into the supervised decoder child through `media.run_in_decoder`."""
+into the supervised decoder child through `decoder.run_in_decoder`."""
 
 from __future__ import annotations
 
@@ -12,9 +12,11 @@ import numpy as np
 import pytest
 from transformers import Wav2Vec2FeatureExtractor
 
-from magtkd import media
-from magtkd.dataset import AudioField, Sample, Utterance
-from magtkd.media import TARGET_SAMPLE_RATE, DecoderProcess, MediaError
+from magtkd import decoder, media
+from magtkd.dataset import Sample, Utterance
+from magtkd.loaders import AudioField
+from magtkd.decoder import DecoderProcess
+from magtkd.media import MediaError, TARGET_SAMPLE_RATE
 from magtkd.synthetic.media import index_frame, tone, write_video, write_wav
 
 NON_FINITE = "non-finite samples (NaN/inf) in the decoded audio"
@@ -46,7 +48,7 @@ def test_a_float_wav_decodes_like_the_pcm_one(tmp_path):
     # The float writer above is read back exactly: the NaN test below tests the check, not the file.
     wave = tone(300, 0.5, 16000)[:, 0]
     write_float_wav(tmp_path / "float.wav", wave, 16000)
-    assert np.array_equal(media.decode_audio_isolated(tmp_path / "float.wav"), wave.astype(np.float32))
+    assert np.array_equal(decoder.decode_audio_isolated(tmp_path / "float.wav"), wave.astype(np.float32))
 
 
 @pytest.mark.parametrize("sample_rate", [16000, 22050])  # at the model's rate, and resampled
@@ -57,7 +59,7 @@ def test_non_finite_samples_are_unreadable_media(tmp_path, sample_rate, bad):
     path = tmp_path / "nan.wav"
     write_float_wav(path, wave, sample_rate)
     with pytest.raises(MediaError) as err:
-        media.decode_audio_isolated(path)
+        decoder.decode_audio_isolated(path)
     assert err.value.reason == NON_FINITE and err.value.path == str(path)
     with pytest.raises(MediaError, match=r"non-finite samples \(NaN/inf\)"):
         media.decode_audio_native(path)
@@ -83,18 +85,18 @@ def test_audio_field_substitutes_silence_for_non_finite_samples(tmp_path):
     assert problem[0] == str(path) and NON_FINITE in problem[1]
 
 
-# ---------------------------------------------------------------- fault injection: media.run_in_decoder
+# ---------------------------------------------------------------- fault injection: decoder.run_in_decoder
 
 
 def crash_on(paths: frozenset, path: str, fn, args):
-    """A `media.run_in_decoder` that kills the decoder child (SIGSEGV) for ``paths``, else decodes."""
+    """A `decoder.run_in_decoder` that kills the decoder child (SIGSEGV) for ``paths``, else decodes."""
     if path in paths:
         os.kill(os.getpid(), signal.SIGSEGV)
     return fn(*args)
 
 
 def hang_on(paths: frozenset, path: str, fn, args):
-    """A `media.run_in_decoder` that hangs for ``paths``, else decodes."""
+    """A `decoder.run_in_decoder` that hangs for ``paths``, else decodes."""
     if path in paths:
         time.sleep(60)
     return fn(*args)
@@ -112,31 +114,31 @@ def clips(tmp_path):
 
 def test_an_injected_crash_loses_only_that_file(clips, monkeypatch):
     wav, mp4 = clips
-    expected = media.decode_audio_isolated(wav)  # the per-process audio decoder child is running now
-    monkeypatch.setattr(media, "run_in_decoder", functools.partial(crash_on, frozenset({str(mp4)})))
+    expected = decoder.decode_audio_isolated(wav)  # the per-process audio decoder child is running now
+    monkeypatch.setattr(decoder, "run_in_decoder", functools.partial(crash_on, frozenset({str(mp4)})))
     with pytest.raises(MediaError) as err:  # reaches the child forked before the patch
-        media.decode_audio_isolated(mp4)
+        decoder.decode_audio_isolated(mp4)
     assert err.value.reason == "decoder crashed (signal 11)" and err.value.path == str(mp4)
-    assert np.array_equal(media.decode_audio_isolated(wav), expected)  # a fresh child serves the next file
-    with DecoderProcess(30) as decoder:  # video, and any other call, goes through the same hook
+    assert np.array_equal(decoder.decode_audio_isolated(wav), expected)  # a fresh child serves the next file
+    with DecoderProcess(30) as child:  # video, and any other call, goes through the same hook
         with pytest.raises(MediaError, match=r"decoder crashed \(signal 11\)"):
-            decoder.call(mp4, media.decode_windows, mp4, [None])
-        assert decoder.call(wav, sum, [1, 2]) == 3
+            child.call(mp4, media.decode_windows, mp4, [None])
+        assert child.call(wav, sum, [1, 2]) == 3
 
 
 def test_an_injected_hang_times_out(clips, monkeypatch):
     wav, mp4 = clips
-    monkeypatch.setattr(media, "run_in_decoder", functools.partial(hang_on, frozenset({str(mp4)})))
-    with DecoderProcess(0.5) as decoder:
+    monkeypatch.setattr(decoder, "run_in_decoder", functools.partial(hang_on, frozenset({str(mp4)})))
+    with DecoderProcess(0.5) as child:
         with pytest.raises(MediaError, match=r"decoder timed out after 0.5 s"):
-            decoder.call(mp4, media.decode_windows, mp4, [None])
-        assert decoder.call(wav, media.decode_windows, wav, []) == []
+            child.call(mp4, media.decode_windows, mp4, [None])
+        assert child.call(wav, media.decode_windows, wav, []) == []
 
 
 def test_a_child_forked_during_a_patch_runs_plainly_after_it(clips, monkeypatch):
     wav, mp4 = clips
-    monkeypatch.setattr(media, "run_in_decoder", functools.partial(crash_on, frozenset({str(mp4)})))
-    with DecoderProcess(30).start() as decoder:  # forked with the patch in its memory
+    monkeypatch.setattr(decoder, "run_in_decoder", functools.partial(crash_on, frozenset({str(mp4)})))
+    with DecoderProcess(30).start() as child:  # forked with the patch in its memory
         monkeypatch.undo()
-        clip = decoder.call(mp4, media.decode_windows, mp4, [None])[0]
+        clip = child.call(mp4, media.decode_windows, mp4, [None])[0]
         assert clip.shape[0] == 8

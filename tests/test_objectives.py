@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import script
-from magtkd import model as M
+from helpers import script
+from magtkd import losses, model
 
 
 class Fixed(torch.nn.Module):
@@ -38,8 +38,8 @@ def test_kd_objective_is_ce_plus_the_weighted_terms(dataset, logit_weight, featu
     loss = objective(Fixed(s_rep, s_logits), batch, teacher=teacher, logit_weight=logit_weight,
                      feature_weight=feature_weight, tau=tau)
     expected = (F.cross_entropy(s_logits, batch["labels"])
-                + logit_weight * M.logit_kd_loss(s_logits, t_logits, tau=tau)
-                + feature_weight * M.feature_kd_loss(s_rep, t_rep))
+                + logit_weight * losses.logit_kd_loss(s_logits, t_logits, tau=tau)
+                + feature_weight * losses.feature_kd_loss(s_rep, t_rep))
     assert torch.allclose(loss, expected)
     assert teacher.grad_enabled == [False]  # the teacher runs without autograd (frozen)
 
@@ -54,14 +54,14 @@ def test_first_stage_objective_is_the_cross_entropy(name):
 def test_fusion_objective_weights_the_anchor_terms():
     n, classes, width = 7, 6, 8
     g = torch.Generator().manual_seed(1)
-    out = M.FusionOutput(*(torch.randn(n, classes if i < 3 else width, generator=g) for i in range(6)))
+    out = model.FusionOutput(*(torch.randn(n, classes if i < 3 else width, generator=g) for i in range(6)))
     target = torch.randint(0, classes, (n,), generator=g)
     fusion = script("IEMOCAP", "multimodal_fusion")
     full = fusion.objective(out, target, alpha=0.7, beta=0.8, feature_loss=True)
 
     def kd(logits, feat):
-        return (F.cross_entropy(logits, target) + M.logit_kd_loss(logits, out.t_logits)
-                + M.feature_kd_loss(feat, out.t_feat))
+        return (F.cross_entropy(logits, target) + losses.logit_kd_loss(logits, out.t_logits)
+                + losses.feature_kd_loss(feat, out.t_feat))
 
     expected = F.cross_entropy(out.t_logits, target) + 0.7 * kd(out.a_logits, out.a_feat) + 0.8 * kd(out.v_logits,
                                                                                                       out.v_feat)

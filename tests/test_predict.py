@@ -20,13 +20,15 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import copy_checkpoints, flags, script, stage_paths
+from helpers import copy_checkpoints, flags, script, stage_paths
 from IEMOCAP.config import IEMOCAP
 from magtkd import dataset as magtkd_dataset
+from magtkd import spec
 from magtkd.artifacts import StageFiles, SubstitutionReport, feature_path
-from magtkd.dataset import DataError, fusion_speaker_ids, load_conversation, load_split
-from magtkd.features import FEATURE_KEYS, load_features
-from magtkd.model import FusionCheckpointError
+from magtkd.dataset import fusion_speaker_ids, load_conversation, load_split
+from magtkd.utils import DataError
+from magtkd.pickles import FEATURE_KEYS, load_features
+from magtkd.checkpoints import FusionCheckpointError
 
 FUSION_CHECKPOINT = StageFiles.fusion("").checkpoint.name  # multimodal_fusion_best.bin
 FUSION_PREDICTIONS = StageFiles.fusion("").predictions.name  # multimodal_fusion_best.json
@@ -242,5 +244,5 @@ def test_load_conversation_checks(demo, tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="magtkd"):
         utts = load_conversation(IEMOCAP, tmp_path / "names.csv", data_dir)
     assert "'Alice' and 'Anna'" in caplog.text and [u.speaker_key for u in utts] == ["A", "B", "A"]
-    assert all(u.label == magtkd_dataset.LABEL_PAD and u.emotion == "" for u in utts)
+    assert all(u.label == spec.LABEL_PAD and u.emotion == "" for u in utts)
     assert len({u.split for u in utts}) == 1 and utts[0].split.startswith("conversation-")

@@ -12,7 +12,9 @@ import pytest
 
 from IEMOCAP.config import IEMOCAP
 from IEMOCAP.preprocessing import format_time, main as iemocap_main, prepare_iemocap
-from magtkd.dataset import SPLITS, DataError, load_speaker2id, load_split
+from magtkd.dataset import load_speaker2id, load_split
+from magtkd.spec import SPLITS
+from magtkd.utils import DataError
 from magtkd.artifacts import SubstitutionReport
 from magtkd.utils import UserError
 from MELD.config import CLIP_DIRS, MELD, OFFICIAL_COLUMNS, OFFICIAL_CSV

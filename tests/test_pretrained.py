@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from magtkd import pretrained as P
+from magtkd import pretrained
 from magtkd.pretrained import PRETRAINED
 from magtkd.synthetic.__main__ import generate
 from magtkd.synthetic.models import write_models
@@ -86,13 +86,13 @@ def test_tokenizer_roberta_behaviour(pdir: Path) -> None:
     assert tokens.count("<s1>") == 1 and tokens.count("<s2>") == 2 and tokens.count("</s>") == 1
     for speaker in SPEAKERS:
         assert len(tok(speaker, add_special_tokens=False).input_ids) == 1
-    assert P.load_tokenizer(pdir).model_max_length == 512
+    assert pretrained.load_tokenizer(pdir).model_max_length == 512
 
 
 def test_text_backbone_forward(pdir: Path) -> None:
     from transformers import RobertaModel
 
-    tok = P.load_tokenizer(pdir)
+    tok = pretrained.load_tokenizer(pdir)
     batch = tok(["Excuse me.", "Oh my God, I can't believe it. </s> Now feels"], add_special_tokens=False,
                 padding=True, return_tensors="pt")
     model = RobertaModel.from_pretrained(pdir / "roberta-large").eval()
@@ -100,7 +100,7 @@ def test_text_backbone_forward(pdir: Path) -> None:
         out = model(**batch).last_hidden_state
     assert out.shape == (2, batch.input_ids.shape[1], 48)
 
-    backbone = P.load_text_backbone(pdir).eval()
+    backbone = pretrained.load_text_backbone(pdir).eval()
     assert type(backbone).__name__ == "RobertaModel" and backbone.pooler is None
     assert backbone.config.hidden_size == 48
     tok.add_special_tokens({"additional_special_tokens": SPEAKERS})
@@ -127,13 +127,13 @@ def test_audio_extractor_and_backbone(pdir: Path) -> None:
         hidden = model(inputs.input_values[:1]).last_hidden_state
     assert hidden.shape[0] == 1 and 20 <= hidden.shape[1] <= 100 and hidden.shape[2] == 32
 
-    backbone = P.load_audio_backbone(pdir)
+    backbone = pretrained.load_audio_backbone(pdir)
     assert backbone.config.mask_time_length == 3 and backbone.config.hidden_size == 32
-    assert P.load_audio_backbone(pdir, mask_time_length=5).config.mask_time_length == 5
+    assert pretrained.load_audio_backbone(pdir, mask_time_length=5).config.mask_time_length == 5
     backbone.train()  # time masking is active in training mode
     out = backbone(**inputs).last_hidden_state
     assert out.shape == (2, hidden.shape[1], 32)
-    assert type(P.load_audio_feature_extractor(pdir)).__name__ == "Wav2Vec2FeatureExtractor"
+    assert type(pretrained.load_audio_feature_extractor(pdir)).__name__ == "Wav2Vec2FeatureExtractor"
 
 
 def test_video_processor_and_backbone(pdir: Path, tmp_path: Path) -> None:
@@ -155,7 +155,7 @@ def test_video_processor_and_backbone(pdir: Path, tmp_path: Path) -> None:
     with torch.no_grad():
         hidden = model(pixels).last_hidden_state
     assert hidden.shape == (1, 1 + 8 * (32 // 8) ** 2, 32)
-    backbone = P.load_video_backbone(pdir).eval()
+    backbone = pretrained.load_video_backbone(pdir).eval()
     with torch.no_grad():
         assert torch.equal(backbone(pixels).last_hidden_state, hidden)
 
@@ -169,7 +169,7 @@ def test_video_processor_and_backbone(pdir: Path, tmp_path: Path) -> None:
         "feature_extractor_type": "VideoMAEFeatureExtractor", "image_mean": [0.485, 0.456, 0.406],
         "image_std": [0.229, 0.224, 0.225], "resample": 2, "size": 32,
     }))
-    legacy_pixels = P.load_image_processor(tmp_path)(frames, return_tensors="pt").pixel_values
+    legacy_pixels = pretrained.load_image_processor(tmp_path)(frames, return_tensors="pt").pixel_values
     assert torch.equal(legacy_pixels, pixels)
 
 
@@ -188,8 +188,8 @@ def test_write_models_deterministic(pdir: Path, tmp_path: Path) -> None:
 
 def test_missing_folder_and_files(pdir: Path, tmp_path: Path) -> None:
     folder = (tmp_path / "roberta-large").resolve()
-    with pytest.raises(P.PretrainedMissingError) as err:
-        P.load_tokenizer(tmp_path)
+    with pytest.raises(pretrained.PretrainedMissingError) as err:
+        pretrained.load_tokenizer(tmp_path)
     assert isinstance(err.value, FileNotFoundError)
     assert str(folder) in str(err.value)
     assert f"hf download FacebookAI/roberta-large --local-dir {folder}" in str(err.value)
@@ -197,20 +197,20 @@ def test_missing_folder_and_files(pdir: Path, tmp_path: Path) -> None:
     for name in ("data2vec-audio-base-960h", "timesformer-base-finetuned-k400", "videomae-base"):
         shutil.copytree(pdir / name, tmp_path / name)
     (tmp_path / "data2vec-audio-base-960h" / "preprocessor_config.json").unlink()
-    with pytest.raises(P.PretrainedMissingError, match="has no preprocessor_config.json") as err:
-        P.load_audio_feature_extractor(tmp_path)
+    with pytest.raises(pretrained.PretrainedMissingError, match="has no preprocessor_config.json") as err:
+        pretrained.load_audio_feature_extractor(tmp_path)
     assert "hf download facebook/data2vec-audio-base-960h --local-dir" in str(err.value)
     (tmp_path / "timesformer-base-finetuned-k400" / "config.json").unlink()
-    with pytest.raises(P.PretrainedMissingError, match=r"timesformer-base-finetuned-k400 has no config\.json"):
-        P.load_video_backbone(tmp_path)
+    with pytest.raises(pretrained.PretrainedMissingError, match=r"timesformer-base-finetuned-k400 has no config\.json"):
+        pretrained.load_video_backbone(tmp_path)
     (tmp_path / "videomae-base" / "preprocessor_config.json").unlink()
-    with pytest.raises(P.PretrainedMissingError, match="hf download MCG-NJU/videomae-base"):
-        P.load_image_processor(tmp_path)
+    with pytest.raises(pretrained.PretrainedMissingError, match="hf download MCG-NJU/videomae-base"):
+        pretrained.load_image_processor(tmp_path)
     (tmp_path / "data2vec-audio-base-960h" / "model.safetensors").unlink()
-    with pytest.raises(P.PretrainedMissingError, match="has none of model.safetensors, pytorch_model.bin"):
-        P.load_audio_backbone(tmp_path)
+    with pytest.raises(pretrained.PretrainedMissingError, match="has none of model.safetensors, pytorch_model.bin"):
+        pretrained.load_audio_backbone(tmp_path)
     with pytest.raises(KeyError, match="unknown pretrained model 'bert'"):
-        P.pretrained_folder(tmp_path, "bert")
+        pretrained.pretrained_folder(tmp_path, "bert")
 
 
 class _Records(logging.Handler):
@@ -229,7 +229,7 @@ def test_missing_backbone_weights_are_an_error_not_random_weights(pdir: Path, tm
     hf_logger = logging.getLogger("transformers.modeling_utils")
     hf_logger.addHandler(records)
     try:
-        P.load_video_backbone(pdir)
+        pretrained.load_video_backbone(pdir)
         assert not records.messages  # the dropped classifier head is expected
     finally:
         hf_logger.removeHandler(records)
@@ -239,8 +239,8 @@ def test_missing_backbone_weights_are_an_error_not_random_weights(pdir: Path, tm
     dropped = next(k for k in state if k.endswith("layernorm.weight"))
     del state[dropped]
     save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
-    with pytest.raises(P.PretrainedMissingError, match=r"backbone weights are missing.*incomplete.*hf download"):
-        P.load_video_backbone(tmp_path)
+    with pytest.raises(pretrained.PretrainedMissingError, match=r"backbone weights are missing.*incomplete.*hf download"):
+        pretrained.load_video_backbone(tmp_path)
 
 
 def test_generate_rejects_unknown_part(tmp_path: Path) -> None:
@@ -258,5 +258,5 @@ def test_cli_writes_models(tmp_path: Path) -> None:
     assert sorted(os.listdir(tmp_path)) == ["pretrained_model"]
     assert sorted(os.listdir(tmp_path / "pretrained_model")) == sorted(PRETRAINED)
     assert "pretrained stand-ins" in result.stderr
-    tok = P.load_tokenizer(tmp_path / "pretrained_model")
+    tok = pretrained.load_tokenizer(tmp_path / "pretrained_model")
     assert tok("</s>", add_special_tokens=False).input_ids == [tok.sep_token_id]

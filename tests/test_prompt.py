@@ -10,7 +10,7 @@ import torch
 from tokenizers import ByteLevelBPETokenizer
 from transformers import AutoTokenizer
 
-from magtkd.dataset import SPEAKER_TOKENS, add_speaker_tokens, build_prompt, encode_prompt, left_pad
+from magtkd.prompt import SPEAKER_TOKENS, add_speaker_tokens, build_prompt, encode_prompt, left_pad
 
 CORPUS = ["Excuse me. Do you have your forms? Now feels. Yeah. Let me see them. Is there a problem?"] * 4
 

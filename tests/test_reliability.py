@@ -22,14 +22,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import REPO, copy_checkpoints, flags, script, stage_paths
+from helpers import REPO, copy_checkpoints, flags, script, stage_paths
 from IEMOCAP.config import IEMOCAP
-from magtkd import dataset as ds
-from magtkd import engine, media, pipeline, results, utils
-from magtkd.dataset import DataError, FeatureFileError, frame_file, load_frames, load_split
-from magtkd.media import DecoderProcess, MediaError
+from magtkd import cli, decoder, engine, loaders, media, pipeline, results, runtime, spec, utils
+from magtkd.dataset import load_split
+from magtkd.frames import frame_file, load_frames
+from magtkd.utils import DataError, FeatureFileError
+from magtkd.decoder import DecoderProcess
+from magtkd.media import MediaError
 from magtkd.artifacts import StageFiles, SubstitutionReport, output_lock
-from magtkd.artifacts import CheckpointError
+from magtkd.checkpoints import CheckpointError
 from magtkd.utils import UserError
 from MELD.config import MELD
 
@@ -83,7 +85,7 @@ def _cut_until_av_crashes(clips: list[Path], out_dir: Path) -> dict[str, Path]:
 def bad_meld(generated, tmp_path_factory) -> dict:
     """A copy of the generated MELD whose test split has a clip on which PyAV itself crashes while decoding
     video, one while decoding audio (if this PyAV build crashes on no cut, a clip whose decoder child is made
-    to die of SIGSEGV through media.run_in_decoder), random bytes mid-file, half a file, an empty file and a clip
+    to die of SIGSEGV through decoder.run_in_decoder), random bytes mid-file, half a file, an empty file and a clip
     cut before its moov atom."""
     root = tmp_path_factory.mktemp("bad_meld")
     data_dir = root / "MELD"
@@ -117,7 +119,7 @@ def bad_meld(generated, tmp_path_factory) -> dict:
 
 
 def crash_on(paths: frozenset, path: str, fn, args):
-    """A `media.run_in_decoder` that kills the decoder child (SIGSEGV) for ``paths``, else decodes."""
+    """A `decoder.run_in_decoder` that kills the decoder child (SIGSEGV) for ``paths``, else decodes."""
     if path in paths:
         os.kill(os.getpid(), signal.SIGSEGV)
     return fn(*args)
@@ -126,7 +128,7 @@ def crash_on(paths: frozenset, path: str, fn, args):
 @pytest.fixture
 def crash_hook(bad_meld, monkeypatch):
     if bad_meld["hooked"]:  # no cut crashes this PyAV build: the decoder child is made to die of SIGSEGV instead
-        monkeypatch.setattr(media, "run_in_decoder", functools.partial(crash_on, frozenset(bad_meld["hooked"])))
+        monkeypatch.setattr(decoder, "run_in_decoder", functools.partial(crash_on, frozenset(bad_meld["hooked"])))
 
 
 @pytest.mark.parametrize("kind", ["video", "audio"])
@@ -134,7 +136,7 @@ def test_plain_pyav_crashes_on_the_cut_clip(bad_meld, kind):
     path = bad_meld["paths"][f"crash_{kind}"]
     if str(path) in bad_meld["hooked"]:
         pytest.skip(f"no cut of the generated clips crashes this PyAV build's {kind} decoding; isolation is "
-                    "tested through media.run_in_decoder")
+                    "tested through decoder.run_in_decoder")
     run = subprocess.run([sys.executable, "-c", PLAIN_AV[kind], str(path)], capture_output=True)
     assert run.returncode < 0
 
@@ -142,19 +144,19 @@ def test_plain_pyav_crashes_on_the_cut_clip(bad_meld, kind):
 def test_decoder_child_crash_and_timeout_lose_only_that_call(bad_meld, crash_hook, generated):
     healthy = next((generated / "datasets" / "MELD" / "train_splits").glob("*.mp4"))
     crash = bad_meld["paths"]["crash_video"]
-    with DecoderProcess(30) as decoder:
+    with DecoderProcess(30) as child:
         with pytest.raises(MediaError, match=r"decoder crashed \(signal 11\)") as err:
-            decoder.call(crash, media.decode_windows, crash, [None])
+            child.call(crash, media.decode_windows, crash, [None])
         assert err.value.path == str(crash)
-        clip = decoder.call(healthy, media.decode_windows, healthy, [None])[0]  # a fresh child serves the next file
+        clip = child.call(healthy, media.decode_windows, healthy, [None])[0]  # a fresh child serves the next file
         assert clip.shape[0] == 8
     with pytest.raises(MediaError, match=r"decoder crashed \(signal 11\)"):
-        media.decode_audio_isolated(bad_meld["paths"]["crash_audio"])
+        decoder.decode_audio_isolated(bad_meld["paths"]["crash_audio"])
     with DecoderProcess(0.5) as slow:
         with pytest.raises(MediaError, match=r"decoder timed out after 0.5 s"):
             slow.call("hang.mp4", time.sleep, 30)
         assert slow.call("next.mp4", sum, [1, 2]) == 3
-    samples = media.decode_audio_isolated(healthy)
+    samples = decoder.decode_audio_isolated(healthy)
     native_sr, mono = media.decode_audio_native(healthy)  # the same decoding in this process
     assert np.array_equal(samples, media.resample_audio(healthy, mono, native_sr))
 
@@ -171,7 +173,7 @@ def test_frame_extraction_survives_a_crashing_clip(bad_meld, crash_hook, generat
         stray.write_bytes(b"")
     result = script("MELD", "video_feature_extract").main(argv)
     assert not any(stray.exists() for stray in strays)
-    total = sum(len(load_split(MELD, bad_meld["data_dir"], s)) for s in ds.SPLITS)
+    total = sum(len(load_split(MELD, bad_meld["data_dir"], s)) for s in spec.SPLITS)
     assert result["extracted"] == total
     items = {s.key: s for s in SubstitutionReport.read(feature_dir / "video" / "substitutions.tsv")}
     keys = bad_meld["keys"]
@@ -236,7 +238,7 @@ def test_interrupted_training_is_incomplete_and_redone(generated, tmp_path, monk
     strays[0].parent.mkdir(parents=True)
     for stray in strays:
         stray.write_bytes(b"")
-    real_evaluate, calls = engine.SampleBatches.evaluate, []
+    real_evaluate, calls = loaders.SampleBatches.evaluate, []
 
     def dies_in_epoch_two(self, model, split, config):
         calls.append(split)
@@ -244,7 +246,7 @@ def test_interrupted_training_is_incomplete_and_redone(generated, tmp_path, monk
             raise KeyboardInterrupt
         return real_evaluate(self, model, split, config)
 
-    monkeypatch.setattr(engine.SampleBatches, "evaluate", dies_in_epoch_two)
+    monkeypatch.setattr(loaders.SampleBatches, "evaluate", dies_in_epoch_two)
     with pytest.raises(KeyboardInterrupt):
         script("MELD", "text").main(flags(paths, epochs=2, batch_size=8, learning_rate=1e-3))
     monkeypatch.undo()
@@ -259,7 +261,7 @@ def test_interrupted_training_is_incomplete_and_redone(generated, tmp_path, monk
         script("MELD", "text").main(flags(paths, train="False"))
     ctx = pipeline.Context(MELD, paths["data_dir"], paths["pretrained_dir"], paths["save_dir"], paths["feature_dir"])
     text_stage = next(s for s in pipeline.STAGES if s.name == "text")
-    assert not pipeline.up_to_date(text_stage.inputs(ctx), text_stage.outputs(ctx))
+    assert not pipeline.up_to_date(text_stage, ctx)
 
 
 def _copy_demo(demo, tmp_path: Path, name: str) -> dict[str, Path]:
@@ -283,16 +285,16 @@ def _mark_incomplete(record: Path) -> None:
 def test_pipeline_reruns_exactly_the_interrupted_stage(demo, tmp_path, monkeypatch, caplog):
     paths = _copy_demo(demo, tmp_path, "IEMOCAP")
     ran: list[str] = []
-    monkeypatch.setattr(pipeline, "run_script", lambda path, argv, in_process, command=None: ran.append(path.name))
-    argv = ["IEMOCAP", *[x for k in ("data_dir", "pretrained_dir", "save_dir", "feature_dir")
-                         for x in (f"--{k}", str(paths[k]))], "--in_process"]
-    pipeline.main(argv)
+    monkeypatch.setattr(pipeline, "run_stage", lambda stage, *_: ran.append(stage.script))
+    argv = [*[x for k in ("data_dir", "pretrained_dir", "save_dir", "feature_dir")
+              for x in (f"--{k}", str(paths[k]))], "--in_process"]
+    script("IEMOCAP", "pipeline").main(argv)
     assert ran == []  # a complete copy: everything up to date
     for record in (paths["save_dir"] / "audio.json", paths["feature_dir"] / "video" / "extraction.json",
                    paths["feature_dir"] / "first_stage_features.json"):
         _mark_incomplete(record)
     caplog.set_level(logging.INFO, logger="magtkd")
-    pipeline.main(argv)
+    script("IEMOCAP", "pipeline").main(argv)
     assert ran == ["audio.py", "video_feature_extract.py", "extract_first_stage_features.py"]
     assert "says its last run did not finish; re-running audio.py" in caplog.text
 
@@ -338,7 +340,7 @@ def test_meld_fusion_checkpoint_on_iemocap_features_is_refused(demo, tmp_path):
                                                      "--save_dir", str(meld_save), "--train", "False"])
     # Without its metrics JSON (as the authors' checkpoints come) the class count still gives it away.
     bare = copy_checkpoints({"save_dir": meld_save}, tmp_path, StageFiles.fusion(meld_save).checkpoint.name)["save_dir"]
-    with pytest.raises(UserError, match=r"predicts 7 classes but this run has 6 \(IEMOCAP, --clsNum\)"):
+    with pytest.raises(UserError, match=r"was not trained for IEMOCAP: it has 7 classes, IEMOCAP has 6"):
         script("IEMOCAP", "multimodal_fusion").main(["--feature_dir", str(iemocap_features),
                                                      "--save_dir", str(bare), "--train", "False"])
 
@@ -406,7 +408,7 @@ def test_fusion_flags_are_checked_before_any_work(capsys):
 
 def test_unknown_device_is_a_user_error():
     with pytest.raises(UserError, match=r"--device gpu: not a device name; use cpu, cuda or cuda:N"):
-        utils.resolve_device("gpu")
+        runtime.resolve_device("gpu")
 
 
 def _cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
@@ -425,7 +427,7 @@ def test_user_errors_are_one_line_with_status_2_and_debug_shows_the_traceback(ge
     assert run.returncode == 2, run.stderr[-2000:]
     assert run.stderr.strip().splitlines()[-1].startswith(f"error: {csv}: missing column 'Emotion'")
     assert "Traceback" not in run.stderr
-    # The same through utils.run in this process: --debug re-raises (Python then prints the traceback).
+    # The same through pipeline.run in this process: --debug re-raises (Python then prints the traceback).
     with pytest.raises(SystemExit) as exit_:
         utils.run(script("MELD", "text").main, [*command[1:-2], "--device", "gpu"])
     assert exit_.value.code == 2
@@ -494,7 +496,7 @@ def test_preprocessing_removes_the_temps_of_a_killed_run(generated, tmp_path, da
 def test_seeds_summary_removes_the_temps_of_a_killed_run(tmp_path):
     files, docs = {}, {}
     for seed, f1 in ((1, 0.4), (2, 0.6)):
-        files[seed] = StageFiles.fusion(tmp_path, utils.seed_tag(seed, [1, 2]))
+        files[seed] = StageFiles.fusion(tmp_path, cli.seed_tag(seed, [1, 2]))
         assert files[seed].checkpoint.name == f"multimodal_fusion_best_seed{seed}.bin"
         files[seed].checkpoint.write_bytes(bytes([seed]))
         docs[seed] = {"stage": "test", "args": {"epochs": 1}, "sizes": {}, "selected_epoch": 1, "dev_weighted_f1": f1,

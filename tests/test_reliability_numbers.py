@@ -16,13 +16,15 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import script
+from helpers import script
 from IEMOCAP.config import IEMOCAP
 from magtkd import engine
 from magtkd.artifacts import StageFiles, feature_path, features_record, finish_outputs
-from magtkd.dataset import SPLITS, FeatureFileError
+from magtkd.training_state import TrainingState
+from magtkd.spec import SPLITS
+from magtkd.utils import FeatureFileError
 from magtkd.engine import NonFiniteError
-from magtkd.features import FEATURE_KEYS, assemble_features, save_features
+from magtkd.pickles import FEATURE_KEYS, assemble_features, save_features
 from magtkd.utils import UserError
 
 WIDTH = 16
@@ -142,12 +144,23 @@ def test_loss_check_reads_the_device_every_ten_updates(monkeypatch):
         seen.append(batch)
         return model(torch.ones(1, 2)).sum() * 0 + values[batch[0]]
 
+    class Updates:  # the engine's view of 25 one-item batches [i], one update each
+        runner, n_train = model, 25
+
+        def micro_batches(self, epoch):
+            return ([i] for i in range(25))
+
+        def updates_per_epoch(self, grad_accum):
+            return 25
+
+        def loss(self, batch, config):
+            return loss_of(batch)
+
     config = engine.FitConfig(stage="unit", script="unit.py", dataset="X", labels=["a"],
                               files=StageFiles.first_stage("/nonexistent", "unit"), epochs=1, seed=0, args={})
-    bar = engine.progress(([[i]] for i in range(25)), total=25)  # one update of one batch [i] each
+    step = engine.Step(optimizer, scheduler, list(model.parameters()), config.grad_clip)
     with pytest.raises(NonFiniteError, match=r"unit: .* at epoch 7, update 3 of 25"):
-        engine.run_updates(bar, 25, loss_of, model, optimizer, scheduler,
-                           list(model.parameters()), None, config, 7)
+        engine.train_one_epoch(Updates(), step, config, 7)
     assert len(seen) == 10  # stopped at the first read, not at the end of the epoch
 
 
@@ -168,7 +181,8 @@ def test_flags_that_make_the_loss_undefined_are_refused_at_parsing(name, argv, m
 
 
 def test_largest_numpy_seed_is_accepted():
-    from magtkd.utils import SEED_MAX, seed_int, set_seed
+    from magtkd.runtime import set_seed
+    from magtkd.utils import SEED_MAX, seed_int
 
     set_seed(seed_int(str(SEED_MAX)))
 
@@ -178,14 +192,14 @@ def test_largest_numpy_seed_is_accepted():
 @pytest.mark.slow
 def test_interrupted_rerun_keeps_the_previous_set_and_resume_publishes(trained, monkeypatch):
     files = trained["files"]
-    real = engine.save_training_state
+    real = TrainingState.save
 
-    def killed_after_epoch_one(config, epoch, *args, **kwargs):
-        real(config, epoch, *args, **kwargs)
+    def killed_after_epoch_one(self, epoch, progress):
+        real(self, epoch, progress)
         if epoch == 1:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(engine, "save_training_state", killed_after_epoch_one)
+    monkeypatch.setattr(TrainingState, "save", killed_after_epoch_one)
     with pytest.raises(KeyboardInterrupt):
         fusion(trained["features"], trained["save"], "--epochs", "3", "--seed", "7")
     assert_previous_set_kept(trained)

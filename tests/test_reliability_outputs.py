@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, script
+from helpers import REPO, script
 from magtkd import artifacts, pipeline, pretrained, utils
 from magtkd.artifacts import StageFiles, WriteError, finish_outputs
 from test_reliability_numbers import fusion, make_features
@@ -98,14 +98,14 @@ def test_ctrl_c_in_a_stage_is_one_line_and_exit_130(capsys):
 
 
 def test_ctrl_c_in_the_pipeline_names_the_stage(tmp_path, monkeypatch, capsys):
-    def interrupted(path, argv, in_process, command=None):
+    def interrupted(*_, **__):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(pipeline, "run_script", interrupted)
-    argv = ["MELD", "--data_dir", str(tmp_path / "d"), "--save_dir", str(tmp_path / "s"),
+    monkeypatch.setattr(subprocess, "run", interrupted)
+    argv = ["--data_dir", str(tmp_path / "d"), "--save_dir", str(tmp_path / "s"),
             "--feature_dir", str(tmp_path / "f"), "--pretrained_dir", str(tmp_path / "p")]
     with pytest.raises(SystemExit) as exit_:
-        utils.run(pipeline.main, argv)
+        utils.run(script("MELD", "pipeline").main, argv)
     assert exit_.value.code == 130
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1] == ("interrupted: [MELD] stage 'preprocessing' (preprocessing.py) was interrupted; the previous "
@@ -142,14 +142,14 @@ def test_pipeline_reruns_a_stage_whose_recorded_arguments_differ(generated, tmp_
     finish_outputs(files.metrics, "MELD text", {"epochs": 1, "learning_rate": 0.001, "seed": 2024, "device": "cpu"},
                    dataset="MELD")
     ran: list[str] = []
-    monkeypatch.setattr(pipeline, "run_script", lambda path, argv, in_process, command=None: ran.append(path.name))
+    monkeypatch.setattr(pipeline, "run_stage", lambda stage, *_: ran.append(stage.script))
     caplog.set_level(logging.INFO, logger="magtkd")
-    base = ["MELD", "--data_dir", str(data_dir), "--save_dir", str(save), "--feature_dir", str(tmp_path / "f"),
+    base = ["--data_dir", str(data_dir), "--save_dir", str(save), "--feature_dir", str(tmp_path / "f"),
             "--pretrained_dir", str(generated / "pretrained_model"), "--learning_rate", "1e-3", "--device", "cuda"]
-    pipeline.main(base + ["--epochs", "1"])
+    script("MELD", "pipeline").main(base + ["--epochs", "1"])
     assert "text.py" not in ran  # same settings (the device is not one that changes outputs)
     ran.clear()
-    pipeline.main(base + ["--epochs", "3"])
+    script("MELD", "pipeline").main(base + ["--epochs", "3"])
     assert "text.py" in ran
     assert "text: re-running text.py, its outputs were made with other settings (--epochs 1 then, 3 now)" in caplog.text
 
@@ -158,8 +158,8 @@ def test_changed_flags_compares_values_not_spellings(tmp_path):
     record = tmp_path / "multimodal_fusion_metrics.json"
     finish_outputs(record, "x", {"lr": 0.001, "packed": True, "seeds": [1, 2], "epochs": 3, "device": "cpu"})
     same = ["--lr", "1e-3", "--packed", "--seeds", "1", "2", "--epochs=3", "--device", "cuda"]
-    assert pipeline.changed_flags([record], same) == []
-    assert pipeline.changed_flags([record], ["--seeds", "1", "3", "--dropout", "0.1"]) == [
+    assert pipeline.changed_flags(record, same) == []
+    assert pipeline.changed_flags(record, ["--seeds", "1", "3", "--dropout", "0.1"]) == [
         "--seeds [1, 2] then, 1 3 now", "--dropout None then, 0.1 now"]
 
 

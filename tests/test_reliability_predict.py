@@ -11,9 +11,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from conftest import script
-from magtkd import pipeline
+from helpers import script
 from magtkd.dataset import load_conversation
+from magtkd.predict import check_media
 from magtkd.utils import UserError
 from MELD.config import MELD
 
@@ -87,11 +87,11 @@ def test_every_clip_missing_is_refused_but_some_missing_pass(generated, tmp_path
     conv = conversation(generated, tmp_path / "talk", copy_clips=True)
     utts = load_conversation(MELD, conv, tmp_path / "nowhere", csv_relative=True)
     utts[0].video_path.unlink()
-    pipeline.check_media(conv, utts)  # one missing: substituted later, listed in the report
+    check_media(conv, utts)  # one missing: substituted later, listed in the report
     for utt in utts[1:]:
         utt.video_path.unlink()
     with pytest.raises(UserError, match=r"none of its 3 audio"):
-        pipeline.check_media(conv, utts)
+        check_media(conv, utts)
 
 
 def test_empty_utterances_are_named(generated, tmp_path, caplog):
@@ -101,5 +101,5 @@ def test_empty_utterances_are_named(generated, tmp_path, caplog):
     frame.to_csv(conv, index=False)
     utts = load_conversation(MELD, conv, tmp_path / "nowhere", csv_relative=True)
     caplog.set_level(logging.WARNING, logger="magtkd")
-    pipeline.check_media(conv, utts)
+    check_media(conv, utts)
     assert "rows 2 have an empty Utterance" in caplog.text

@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import REPO, script
+from helpers import REPO, script
 from IEMOCAP.config import IEMOCAP
-from magtkd import dataset, engine, pretrained, utils
+from magtkd import engine, loaders, pretrained, runtime, schedule, utils
 from magtkd.artifacts import StageFiles
 from magtkd.synthetic.models import write_models
 from magtkd.synthetic.text import corpus
@@ -108,18 +108,17 @@ def toy_fit(tmp: Path, batch_size: int, grad_accum: int, epochs: int = 2) -> dic
     def objective(model: nn.Module, batch: dict) -> torch.Tensor:
         return F.cross_entropy(model(batch["x"]), batch["labels"])
 
-    loaders = {split: dataset.make_loader(Toy(n, seed), batch_size, split == "train", 0, seed=7)
-               for split, n, seed in (("train", 22, 1), ("dev", 6, 2), ("test", 6, 3))}
-    args = Namespace(train=True, epochs=epochs, batch_size=batch_size, learning_rate=0.5, seed=0, amp=False,
-                     per_batch_schedule=False, grad_accum=grad_accum, grad_checkpointing=False, resume=False)
+    splits = {split: loaders.make_loader(Toy(n, seed), batch_size, split == "train", 0, seed=7)
+              for split, n, seed in (("train", 22, 1), ("dev", 6, 2), ("test", 6, 3))}
+    flags = dict(train=True, epochs=epochs, batch_size=batch_size, learning_rate=0.5, seed=0, amp=False,
+                 per_batch_schedule=False, grad_accum=grad_accum, grad_checkpointing=False, resume=False)
     files = StageFiles.first_stage(tmp, f"toy_{batch_size}x{grad_accum}")
     # As the first-stage scripts: the configuration (which checks the flags), AdamW, the reference schedule.
-    config = engine.FitConfig(stage="toy", script="test", dataset="toy", labels=["a", "b", "c"], files=files,
-                              epochs=epochs, seed=0, args=vars(args), grad_accum=grad_accum)
-    data = engine.SampleBatches(loaders, torch.device("cpu"))
-    optimizer = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=args.learning_rate)
-    scheduler = engine.reference_schedule(optimizer, data.n_train, data.updates_per_epoch(grad_accum), epochs,
-                                          args.per_batch_schedule)
+    config = engine.FitConfig.from_flags(flags, seed=0, stage="toy", script="test", dataset="toy",
+                                         labels=["a", "b", "c"], files=files)
+    data = loaders.SampleBatches(splits, torch.device("cpu"))
+    optimizer = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=flags["learning_rate"])
+    scheduler = schedule.reference_schedule(optimizer, data, config)
     engine.fit(net, objective, data, optimizer, scheduler, config)
     return torch.load(files.state, weights_only=True)["model"]
 
@@ -155,20 +154,20 @@ def test_grad_checkpointing_gives_the_same_gradients(generated: Path, modality: 
 
     def gradients() -> dict[str, torch.Tensor]:
         encoder.zero_grad(set_to_none=True)
-        utils.set_seed(1)  # same dropout, layerdrop and (numpy-drawn) audio time-mask draws
+        runtime.set_seed(1)  # same dropout, layerdrop and (numpy-drawn) audio time-mask draws
         _, logits = encoder.encode(batch)
         F.cross_entropy(logits, torch.tensor([0, 1])).backward()
         return {k: p.grad.clone() for k, p in encoder.named_parameters() if p.grad is not None}
 
     plain = gradients()
-    assert pretrained.enable_grad_checkpointing(encoder)
+    assert engine.enable_grad_checkpointing(encoder)
     assert encoder.backbone.is_gradient_checkpointing
     checkpointed = gradients()
     assert plain.keys() == checkpointed.keys()
     for key in plain:
         torch.testing.assert_close(checkpointed[key], plain[key], rtol=1e-4, atol=1e-6)
     with pytest.raises(utils.UserError, match="no Hugging Face backbone"):
-        pretrained.enable_grad_checkpointing(nn.Linear(2, 2))
+        engine.enable_grad_checkpointing(nn.Linear(2, 2))
 
 
 # --------------------------------------------------------------------------- small data for subprocess runs

@@ -13,10 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import copy_checkpoints, flags, script, stage_paths
-from magtkd import artifacts, results, utils
-from magtkd import dataset as magtkd_dataset
-from magtkd import features as magtkd_features
+from helpers import copy_checkpoints, dataset_spec, flags, script, stage_paths
+from magtkd import artifacts, cli, dataset, fusion_data, results, utils
 from magtkd.synthetic.features import write_synthetic_features
 from MELD.config import MELD
 from test_kd_extract import tiny_iemocap
@@ -79,8 +77,8 @@ def fusion_seeds(tmp_path_factory) -> dict:
     main = script("MELD", "multimodal_fusion").main
     reads: list[str] = []
     with pytest.MonkeyPatch.context() as patch:
-        load = magtkd_features.load_dialogues
-        patch.setattr(magtkd_features, "load_dialogues", lambda path, *a, **k: reads.append(Path(path).name)
+        load = fusion_data.load_dialogues
+        patch.setattr(fusion_data, "load_dialogues", lambda path, *a, **k: reads.append(Path(path).name)
                       or load(path, *a, **k))
         result = main(["--feature_dir", str(root / "feature"), "--save_dir", str(root / "save"), *FUSION,
                        "--seeds", "1", "2", "3"])
@@ -222,8 +220,8 @@ def test_kd_seeds_fresh_models_summary_and_best_copy(demo, generated, tmp_path, 
     alone = copy_checkpoints(base, tmp_path / "alone", "text.bin", "audio.bin")
     kd = script("IEMOCAP", "KD").main
     reads = []
-    load = magtkd_dataset.load_samples
-    monkeypatch.setattr(magtkd_dataset, "load_samples", lambda *a, **k: reads.append(a) or load(*a, **k))
+    load = dataset.load_samples
+    monkeypatch.setattr(dataset, "load_samples", lambda *a, **k: reads.append(a) or load(*a, **k))
     result = kd(flags(paths, student="audio", epochs=2, device="cpu", learning_rate=1e-3) + ["--seeds", "7", "8"])
     assert len(reads) == 1  # the CSVs are read once for both seeds
     kd(flags(alone, student="audio", epochs=2, device="cpu", learning_rate=1e-3, seed=8))
@@ -279,23 +277,22 @@ def test_seeds_summary_mean_and_sample_std():
 
 
 def test_seed_list_defaults_and_errors():
-    ns = argparse.Namespace
-    assert utils.seed_list(ns(seed=2024, seeds=None, train=True)) == [2024]
-    assert utils.seed_list(ns(seed=2024, seeds=[3, 1], train=True)) == [3, 1]
+    assert cli.seed_list(2024, None, True) == [2024]
+    assert cli.seed_list(2024, [3, 1], True) == [3, 1]
     with pytest.raises(utils.UserError, match=r"--seeds lists \[3\] more than once"):
-        utils.seed_list(ns(seed=0, seeds=[3, 1, 3], train=True))
+        cli.seed_list(0, [3, 1, 3], True)
     with pytest.raises(utils.UserError, match="--train False"):
-        utils.seed_list(ns(seed=0, seeds=[1, 2], train=False))
-    assert utils.seed_tag(5, [5]) == "" and utils.seed_tag(5, [5, 6]) == "_seed5"
+        cli.seed_list(0, [1, 2], False)
+    assert cli.seed_tag(5, [5]) == "" and cli.seed_tag(5, [5, 6]) == "_seed5"
 
 
 def test_pipeline_passes_seeds_to_training_stages_only(tmp_path):
-    from magtkd.pipeline import STAGES, Context, dataset_spec, parser, stage_argv
+    from magtkd.pipeline import STAGES, Context, Options, stage_argv
 
-    args = parser().parse_args(["IEMOCAP", "--seeds", "1", "2", "--fusion_args", "--lr 1e-3"])
+    options = Options(None, 0, None, None, None, False, (1, 2), "--lr 1e-3", False, False, 1)
     ctx = Context(dataset_spec("IEMOCAP"), tmp_path, tmp_path, tmp_path, tmp_path)
     for stage in STAGES:
-        argv = stage_argv(stage, ctx, args)
+        argv = stage_argv(stage, ctx, options)
         if stage.kind in ("train", "fusion"):
             assert argv[argv.index("--seeds"):][:3] == ["--seeds", "1", "2"], stage.name
         else:

@@ -10,20 +10,42 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from conftest import REPO
-from magtkd import engine, features, pipeline, utils
+from helpers import REPO
+from magtkd import artifacts, cli, engine, pickles, pipeline, runtime, schedule, utils
+from magtkd.training_state import TrainingState
 from magtkd.artifacts import StageFiles, features_record, frames_record
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
 # --------------------------------------------------------------------------- the schedule at any global batch
+
+class Curve:
+    """What `schedule.reference_schedule` reads of the engine's data: items, updates per epoch, global batch."""
+
+    def __init__(self, n_train: int, updates: int, global_batch: schedule.GlobalBatch) -> None:
+        self.n_train, self.updates, self.batch = n_train, updates, global_batch
+
+    def updates_per_epoch(self, grad_accum: int) -> int:
+        return self.updates
+
+    def global_batch(self, grad_accum: int) -> schedule.GlobalBatch:
+        return self.batch
+
+
+def schedule_config(epochs: int, authors_batch: int | None = None, epoch_anchored: bool = False,
+                    per_batch: bool = False) -> SimpleNamespace:
+    """What `schedule.reference_schedule` reads of a `engine.FitConfig`."""
+    return SimpleNamespace(epochs=epochs, grad_accum=1, authors_batch=authors_batch, schedule_epochs=epoch_anchored,
+                           per_batch_schedule=per_batch)
+
 
 def lr_curve(n_train: int, batch_size: int, world: int, grad_accum: int, epochs: int, **options) -> list[float]:
     """The learning rate of every update of one rank, its updates per epoch counted as `SampleBatches`
@@ -34,7 +56,9 @@ def lr_curve(n_train: int, batch_size: int, world: int, grad_accum: int, epochs:
     loader = torch.utils.data.DataLoader(data, batch_size=batch_size, sampler=sampler)
     updates = -(-len(loader) // grad_accum)
     optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
-    scheduler = engine.reference_schedule(optimizer, n_train, updates, epochs, **options)
+    scheduler = schedule.reference_schedule(optimizer, Curve(n_train, updates, schedule.GlobalBatch(batch_size, world,
+                                                                                                     grad_accum)),
+                                            schedule_config(epochs, **options))
     rates = []
     for _ in range(updates * epochs):
         rates.append(optimizer.param_groups[0]["lr"])
@@ -72,37 +96,36 @@ def test_epoch_anchored_schedule_is_the_authors_curve_over_epochs_at_global_batc
 def test_schedule_is_logged_in_epochs_and_a_foreign_global_batch_names_the_choices(caplog) -> None:
     caplog.set_level(logging.INFO, logger="magtkd")
     optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
-    engine.reference_schedule(optimizer, 1000, 63, 10, global_batch=engine.GlobalBatch(4, 4, 1), authors_batch=4)
+    schedule.reference_schedule(optimizer, Curve(1000, 63, schedule.GlobalBatch(4, 4, 1)), schedule_config(10, 4))
     text = caplog.text
     assert "global batch 16 (4 per process x 4 processes x 1 accumulated)" in text
     assert "warmup would end after 15.87 epochs: it never ends in 10" in text
     assert "not the authors' 4" in text and "--batch_size 1 gives their global batch" in text
     assert "--schedule_epochs True" in text
     caplog.clear()
-    engine.reference_schedule(optimizer, 1000, 250, 10, global_batch=engine.GlobalBatch(4, 1, 1), authors_batch=4)
+    schedule.reference_schedule(optimizer, Curve(1000, 250, schedule.GlobalBatch(4, 1, 1)), schedule_config(10, 4))
     assert "warmup ends after 4.00 of 10 epochs; peak factor 1.000" in caplog.text and "WARNING" not in caplog.text
     caplog.clear()
-    engine.reference_schedule(optimizer, 100, 5, 30, global_batch=engine.GlobalBatch(4, 1, 5), authors_batch=16)
+    schedule.reference_schedule(optimizer, Curve(100, 5, schedule.GlobalBatch(4, 1, 5)), schedule_config(30, 16))
     assert "no --batch_size gives their global batch with 5 processes x accumulation" in caplog.text
 
 
 # --------------------------------------------------------------------------- the resume state
 
-def toy_config(tmp_path: Path, **changes) -> engine.FitConfig:
-    options = dict(stage="toy", script="toy.py", dataset="IEMOCAP", labels=["a", "b"],
-                   files=StageFiles.first_stage(tmp_path, "toy"), epochs=3, seed=0, args={"epochs": 3, "amp": True},
-                   resume=True)
-    options.update(changes)
-    return engine.FitConfig(**options)
-
-
 def toy_objects(lr: float = 0.1):
     torch.manual_seed(0)
     model = nn.Linear(3, 2)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
-    scheduler = engine.reference_schedule(optimizer, 8, 2, 3)
+    scheduler = schedule.reference_schedule(optimizer, Curve(8, 2, schedule.GlobalBatch(4, 1, 1)), schedule_config(3))
     scaler = torch.amp.GradScaler("cpu", enabled=True, init_scale=2.0 ** 10, growth_interval=2)
     return model, optimizer, scheduler, scaler
+
+
+def toy_state(tmp_path: Path, objects, generators=(), args=None) -> TrainingState:
+    """The training state of a toy run (``objects``: `toy_objects`) saved under ``tmp_path``."""
+    model, optimizer, scheduler, scaler = objects
+    return TrainingState(StageFiles.first_stage(tmp_path, "toy").state, "toy", args or {"epochs": 3, "amp": True},
+                         model, optimizer, scheduler, scaler, list(generators), torch.device("cpu"))
 
 
 def test_resume_state_holds_the_scaler_loads_weights_only_and_never_touches_cuda(tmp_path: Path,
@@ -114,23 +137,21 @@ def test_resume_state_holds_the_scaler_loads_weights_only_and_never_touches_cuda
         monkeypatch.setattr(torch.cuda, name, no_cuda)
     model, optimizer, scheduler, scaler = toy_objects()
     x, y = torch.randn(4, 3), torch.tensor([0, 1, 0, 1])
+    step = engine.Step(optimizer, scheduler, list(model.parameters()), 10.0, scaler)
     for _ in range(5):
-        engine.update(model, [{"labels": y}], lambda b: nn.functional.cross_entropy(model(x), b["labels"]),
-                      optimizer, scheduler, list(model.parameters()), 10.0, scaler)
+        step.update(model, [{"labels": y}], lambda b: nn.functional.cross_entropy(model(x), b["labels"]))
     assert scaler.get_scale() > 2.0 ** 10  # it grew: a restart at the initial scale would differ
-    config = toy_config(tmp_path)
     generator = torch.Generator().manual_seed(5)
-    engine.save_training_state(config, 1, model, optimizer, scheduler, [generator], {"epochs": [], "best": {}},
-                               scaler, torch.device("cpu"))
-    raw = torch.load(config.files.state, weights_only=True)
+    saved = toy_state(tmp_path, (model, optimizer, scheduler, scaler), [generator])
+    saved.save(1, {"epochs": [], "best": {}})
+    raw = torch.load(saved.path, weights_only=True)
     assert raw["scaler"]["scale"] == scaler.get_scale() and raw["device_type"] == "cpu"
     assert raw["rng"][0]["cuda"] is None
 
-    state = engine.load_training_state(config)
     model2, optimizer2, scheduler2, scaler2 = toy_objects()
     generator2 = torch.Generator()
-    engine.restore_training_state(state, model2, optimizer2, scheduler2, scaler2, [generator2],
-                                  torch.device("cpu"), "toy")
+    again = toy_state(tmp_path, (model2, optimizer2, scheduler2, scaler2), [generator2])
+    again.restore(again.load(resume=True))
     assert scaler2.get_scale() == scaler.get_scale()
     assert scaler2.state_dict()["_growth_tracker"] == scaler.state_dict()["_growth_tracker"]
     assert scheduler2.last_epoch == scheduler.last_epoch
@@ -138,31 +159,27 @@ def test_resume_state_holds_the_scaler_loads_weights_only_and_never_touches_cuda
 
 
 def test_resume_under_another_world_size_or_flags_is_refused(tmp_path: Path) -> None:
-    model, optimizer, scheduler, scaler = toy_objects()
-    config = toy_config(tmp_path)
-    engine.save_training_state(config, 1, model, optimizer, scheduler, [], {"epochs": [], "best": {}}, scaler,
-                               torch.device("cpu"))
-    state = torch.load(config.files.state, weights_only=True)
+    saved = toy_state(tmp_path, toy_objects())
+    saved.save(1, {"epochs": [], "best": {}})
+    state = torch.load(saved.path, weights_only=True)
     state["world_size"] = 4
-    torch.save(state, config.files.state)
+    torch.save(state, saved.path)
     with pytest.raises(utils.UserError, match=r"saved by 4 process\(es\) and this run has 1: resume with torchrun "
                                               r"--nproc_per_node 4"):
-        engine.load_training_state(config)
+        saved.load(resume=True)
     state["world_size"] = 1
-    torch.save(state, config.files.state)
+    torch.save(state, saved.path)
     with pytest.raises(utils.UserError, match="--amp True then, False now"):
-        engine.load_training_state(toy_config(tmp_path, args={"epochs": 3, "amp": False}))
+        toy_state(tmp_path, toy_objects(), args={"epochs": 3, "amp": False}).load(resume=True)
 
 
 def test_state_saved_on_cuda_resumes_on_cpu_with_a_warning(tmp_path: Path, caplog) -> None:
-    model, optimizer, scheduler, scaler = toy_objects()
-    config = toy_config(tmp_path)
-    engine.save_training_state(config, 1, model, optimizer, scheduler, [], {"epochs": [], "best": {}}, scaler,
-                               torch.device("cpu"))
-    state = torch.load(config.files.state, weights_only=True)
+    saved = toy_state(tmp_path, toy_objects())
+    saved.save(1, {"epochs": [], "best": {}})
+    state = torch.load(saved.path, weights_only=True)
     state["device_type"], state["rng"][0]["cuda"] = "cuda", torch.zeros(16, dtype=torch.uint8)
     caplog.set_level(logging.WARNING, logger="magtkd")
-    engine.restore_training_state(state, *toy_objects(), [], torch.device("cpu"), "toy")
+    toy_state(tmp_path, toy_objects()).restore(state)
     assert "saved on cuda and this run is on cpu" in caplog.text and "not bit-identical" in caplog.text
 
 
@@ -175,19 +192,19 @@ def test_more_torchrun_processes_than_gpus_is_one_user_error(monkeypatch) -> Non
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     with pytest.raises(utils.UserError, match=r"more processes per node \(4\) than this machine has GPUs \(2\): "
                                               r"use --nproc_per_node 2"):
-        utils.init_distributed(torch.device("cuda"))
+        runtime.init_distributed(torch.device("cuda"))
 
 
 def test_cuda_unavailable_names_the_wheel_and_the_driver(monkeypatch) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(utils, "gpu_present", lambda: True)
+    monkeypatch.setattr(runtime, "gpu_present", lambda: True)
     with pytest.raises(utils.UserError) as err:
-        utils.resolve_device("cuda")
+        runtime.resolve_device("cuda")
     message = str(err.value)
     assert f"built for CUDA {torch.version.cuda}" in message and "nvidia-smi" in message and "\n" not in message
-    monkeypatch.setattr(utils, "gpu_present", lambda: False)
+    monkeypatch.setattr(runtime, "gpu_present", lambda: False)
     with pytest.raises(utils.UserError, match="no NVIDIA driver found"):
-        utils.resolve_device("cuda")
+        runtime.resolve_device("cuda")
 
 
 def test_pipeline_launches_the_data_parallel_stages_with_torchrun() -> None:
@@ -198,7 +215,7 @@ def test_pipeline_launches_the_data_parallel_stages_with_torchrun() -> None:
     for name in ("preprocessing", "fusion"):
         assert pipeline.launcher(by_name[name], 3) == [sys.executable]
     assert pipeline.launcher(by_name["text"], 1) == [sys.executable]
-    assert pipeline.parser().parse_args(["IEMOCAP", "--nproc_per_node", "2"]).nproc_per_node == 2
+    assert cli.pipeline_parser(None).parse_args(["--nproc_per_node", "2"]).nproc_per_node == 2
 
 
 # --------------------------------------------------------------------------- every stage under torchrun
@@ -252,10 +269,10 @@ def test_every_stage_under_torchrun_and_features_equal_one_process(dataset: str,
     os.symlink(save, one / "save")
     torchrun(dataset, "extract_first_stage_features", generated, one, nproc=1)
     for split in ("train", "dev", "test"):
-        a = features.load_features(features.feature_path(out / "feature", split))
-        b = features.load_features(features.feature_path(one / "feature", split))
+        a = pickles.load_features(artifacts.feature_path(out / "feature", split))
+        b = pickles.load_features(artifacts.feature_path(one / "feature", split))
         assert list(a["vids"]) == list(b["vids"]) and a["labels"] == b["labels"] and a["speakers"] == b["speakers"]
-        for key in features.FEATURE_KEYS:
+        for key in pickles.FEATURE_KEYS:
             for vid in a["vids"]:
                 np.testing.assert_allclose(np.asarray(a[key][vid]), np.asarray(b[key][vid]), rtol=1e-4, atol=1e-5)
 

@@ -408,23 +408,32 @@ def write_iemocap(root: Path, seed: int = 0, *, media: bool = True) -> dict:
                    _categorical(turns))
         if media:
             _write_media(root, dialogue, turns, noise_rng)
-        for turn in order:
-            if turn.kept and turn.signal is not None:
-                manifest_utts[split].append({
-                    "split": split, "dialogue": dialogue, "name": turn.name, "speaker": turn.name,
-                    "start": turn.start, "end": turn.end, "text": turn.text, "emotion": turn.label,
-                    "text_cue": turn.text_cue, "audio_emotion": turn.signal.audio_emotion,
-                    "video_emotion": turn.signal.video_emotion, "color": list(turn.signal.color),
-                    "freq": turn.signal.freq, "wav": wav_relpath(dialogue, turn.name),
-                    "video": video_relpath(dialogue),
-                })
-        for turn in turns:
-            if turn.evaluated and not turn.kept:
-                reason = "no transcription line" if not turn.transcribed else f"label {turn.label}"
-                dropped.append({"dialogue": dialogue, "name": turn.name, "label": turn.label, "reason": reason})
+        manifest_utts[split] += _kept_entries(split, dialogue, order)
+        dropped += _dropped_entries(dialogue, turns)
     for split in manifest_utts:
         manifest_utts[split].sort(key=lambda u: u["dialogue"])  # stable: keeps transcription order
-    utterances = [u for split in ("train", "dev", "test") for u in manifest_utts[split]]
+    return _manifest(seed, manifest_utts, dropped, signal)
+
+
+def _kept_entries(split: str, dialogue: str, order: list) -> list[dict]:
+    """The manifest rows of a dialogue's kept utterances, in transcription order."""
+    return [{"split": split, "dialogue": dialogue, "name": turn.name, "speaker": turn.name,
+             "start": turn.start, "end": turn.end, "text": turn.text, "emotion": turn.label,
+             "text_cue": turn.text_cue, "audio_emotion": turn.signal.audio_emotion,
+             "video_emotion": turn.signal.video_emotion, "color": list(turn.signal.color),
+             "freq": turn.signal.freq, "wav": wav_relpath(dialogue, turn.name), "video": video_relpath(dialogue)}
+            for turn in order if turn.kept and turn.signal is not None]
+
+
+def _dropped_entries(dialogue: str, turns: list) -> list[dict]:
+    """The evaluated utterances a builder must drop, with the reason."""
+    return [{"dialogue": dialogue, "name": turn.name, "label": turn.label,
+             "reason": "no transcription line" if not turn.transcribed else f"label {turn.label}"}
+            for turn in turns if turn.evaluated and not turn.kept]
+
+
+def _manifest(seed: int, manifest_utts: dict[str, list[dict]], dropped: list[dict], signal: LabelSignal) -> dict:
+    """What a correct builder must produce from the written release (`write_iemocap`)."""
     return {
         "dataset": "IEMOCAP",
         "seed": seed,
@@ -436,7 +445,7 @@ def write_iemocap(root: Path, seed: int = 0, *, media: bool = True) -> dict:
             }
             for split in ("train", "dev", "test")
         },
-        "utterances": utterances,
+        "utterances": [u for split in ("train", "dev", "test") for u in manifest_utts[split]],
         "dropped": dropped,
         "reordered": list(REORDERED),
         "sample_rate": SAMPLE_RATE,

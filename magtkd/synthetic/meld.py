@@ -191,16 +191,7 @@ def write_meld(root: Path, seed: int = 0, *, media: bool = True) -> dict:
     noise_rng = np.random.default_rng([seed, 1])  # media bytes only: the CSVs never depend on it
     signal = LabelSignal(LABELS)
     plans = {split: _plan_split(split, rng, signal) for split in ("train", "dev", "test")}
-    # One of each real fault (docs/METHOD.md §1 lists where they sit in the real release).
-    overlong = next(i for i, r in enumerate(plans["test"]) if r["Dialogue_ID"] == 2)
-    no_audio = len(plans["test"]) // 2 + (len(plans["test"]) // 2 == overlong)
-    fault_rows = {
-        "corrupt": ("train", len(plans["train"]) // 3),
-        "missing": ("dev", len(plans["dev"]) // 2),
-        "no_audio": ("test", no_audio),
-        "overlong": ("test", overlong),
-    }
-    fault_of = {(split, index): fault for fault, (split, index) in fault_rows.items()}
+    fault_of = _fault_rows(plans)
     faults: dict[str, list[str]] = {fault: [] for fault in ("missing", "corrupt", "no_audio", "overlong", "extra")}
     utterances: list[dict] = []
     speakers: list[str] = []
@@ -209,29 +200,14 @@ def write_meld(root: Path, seed: int = 0, *, media: bool = True) -> dict:
         for index, row in enumerate(rows):
             rel = clip_relpath(split, row["Dialogue_ID"], row["Utterance_ID"])
             fault = fault_of.get((split, index))
-            shown = row["_signal"]
             if media:
                 _write_row_media(root / rel, row, fault, noise_rng)
             if fault:
                 faults[fault].append(rel)
             if row["Speaker"] not in speakers:
                 speakers.append(row["Speaker"])
-            utterances.append({
-                "split": split, "dialogue_id": row["Dialogue_ID"], "utterance_id": row["Utterance_ID"],
-                "speaker": row["Speaker"], "text": row["Utterance"], "emotion": row["Emotion"],
-                "text_cue": row["_text_cue"], "audio_emotion": shown.audio_emotion,
-                "video_emotion": shown.video_emotion, "color": list(shown.color), "freq": shown.freq,
-                "clip": rel, "sample_rate": row["_sample_rate"],
-                "seconds": OVERLONG["seconds"] if fault == "overlong" else row["_seconds"],
-                "fault": fault,
-            })
-    # A clip no CSV row names: one utterance past the end of the last train dialogue.
-    last = plans["train"][-1]
-    extra = clip_relpath("train", last["Dialogue_ID"], last["Utterance_ID"] + 1)
-    shown = signal.draw(LABELS[int(rng.integers(len(LABELS)))], rng)
-    if media:
-        _write_clip(root / extra, shown.color, shown.freq, 1.0, SAMPLE_RATES[0], 0.3)
-    faults["extra"].append(extra)
+            utterances.append(_utterance_entry(split, row, rel, fault))
+    faults["extra"].append(_extra_clip(root, plans["train"][-1], signal, rng, media))
     return {
         "dataset": "MELD",
         "seed": seed,
@@ -251,4 +227,41 @@ def write_meld(root: Path, seed: int = 0, *, media: bool = True) -> dict:
         "overlong": dict(OVERLONG),
         "tones": signal.tones,
         "colors": {label: list(c) for label, c in signal.colors.items()},
+    }
+
+
+def _extra_clip(root: Path, last: dict, signal: LabelSignal, rng: np.random.Generator, media: bool) -> str:
+    """A clip no CSV row names: one utterance past the end of the last train dialogue (``last`` row)."""
+    extra = clip_relpath("train", last["Dialogue_ID"], last["Utterance_ID"] + 1)
+    shown = signal.draw(LABELS[int(rng.integers(len(LABELS)))], rng)
+    if media:
+        _write_clip(root / extra, shown.color, shown.freq, 1.0, SAMPLE_RATES[0], 0.3)
+    return extra
+
+
+def _fault_rows(plans: dict[str, list[dict]]) -> dict[tuple[str, int], str]:
+    """(split, row index) -> the fault its clip gets: one of each real fault (docs/METHOD.md §1 lists where
+    they sit in the real release)."""
+    overlong = next(i for i, r in enumerate(plans["test"]) if r["Dialogue_ID"] == 2)
+    no_audio = len(plans["test"]) // 2 + (len(plans["test"]) // 2 == overlong)
+    fault_rows = {
+        "corrupt": ("train", len(plans["train"]) // 3),
+        "missing": ("dev", len(plans["dev"]) // 2),
+        "no_audio": ("test", no_audio),
+        "overlong": ("test", overlong),
+    }
+    return {(split, index): fault for fault, (split, index) in fault_rows.items()}
+
+
+def _utterance_entry(split: str, row: dict, clip: str, fault: str | None) -> dict:
+    """A CSV row's manifest entry: its ids, text, gold emotion, what its media show, its clip and fault."""
+    shown = row["_signal"]
+    return {
+        "split": split, "dialogue_id": row["Dialogue_ID"], "utterance_id": row["Utterance_ID"],
+        "speaker": row["Speaker"], "text": row["Utterance"], "emotion": row["Emotion"],
+        "text_cue": row["_text_cue"], "audio_emotion": shown.audio_emotion,
+        "video_emotion": shown.video_emotion, "color": list(shown.color), "freq": shown.freq,
+        "clip": clip, "sample_rate": row["_sample_rate"],
+        "seconds": OVERLONG["seconds"] if fault == "overlong" else row["_seconds"],
+        "fault": fault,
     }
