@@ -121,25 +121,19 @@ def markdown(results: dict, seeds: Sequence[int]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run_dataset(workdir: Path, name: str, args: argparse.Namespace, quiet: bool = False) -> subprocess.Popen:
+def run_dataset(workdir: Path, name: str, flags: Sequence[str], threads: int, quiet: bool = False) -> subprocess.Popen:
     """Start one dataset's pipeline: ``<DS>/pipeline.py`` (what ``<DS>/run.sh`` runs: preparation + the eight
-    stage scripts) as its own process, every stage in it (``--in_process``; ``--subprocess``: each stage a
-    process of its own, exactly like run.sh). ``quiet``: this process runs beside the other dataset's (tqdm
-    bars off, so two processes do not draw over each other; the epoch lines stay)."""
+    stage scripts) as its own process, with its folders under ``workdir`` and the pipeline ``flags``.
+    ``threads``: torch's intra-op threads (0: torch's default). ``quiet``: this process runs beside the other
+    dataset's (tqdm bars off, so two processes do not draw over each other; the epoch lines stay)."""
     env = dict(os.environ)
     if quiet:
         env["TQDM_DISABLE"] = "1"
-    if args.threads:
-        env["OMP_NUM_THREADS"] = str(args.threads)  # torch's intra-op threads in the pipeline and its stages
-    argv = [
-        "--data_dir", str(workdir / "datasets" / name), "--pretrained_dir", str(workdir / "pretrained_model"),
-        "--save_dir", str(workdir / name / "save_model"), "--feature_dir", str(workdir / name / "feature"),
-        "--device", args.device, "--epochs", str(args.epochs), "--learning_rate", str(args.learning_rate),
-        "--per_batch_schedule", "--fusion_epochs", str(args.fusion_epochs),
-        "--fusion_args", f"{args.fusion_args} --seeds {' '.join(map(str, args.fusion_seeds))}", "--force",
-        *([] if args.subprocess else ["--in_process"]),
-    ]
-    return subprocess.Popen([sys.executable, str(REPO / name / "pipeline.py"), *argv], env=env)
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)  # torch's intra-op threads in the pipeline and its stages
+    folders = ["--data_dir", str(workdir / "datasets" / name), "--pretrained_dir", str(workdir / "pretrained_model"),
+               "--save_dir", str(workdir / name / "save_model"), "--feature_dir", str(workdir / name / "feature")]
+    return subprocess.Popen([sys.executable, str(REPO / name / "pipeline.py"), *folders, *flags], env=env)
 
 
 def finish_dataset(workdir: Path, name: str, process: subprocess.Popen, seeds: Sequence[int]) -> dict:
@@ -187,10 +181,15 @@ def main(argv: Sequence[str] | None = None) -> dict:
     # The datasets' pipelines share nothing but the generated pretrained folder (read only), and each
     # runs on one thread: side by side in their own processes they finish in the time of the longer one.
     jobs = min(args.jobs or os.cpu_count() or 1, len(args.datasets))
+    # The pipeline's flags (the module docstring says why these), the same for every dataset
+    flags = ["--device", args.device, "--epochs", str(args.epochs), "--learning_rate", str(args.learning_rate),
+             "--per_batch_schedule", "--fusion_epochs", str(args.fusion_epochs),
+             "--fusion_args", f"{args.fusion_args} --seeds {' '.join(map(str, args.fusion_seeds))}", "--force",
+             *([] if args.subprocess else ["--in_process"])]
     results = {}
     for start in range(0, len(args.datasets), jobs):
         names = args.datasets[start:start + jobs]
-        running = {name: run_dataset(workdir, name, args, quiet=jobs > 1) for name in names}
+        running = {name: run_dataset(workdir, name, flags, args.threads, quiet=jobs > 1) for name in names}
         results.update({name: finish_dataset(workdir, name, process, args.fusion_seeds)
                         for name, process in running.items()})
     total = round(time.time() - started, 1)
