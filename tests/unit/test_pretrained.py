@@ -1,4 +1,5 @@
-"""Tiny pretrained stand-ins (magtkd.synthetic.models) and their loaders (magtkd.model)."""
+"""The pretrained stand-ins (`magtkd.synthetic.models`) and their loaders (`magtkd.pretrained`):
+hub layouts, real-size architectures, and wrong or incomplete folders refused (docs/METHOD.md §6)."""
 
 from __future__ import annotations
 
@@ -6,8 +7,6 @@ import json
 import logging
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,10 +15,10 @@ import torch
 
 from magtkd import pretrained
 from magtkd.pretrained import PRETRAINED
-from magtkd.synthetic.__main__ import generate
 from magtkd.synthetic.models import write_models
+from magtkd.synthetic.text import corpus
 
-REPO = Path(__file__).resolve().parents[1]
+
 CORPUS = [
     "Excuse me. Do you have your forms?",
     "I'm so happy to see you again, really!",
@@ -28,6 +27,7 @@ CORPUS = [
     "Well, um, I guess it's fine.",
     "Now she feels angry about the car.",
 ]
+
 SPEAKERS = [f"<s{k}>" for k in range(1, 10)]
 
 
@@ -243,20 +243,73 @@ def test_missing_backbone_weights_are_an_error_not_random_weights(pdir: Path, tm
         pretrained.load_video_backbone(tmp_path)
 
 
-def test_generate_rejects_unknown_part(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="expected one of all, data, models"):
-        generate(tmp_path, what="everything")
+def test_videomae_folder_where_timesformer_belongs_is_the_wrong_model(generated, tmp_path):
+    shutil.copytree(generated / "pretrained_model" / "videomae-base", tmp_path / "timesformer-base-finetuned-k400")
+    with pytest.raises(pretrained.PretrainedMismatchError,
+                       match=r"holds another model \(model_type 'videomae'.*needs model_type 'timesformer'.*wrong "
+                             r"model, not an incomplete download.*hf download facebook/timesformer"):
+        pretrained.load_video_backbone(tmp_path)
 
 
-@pytest.mark.slow
-def test_cli_writes_models(tmp_path: Path) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "magtkd.synthetic", "--what", "models", "--out", str(tmp_path), "--seed", "0"],
-        cwd=REPO, capture_output=True, text=True, timeout=120,
-    )
-    assert result.returncode == 0, result.stderr
-    assert sorted(os.listdir(tmp_path)) == ["pretrained_model"]
-    assert sorted(os.listdir(tmp_path / "pretrained_model")) == sorted(PRETRAINED)
-    assert "pretrained stand-ins" in result.stderr
-    tok = pretrained.load_tokenizer(tmp_path / "pretrained_model")
-    assert tok("</s>", add_special_tokens=False).input_ids == [tok.sep_token_id]
+@pytest.mark.parametrize("name, loader", [("roberta-large", pretrained.load_tokenizer),
+                                          ("data2vec-audio-base-960h", pretrained.load_audio_backbone),
+                                          ("videomae-base", pretrained.load_image_processor)])
+def test_a_config_of_another_model_type_is_refused(generated, tmp_path, name, loader):
+    folder = tmp_path / name
+    shutil.copytree(generated / "pretrained_model" / name, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "model_type": "bert", "architectures": ["BertModel"]}))
+    with pytest.raises(pretrained.PretrainedMismatchError, match=rf"{name} needs model_type"):
+        loader(tmp_path)
+
+
+def test_missing_backbone_weights_are_an_incomplete_download(generated, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "timesformer-base-finetuned-k400"
+    shutil.copytree(generated / "pretrained_model" / folder.name, folder)
+    state = load_file(folder / "model.safetensors")
+    dropped = next(k for k in state if k.endswith("layernorm.weight"))
+    del state[dropped]
+    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(pretrained.PretrainedMissingError,
+                       match=r"1 backbone weights are missing .*layernorm.weight.*incomplete or corrupt.*hf download"):
+        pretrained.load_video_backbone(tmp_path)
+
+
+def test_real_size_standins_have_the_real_architectures(tmp_path: Path) -> None:
+    """``--size real`` configs, tokenizer and processors (weights skipped: RoBERTa-large alone is 1.4 GB)."""
+    from transformers import AutoConfig, AutoModel
+
+    write_models(tmp_path, corpus(), seed=0, size="real", weights=False)
+    assert not list(tmp_path.rglob("*.safetensors"))
+
+    tok = pretrained.load_tokenizer(tmp_path)
+    assert (len(tok), tok.mask_token_id, tok.model_max_length) == (50265, 50264, 512)
+    ids = tok("Now <mask>").input_ids
+    assert ids[0] == 0 and ids[-2:] == [50264, 2]
+    assert max(ids[:-2]) < 5000  # the placeholder entries filling the vocabulary are never produced
+
+    text = AutoConfig.from_pretrained(tmp_path / "roberta-large")
+    assert (text.num_hidden_layers, text.hidden_size, text.num_attention_heads, text.intermediate_size,
+            text.vocab_size, text.max_position_embeddings) == (24, 1024, 16, 4096, 50265, 514)
+    audio = AutoConfig.from_pretrained(tmp_path / "data2vec-audio-base-960h")
+    assert (audio.num_hidden_layers, audio.hidden_size, len(audio.conv_dim)) == (12, 768, 7)
+    video = AutoConfig.from_pretrained(tmp_path / "timesformer-base-finetuned-k400")
+    assert (video.image_size, video.num_frames, video.num_hidden_layers, video.hidden_size,
+            video.num_labels) == (224, 8, 12, 768, 400)
+    assert pretrained.representation_width(tmp_path) == 768
+
+    with torch.device("meta"):  # parameter counts without allocating them
+        counts = {name: sum(p.numel() for p in AutoModel.from_config(AutoConfig.from_pretrained(
+            tmp_path / name)).parameters()) for name in ("roberta-large", "data2vec-audio-base-960h",
+                                                         "timesformer-base-finetuned-k400")}
+    assert 354e6 < counts["roberta-large"] < 357e6
+    assert 90e6 < counts["data2vec-audio-base-960h"] < 96e6
+    assert 118e6 < counts["timesformer-base-finetuned-k400"] < 124e6
+
+    processor = pretrained.load_image_processor(tmp_path)
+    assert (processor.crop_size["height"], processor.size["shortest_edge"]) == (224, 224)
+    assert pretrained.load_audio_feature_extractor(tmp_path).sampling_rate == 16000
+    with pytest.raises(ValueError, match="expected one of tiny, real"):
+        write_models(tmp_path / "x", corpus(), size="huge")

@@ -1,4 +1,5 @@
-"""The text prompt (docs/METHOD.md §2, Text) with a tiny byte-level BPE tokenizer trained here."""
+"""The text prompt (docs/METHOD.md §2, Text) with a tiny byte-level BPE tokenizer trained here, and
+its ablation variants (`magtkd.prompt`)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,10 @@ import torch
 from tokenizers import ByteLevelBPETokenizer
 from transformers import AutoTokenizer
 
-from magtkd.prompt import SPEAKER_TOKENS, add_speaker_tokens, build_prompt, encode_prompt, left_pad
+from magtkd import spec
+from magtkd.prompt import add_speaker_tokens, build_prompt, encode_prompt, left_pad, SPEAKER_TOKENS
+from magtkd.spec import PROMPTS
+
 
 CORPUS = ["Excuse me. Do you have your forms? Now feels. Yeah. Let me see them. Is there a problem?"] * 4
 
@@ -34,6 +38,7 @@ def prepared(tokenizer):
 
 
 TEXTS = ["Excuse me.", "Do you have your forms?", "Yeah.", "Who are you?"]
+
 SPEAKERS = [0, 1, 0, 2]
 
 
@@ -107,3 +112,12 @@ def test_left_pad() -> None:
     assert mask.tolist() == [[1, 1, 1], [0, 0, 1], [0, 1, 1]]
     with pytest.raises(ValueError, match="empty batch"):
         left_pad([], 1)
+
+
+def test_prompt_variants():
+    texts, speakers = ("hi there", "oh no", "fine"), (0, 1, 0)
+    assert build_prompt(texts, speakers) == "<s1> hi there <s2> oh no <s1> fine </s> Now<s1> feels"
+    assert build_prompt(texts, speakers, "no_template") == "<s1> hi there <s2> oh no <s1> fine"
+    assert build_prompt(texts, speakers, "no_speakers") == "hi there oh no fine </s> Now feels"
+    assert build_prompt(texts, speakers, "no_context") == "<s1> fine </s> Now<s1> feels"
+    assert PROMPTS == spec.PROMPTS

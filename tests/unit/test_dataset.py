@@ -1,21 +1,27 @@
-"""Shared CSV loading and dialogue-prefix samples (docs/METHOD.md §1)."""
+"""The shared CSV reader, dialogue-prefix samples, speaker numbering and user conversation CSVs
+(`magtkd.dataset`; docs/METHOD.md §1)."""
 
 from __future__ import annotations
 
 import csv
+import dataclasses
+import logging
 import shutil
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
+from helpers import REFERENCE, all_utterances, meld_conversation
 from IEMOCAP.config import IEMOCAP
-from magtkd.dataset import (Utterance, build_samples, fusion_speaker_ids, group_dialogues, load_speaker2id, load_split, read_csv_checked)
+from magtkd import spec
+from magtkd.artifacts import write_json
+from magtkd.dataset import (Utterance, build_samples, fusion_speaker_ids, group_dialogues, load_conversation,
+                            load_speaker2id, load_split, read_csv_checked, window_of)
 from magtkd.spec import SPLITS
 from magtkd.utils import DataError
-from magtkd.artifacts import write_json
 from MELD.config import MELD
 
-REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "data"
 IEMOCAP_COLUMNS = list(IEMOCAP.required_columns)
 
 
@@ -185,3 +191,76 @@ def test_authors_iemocap_csvs_load_as_they_are(tmp_path: Path) -> None:
     assert first.audio_path == tmp_path / "Session1/sentences/wav/Ses01F_impro01/Ses01F_impro01_F000.wav"
     assert (first.start, first.end, first.text) == (6.2901, 8.2357, "Excuse me.")
     assert max(max(s.speakers) for s in build_samples(sizes["test"])) == 1
+
+
+def _csv(tmp_path: Path, rows: list[str]) -> Path:
+    data_dir = tmp_path / "IEMOCAP"
+    data_dir.mkdir(exist_ok=True)
+    header = "Dialogue_ID,Utterance_ID,Utterance,Speaker,Emotion,Video_Path,Wav_Path,Start_Time,End_Time"
+    assert set(IEMOCAP.required_columns) <= set(header.split(","))
+    (data_dir / IEMOCAP.csv_names["train"]).write_text("\n".join([header, *rows]) + "\n")
+    return data_dir
+
+
+@pytest.mark.parametrize("rows, message", [
+    (["0,0,hi,Ses01_M,neu,v.avi,a.wav,0,1", "0,1,yo,Ses01_F,neu,v.avi,b.wav,1,2", "0,0,hi,Ses01_M,neu,v.avi,a.wav,0,1"],
+     r"IEMOCAP_train.csv: rows 1 and 3 \(lines 2 and 4\) both have Dialogue_ID 0, Utterance_ID 0"),
+    (["0,0,hi,Ses01_M,neu,v.avi,a.wav,nan,1"], r"IEMOCAP_train.csv: row 1 \(line 2\).*must be finite"),
+    (["0,0,hi,Ses01_M,neu,v.avi,a.wav,0,1", "0,1,yo,Ses01_F,neu,v.avi,b.wav,5,2"],
+     r"IEMOCAP_train.csv: row 2 \(line 3\): Start_Time 5.0 and End_Time 2.0 are not a time span"),
+])
+def test_csv_rows_that_would_silently_mislead_are_refused(tmp_path, rows, message):
+    with pytest.raises(DataError, match=message):
+        load_split(IEMOCAP, _csv(tmp_path, rows), "train")
+
+
+def test_window_rule_of_the_extraction_stage(generated):
+    utts = all_utterances(IEMOCAP, generated / "datasets" / "IEMOCAP")
+    for utt in utts:
+        assert window_of(IEMOCAP, utt) == (max(utt.start - 1.0, 0.0), utt.end + 1.0)
+    early = dataclasses.replace(utts[0], start=0.4, end=1.2)
+    assert window_of(IEMOCAP, early) == (0.0, 2.2)
+    meld = load_split(MELD, generated / "datasets" / "MELD", "test")[0]
+    assert window_of(MELD, meld) is None
+
+
+def test_fusion_speaker_ids_with_a_padding_row(generated):
+    """IEMOCAP: a third speaker is an error in the pipeline, the padding row in prediction."""
+    utts = load_split(IEMOCAP, generated / "datasets" / "IEMOCAP", "test")[:3]
+    three = [dataclasses.replace(u, speaker=f"Ses05_{k}000", speaker_key=k) for u, k in zip(utts, "FMX")]
+    assert fusion_speaker_ids(IEMOCAP, three[:2], None) == fusion_speaker_ids(IEMOCAP, three[:2], None, 2) == [0, 1]
+    with pytest.raises(DataError, match=r"IEMOCAP_test\.csv: dialogue .* has 3 speakers \(F, M, X\); IEMOCAP allows 2"):
+        fusion_speaker_ids(IEMOCAP, three, None)
+    assert fusion_speaker_ids(IEMOCAP, three, None, padding=2) == [0, 1, 2]
+
+
+def test_load_conversation_checks(generated, tmp_path, caplog):
+    data_dir = generated / "datasets" / "IEMOCAP"
+    source = pd.read_csv(data_dir / IEMOCAP.csv_names["test"], dtype=str, keep_default_na=False).iloc[:3]
+    twice = pd.concat([source, source.iloc[:1]])
+    twice.to_csv(tmp_path / "twice.csv", index=False)
+    with pytest.raises(DataError, match=r"twice\.csv: rows 1 and 4 \(lines 2 and 5\) both have Dialogue_ID"):
+        load_conversation(IEMOCAP, tmp_path / "twice.csv", data_dir)
+    with pytest.raises(FileNotFoundError, match=r"conversation CSV .*absent\.csv not found"):
+        load_conversation(IEMOCAP, tmp_path / "absent.csv", data_dir)
+    # IEMOCAP tells speakers apart by one letter: two names sharing it are one speaker, with a warning
+    names = source.assign(Speaker=["Alice", "Bob", "Anna"])
+    names.to_csv(tmp_path / "names.csv", index=False)
+    with caplog.at_level(logging.WARNING, logger="magtkd"):
+        utts = load_conversation(IEMOCAP, tmp_path / "names.csv", data_dir)
+    assert "'Alice' and 'Anna'" in caplog.text and [u.speaker_key for u in utts] == ["A", "B", "A"]
+    assert all(u.label == spec.LABEL_PAD and u.emotion == "" for u in utts)
+    assert len({u.split for u in utts}) == 1 and utts[0].split.startswith("conversation-")
+
+
+def test_relative_media_resolve_against_the_conversation_folder_first(generated, tmp_path, caplog):
+    conv = meld_conversation(generated, tmp_path / "talk", copy_clips=True)
+    caplog.set_level(logging.INFO, logger="magtkd")
+    utts = load_conversation(MELD, conv, generated / "datasets" / "MELD", csv_relative=True)
+    assert all(u.video_path.parent.parent == tmp_path / "talk" for u in utts)
+    assert "resolved against the conversation's folder" in caplog.text
+    # Without a copy beside the CSV, --data_dir is next.
+    conv = meld_conversation(generated, tmp_path / "elsewhere")
+    utts = load_conversation(MELD, conv, generated / "datasets" / "MELD", csv_relative=True)
+    assert all(u.video_path.is_relative_to(generated / "datasets" / "MELD") for u in utts)
+    assert f"--data_dir {generated / 'datasets' / 'MELD'} (3)" in caplog.text

@@ -1,15 +1,16 @@
-"""The synthetic IEMOCAP and MELD releases: real raw formats, faults, determinism, label signal.
-
-Both trees are generated once per module (docs/METHOD.md §1, §6 describe the
-formats and faults they must reproduce).
-"""
+"""The synthetic IEMOCAP and MELD releases (`magtkd.synthetic`): real raw formats, faults,
+determinism, label signal (docs/METHOD.md §1, §6 describe the formats and faults they must reproduce),
+the media writers, the release facts shared with the recipe configs, and the generator's command line."""
 
 from __future__ import annotations
 
 import csv
 import io
 import math
+import os
 import re
+import subprocess
+import sys
 import wave
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -22,25 +23,34 @@ import pytest
 from sklearn.feature_extraction.text import CountVectorizer
 from sklearn.linear_model import LogisticRegression
 
-from IEMOCAP.config import DEV_DIALOGUES
-from IEMOCAP.config import LABELS as IEMOCAP_LABELS
-from MELD.config import CLIP_DIRS, OFFICIAL_COLUMNS, OFFICIAL_CSV
-from MELD.config import LABELS as MELD_LABELS
-from magtkd.synthetic import text as synth_text
+import IEMOCAP.config as iemocap_config
+import MELD.config as meld_config
+from helpers import REFERENCE, REPO
+from IEMOCAP.config import DEV_DIALOGUES, LABELS as IEMOCAP_LABELS
+from magtkd import pretrained
+from magtkd.pretrained import PRETRAINED
+from magtkd.synthetic import release, text as synth_text
+from magtkd.synthetic.__main__ import generate
 from magtkd.synthetic.iemocap import GAP_COLOR, nearest_label, video_relpath, wav_relpath, write_iemocap
-from magtkd.synthetic.media import read_index
+from magtkd.synthetic.media import index_frame, read_index, tone, write_video, write_wav
 from magtkd.synthetic.meld import write_meld
+from MELD.config import CLIP_DIRS, LABELS as MELD_LABELS, OFFICIAL_COLUMNS, OFFICIAL_CSV
+from MELD.preprocessing import REPORT_NAME
 
-REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "data"
+
 SPLITS = ("train", "dev", "test")
 
 TRANSCRIPTION_LINE = re.compile(r"^(?P<name>\S+) \[(?P<start>\d{3}\.\d{4})-(?P<end>\d{3}\.\d{4})\]: (?P<text>.*)$")
+
 EMO_HEADER = re.compile(
     r"^\[(?P<start>\d+\.\d{4}) - (?P<end>\d+\.\d{4})\]\t(?P<name>\S+)\t(?P<label>[a-z]{3})"
     r"\t\[\d\.\d{4}, \d\.\d{4}, \d\.\d{4}\]$"
 )
+
 CATEGORY_LINE = re.compile(r"^C-[EFM]\d:\t(?:[A-Z][a-z]+(?: [a-z]+)?; ?)+\t\([^()]*\)$")
+
 ATTRIBUTE_LINE = re.compile(r"^A-[EFM]\d:\tval [1-5]; act [1-5]; dom  [1-5];\t\(\)$")
+
 TIMESTAMP = re.compile(r"^\d{2}:\d{2}:\d{2},\d{3}$")
 
 
@@ -53,9 +63,6 @@ def trees(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
         root=root, iemocap_root=root / "IEMOCAP", meld_root=root / "MELD",
         iemocap=iemocap, meld=meld,
     )
-
-
-# --- helpers ---------------------------------------------------------------------
 
 
 def _dialogue_files(root: Path, kind: str) -> dict[str, Path]:
@@ -124,12 +131,6 @@ def _decode_audio(path: Path) -> tuple[np.ndarray, int, int]:
 
 def _tokens(text: str) -> set[str]:
     return set(re.findall(r"\w+|[^\w\s]", text))
-
-
-# --- generation ------------------------------------------------------------------
-
-
-# --- IEMOCAP ---------------------------------------------------------------------
 
 
 @pytest.mark.slow
@@ -274,9 +275,6 @@ def test_iemocap_paths_follow_the_authors_csvs() -> None:
         assert prefix + video_relpath(dialogue) == row.Video_Path  # Sessions 1-4 spell DivX
 
 
-# --- MELD ------------------------------------------------------------------------
-
-
 @pytest.mark.slow
 def test_meld_csvs_are_written_like_the_official_files(trees: SimpleNamespace) -> None:
     utterances = ""
@@ -389,9 +387,6 @@ def test_meld_clips_carry_the_label_signal(trees: SimpleNamespace) -> None:
     assert set(rates) == {44100, 48000}
 
 
-# --- signal strength, text, determinism ---------------------------------------------
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("dataset", ["iemocap", "meld"])
 def test_every_modality_beats_the_majority_class(trees: SimpleNamespace, dataset: str) -> None:
@@ -458,11 +453,90 @@ def test_generation_is_deterministic(trees: SimpleNamespace, tmp_path: Path) -> 
 
 
 @pytest.mark.slow
-def test_meld_clips_are_the_same_bytes_again(trees: SimpleNamespace, tmp_path: Path) -> None:
+def test_meld_clips_are_the_same_bytes_again(trees: SimpleNamespace, generated: Path) -> None:
     # x264 with its default rate control encoded about one tiny clip in a hundred differently from run
-    # to run, which moved the demo's MELD figures; the whole tree, media included, must repeat.
-    write_meld(tmp_path / "MELD", seed=0)
-    first, second = trees.meld_root, tmp_path / "MELD"
+    # to run, which moved the demo's MELD figures; the whole tree, media included, must repeat. The second
+    # run is the session's generated MELD (the same generator, seed 0), which its preparation completed with
+    # the prepared CSVs, the speaker map and the preparation report.
+    first, second = trees.meld_root, generated / "datasets" / "MELD"
     files = sorted(p.relative_to(first) for p in first.rglob("*") if p.is_file())
-    assert files == sorted(p.relative_to(second) for p in second.rglob("*") if p.is_file())
+    again = {p.relative_to(second) for p in second.rglob("*") if p.is_file()}
+    prepared = {Path(name) for name in (*meld_config.MELD.csv_names.values(), "speaker2id.json", REPORT_NAME)}
+    assert again - set(files) == prepared
+    assert files == sorted(again - prepared)
     assert [str(rel) for rel in files if (first / rel).read_bytes() != (second / rel).read_bytes()] == []
+
+
+def test_iemocap_facts_equal_the_recipe_config():
+    assert release.IEMOCAP_LABELS == iemocap_config.LABELS
+    assert release.IEMOCAP_DEV_DIALOGUES == iemocap_config.DEV_DIALOGUES
+    assert release.IEMOCAP_TEST_SESSIONS == iemocap_config.TEST_SESSIONS
+    for speaker in ("Ses01F_impro01_F000", "Ses01F_impro01_M012", "Ses05M_script01_1_F003", "Ses03M_impro08a_MXX0"):
+        assert release.speaker_letter(speaker) == iemocap_config.speaker_letter(speaker)
+
+
+def test_meld_facts_equal_the_recipe_config():
+    assert release.MELD_LABELS == meld_config.LABELS
+    assert release.MELD_OFFICIAL_CSV == meld_config.OFFICIAL_CSV
+    assert release.MELD_CLIP_DIRS == meld_config.CLIP_DIRS
+    assert release.MELD_OFFICIAL_COLUMNS == meld_config.OFFICIAL_COLUMNS
+
+
+def test_the_generator_imports_no_recipe_folder():
+    code = ("import sys, magtkd.synthetic.__main__, magtkd.synthetic.iemocap, magtkd.synthetic.meld; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('IEMOCAP', 'MELD')))")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=REPO)
+    assert run.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("suffix, codec", [(".avi", "mpeg4"), (".mp4", "libx264")])
+@pytest.mark.parametrize("size", [(48, 64), (120, 160)])
+def test_index_round_trip_through_lossy_codecs(tmp_path, suffix, codec, size):
+    indices = [0, 1, 2, 5, 255, 256, 1023, 1024, 2047, 2048, 3000, 3999, 4000, 4095, 1365, 2730]
+    rng = np.random.default_rng(0)
+    colors = [tuple(int(c) for c in rng.integers(0, 256, 3)) for _ in indices]
+    path = tmp_path / f"clip{suffix}"
+    write_video(path, (index_frame(i, *size, color=c) for i, c in zip(indices, colors)), 25, codec=codec)
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        assert stream.codec_context.name == {"mpeg4": "mpeg4", "libx264": "h264"}[codec]
+        frames = [f.to_ndarray(format="rgb24") for f in container.decode(stream)]
+    assert [f.shape for f in frames] == [(*size, 3)] * len(indices)
+    assert [read_index(f) for f in frames] == indices
+    assert not list(tmp_path.glob("*.tmp"))  # written atomically
+
+
+def test_write_video_with_audio_and_wav(tmp_path):
+    path = tmp_path / "clip.mp4"
+    write_video(path, np.stack([index_frame(i, 48, 64) for i in range(10)]), 10, codec="libx264",
+                audio=tone(440, 1.0, 48000, channels=2), sample_rate=48000)
+    with av.open(str(path)) as container:
+        assert container.streams.audio[0].codec_context.name == "aac"
+        assert container.streams.audio[0].channels == 2
+        assert container.streams.audio[0].rate == 48000
+    with pytest.raises(ValueError, match="suffix"):
+        write_video(tmp_path / "clip.xyz", [index_frame(0, 48, 64)], 10)
+    write_wav(tmp_path / "a.wav", tone(100, 0.5, 8000, channels=2), 8000)
+    with av.open(str(tmp_path / "a.wav")) as container:
+        stream = container.streams.audio[0]
+        assert (stream.rate, stream.channels, stream.codec_context.name) == (8000, 2, "pcm_s16le")
+
+
+def test_generate_rejects_unknown_part(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="expected one of all, data, models"):
+        generate(tmp_path, what="everything")
+
+
+@pytest.mark.slow
+def test_cli_writes_models(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "magtkd.synthetic", "--what", "models", "--out", str(tmp_path), "--seed", "0"],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert sorted(os.listdir(tmp_path)) == ["pretrained_model"]
+    assert sorted(os.listdir(tmp_path / "pretrained_model")) == sorted(PRETRAINED)
+    assert "pretrained stand-ins" in result.stderr
+    tok = pretrained.load_tokenizer(tmp_path / "pretrained_model")
+    assert tok("</s>", add_special_tokens=False).input_ids == [tok.sep_token_id]

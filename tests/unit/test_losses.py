@@ -1,7 +1,8 @@
 """Distillation losses (docs/METHOD.md §3) against independent plain-numpy computations.
 
 How the stage scripts weight them is checked where they are used: the KD objective by
-test_kd_extract.py (a KD run's loss at every step), the fusion objective by test_fusion.py.
+tests/scripts/test_KD_script.py (term by term, and a KD run's loss at every step), the fusion objective
+(both datasets' weights) by tests/scripts/test_multimodal_fusion_script.py.
 """
 
 from __future__ import annotations
@@ -12,11 +13,15 @@ import torch
 
 from magtkd.losses import feature_kd_loss, logit_kd_loss, pearson
 
+
 # Hand-made inputs: 4 samples x 3 classes, 4 samples x 5 features.
 Z_S = np.array([[2.0, 0.5, -1.0], [0.1, 0.2, 0.3], [-1.0, 3.0, 0.0], [0.5, -0.5, 1.5]])
+
 Z_T = np.array([[1.0, 1.0, -2.0], [0.0, 1.0, 0.0], [-2.0, 2.0, 1.0], [1.0, 0.0, 0.5]])
+
 H_S = np.array([[1.0, 0.0, 2.0, -1.0, 0.5], [0.3, 1.2, -0.7, 0.0, 2.0],
                 [-1.5, 0.4, 0.4, 1.0, 0.0], [2.0, 2.0, 0.0, -0.5, -1.0]])
+
 H_T = np.array([[0.5, 0.5, 1.0, -1.0, 0.0], [0.0, 1.0, -1.0, 0.5, 1.5],
                 [-1.0, 0.0, 1.0, 1.0, 0.5], [1.0, 1.5, 0.5, 0.0, -1.0]])
 

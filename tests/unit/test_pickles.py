@@ -1,4 +1,5 @@
-"""First-stage feature pickles (docs/METHOD.md §4): layout, restricted loading, validation errors."""
+"""First-stage feature pickles (`magtkd.pickles`; docs/METHOD.md §4): layout, restricted loading,
+validation errors."""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ import numpy as np
 import pytest
 
 from magtkd.artifacts import feature_path
+from magtkd.pickles import assemble_features, FEATURE_KEYS, load_features, save_features
 from magtkd.utils import FeatureFileError
-from magtkd.pickles import FEATURE_KEYS, assemble_features, load_features, save_features
 
 
 def _create_file(path: str) -> None:

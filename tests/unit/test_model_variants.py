@@ -17,25 +17,20 @@ from torch import nn
 from helpers import REPO
 from magtkd.checkpoints import (FusionCheckpointError, load_fusion_checkpoint, read_fusion_state,
                                 settings_from_checkpoint, variant_from_checkpoint)
-from magtkd.model import (AUDIO_ANCHOR, AnchorGatedTransformer, FusionOutput, Gate, TEXT_ANCHOR, TransformerBlock, VIDEO_ANCHOR)
+from magtkd.model import (AnchorGatedTransformer, AUDIO_ANCHOR, FusionOutput, Gate, TEXT_ANCHOR, TransformerBlock,
+                          VIDEO_ANCHOR)
 from magtkd.packing import Layout
 
+
 H, C, N_SPK, N_HEAD = 16, 5, 3, 2
+
 LENGTHS = [3, 5, 1, 4]
+
 SUBSETS = [tuple(s) for r in (1, 2, 3) for s in itertools.combinations("TAV", r)]
+
+
 # The commit before the variants: the model the default must reproduce (test_default_is_the_commit_before_the_variants).
 BEFORE = "2e4aab57f70174ae4c04c594ff87d57db22b640e"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-# --------------------------------------------------------------------------- the model before the variants
 
 
 class FrozenAnchorGatedTransformer(nn.Module):
@@ -107,9 +102,6 @@ def model_before_variants():
     return module
 
 
-# --------------------------------------------------------------------------- batches
-
-
 def batches(lengths=LENGTHS, seed=0, n_speaker=N_SPK):
     """The same random dialogues in both layouts: ``{"padded": kwargs, "packed": kwargs}`` for ``model(**kwargs)``."""
     g = torch.Generator().manual_seed(seed)
@@ -149,9 +141,6 @@ def build(seed=2024, **kwargs) -> AnchorGatedTransformer:
 
 def top_level(model: nn.Module) -> set[str]:
     return {k.split(".")[0] for k in model.state_dict()}
-
-
-# --------------------------------------------------------------------------- the default is today's model
 
 
 @pytest.mark.parametrize("separate", [False, True])
@@ -200,8 +189,6 @@ def test_default_is_the_commit_before_the_variants():
                 assert same(run(old, kwargs), run(new, kwargs)), (separate, layout, mode)
 
 
-# --------------------------------------------------------------------------- modality subsets
-
 EXPECTED = {  # top-level modules of each subset (with gates and speaker embedding)
     ("T",): {"t_t", "t_t_gate", "w_t"},
     ("A",): {"a_a", "a_a_gate", "w_a"},
@@ -216,8 +203,10 @@ EXPECTED = {  # top-level modules of each subset (with gates and speaker embeddi
                       ("a_a", "t_a", "v_a", "v_v", "t_v", "a_v", "t_t")), "features_reduce_t", "features_reduce_a",
                       "features_reduce_v", "w_t", "w_a", "w_v"},
 }
+
 PREDICTOR = {("T",): "T", ("A",): "A", ("V",): "V", ("T", "A"): "T", ("T", "V"): "T", ("A", "V"): "A",
              ("T", "A", "V"): "T"}
+
 NAMES = {"T": "text", "A": "audio", "V": "video"}
 
 
@@ -277,9 +266,6 @@ def test_modalities_are_checked():
     with pytest.raises(ValueError, match="fusion"):
         build(fusion="sum")
     assert build(modalities=["v", "t"]).variant.modalities == ("T", "V")
-
-
-# --------------------------------------------------------------------------- gates, speaker embedding, concat
 
 
 @pytest.mark.parametrize("modalities", [("T", "A", "V"), ("T",), ("A", "V")], ids="".join)
@@ -344,8 +330,6 @@ def test_concat_baseline(modalities, speaker_embedding):
     with pytest.raises(ValueError, match="separate_text_blocks"):
         build(fusion="concat", separate=True)
 
-
-# --------------------------------------------------------------------------- checkpoints
 
 VARIANTS = [
     {}, {"separate": True}, *({"modalities": s} for s in SUBSETS[:-1]), {"modalities": "TV", "separate": True},

@@ -1,0 +1,93 @@
+"""The stages' command lines (`magtkd.cli`): default folders, seeds, the audio cache flags, precision
+defaults, and flags refused at parsing (docs/METHOD.md §6, §7)."""
+
+from __future__ import annotations
+
+import pytest
+
+from helpers import REPO, dataset_spec, script
+from IEMOCAP.config import IEMOCAP
+from magtkd import cli, utils
+from magtkd.cli import paths_parser
+
+
+@pytest.mark.parametrize("dataset", ["IEMOCAP", "MELD"])
+def test_default_folders_do_not_depend_on_the_working_directory(dataset, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = paths_parser(dataset_spec(dataset), REPO / dataset, None).parse_args([])
+    assert args.data_dir == REPO / "datasets" / dataset
+    assert args.pretrained_dir == REPO / "pretrained_model"
+    assert args.save_dir == REPO / dataset / dataset / "save_model"
+    assert args.feature_dir == REPO / dataset / "feature"
+    assert args.device is None
+
+
+def test_seed_list_defaults_and_errors():
+    assert cli.seed_list(2024, None, True) == [2024]
+    assert cli.seed_list(2024, [3, 1], True) == [3, 1]
+    with pytest.raises(utils.UserError, match=r"--seeds lists \[3\] more than once"):
+        cli.seed_list(0, [3, 1, 3], True)
+    with pytest.raises(utils.UserError, match="--train False"):
+        cli.seed_list(0, [1, 2], False)
+    assert cli.seed_tag(5, [5]) == "" and cli.seed_tag(5, [5, 6]) == "_seed5"
+
+
+def test_audio_cache_flags():
+    import argparse
+    from pathlib import Path
+
+    from magtkd.cli import add_audio_cache_flags, audio_cache_dir
+
+    parser = add_audio_cache_flags(argparse.ArgumentParser())
+
+    def folder(argv):
+        args = parser.parse_args(argv)
+        return audio_cache_dir(args.audio_cache, args.audio_cache_dir, Path("feat"))
+
+    assert folder([]) == Path("feat") / "audio_cache"
+    assert folder(["--audio_cache_dir", "/x/c"]) == Path("/x/c")
+    assert folder(["--audio_cache", "False"]) is None
+
+
+def _help(dataset: str, name: str) -> str:
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, str(REPO / dataset / f"{name}.py"), "--help"], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return " ".join(done.stdout.split())
+
+
+@pytest.mark.slow
+def test_precision_defaults_of_the_stage_flags():
+    text, kd_help = _help("IEMOCAP", "text"), _help("MELD", "KD")
+    assert "--amp AMP bf16 autocast on CUDA; default False: fp32, as the authors (CPU always runs fp32)" in text
+    assert "(default: False) --" not in text.split("--amp AMP", 1)[1][:200]  # the default shown once
+    assert "--deterministic DETERMINISTIC" in text and "reference_kd_clip" not in text
+    assert "--amp AMP fp16 autocast on CUDA with a gradient scaler" in kd_help
+    assert "--reference_kd_clip REFERENCE_KD_CLIP clip the still-SCALED gradients" in kd_help
+    args = cli.training_parser(IEMOCAP, ".", None, epochs=1, batch_size=1, learning_rate=1e-5).parse_args([])
+    assert args.amp is False and args.deterministic is True and not hasattr(args, "reference_kd_clip")
+    kd = cli.training_parser(IEMOCAP, ".", None, epochs=1, batch_size=1, learning_rate=1e-5, kd=True)
+    args = kd.parse_args([])
+    assert args.amp is True and args.reference_kd_clip is False and args.deterministic is True
+    assert kd.parse_args(["--reference_kd_clip", "True", "--amp", "False"]).reference_kd_clip is True
+    with pytest.raises(SystemExit):
+        kd.parse_args(["--reference_kd_clip", "maybe"])
+
+
+@pytest.mark.parametrize("name, argv, message", [
+    ("KD", ["--tau", "0"], "--tau: expected a number > 0"),
+    ("KD", ["--tau", "-1"], "--tau: expected a number > 0"),
+    ("multimodal_fusion", ["--dropout", "1.5"], r"--dropout: expected a number in \[0, 1\)"),
+    ("multimodal_fusion", ["--dropout", "1"], r"--dropout: expected a number in \[0, 1\)"),
+    ("text", ["--seeds", "-5"], "--seeds: expected an integer in 0..4294967295"),
+    ("text", ["--seed", "4294967296"], "--seed: expected an integer in 0..4294967295"),
+    ("multimodal_fusion", ["--seed", "-1"], "--seed: expected an integer in 0..4294967295"),
+])
+def test_flags_that_make_the_loss_undefined_are_refused_at_parsing(name, argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        script("MELD", name).main(argv)
+    assert exit_.value.code == 2
+    assert pytest.importorskip("re").search(message, capsys.readouterr().err)

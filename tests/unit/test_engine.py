@@ -1,0 +1,237 @@
+"""The training loop (`magtkd.engine`): --grad_accum, --grad_checkpointing, the gradient scaler and
+clipping of KD (docs/METHOD.md §3, §7), and the non-finite loss check."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+
+from magtkd import engine, loaders, pretrained, runtime, schedule, utils
+from magtkd.artifacts import StageFiles
+from magtkd.engine import NonFiniteError
+from magtkd.utils import FeatureFileError, UserError
+
+
+class Toy(torch.utils.data.Dataset):
+    """Fixed random inputs and labels for a small classifier without dropout."""
+
+    def __init__(self, n: int, seed: int) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.x, self.y = torch.randn(n, 5, generator=g), torch.randint(0, 3, (n,), generator=g)
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"index": i, "x": self.x[i], "label": int(self.y[i])}
+
+    def collate(self, items: list[dict]) -> dict:
+        return {"index": torch.tensor([it["index"] for it in items]), "x": torch.stack([it["x"] for it in items]),
+                "labels": torch.tensor([it["label"] for it in items])}
+
+
+class ToyNet(nn.Sequential):
+    """A small classifier without dropout, with the encoders' ``encode(batch) -> (representation, logits)``."""
+
+    def __init__(self) -> None:
+        super().__init__(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 3))
+
+    def encode(self, batch: dict):
+        logits = self(batch["x"])
+        return logits, logits
+
+
+def toy_fit(tmp: Path, batch_size: int, grad_accum: int, epochs: int = 2) -> dict[str, torch.Tensor]:
+    """`engine.fit` on the toy data; the weights after the last epoch (from the training state)."""
+    torch.manual_seed(0)
+    net = ToyNet()
+
+    def objective(model: nn.Module, batch: dict) -> torch.Tensor:
+        return F.cross_entropy(model(batch["x"]), batch["labels"])
+
+    splits = {split: loaders.make_loader(Toy(n, seed), batch_size, split == "train", 0, seed=7)
+              for split, n, seed in (("train", 22, 1), ("dev", 6, 2), ("test", 6, 3))}
+    flags = dict(train=True, epochs=epochs, batch_size=batch_size, learning_rate=0.5, seed=0, amp=False,
+                 per_batch_schedule=False, grad_accum=grad_accum, grad_checkpointing=False, resume=False)
+    files = StageFiles.first_stage(tmp, f"toy_{batch_size}x{grad_accum}")
+    # As the first-stage scripts: the configuration (which checks the flags), AdamW, the reference schedule.
+    config = engine.FitConfig.from_flags(flags, seed=0, stage="toy", script="test", dataset="toy",
+                                         labels=["a", "b", "c"], files=files)
+    data = loaders.SampleBatches(splits, torch.device("cpu"))
+    optimizer = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=flags["learning_rate"])
+    scheduler = schedule.reference_schedule(optimizer, data, config)
+    engine.fit(net, objective, data, optimizer, scheduler, config)
+    return torch.load(files.state, weights_only=True)["model"]
+
+
+def test_grad_accum_update_equals_a_larger_batch(tmp_path: Path) -> None:
+    # 22 samples: batches of 8, 8, 6 vs micro-batches (4, 4), (4, 4), (4, 2): the last group's
+    # micro-batches differ in size, so a plain 1/N scaling would not match.
+    accumulated = toy_fit(tmp_path, batch_size=4, grad_accum=2)
+    larger = toy_fit(tmp_path, batch_size=8, grad_accum=1)
+    plain = toy_fit(tmp_path, batch_size=4, grad_accum=1)
+    for key in larger:
+        torch.testing.assert_close(accumulated[key], larger[key], rtol=1e-5, atol=1e-6)
+    assert max((plain[k] - larger[k]).abs().max().item() for k in larger) > 1e-3
+
+
+def test_grad_accum_flag_is_checked(tmp_path: Path) -> None:
+    with pytest.raises(utils.UserError, match=r"--grad_accum \(0\) must be at least 1"):
+        toy_fit(tmp_path, batch_size=4, grad_accum=0)
+
+
+@pytest.mark.parametrize("modality", ["text", "audio", "video"])
+def test_grad_checkpointing_gives_the_same_gradients(generated: Path, modality: str) -> None:
+    encoder, _ = pretrained.load_encoder(modality, generated / "pretrained_model", 6, generated / "feature")
+    g = torch.Generator().manual_seed(0)
+    batch = {
+        "text": {"text_ids": torch.randint(5, 300, (2, 12), generator=g), "text_mask": torch.ones(2, 12, dtype=torch.long)},
+        "audio": {"audio_values": torch.randn(2, 16000, generator=g), "audio_mask": torch.ones(2, 16000, dtype=torch.long)},
+        "video": {"video_pixels": torch.randn(2, 8, 3, 32, 32, generator=g)},
+    }[modality]
+    encoder.train()
+
+    def gradients() -> dict[str, torch.Tensor]:
+        encoder.zero_grad(set_to_none=True)
+        runtime.set_seed(1)  # same dropout, layerdrop and (numpy-drawn) audio time-mask draws
+        _, logits = encoder.encode(batch)
+        F.cross_entropy(logits, torch.tensor([0, 1])).backward()
+        return {k: p.grad.clone() for k, p in encoder.named_parameters() if p.grad is not None}
+
+    plain = gradients()
+    assert engine.enable_grad_checkpointing(encoder)
+    assert encoder.backbone.is_gradient_checkpointing
+    checkpointed = gradients()
+    assert plain.keys() == checkpointed.keys()
+    for key in plain:
+        torch.testing.assert_close(checkpointed[key], plain[key], rtol=1e-4, atol=1e-6)
+    with pytest.raises(utils.UserError, match="no Hugging Face backbone"):
+        engine.enable_grad_checkpointing(nn.Linear(2, 2))
+
+
+SCALE = 2.0 ** 16  # GradScaler's initial scale
+
+
+class _Toy(torch.utils.data.Dataset):
+    def __init__(self, n: int, seed: int) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.x = torch.randn(n, 6, generator=g) * 5
+        self.y = torch.randint(0, 3, (n,), generator=g)
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return {"index": i, "x": self.x[i], "label": int(self.y[i])}
+
+
+class _ToyNet(nn.Linear):
+    """A linear classifier with the encoders' ``encode(batch) -> (representation, logits)``."""
+
+    def encode(self, batch):
+        logits = self(batch["x"])
+        return logits, logits
+
+
+def _collate(items):
+    return {"index": torch.tensor([it["index"] for it in items]), "x": torch.stack([it["x"] for it in items]),
+            "labels": torch.tensor([it["label"] for it in items])}
+
+
+def _train_toy(tmp_path, amp: bool, reference_kd_clip: bool, amp_dtype=torch.float16):
+    """engine.fit on a linear model with a large loss (gradient norm >> 10); the final weights and the
+    gradient norm AdamW saw at each step."""
+    torch.manual_seed(0)
+    net = _ToyNet(6, 3)
+    splits = {split: DataLoader(_Toy(12, seed), batch_size=4, shuffle=split == "train", collate_fn=_collate,
+                                generator=torch.Generator().manual_seed(0))
+              for split, seed in (("train", 1), ("dev", 2), ("test", 3))}
+
+    def objective(model, batch):
+        return 50.0 * F.cross_entropy(model(batch["x"]), batch["labels"])
+
+    seen: list[float] = []
+
+    def record(optimizer, *_):
+        seen.append(float(torch.norm(torch.stack([p.grad.norm() for p in net.parameters()]))))
+
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    hook = register_optimizer_step_pre_hook(record)
+    flags = dict(train=True, seed=0, epochs=2, learning_rate=1e-2, per_batch_schedule=True, amp=amp, grad_accum=1,
+                 grad_checkpointing=False, resume=False, reference_kd_clip=reference_kd_clip)
+    # What the KD stage builds: AdamW, the reference schedule, a gradient scaler for fp16 autocast.
+    data = loaders.SampleBatches(splits, torch.device("cpu"))
+    config = engine.FitConfig.from_flags(flags, seed=0, stage="toy", script="test", dataset="toy",
+                                         labels=["a", "b", "c"],
+                                         files=StageFiles.first_stage(tmp_path, f"toy_{amp}_{reference_kd_clip}"),
+                                         amp_dtype=amp_dtype, clip_scaled=reference_kd_clip)
+    optimizer = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=flags["learning_rate"])
+    scheduler = schedule.reference_schedule(optimizer, data, config)
+    scaler = torch.amp.GradScaler("cpu", enabled=bool(amp and amp_dtype == torch.float16))
+    engine.fit(net, objective, data, optimizer, scheduler, config, scaler)
+    hook.remove()
+    return {k: v.detach().clone() for k, v in net.state_dict().items()}, seen
+
+
+def test_kd_gradient_scaler_unscales_before_clipping(tmp_path):
+    plain, plain_norms = _train_toy(tmp_path, amp=False, reference_kd_clip=False)
+    scaled, scaled_norms = _train_toy(tmp_path, amp=True, reference_kd_clip=False)
+    assert len(plain_norms) == 6 and all(n == pytest.approx(10.0) for n in plain_norms)  # clipped at 10
+    # The scaler multiplies by a power of two and divides again before clipping: the same update exactly.
+    assert scaled_norms == plain_norms
+    assert all(torch.equal(plain[k], scaled[k]) for k in plain)
+
+
+def test_reference_kd_clip_clips_the_scaled_gradients(tmp_path):
+    plain, _ = _train_toy(tmp_path, amp=True, reference_kd_clip=False)
+    theirs, norms = _train_toy(tmp_path, amp=True, reference_kd_clip=True)
+    # Clipping the still-scaled gradients at 10: AdamW sees gradients of norm 10 / scale.
+    assert all(n == pytest.approx(10.0 / SCALE, rel=1e-4) for n in norms)
+    assert not all(torch.equal(plain[k], theirs[k]) for k in plain)
+    # Without a scaler (--amp False, or bf16 stages) the flag changes nothing.
+    unscaled, _ = _train_toy(tmp_path, amp=False, reference_kd_clip=True)
+    plain_fp32, _ = _train_toy(tmp_path, amp=False, reference_kd_clip=False)
+    assert all(torch.equal(unscaled[k], plain_fp32[k]) for k in plain)
+
+
+def test_loss_check_reads_the_device_every_ten_updates(monkeypatch):
+    """The NaN of update 3 of 25 is found at the read of update 10 and named as update 3."""
+    model = torch.nn.Linear(2, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    values = [1.0] * 25
+    values[2] = float("inf")
+    seen = []
+
+    def loss_of(batch):
+        seen.append(batch)
+        return model(torch.ones(1, 2)).sum() * 0 + values[batch[0]]
+
+    class Updates:  # the engine's view of 25 one-item batches [i], one update each
+        runner, n_train = model, 25
+
+        def micro_batches(self, epoch):
+            return ([i] for i in range(25))
+
+        def updates_per_epoch(self, grad_accum):
+            return 25
+
+        def loss(self, batch, config):
+            return loss_of(batch)
+
+    config = engine.FitConfig(stage="unit", script="unit.py", dataset="X", labels=["a"],
+                              files=StageFiles.first_stage("/nonexistent", "unit"), epochs=1, seed=0, args={})
+    step = engine.Step(optimizer, scheduler, list(model.parameters()), config.grad_clip)
+    with pytest.raises(NonFiniteError, match=r"unit: .* at epoch 7, update 3 of 25"):
+        engine.train_one_epoch(Updates(), step, config, 7)
+    assert len(seen) == 10  # stopped at the first read, not at the end of the epoch
+
+
+def test_errors_are_user_errors():
+    assert issubclass(NonFiniteError, UserError) and issubclass(FeatureFileError, UserError)

@@ -1,0 +1,57 @@
+"""The pipeline's stage list (`magtkd.pipeline`; docs/METHOD.md §0): torchrun launchers, seeds, stale
+records, and the error a demo worker process sends back."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from helpers import dataset_spec
+from magtkd import cli, pipeline
+from magtkd.artifacts import finish_outputs
+
+
+def test_pipeline_launches_the_data_parallel_stages_with_torchrun() -> None:
+    by_name = {stage.name: stage for stage in pipeline.STAGES}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "3"]
+    for name in ("text", "audio", "frames", "video", "kd_audio", "kd_video", "features"):
+        assert pipeline.launcher(by_name[name], 3) == torchrun
+    for name in ("preprocessing", "fusion"):
+        assert pipeline.launcher(by_name[name], 3) == [sys.executable]
+    assert pipeline.launcher(by_name["text"], 1) == [sys.executable]
+    assert cli.pipeline_parser(None).parse_args(["--nproc_per_node", "2"]).nproc_per_node == 2
+
+
+def test_pipeline_passes_seeds_to_training_stages_only(tmp_path):
+    from magtkd.pipeline import STAGES, Context, Options, stage_argv
+
+    options = Options(None, 0, None, None, None, False, (1, 2), "--lr 1e-3", False, False, 1)
+    ctx = Context(dataset_spec("IEMOCAP"), tmp_path, tmp_path, tmp_path, tmp_path)
+    for stage in STAGES:
+        argv = stage_argv(stage, ctx, options)
+        if stage.kind in ("train", "fusion"):
+            assert argv[argv.index("--seeds"):][:3] == ["--seeds", "1", "2"], stage.name
+        else:
+            assert "--seeds" not in argv, stage.name
+
+
+def test_changed_flags_compares_values_not_spellings(tmp_path):
+    record = tmp_path / "multimodal_fusion_metrics.json"
+    finish_outputs(record, "x", {"lr": 0.001, "packed": True, "seeds": [1, 2], "epochs": 3, "device": "cpu"})
+    same = ["--lr", "1e-3", "--packed", "--seeds", "1", "2", "--epochs=3", "--device", "cuda"]
+    assert pipeline.changed_flags(record, same) == []
+    assert pipeline.changed_flags(record, ["--seeds", "1", "3", "--dropout", "0.1"]) == [
+        "--seeds [1, 2] then, 1 3 now", "--dropout None then, 0.1 now"]
+
+
+@pytest.mark.slow
+def test_a_stage_failure_keeps_its_exit_status_when_it_comes_from_a_demo_worker_process():
+    # The demo runs the datasets side by side in worker processes; their errors come back pickled.
+    import pickle
+
+    from magtkd.pipeline import PipelineError
+
+    err = pickle.loads(pickle.dumps(PipelineError("[MELD] stage 'text' (text.py) failed: --epochs 0", 2)))
+    assert isinstance(err, PipelineError)
+    assert (str(err), err.status) == ("[MELD] stage 'text' (text.py) failed: --epochs 0", 2)
