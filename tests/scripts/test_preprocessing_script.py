@@ -1,4 +1,5 @@
-"""Data preparation: IEMOCAP raw release -> CSVs, official MELD CSVs -> ours (docs/METHOD.md §1)."""
+"""``<DS>/preprocessing.py``: the IEMOCAP raw release -> CSVs, the official MELD CSVs -> ours
+(docs/METHOD.md §1)."""
 
 from __future__ import annotations
 
@@ -10,20 +11,16 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from helpers import REFERENCE, script
 from IEMOCAP.config import IEMOCAP
 from IEMOCAP.preprocessing import format_time, main as iemocap_main, prepare_iemocap
+from magtkd.artifacts import SubstitutionReport
 from magtkd.dataset import load_speaker2id, load_split
 from magtkd.spec import SPLITS
-from magtkd.utils import DataError
-from magtkd.artifacts import SubstitutionReport
-from magtkd.utils import UserError
+from magtkd.utils import DataError, UserError
 from MELD.config import CLIP_DIRS, MELD, OFFICIAL_COLUMNS, OFFICIAL_CSV
-from MELD.preprocessing import REPORT_NAME, main as meld_main, prepare_meld
+from MELD.preprocessing import main as meld_main, prepare_meld, REPORT_NAME
 
-REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "data"
-
-
-# ---------------------------------------------------------------- IEMOCAP fixtures
 
 def write_dialogue(root: Path, session: int, dialogue: str, transcript: list[str], evaluation: list[str]) -> None:
     base = root / f"Session{session}" / "dialog"
@@ -155,8 +152,6 @@ def test_iemocap_missing_evaluation_file(tmp_path: Path) -> None:
         prepare_iemocap(tmp_path)
 
 
-# ---------------------------------------------------------------- IEMOCAP acceptance vs the authors' CSVs
-
 def _release_from_authors(frames: dict[str, pd.DataFrame], root: Path) -> None:
     """Transcription + EmoEvaluation files holding exactly the authors' rows, in their order."""
     for frame in frames.values():
@@ -210,10 +205,9 @@ def test_iemocap_matches_authors_csvs(tmp_path: Path) -> None:
     assert sum(len(f) for f in ours.values()) == 7433
 
 
-# ---------------------------------------------------------------- MELD fixtures
-
 SPEAKERS = {"train": ["Chandler", "Joey", "Chandler", "Mr. Tribbiani"], "dev": ["Joey", "Rachel"],
             "test": ["Ross", "Chandler"]}
+
 TEXTS = ["Oh, you\u0092re \"right\".", "#NAME?", "16-Nov", "  spaced  ", "NA", "", "1e5", "caf\u00e9, n'est-ce pas"]
 
 
@@ -318,3 +312,17 @@ def test_meld_official_csvs(tmp_path: Path) -> None:
     assert list(speakers) == list(dict.fromkeys(order))
     assert list(speakers.values()) == list(range(304))
     assert result.count("missing clip") == 13708
+
+
+@pytest.mark.parametrize("dataset", ["IEMOCAP", "MELD"])
+def test_preprocessing_removes_the_temps_of_a_killed_run(generated, tmp_path, dataset):
+    data_dir = tmp_path / dataset
+    shutil.copytree(generated / "datasets" / dataset, data_dir)
+    spec = {"IEMOCAP": IEMOCAP, "MELD": MELD}[dataset]
+    names = list(spec.csv_names.values()) + (["speaker2id.json", "preparation_report.tsv"] if dataset == "MELD" else [])
+    strays = [data_dir / f".{name}.k1ll.tmp" for name in names]
+    for stray in strays:
+        stray.write_bytes(b"half a file")
+    script(dataset, "preprocessing").main(["--data_dir", str(data_dir)])
+    assert [stray.name for stray in strays if stray.exists()] == []
+    assert all((data_dir / name).stat().st_size > 0 for name in names)
