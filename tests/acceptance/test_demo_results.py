@@ -1,9 +1,13 @@
-"""End to end: the demo's artifacts (docs/METHOD.md §0), its results, and run.sh's skip/stop behaviour."""
+"""The demo (``python -m magtkd.synthetic.demo``, docs/METHOD.md §0): every artifact of both
+pipelines, results.json/results.md and the kept model, run.sh's skip/stop behaviour, and the pipeline's
+re-runs of interrupted stages."""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,13 +16,17 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import REPO, dataset_spec, stage_paths
-from magtkd.artifacts import feature_path
-from magtkd.spec import SPLITS
+from helpers import REPO, dataset_spec, flags, script, stage_paths
+from magtkd import pipeline, results
+from magtkd.artifacts import feature_path, StageFiles
 from magtkd.pickles import FEATURE_KEYS, load_features
 from magtkd.results import majority_weighted_f1, summary
+from magtkd.spec import SPLITS
+from magtkd.utils import UserError
+
 
 DATASETS = ("IEMOCAP", "MELD")
+
 CHECKPOINTS = ("text.bin", "audio.bin", "video.bin", "text_KD_audio.bin", "text_KD_video.bin",
                "multimodal_fusion_best.bin")
 
@@ -121,6 +129,22 @@ def test_demo_reports_three_fusion_seeds_with_mean_std_and_both_protocols(demo, 
     assert all((demo["workdir"] / link).is_file() for link in pngs)
 
 
+@pytest.mark.slow
+def test_demo_headline_is_the_kept_model(demo: dict):
+    out = json.loads((demo["workdir"] / "results.json").read_text())
+    md = (demo["workdir"] / "results.md").read_text()
+    for name, r in out.items():
+        save = demo["workdir"] / name / "save_model"
+        kept = json.loads(StageFiles.fusion(save).predictions.read_text())
+        scores = results.summary(kept["labels"], kept["preds"])
+        assert (r["test_accuracy"], r["test_weighted_f1"]) == (scores["accuracy"], scores["weighted_f1"])
+        summary = json.loads(StageFiles.fusion(save).seeds_summary.read_text())
+        assert r["kept_model"]["seed"] == summary["best_seed"]
+        assert r["test_weighted_f1_mean"] == summary["mean"]["test_weighted_f1"]
+        assert f"{name} seed {summary['best_seed']}: {scores['accuracy']:.4f} / {scores['weighted_f1']:.4f}" in md
+    assert md.index("±") < md.index("Kept model")
+
+
 def run_sh(dataset: str, workdir: Path, *extra: str) -> subprocess.CompletedProcess:
     paths = stage_paths(workdir, dataset)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -175,13 +199,48 @@ def test_demo_refuses_a_bad_flag_before_generating_anything(tmp_path):
     assert not (tmp_path / "w").exists()
 
 
+def _copy_demo(demo, tmp_path: Path, name: str) -> dict[str, Path]:
+    src = stage_paths(demo["workdir"], name)
+    paths = dict(src)
+    for key in ("save_dir", "feature_dir"):
+        paths[key] = tmp_path / name / key
+        shutil.copytree(src[key], paths[key])
+    return paths
+
+
+def _mark_incomplete(record: Path) -> None:
+    """Rewrite a completion record as a killed run leaves it (its time stamp kept, so only completeness changes)."""
+    stamp = record.stat()
+    doc = json.loads(record.read_text())
+    record.write_text(json.dumps({**doc, "complete": False}))
+    os.utime(record, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
+
+
 @pytest.mark.slow
-def test_a_stage_failure_keeps_its_exit_status_when_it_comes_from_a_demo_worker_process():
-    # The demo runs the datasets side by side in worker processes; their errors come back pickled.
-    import pickle
+def test_pipeline_reruns_exactly_the_interrupted_stage(demo, tmp_path, monkeypatch, caplog):
+    paths = _copy_demo(demo, tmp_path, "IEMOCAP")
+    ran: list[str] = []
+    monkeypatch.setattr(pipeline, "run_stage", lambda stage, *_: ran.append(stage.script))
+    argv = [*[x for k in ("data_dir", "pretrained_dir", "save_dir", "feature_dir")
+              for x in (f"--{k}", str(paths[k]))], "--in_process"]
+    script("IEMOCAP", "pipeline").main(argv)
+    assert ran == []  # a complete copy: everything up to date
+    for record in (paths["save_dir"] / "audio.json", paths["feature_dir"] / "video" / "extraction.json",
+                   paths["feature_dir"] / "first_stage_features.json"):
+        _mark_incomplete(record)
+    caplog.set_level(logging.INFO, logger="magtkd")
+    script("IEMOCAP", "pipeline").main(argv)
+    assert ran == ["audio.py", "video_feature_extract.py", "extract_first_stage_features.py"]
+    assert "says its last run did not finish; re-running audio.py" in caplog.text
 
-    from magtkd.pipeline import PipelineError
 
-    err = pickle.loads(pickle.dumps(PipelineError("[MELD] stage 'text' (text.py) failed: --epochs 0", 2)))
-    assert isinstance(err, PipelineError)
-    assert (str(err), err.status) == ("[MELD] stage 'text' (text.py) failed: --epochs 0", 2)
+@pytest.mark.slow
+def test_downstream_stages_refuse_incomplete_frames_and_features(demo, tmp_path):
+    paths = _copy_demo(demo, tmp_path, "IEMOCAP")
+    _mark_incomplete(paths["feature_dir"] / "video" / "extraction.json")
+    with pytest.raises(UserError, match=r"stored frames .* incomplete.*re-run video_feature_extract.py"):
+        script("IEMOCAP", "video").main(flags(paths, train="False"))
+    _mark_incomplete(paths["feature_dir"] / "first_stage_features.json")
+    with pytest.raises(UserError, match=r"feature pickles .* incomplete.*re-run extract_first_stage_features.py"):
+        script("IEMOCAP", "multimodal_fusion").main(["--feature_dir", str(paths["feature_dir"]),
+                                                     "--save_dir", str(paths["save_dir"]), "--train", "False"])

@@ -9,7 +9,6 @@ folder, so the demo's artifacts stay untouched.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import shutil
@@ -23,18 +22,17 @@ import torch
 from helpers import copy_checkpoints, flags, script, stage_paths
 from IEMOCAP.config import IEMOCAP
 from magtkd import dataset as magtkd_dataset
-from magtkd import spec
 from magtkd.artifacts import StageFiles, SubstitutionReport, feature_path
-from magtkd.dataset import fusion_speaker_ids, load_conversation, load_split
-from magtkd.utils import DataError
-from magtkd.pickles import FEATURE_KEYS, load_features
 from magtkd.checkpoints import FusionCheckpointError
+from magtkd.pickles import FEATURE_KEYS, load_features
+from magtkd.utils import DataError
+from MELD.config import MELD
+
 
 FUSION_CHECKPOINT = StageFiles.fusion("").checkpoint.name  # multimodal_fusion_best.bin
 FUSION_PREDICTIONS = StageFiles.fusion("").predictions.name  # multimodal_fusion_best.json
-from MELD.config import MELD
-
 DATASETS = {"IEMOCAP": IEMOCAP, "MELD": MELD}
+
 CHECKPOINTS = ("text.bin", "audio.bin", "video.bin", "text_KD_audio.bin", "text_KD_video.bin", FUSION_CHECKPOINT)
 
 
@@ -215,34 +213,3 @@ def test_meld_unknown_speaker_gets_the_padding_row_or_an_error(demo, tmp_path, c
     rows = torch.load(paths["save_dir"] / FUSION_CHECKPOINT, weights_only=True)["speaker_embeddings.weight"].shape[0]
     assert features["speakers"][first][0] == rows - 1  # the padding row is the last one
     assert len(pd.read_csv(tmp_path / "out.csv")) == len(dialogue)
-
-
-@pytest.mark.slow
-def test_fusion_speaker_ids_with_a_padding_row(demo):
-    """IEMOCAP: a third speaker is an error in the pipeline, the padding row in prediction."""
-    utts = load_split(IEMOCAP, stage_paths(demo["workdir"], "IEMOCAP")["data_dir"], "test")[:3]
-    three = [dataclasses.replace(u, speaker=f"Ses05_{k}000", speaker_key=k) for u, k in zip(utts, "FMX")]
-    assert fusion_speaker_ids(IEMOCAP, three[:2], None) == fusion_speaker_ids(IEMOCAP, three[:2], None, 2) == [0, 1]
-    with pytest.raises(DataError, match=r"IEMOCAP_test\.csv: dialogue .* has 3 speakers \(F, M, X\); IEMOCAP allows 2"):
-        fusion_speaker_ids(IEMOCAP, three, None)
-    assert fusion_speaker_ids(IEMOCAP, three, None, padding=2) == [0, 1, 2]
-
-
-@pytest.mark.slow
-def test_load_conversation_checks(demo, tmp_path, caplog):
-    data_dir = stage_paths(demo["workdir"], "IEMOCAP")["data_dir"]
-    source = pd.read_csv(data_dir / IEMOCAP.csv_names["test"], dtype=str, keep_default_na=False).iloc[:3]
-    twice = pd.concat([source, source.iloc[:1]])
-    twice.to_csv(tmp_path / "twice.csv", index=False)
-    with pytest.raises(DataError, match=r"twice\.csv: rows 1 and 4 \(lines 2 and 5\) both have Dialogue_ID"):
-        load_conversation(IEMOCAP, tmp_path / "twice.csv", data_dir)
-    with pytest.raises(FileNotFoundError, match=r"conversation CSV .*absent\.csv not found"):
-        load_conversation(IEMOCAP, tmp_path / "absent.csv", data_dir)
-    # IEMOCAP tells speakers apart by one letter: two names sharing it are one speaker, with a warning
-    names = source.assign(Speaker=["Alice", "Bob", "Anna"])
-    names.to_csv(tmp_path / "names.csv", index=False)
-    with caplog.at_level(logging.WARNING, logger="magtkd"):
-        utts = load_conversation(IEMOCAP, tmp_path / "names.csv", data_dir)
-    assert "'Alice' and 'Anna'" in caplog.text and [u.speaker_key for u in utts] == ["A", "B", "A"]
-    assert all(u.label == spec.LABEL_PAD and u.emotion == "" for u in utts)
-    assert len({u.split for u in utts}) == 1 and utts[0].split.startswith("conversation-")
