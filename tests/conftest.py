@@ -37,9 +37,10 @@ if WORKER is not None:
     torch.set_num_threads(1)
 
 # Files handed out first (xdist gives a worker a whole file; the rest follow in collection order): one
-# worker builds the demo for the first demo reader while the other runs the two long demo-free files.
+# worker builds the demo for the first demo reader while the other runs the two long demo-free files, then
+# the longest unit file, so that the run ends on short files.
 FIRST = ("acceptance/test_demo_results.py", "acceptance/test_every_stage_under_torchrun.py",
-         "acceptance/test_gpu_check_on_cpu.py")
+         "acceptance/test_gpu_check_on_cpu.py", "unit/test_synthetic.py")
 
 
 def shared_fixture(factory: pytest.TempPathFactory, name: str, build: Callable[[Path], Any]) -> Any:

@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import REPO, SUBPROCESS_ENV, text_command
+from helpers import REPO, SUBPROCESS_ENV, script, text_command, tiny_iemocap
 from IEMOCAP.config import IEMOCAP
 from magtkd import artifacts, pickles
 from magtkd.artifacts import features_record, frames_record
@@ -35,11 +35,12 @@ EPOCHS = ("--epochs", "1", "--learning_rate", "1e-3")
 
 def torchrun(dataset: str, name: str, generated: Path, out: Path, *extra: str, nproc: int = 2,
              check: bool = True) -> subprocess.CompletedProcess:
+    """``<DS>/<name>.py`` under torchrun on ``out / "data"`` (else the generated data), writing under ``out``."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
                str(REPO / dataset / f"{name}.py"), "--device", "cpu", *extra]
     if name != "multimodal_fusion":
-        command += ["--data_dir", str(generated / "datasets" / dataset),
-                    "--pretrained_dir", str(generated / "pretrained_model")]
+        data_dir = out / "data" / dataset if (out / "data").is_dir() else generated / "datasets" / dataset
+        command += ["--data_dir", str(data_dir), "--pretrained_dir", str(generated / "pretrained_model")]
     command += ["--save_dir", str(out / "save"), "--feature_dir", str(out / "feature")]
     done = subprocess.run(command, env=SUBPROCESS_ENV, capture_output=True, text=True, cwd=REPO, timeout=1200)
     if check:
@@ -53,10 +54,12 @@ def complete(path: Path) -> bool:
 
 @pytest.fixture(scope="module")
 def stages(generated: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """IEMOCAP's stages under torchrun, 2 processes, one epoch each (text with two seeds: the per-seed sets,
-    the best seed's copy and the summary); then the features once more by one process over the same frames and
-    checkpoints; then the fusion under torchrun (refused)."""
+    """IEMOCAP's stages under torchrun, 2 processes, one epoch each, on the first 24 train, 10 dev and 9 test
+    utterances of the generated data (9: one rank gets a padded copy; text with two seeds: the per-seed sets,
+    the best seed's copy and the summary); then the features once more by one process (this one) over the same
+    frames and checkpoints; then the fusion under torchrun (refused)."""
     out = tmp_path_factory.mktemp("torchrun")
+    data_dir = tiny_iemocap(generated, out / "data", {"train": 24, "dev": 10, "test": 9})
     text_log = torchrun("IEMOCAP", "text", generated, out, *EPOCHS, "--seeds", "1", "2").stderr
     torchrun("IEMOCAP", "audio", generated, out, *EPOCHS)
     torchrun("IEMOCAP", "video_feature_extract", generated, out)
@@ -68,8 +71,9 @@ def stages(generated: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     one = out / "one"
     (one / "feature").mkdir(parents=True)
     os.symlink(out / "feature" / "video", one / "feature" / "video")
-    os.symlink(out / "save", one / "save")
-    torchrun("IEMOCAP", "extract_first_stage_features", generated, one, nproc=1)
+    script("IEMOCAP", "extract_first_stage_features").main([  # one process: this one
+        "--data_dir", str(data_dir), "--pretrained_dir", str(generated / "pretrained_model"),
+        "--save_dir", str(out / "save"), "--feature_dir", str(one / "feature"), "--device", "cpu"])
     fusion = torchrun("IEMOCAP", "multimodal_fusion", generated, out, "--epochs", "1", check=False)
     return {"out": out, "one": one, "text_log": text_log, "temps": temps, "fusion": fusion}
 
@@ -108,17 +112,19 @@ def test_every_stage_under_torchrun_and_features_equal_one_process(stages: dict)
 
 
 def test_kd_with_amp_on_cpu_keeps_its_scaler_in_the_state(stages: dict, generated: Path, tmp_path: Path) -> None:
-    """A KD run with --amp True on CPU (the scaler runs enabled there), from the text and audio checkpoints
-    `stages` trained: its state file holds the scale and loads with weights_only=True; --tensorboard records
-    the scale."""
+    """A KD run with --amp True on CPU (the scaler runs enabled there; one process, this one), from the text
+    and audio checkpoints `stages` trained: its state file holds the scale and loads with weights_only=True;
+    --tensorboard records the scale."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     out = tmp_path
     (out / "save").mkdir()
     for name in ("text.bin", "audio.bin"):
         shutil.copy2(stages["out"] / "save" / name, out / "save" / name)
-    torchrun("IEMOCAP", "KD", generated, out, "--student", "audio", "--amp", "True", "--tensorboard",
-             str(tmp_path / "tb"), *EPOCHS, nproc=1)
+    script("IEMOCAP", "KD").main([
+        "--student", "audio", "--amp", "True", "--tensorboard", str(tmp_path / "tb"), *EPOCHS, "--device", "cpu",
+        "--data_dir", str(generated / "datasets" / "IEMOCAP"), "--pretrained_dir", str(generated / "pretrained_model"),
+        "--save_dir", str(out / "save"), "--feature_dir", str(out / "feature")])
     state = torch.load(out / "save" / "text_KD_audio.state.pt", weights_only=True)
     assert state["scaler"]["scale"] > 0 and "_growth_tracker" in state["scaler"]
     assert state["device_type"] == "cpu" and state["rng"][0]["cuda"] is None
@@ -132,13 +138,15 @@ def test_kd_with_amp_on_cpu_keeps_its_scaler_in_the_state(stages: dict, generate
 @pytest.fixture(scope="module")
 def text_runs(generated: Path, small_iemocap: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     """IEMOCAP text for 2 epochs on 20 train / 9 dev / 9 test utterances with --tensorboard, at global batch 4:
-    one process of batch 4, and two processes of batch 2 (9 test utterances: one rank gets a padded copy)."""
+    one process of batch 4 (python), and two processes of batch 2 (torchrun; 9 test utterances: one rank gets a
+    padded copy)."""
     root = tmp_path_factory.mktemp("text_runs")
     runs = {}
     for nproc, batch in ((1, 4), (2, 2)):
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-                   *text_command(small_iemocap, generated / "pretrained_model", root / f"save{nproc}", "--epochs",
-                                 "2", "--batch_size", str(batch), "--tensorboard", str(root / f"tb{nproc}"))]
+        launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"] if nproc == 2 else []
+        command = [sys.executable, *launcher, *text_command(
+            small_iemocap, generated / "pretrained_model", root / f"save{nproc}", "--epochs", "2", "--batch_size",
+            str(batch), "--tensorboard", str(root / f"tb{nproc}"))]
         done = subprocess.run(command, env=SUBPROCESS_ENV, capture_output=True, text=True, cwd=REPO, timeout=600)
         assert done.returncode == 0, done.stderr[-3000:]
         runs[nproc] = {"log": done.stderr, "save": root / f"save{nproc}", "tb": root / f"tb{nproc}"}
