@@ -1,12 +1,13 @@
 """Shared fixtures: the generated tiny data/models, untrained stand-in checkpoints, hostile MELD clips,
 hand-made feature pickles, and one demo run whose artifacts the acceptance tests read.
 
-The tiers (docs of each folder's files): ``tests/unit`` mirrors the library's modules and never runs a
-stage's training; ``tests/scripts`` runs each stage script's ``main(argv)`` (one epoch on the generated
-data) and its flags, errors and outputs; ``tests/acceptance`` reads the demo (``python -m
-magtkd.synthetic.demo``: both datasets' full pipelines, run once per test session) or runs whole stages
-under torchrun and ``benchmarks/gpu_check.py``, sharing what they train; they are in the slow tier
-(``-m "not slow"`` leaves them out).
+The tiers: ``tests/unit/test_<module>.py`` mirrors the library's modules and never uses the demo or runs a
+stage's training (``python -m pytest tests/unit``); ``tests/scripts/test_<script>_script.py`` runs each
+stage script's ``main(argv)`` for one epoch on the generated data, then its flags, errors and outputs;
+``tests/acceptance`` reads the demo (``python -m magtkd.synthetic.demo``: both datasets' full pipelines,
+run once per test session) or runs every stage under torchrun and ``benchmarks/gpu_check.py``, sharing
+what they train. The acceptance tests and the long subprocess cases (kill and resume, signals) are marked
+``slow``: ``-m "not slow"`` is the fast tier.
 
 Under pytest-xdist (the README's test command: ``-n 2 --dist loadfile``) the demo and the generated data
 are built once for all workers: the first worker that needs one builds it under a file lock in the run's

@@ -16,6 +16,8 @@ from magtkd import checkpoints, dataset, engine, loaders, losses, pretrained
 from magtkd.checkpoints import CheckpointError
 from magtkd.spec import SPLITS
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads only cost (conftest.py)
+
 
 @pytest.mark.parametrize("dataset", ["IEMOCAP", "MELD"])
 @pytest.mark.parametrize("logit_weight, feature_weight, tau", [(1.0, 0.0, 2.0), (0.1, 1.0, 2.0), (0.5, 0.3, 4.0)])
@@ -42,7 +44,6 @@ def test_kd_trains_one_epoch_from_its_teacher_and_its_checkpoint_evaluates_alike
     expected = {"IEMOCAP": (1.0, 0.0), "MELD": (0.1, 1.0)}[dataset]
     assert (doc["args"]["logit_weight"], doc["args"]["feature_weight"], doc["args"]["tau"]) == (*expected, 2.0)
     assert (doc["args"]["student"], doc["args"]["teacher"]) == ("audio", "text")
-
 
 def few_rows_and_checkpoints(generated: Path, untrained, tmp: Path, frames: bool = False) -> dict[str, Path]:
     """A few IEMOCAP rows (8 train, 4 dev, 4 test; their stored frames with ``frames``) and a save folder

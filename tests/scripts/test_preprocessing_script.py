@@ -316,6 +316,7 @@ def test_meld_official_csvs(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("dataset", ["IEMOCAP", "MELD"])
 def test_preprocessing_removes_the_temps_of_a_killed_run(generated, tmp_path, dataset):
+    """The script on (a copy of) the generated raw release, both datasets, after a killed run."""
     data_dir = tmp_path / dataset
     shutil.copytree(generated / "datasets" / dataset, data_dir)
     spec = {"IEMOCAP": IEMOCAP, "MELD": MELD}[dataset]

@@ -1,5 +1,5 @@
-"""``<DS>/video_feature_extract.py`` (stage 3, docs/METHOD.md §2, §6): the
-authors' frames stored, each dialogue video opened once, a crashing clip, kill and resume."""
+"""``<DS>/video_feature_extract.py`` (stage 3, docs/METHOD.md §2, §6) on the generated data: the authors' frames
+stored (IEMOCAP), each dialogue video opened once, a crashing clip (MELD), kill and resume."""
 
 from __future__ import annotations
 

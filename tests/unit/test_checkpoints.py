@@ -13,6 +13,8 @@ from magtkd.checkpoints import (CheckpointError, FusionCheckpointError, load_che
                                 settings_from_checkpoint)
 from magtkd.model import AnchorGatedTransformer
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads only cost (conftest.py)
+
 
 def test_reference_checkpoint_loads(tmp_path, caplog):
     state = reference_state()

@@ -3,9 +3,12 @@ utterances in the padded grid's order."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from helpers import H, N_SPK, random_dialogues
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads only cost (conftest.py)
 
 
 def test_packed_batch_holds_the_real_utterances_in_the_flattened_order():

@@ -11,6 +11,8 @@ import torch
 from helpers import C, H, N_SPK, dialogue_t_logits, random_dialogues, reference_state
 from magtkd.model import AnchorGatedTransformer
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads only cost (conftest.py)
+
 
 def test_parameter_names_match_reference_list():
     reference = {k for k in reference_state() if not k.startswith(("fc.", "a_t.", "v_t.", "a_t_gate.", "v_t_gate."))}

@@ -21,6 +21,7 @@ from magtkd.model import (AnchorGatedTransformer, AUDIO_ANCHOR, FusionOutput, Ga
                           VIDEO_ANCHOR)
 from magtkd.packing import Layout
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads only cost (conftest.py)
 
 H, C, N_SPK, N_HEAD = 16, 5, 3, 2
 

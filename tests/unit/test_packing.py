@@ -11,6 +11,8 @@ from helpers import C, H, N_SPK, random_dialogues
 from magtkd.model import AnchorGatedTransformer
 from magtkd.packing import dropout, Layout
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads only cost (conftest.py)
+
 
 def test_packed_training_step_equals_the_padded_one():
     """The same seed gives the same dropout masks and outputs in both layouts (bit for bit on CPU),
