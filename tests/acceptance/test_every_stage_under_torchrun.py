@@ -100,12 +100,12 @@ def test_every_stage_under_torchrun_and_features_equal_one_process(stages: dict)
             for vid in a["vids"]:
                 np.testing.assert_allclose(np.asarray(a[key][vid]), np.asarray(b[key][vid]), rtol=1e-4, atol=1e-5)
 
-    # The fusion is a one-process stage: one line per process, status 2 from each, nothing written
+    # The fusion is a one-process stage: one line per process, status 2 from each, nothing written. (The two
+    # processes write to one pipe: another process's log line may land before an error line's newline.)
     done = stages["fusion"]
     assert done.returncode != 0
-    errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
-    assert errors == ["error: the fusion stage trains in one process (it takes minutes): run it with python, "
-                      "not torchrun"] * 2
+    message = "error: the fusion stage trains in one process (it takes minutes): run it with python, not torchrun"
+    assert done.stderr.count("error: ") == done.stderr.count(message) == 2, done.stderr[-3000:]
     assert "exitcode: 2" in done.stderr and "Traceback (most recent call last):\n  File \"" + str(REPO) \
         not in done.stderr
     assert not (save / "multimodal_fusion_best.bin").exists()
