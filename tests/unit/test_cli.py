@@ -59,7 +59,6 @@ def _help(dataset: str, name: str) -> str:
     return " ".join(done.stdout.split())
 
 
-@pytest.mark.slow
 def test_precision_defaults_of_the_stage_flags():
     text, kd_help = _help("IEMOCAP", "text"), _help("MELD", "KD")
     assert "--amp AMP bf16 autocast on CUDA; default False: fp32, as the authors (CPU always runs fp32)" in text

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import sys
 
-import pytest
 
 from helpers import dataset_spec
 from magtkd import cli, pipeline
@@ -45,7 +44,6 @@ def test_changed_flags_compares_values_not_spellings(tmp_path):
         "--seeds [1, 2] then, 1 3 now", "--dropout None then, 0.1 now"]
 
 
-@pytest.mark.slow
 def test_a_stage_failure_keeps_its_exit_status_when_it_comes_from_a_demo_worker_process():
     # The demo runs the datasets side by side in worker processes; their errors come back pickled.
     import pickle
