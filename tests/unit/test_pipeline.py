@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import sys
 
-
 from helpers import dataset_spec
 from magtkd import cli, pipeline
 from magtkd.artifacts import finish_outputs
