@@ -1,7 +1,7 @@
 """IEMOCAP specifics (docs/METHOD.md §1): 6 labels, dialogue-video windows, F/M speakers.
 
 The stage scripts of this folder import ``IEMOCAP``; the preparation script also uses the release
-facts below (the synthetic-data generator keeps its own copy, tests/test_media_synthetic_facts.py
+facts below (the synthetic-data generator keeps its own copy, tests/unit/test_synthetic.py
 checks that the two agree).
 """
 

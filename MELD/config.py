@@ -1,7 +1,7 @@
 """MELD specifics (docs/METHOD.md §1): 7 labels, one mp4 clip per utterance, named speakers.
 
 The stage scripts of this folder import ``MELD``; the preparation script also uses the release
-facts below (the synthetic-data generator keeps its own copy, tests/test_media_synthetic_facts.py
+facts below (the synthetic-data generator keeps its own copy, tests/unit/test_synthetic.py
 checks that the two agree).
 """
 

@@ -25,7 +25,7 @@ Both: the reference's hyperparameters (batch 16 dialogues, lr 1e-4, dropout 0.5,
 8 heads), torch's default threads, the same seed, initial weights and batches.
 Their losses are not compared: the authors' sequence-first tensors make dropout
 fill its masks in another memory order. That our packed step equals the padded
-one (same dropout draws, same outputs) is what ``tests/test_fusion.py`` checks.
+one (same dropout draws, same outputs) is what ``tests/unit/test_packing.py`` checks.
 """
 
 from __future__ import annotations

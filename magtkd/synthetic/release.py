@@ -3,7 +3,7 @@ IEMOCAP's split (dev dialogues, test session) and speaker naming, MELD's file na
 
 The recipe folders (``IEMOCAP/config.py``, ``MELD/config.py``) hold the same facts
 for the stages; library code does not import the recipe folders, so the generator
-keeps its own copy here. tests/test_media_synthetic_facts.py checks that the two
+keeps its own copy here. tests/unit/test_synthetic.py checks that the two
 are equal.
 """
 
