@@ -2,10 +2,10 @@
 same in every script that has it (docs/METHOD.md §0).
 
 ``base_parser`` (``--device --debug``) -> ``paths_parser`` (+ the four folders, ``--num_workers``) ->
-``training_parser`` (text, audio, video, KD) and ``predict_parser``; ``fusion_parser`` and
-``ablation_parser`` take the folders they use. Each script passes its dataset's description and
-defaults; the help shows every default once. Standard library only (besides the dataset
-description), so ``--help`` starts at once.
+``training_parser`` (text, audio, video, KD) and ``predict_parser``; ``fusion_parser``, ``ablation_parser``
+and ``export_parser`` take the folders they use. Each script passes its dataset's description and defaults;
+the help shows every default once. Standard library only (besides the dataset description), so ``--help``
+starts at once.
 """
 
 from __future__ import annotations
@@ -292,6 +292,28 @@ def ablation_parser(spec: DatasetSpec, script_dir: Path, description: str | None
     p.add_argument("--text_args", default="",
                    help='prompt table: flags for text.py, e.g. "--epochs 2 --learning_rate 1e-3" (the other flags '
                         "go to the fusion); default: none")
+    return p
+
+
+EXPORT_FORMATS = ("sdt", "graphsmile")  # the peers' layouts `magtkd.peer_features` writes (docs/METHOD.md §9)
+
+
+def export_parser(spec: DatasetSpec, script_dir: Path, description: str | None, *, audio_feature: str,
+                  video_feature: str) -> argparse.ArgumentParser:
+    """The flags of ``export_features.py``: the CSVs and the feature folder it reads, the layout and the file it
+    writes, and the feature keys of the audio and video slots (default: the dataset's fusion keys)."""
+    p = add_folders(base_parser(description, device=False), spec, script_dir, ("data_dir", "feature_dir"),
+                    {"data_dir": "the prepared CSVs (speakers, texts, gold labels; MELD: sentiments)",
+                     "feature_dir": "folder of first_stage_{train,dev,test}_features.pkl and their record"})
+    p.add_argument("--format", choices=EXPORT_FORMATS, required=True,
+                   help="sdt: the tuple SDT's dataloader.py unpacks (also M3Net's lineage); graphsmile: "
+                        "GraphSmile's (MELD with sentiments)")
+    p.add_argument("--out", type=Path, required=True,
+                   help="the pickle to write; what went into which slot is recorded beside it as <name>.json")
+    p.add_argument("--audio_feature", choices=("audio", "audio_kd"), default=audio_feature,
+                   help="feature key whose vectors fill the audio slot (videoAudio)")
+    p.add_argument("--video_feature", choices=("video", "video_kd"), default=video_feature,
+                   help="feature key whose vectors fill the visual slot (videoVisual)")
     return p
 
 
