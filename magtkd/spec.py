@@ -16,6 +16,8 @@ from typing import Callable, Mapping
 SPLITS: tuple[str, ...] = ("train", "dev", "test")
 
 
+DATASETS: tuple[str, ...] = ("IEMOCAP", "MELD")  # the dataset folders of the repository
+
 
 SPEAKER_MAP = "speaker2id.json"  # MELD: speaker name -> global id, written by MELD/preprocessing.py
 
