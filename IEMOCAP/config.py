@@ -7,7 +7,7 @@ checks that the two agree).
 
 from __future__ import annotations
 
-from magtkd.spec import DatasetSpec
+from magtkd.spec import CommunityConventions, DatasetSpec
 
 LABELS = ("ang", "exc", "fru", "hap", "neu", "sad")
 
@@ -47,4 +47,17 @@ IEMOCAP = DatasetSpec(
         "`python IEMOCAP/preprocessing.py`, IEMOCAP_{train,dev,test}.csv"
     ),
     raw_files=("Session*/dialog/*/*.txt",),  # transcriptions and EmoEvaluation: what preparation reads
+)
+
+
+# The community's feature pickles (docs/METHOD.md §9): their label order (hap, sad, neu, ang, exc, fru),
+# train + dev as their training dialogues and Session 5 as test, speakers as the letters M/F, dialogues
+# keyed by name (Ses01F_impro01).
+COMMUNITY = CommunityConventions(
+    loader="IEMOCAP",
+    labels=("hap", "sad", "neu", "ang", "exc", "fru"),
+    train_splits=("train", "dev"),
+    valid_splits=(),
+    speakers="letter",
+    dialogue_keys="name",
 )

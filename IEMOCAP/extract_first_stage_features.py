@@ -1,6 +1,7 @@
 """Stage 7 - run the five first-stage models over every IEMOCAP utterance (docs/METHOD.md §4).
 
     python IEMOCAP/extract_first_stage_features.py
+    python IEMOCAP/extract_first_stage_features.py --model_dir DIR   # a model folder's models (magtkd.hub)
 
 Reads   datasets/IEMOCAP/IEMOCAP_{train,dev,test}.csv, the wavs, the stored frames, and
         IEMOCAP/IEMOCAP/save_model/{text,audio,video,text_KD_audio,text_KD_video}.bin
@@ -18,7 +19,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 from IEMOCAP.config import IEMOCAP  # noqa: E402
-from magtkd import cli, dataset, extract, runtime, utils  # noqa: E402
+from magtkd import cli, dataset, extract, hub, runtime, utils  # noqa: E402
 from magtkd.artifacts import SubstitutionReport  # noqa: E402
 
 
@@ -29,9 +30,12 @@ def main(argv=None) -> dict:
     cli.add_amp_flag(parser)
     cli.add_audio_cache_flags(parser)
     cli.add_prompt_flag(parser)  # the text model's prompt: text.json's
+    cli.add_model_dir_flag(parser)
     args = parser.parse_args(argv)
     runtime.setup_logging()
     device = runtime.resolve_device(args.device)
+    # The five models: --save_dir's, or a model folder's (--model_dir, checked: its dataset, every file)
+    models = hub.model_source(IEMOCAP, args.model_dir, args.save_dir)
 
     # Data: every utterance of every split in the pickles' order (CSV order grouped by dialogue), the speakers
     dialogues = {s: dataset.group_dialogues(dataset.load_split(IEMOCAP, args.data_dir, s)) for s in dataset.SPLITS}
@@ -43,7 +47,7 @@ def main(argv=None) -> dict:
     # Models: the five first-stage checkpoints, one input group at a time (each clip decoded once)
     report = SubstitutionReport()
     vectors = extract.first_stage_features(
-        IEMOCAP, samples, pretrained_dir=args.pretrained_dir, save_dir=args.save_dir, feature_dir=args.feature_dir,
+        IEMOCAP, samples, pretrained_dir=args.pretrained_dir, save_dir=models, feature_dir=args.feature_dir,
         device=device, batch_size=args.batch_size, num_workers=args.num_workers, amp=args.amp, report=report,
         audio_cache=cli.audio_cache_dir(args.audio_cache, args.audio_cache_dir, args.feature_dir), prompt=args.prompt)
 

@@ -2,6 +2,7 @@
 
     python IEMOCAP/multimodal_fusion.py                 # train, select the epoch on dev
     python IEMOCAP/multimodal_fusion.py --train False   # evaluate the saved checkpoint on test
+    python IEMOCAP/multimodal_fusion.py --train False --model_dir DIR   # ... a model folder's (magtkd.hub)
 
 Reads   IEMOCAP/feature/first_stage_{train,dev,test}_features.pkl (--train False: test only, and the .bin)
 Writes  IEMOCAP/IEMOCAP/save_model/multimodal_fusion_best.bin, multimodal_fusion_best.json (test labels
@@ -24,7 +25,7 @@ import torch.nn.functional as F
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 from IEMOCAP.config import IEMOCAP  # noqa: E402
-from magtkd import cli, engine, fusion_data, losses, results, runtime, schedule, utils  # noqa: E402
+from magtkd import cli, engine, fusion_data, hub, losses, results, runtime, schedule, utils  # noqa: E402
 from magtkd.artifacts import StageFiles  # noqa: E402
 from magtkd.fusion_settings import FusionRequest  # noqa: E402
 from magtkd.model import FusionOutput  # noqa: E402
@@ -69,9 +70,12 @@ def main(argv=None) -> dict:
     # The model the flags ask for: unset, the paper's model on this dataset's feature keys (training) or
     # what the checkpoint and its metrics document say (--train False; a contradicting flag is an error)
     request = FusionRequest.from_flags(vars(args), (DEFAULTS["audio_feature"], DEFAULTS["video_feature"]))
+    if args.model_dir is not None and args.train:
+        raise utils.UserError("--model_dir gives a trained model: evaluate it with --train False")
     if not args.train:
+        # The trained model from --save_dir, or from a model folder (--model_dir, checked: its dataset, every file)
         run = fusion_data.Evaluation(args.save_dir, args.feature_dir, args.clsNum, args.batch_size, args.packed,
-                                     args.seed, vars(args))
+                                     args.seed, vars(args), hub.model_source(IEMOCAP, args.model_dir, args.save_dir))
         return fusion_data.evaluate_fusion(IEMOCAP, run, request, device)
     stage = "IEMOCAP multimodal_fusion"
 

@@ -1,6 +1,7 @@
 """Predict the emotions of your own conversation with the trained IEMOCAP models (docs/METHOD.md §0).
 
     python IEMOCAP/predict.py --conversation my_conversation.csv --out predictions.csv
+    python IEMOCAP/predict.py --model_dir DIR --conversation my_conversation.csv --out predictions.csv
 
 Reads   the conversation CSV in IEMOCAP's prepared-CSV schema (Dialogue_ID, Utterance_ID, Speaker,
         Utterance, Wav_Path, Video_Path, Start_Time, End_Time: the utterance's seconds in the video;
@@ -29,7 +30,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 from IEMOCAP.config import IEMOCAP  # noqa: E402
 from IEMOCAP.multimodal_fusion import DEFAULTS  # noqa: E402
-from magtkd import cli, predict, runtime, utils  # noqa: E402
+from magtkd import cli, hub, predict, runtime, utils  # noqa: E402
 from magtkd.fusion_settings import FusionRequest  # noqa: E402
 
 # What --unknown_speakers applies to on IEMOCAP (docs/METHOD.md §5: two speaker rows)
@@ -41,8 +42,10 @@ def main(argv=None) -> dict:
     args = cli.predict_parser(IEMOCAP, HERE, __doc__, unknown_speakers=UNKNOWN_SPEAKERS).parse_args(argv)
     runtime.setup_logging()
     device = runtime.resolve_device(args.device)
-    run = predict.Prediction.from_flags(vars(args), cli.audio_cache_dir(args.audio_cache, args.audio_cache_dir,
-                                                                        args.feature_dir))
+    # The six models: --save_dir's, or a model folder's (--model_dir, checked: its dataset, every file)
+    models = hub.model_source(IEMOCAP, args.model_dir, args.save_dir)
+    run = predict.Prediction.from_flags({**vars(args), "save_dir": models},
+                                        cli.audio_cache_dir(args.audio_cache, args.audio_cache_dir, args.feature_dir))
     # The fusion model as trained (its metrics document), else this dataset's feature keys; a flag may
     # only repeat what the model was trained with
     request = FusionRequest.from_flags(vars(args), (DEFAULTS["audio_feature"], DEFAULTS["video_feature"]))

@@ -7,7 +7,7 @@ checks that the two agree).
 
 from __future__ import annotations
 
-from magtkd.spec import SPEAKER_MAP, DatasetSpec
+from magtkd.spec import SPEAKER_MAP, CommunityConventions, DatasetSpec
 
 LABELS = ("anger", "disgust", "fear", "joy", "neutral", "sadness", "surprise")
 
@@ -42,4 +42,20 @@ MELD = DatasetSpec(
         f"after `python MELD/preprocessing.py`, {{train,dev,test}}_meld_emo.csv and {SPEAKER_MAP}"
     ),
     raw_files=tuple(OFFICIAL_CSV.values()),
+)
+
+
+# The community's feature pickles (docs/METHOD.md §9): their label order, the official train split as their
+# training dialogues and dev in the validation slot, speakers one-hot by order of appearance in the dialogue
+# (at most 9), Dialogue_IDs offset per split (dev from max train id + 1, test after dev), and the official
+# Sentiment column as neutral 0, positive 1, negative 2.
+COMMUNITY = CommunityConventions(
+    loader="MELD",
+    labels=("neutral", "surprise", "fear", "sadness", "joy", "disgust", "anger"),
+    train_splits=("train",),
+    valid_splits=("dev",),
+    speakers="one_hot",
+    speaker_slots=9,
+    dialogue_keys="offset",
+    sentiments=("neutral", "positive", "negative"),
 )

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 from MELD.config import MELD  # noqa: E402
-from magtkd import cli, engine, fusion_data, losses, results, runtime, schedule, utils  # noqa: E402
+from magtkd import cli, engine, fusion_data, hub, losses, results, runtime, schedule, utils  # noqa: E402
 from magtkd.artifacts import StageFiles  # noqa: E402
 from magtkd.fusion_settings import FusionRequest  # noqa: E402
 from magtkd.model import FusionOutput  # noqa: E402
@@ -69,9 +69,12 @@ def main(argv=None) -> dict:
     # The model the flags ask for: unset, the paper's model on this dataset's feature keys (training) or
     # what the checkpoint and its metrics document say (--train False; a contradicting flag is an error)
     request = FusionRequest.from_flags(vars(args), (DEFAULTS["audio_feature"], DEFAULTS["video_feature"]))
+    if args.model_dir is not None and args.train:
+        raise utils.UserError("--model_dir gives a trained model: evaluate it with --train False")
     if not args.train:
+        # The trained model from --save_dir, or from a model folder (--model_dir, checked: its dataset, every file)
         run = fusion_data.Evaluation(args.save_dir, args.feature_dir, args.clsNum, args.batch_size, args.packed,
-                                     args.seed, vars(args))
+                                     args.seed, vars(args), hub.model_source(MELD, args.model_dir, args.save_dir))
         return fusion_data.evaluate_fusion(MELD, run, request, device)
     stage = "MELD multimodal_fusion"
 

@@ -1,6 +1,7 @@
 """Predict the emotions of your own conversation with the trained MELD models (docs/METHOD.md §0).
 
     python MELD/predict.py --conversation my_conversation.csv --out predictions.csv
+    python MELD/predict.py --model_dir DIR --conversation my_conversation.csv --out predictions.csv
 
 Reads   the conversation CSV in MELD's prepared-CSV schema (Dialogue_ID, Utterance_ID, Speaker,
         Utterance, Video_Path; audio is decoded from the clip; Emotion optional and ignored; relative
@@ -26,7 +27,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 from MELD.config import MELD  # noqa: E402
 from MELD.multimodal_fusion import DEFAULTS  # noqa: E402
-from magtkd import cli, predict, runtime, utils  # noqa: E402
+from magtkd import cli, hub, predict, runtime, utils  # noqa: E402
 from magtkd.fusion_settings import FusionRequest  # noqa: E402
 
 # What --unknown_speakers applies to on MELD (docs/METHOD.md §5: a row per speaker2id.json name)
@@ -38,8 +39,10 @@ def main(argv=None) -> dict:
     args = cli.predict_parser(MELD, HERE, __doc__, unknown_speakers=UNKNOWN_SPEAKERS).parse_args(argv)
     runtime.setup_logging()
     device = runtime.resolve_device(args.device)
-    run = predict.Prediction.from_flags(vars(args), cli.audio_cache_dir(args.audio_cache, args.audio_cache_dir,
-                                                                        args.feature_dir))
+    # The six models: --save_dir's, or a model folder's (--model_dir, checked: its dataset, every file)
+    models = hub.model_source(MELD, args.model_dir, args.save_dir)
+    run = predict.Prediction.from_flags({**vars(args), "save_dir": models},
+                                        cli.audio_cache_dir(args.audio_cache, args.audio_cache_dir, args.feature_dir))
     # The fusion model as trained (its metrics document), else this dataset's feature keys; a flag may
     # only repeat what the model was trained with
     request = FusionRequest.from_flags(vars(args), (DEFAULTS["audio_feature"], DEFAULTS["video_feature"]))

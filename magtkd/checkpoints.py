@@ -26,13 +26,30 @@ class CheckpointError(UserError, RuntimeError):
     """A checkpoint that is missing or does not fit the model it is loaded into."""
 
 
-def read_state_dict(path: str | Path, produced_by: str) -> dict[str, torch.Tensor]:
-    """``torch.load`` (tensors only) a plain state_dict; a missing or unreadable file names the stage that writes it."""
+SAFETENSORS = ".safetensors"  # a model folder's checkpoints (magtkd.hub): the same state_dict, tensors only
+
+
+def checkpoint_file(path: str | Path) -> Path:
+    """``path`` (``<name>.bin``), or its ``<name>.safetensors`` twin where only that exists: a model folder
+    written by ``python -m magtkd.hub export`` keeps the save folder's names (docs/METHOD.md §9)."""
     path = Path(path)
+    twin = path.with_suffix(SAFETENSORS)
+    return twin if not path.is_file() and twin.is_file() else path
+
+
+def read_state_dict(path: str | Path, produced_by: str) -> dict[str, torch.Tensor]:
+    """``torch.load`` (tensors only) a plain state_dict, or its safetensors twin (`checkpoint_file`); a missing or
+    unreadable file names the stage that writes it."""
+    path = checkpoint_file(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} not found: it is written by {produced_by}")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        if path.suffix == SAFETENSORS:
+            from safetensors.torch import load_file  # reads tensors only: nothing in the file can run code
+
+            state = load_file(path, device="cpu")
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated zip, not a checkpoint, refused global, ...
         message = str(exc).splitlines()[0] if str(exc) else ""
         raise CheckpointError(

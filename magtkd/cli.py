@@ -2,10 +2,10 @@
 same in every script that has it (docs/METHOD.md §0).
 
 ``base_parser`` (``--device --debug``) -> ``paths_parser`` (+ the four folders, ``--num_workers``) ->
-``training_parser`` (text, audio, video, KD) and ``predict_parser``; ``fusion_parser`` and
-``ablation_parser`` take the folders they use. Each script passes its dataset's description and
-defaults; the help shows every default once. Standard library only (besides the dataset
-description), so ``--help`` starts at once.
+``training_parser`` (text, audio, video, KD) and ``predict_parser``; ``fusion_parser``, ``ablation_parser``
+and ``export_parser`` take the folders they use; ``hub_parser`` is ``python -m magtkd.hub``'s. Each script
+passes its dataset's description and defaults; the help shows every default once. Standard library only
+(besides the dataset description), so ``--help`` starts at once.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
-from .spec import PROMPTS, DatasetSpec
+from .spec import DATASETS, PROMPTS, DatasetSpec
 from .utils import (UserError, nonnegative_float, nonnegative_int, positive_float, positive_int, probability,
                     seed_int, str2bool)
 
@@ -157,6 +157,7 @@ def fusion_parser(spec: DatasetSpec, script_dir: str | Path, description: str | 
                         + (" or the largest id + 1 in the data, whichever is larger" if spec.global_speaker_ids
                            else "") + " (--train False: from the checkpoint)")
     add_variant_flags(p)
+    add_model_dir_flag(p)
     add_loop_flags(p, checkpointing=False)
     return p
 
@@ -198,7 +199,17 @@ def predict_parser(spec: DatasetSpec, script_dir: str | Path, description: str |
                         help="attention heads; default: as trained, else 8")
     parser.add_argument("--unknown_speakers", choices=("padding", "error"), default="padding",
                         help=f"{unknown_speakers}: the model's padding row (warning) or an error")
+    add_model_dir_flag(parser)
     return add_audio_cache_flags(parser)
+
+
+def add_model_dir_flag(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """``--model_dir``: read the trained models from a model folder (`magtkd.hub`) instead of ``--save_dir``."""
+    parser.add_argument("--model_dir", type=Path, default=None,
+                        help="a model folder written by `python -m magtkd.hub export` (safetensors, config.json, "
+                             "model card; docs/METHOD.md §9): the trained models are read from it instead of "
+                             "--save_dir; default: none")
+    return parser
 
 
 def add_prompt_flag(parser: argparse.ArgumentParser, training: bool = False) -> argparse.ArgumentParser:
@@ -292,6 +303,42 @@ def ablation_parser(spec: DatasetSpec, script_dir: Path, description: str | None
     p.add_argument("--text_args", default="",
                    help='prompt table: flags for text.py, e.g. "--epochs 2 --learning_rate 1e-3" (the other flags '
                         "go to the fusion); default: none")
+    return p
+
+
+EXPORT_FORMATS = ("sdt", "graphsmile")  # the peers' layouts `magtkd.peer_features` writes (docs/METHOD.md §9)
+
+
+def export_parser(spec: DatasetSpec, script_dir: Path, description: str | None, *, audio_feature: str,
+                  video_feature: str) -> argparse.ArgumentParser:
+    """The flags of ``export_features.py``: the CSVs and the feature folder it reads, the layout and the file it
+    writes, and the feature keys of the audio and video slots (default: the dataset's fusion keys)."""
+    p = add_folders(base_parser(description, device=False), spec, script_dir, ("data_dir", "feature_dir"),
+                    {"data_dir": "the prepared CSVs (speakers, texts, gold labels; MELD: sentiments)",
+                     "feature_dir": "folder of first_stage_{train,dev,test}_features.pkl and their record"})
+    p.add_argument("--format", choices=EXPORT_FORMATS, required=True,
+                   help="sdt: the tuple SDT's dataloader.py unpacks (also M3Net's lineage); graphsmile: "
+                        "GraphSmile's (MELD with sentiments)")
+    p.add_argument("--out", type=Path, required=True,
+                   help="the pickle to write; what went into which slot is recorded beside it as <name>.json")
+    p.add_argument("--audio_feature", choices=("audio", "audio_kd"), default=audio_feature,
+                   help="feature key whose vectors fill the audio slot (videoAudio)")
+    p.add_argument("--video_feature", choices=("video", "video_kd"), default=video_feature,
+                   help="feature key whose vectors fill the visual slot (videoVisual)")
+    return p
+
+
+def hub_parser(description: str | None) -> argparse.ArgumentParser:
+    """``python -m magtkd.hub export <DS> --save_dir DIR --out DIR``: a trained pipeline as one model folder."""
+    p = base_parser(description, device=False)
+    p.prog = "python -m magtkd.hub"
+    p.add_argument("command", choices=("export",), help="export: write the model folder")
+    p.add_argument("dataset", choices=DATASETS, help="the dataset the models were trained on")
+    p.add_argument("--save_dir", type=Path, required=True,
+                   help="the save folder holding the five first-stage checkpoints, the fusion checkpoint and "
+                        "their metrics documents")
+    p.add_argument("--out", type=Path, required=True,
+                   help="the model folder to write (new, empty, or a model folder written before: replaced)")
     return p
 
 

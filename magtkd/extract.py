@@ -17,7 +17,7 @@ from torch import nn
 from . import runtime
 from .artifacts import (FEATURES_REPORT, FIRST_STAGE_MODELS, StageFiles, SubstitutionReport, begin_outputs,
                         feature_path, features_record, finish_outputs, output_lock, remove_stale_temps)
-from .checkpoints import CheckpointError, load_checkpoint
+from .checkpoints import CheckpointError, checkpoint_file, load_checkpoint
 from .dataset import Sample, Utterance, fusion_speaker_ids
 from .loaders import SampleDataset, concat_chunks, in_dataset_order, make_loader, note_problems, to_device
 from .pickles import assemble_features, save_features
@@ -54,7 +54,7 @@ def representations(models: Mapping[str, nn.Module], loader, device: torch.devic
 def check_first_stage_checkpoints(spec: DatasetSpec, save_dir: Path) -> None:
     """Fail before any work when one of the five checkpoints is missing, naming it and its script."""
     for name, script in FIRST_STAGE_MODELS.values():
-        if not (Path(save_dir) / f"{name}.bin").is_file():
+        if not checkpoint_file(Path(save_dir) / f"{name}.bin").is_file():
             raise CheckpointError(f"checkpoint {Path(save_dir) / f'{name}.bin'} not found: it is written by "
                                   f"{spec.name}/{script}")
 

@@ -301,16 +301,18 @@ class Evaluation:
     packed: bool | None
     seed: int
     flags: Mapping[str, Any]  # the run's flags, logged and recorded
+    models: Path | None = None  # where the trained model is read (a model folder, --model_dir); None: save_dir
 
 
 def evaluate_fusion(spec: DatasetSpec, run: Evaluation, request: FusionRequest, device: torch.device
                     ) -> dict[str, Any]:
     """``multimodal_fusion.py --train False``: only the test pickle (the streams of the checkpoint's variant)
     and the checkpoint are read; the model is the one its checkpoint and metrics document describe
-    (`magtkd.checkpoints.trained_fusion`; a flag that contradicts them is an error). Writes the test labels
-    and predictions (``multimodal_fusion_best.json``)."""
+    (`magtkd.checkpoints.trained_fusion`; a flag that contradicts them is an error), from ``run.models`` when
+    given (a model folder). Writes the test labels and predictions into the save folder
+    (``multimodal_fusion_best.json``)."""
     stage, script = f"{spec.name} multimodal_fusion (evaluation)", f"{spec.name}/multimodal_fusion.py"
-    files = StageFiles.fusion(run.save_dir)
+    files, out = StageFiles.fusion(run.models or run.save_dir), StageFiles.fusion(run.save_dir)
     settings = trained_fusion(files, spec.name, request)
     check_fusion_fits(settings, files.checkpoint, spec, run.n_classes, 0)
     test = load_dialogues(feature_path(run.feature_dir, "test"), settings.audio_feature, settings.video_feature,
@@ -332,6 +334,6 @@ def evaluate_fusion(spec: DatasetSpec, run: Evaluation, request: FusionRequest, 
                        seed=run.seed, args=run.flags)
     result = evaluate_checkpoint(fusion, DialogueBatches({"test": test}, run.batch_size, run.packed), config,
                                  checkpoint_loaded=True)
-    write_json(files.predictions, {"labels": result["labels"], "preds": result["preds"]})
+    write_json(out.predictions, {"labels": result["labels"], "preds": result["preds"]})
     return {**result, "stage": stage, "variant": settings.variant.as_dict(),
-            "paths": {"predictions": str(files.predictions)}}
+            "paths": {"predictions": str(out.predictions)}}

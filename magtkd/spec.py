@@ -1,5 +1,6 @@
 """What a dataset is to the shared code: its description (``<DS>/config.py`` fills a `DatasetSpec`),
-the split names, the label padding, and the text-prompt variants (docs/METHOD.md §1, §2).
+the split names, the label padding, the text-prompt variants (docs/METHOD.md §1, §2), and how the other ERC
+codebases' feature pickles see the dataset (`CommunityConventions`, docs/METHOD.md §9).
 
 A ground-floor module: standard library only, so a dataset's ``config.py`` and every parser
 import it without loading torch or any media or Hugging Face library.
@@ -13,6 +14,9 @@ from typing import Callable, Mapping
 
 
 SPLITS: tuple[str, ...] = ("train", "dev", "test")
+
+
+DATASETS: tuple[str, ...] = ("IEMOCAP", "MELD")  # the dataset folders of the repository
 
 
 SPEAKER_MAP = "speaker2id.json"  # MELD: speaker name -> global id, written by MELD/preprocessing.py
@@ -65,3 +69,19 @@ class DatasetSpec:
 
     def default_feature_dir(self, script_dir: Path) -> Path:
         return Path(script_dir).resolve() / "feature"
+
+
+@dataclass(frozen=True)
+class CommunityConventions:
+    """How the ERC codebases that read the community's per-dialogue feature pickles (SDT, M3Net, GraphSmile,
+    MMGCN and their descendants) see a dataset; ``<DS>/config.py`` fills one and ``<DS>/export_features.py``
+    writes by it (docs/METHOD.md §9)."""
+
+    loader: str  # which of the peers' dataset classes reads the file: "IEMOCAP" or "MELD"
+    labels: tuple[str, ...]  # their label order (position = their class id)
+    train_splits: tuple[str, ...]  # our splits whose dialogues are their training dialogues (trainVid)
+    valid_splits: tuple[str, ...]  # our splits in the layout's validation slot, where it has one
+    speakers: str  # "letter": the speaker's letter ('M'/'F'); "one_hot": by appearance in the dialogue
+    speaker_slots: int = 0  # width of a one-hot speaker vector
+    dialogue_keys: str = "offset"  # "name": the dialogue's name; "offset": Dialogue_ID + the earlier splits' ids
+    sentiments: tuple[str, ...] = ()  # their sentiment order, from the CSVs' Sentiment column (MELD)

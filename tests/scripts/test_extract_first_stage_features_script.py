@@ -43,3 +43,17 @@ def test_extraction_writes_the_three_pickles_of_the_five_models(dataset, generat
             for key in FEATURE_KEYS:
                 assert [v.shape for v in features[key][dia]] == [(AV_HIDDEN,)] * len(utts), key
                 assert all(v.dtype == np.float32 and np.isfinite(v).all() for v in features[key][dia]), key
+
+
+def test_a_model_folder_of_the_other_dataset_is_refused_before_any_work(generated, tmp_path):
+    """--model_dir (magtkd.hub, docs/METHOD.md §9): the folder's config.json must name this dataset and labels."""
+    from magtkd.hub import ModelFolderError
+
+    folder = tmp_path / "magtkd-meld"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"magtkd_model_folder": 1, "dataset": "MELD",
+                                                    "labels": list(dataset_spec("MELD").labels)}), encoding="utf-8")
+    paths = generated_paths(generated, "IEMOCAP", tmp_path)
+    with pytest.raises(ModelFolderError, match="holds MELD's models .* this script is IEMOCAP's"):
+        script("IEMOCAP", "extract_first_stage_features").main(flags(paths, model_dir=folder, device="cpu"))
+    assert not paths["feature_dir"].exists()

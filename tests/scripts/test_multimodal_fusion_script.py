@@ -674,3 +674,9 @@ def test_grad_accum_zero_is_refused_at_parsing(capsys) -> None:
     with pytest.raises(SystemExit) as exit_:
         script("MELD", "multimodal_fusion").main(["--grad_accum", "0"])
     assert exit_.value.code == 2 and "argument --grad_accum: expected an integer >= 1" in capsys.readouterr().err
+
+
+def test_model_dir_is_for_evaluation_only(tmp_path):
+    with pytest.raises(UserError, match="--model_dir gives a trained model: evaluate it with --train False"):
+        script("IEMOCAP", "multimodal_fusion").main(["--model_dir", str(tmp_path), "--feature_dir", str(tmp_path),
+                                                     "--save_dir", str(tmp_path), "--device", "cpu"])

@@ -79,3 +79,21 @@ def test_authors_text_checkpoint_maps_by_shape_and_names_what_does_not_fit(gener
     message = str(err.value)
     assert "bad.bin" in message and "unknown_head.weight" in message
     assert "missing keys: backbone.encoder.layer.0.attention.self.query.weight" in message
+
+
+def test_a_checkpoint_stored_as_safetensors_is_read_where_its_bin_is_absent(tmp_path):
+    """A model folder (magtkd.hub, docs/METHOD.md §9) keeps the save folder's names with .safetensors: the readers
+    find it under the .bin name; a .bin beside it wins."""
+    from safetensors.torch import save_file
+
+    from magtkd.checkpoints import checkpoint_file, read_state_dict
+
+    state = {"w": torch.arange(6.0).reshape(2, 3), "b": torch.zeros(2, dtype=torch.float16)}
+    save_file(state, str(tmp_path / "text.safetensors"))
+    assert checkpoint_file(tmp_path / "text.bin") == tmp_path / "text.safetensors"
+    read = read_state_dict(tmp_path / "text.bin", "IEMOCAP/text.py")
+    assert read.keys() == state.keys() and all(torch.equal(read[k], state[k]) for k in state)
+    torch.save({"w": torch.ones(1)}, tmp_path / "text.bin")
+    assert checkpoint_file(tmp_path / "text.bin") == tmp_path / "text.bin"
+    with pytest.raises(CheckpointError, match="audio.bin not found: it is written by IEMOCAP/audio.py"):
+        read_state_dict(tmp_path / "audio.bin", "IEMOCAP/audio.py")
