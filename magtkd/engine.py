@@ -183,7 +183,7 @@ class Step:
 
 
 LOG_EVERY = 10  # updates between two reads of the loss on the host
-MAX_SKIPPED_IN_A_ROW = 20  # fp16: consecutive skipped updates that stop a run (the scale is then 2**-4)
+MAX_SKIPPED_IN_A_ROW = 20  # fp16: consecutive skipped updates that stop a run (from 2**16 the scale is then 2**-4)
 
 
 class ScalerSkips:
@@ -206,16 +206,16 @@ class ScalerSkips:
     def read(self, scaler: torch.amp.GradScaler, updates: int) -> None:
         flags = torch.stack([flag for _, flag in self.pending]).tolist() if self.pending else []
         skipped = [update for (update, _), flag in zip(self.pending, flags) if flag]
-        self.pending = []
-        for flag in flags:
+        for (update, _), flag in zip(self.pending, flags):
             self.in_a_row = self.in_a_row + 1 if flag else 0
             if self.in_a_row >= MAX_SKIPPED_IN_A_ROW:
                 raise NonFiniteError(
                     f"{self.config.stage}: {MAX_SKIPPED_IN_A_ROW} updates in a row skipped by the fp16 gradient "
-                    f"scaler at epoch {self.epoch} (up to update {skipped[-1]} of {updates}): the gradients stay "
-                    f"non-finite at a scale of {scaler.get_scale():g}, which no overflow explains; stopped before "
-                    "publishing anything (a previous complete set is kept). Check the loss flags (learning rate, "
-                    "--tau), or try --amp False")
+                    f"scaler at epoch {self.epoch} (up to update {update} of {updates}): the gradients stay "
+                    f"non-finite while the scale shrinks (now {scaler.get_scale():g}), which no overflow explains; "
+                    "stopped before publishing anything (a previous complete set is kept). Check the loss flags "
+                    "(learning rate, --tau), or try --amp False")
+        self.pending = []
         if skipped:
             self.skipped += len(skipped)
             log.warning("%s epoch %d: update(s) %s of %d skipped by the fp16 gradient scaler (gradients not finite); "
