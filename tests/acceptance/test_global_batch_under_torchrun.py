@@ -23,6 +23,7 @@ pytestmark = pytest.mark.slow
 
 WORKER = r'''
 import functools, importlib, json, sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
