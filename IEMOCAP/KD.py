@@ -11,6 +11,9 @@ Writes  IEMOCAP/IEMOCAP/save_model/text_KD_audio.bin or text_KD_video.bin, and i
         names above, and <name>_seeds.json/.md (mean ± std over seeds)
 Caches  audio students: each clip's decoded 16 kHz samples in IEMOCAP/feature/audio_cache/ (read back by later epochs
         and stages; --audio_cache_dir DIR elsewhere, --audio_cache False: decode every time)
+        every student: the text teacher's outputs for every training utterance, computed once, in
+        save_model/text_teacher_outputs.pt (keyed by text.bin, the prompt, the precision and the data;
+        --teacher_cache False: the teacher runs in every step instead)
 
 IEMOCAP objective: CE + L_logit (--logit_weight 1, --feature_weight 0).
 """
@@ -26,7 +29,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 from IEMOCAP.config import IEMOCAP  # noqa: E402
 from magtkd import (checkpoints, cli, dataset, engine, loaders, losses, pretrained, results, runtime,  # noqa: E402
-                    schedule, utils)
+                    schedule, teacher_cache, utils)
 from magtkd.artifacts import StageFiles, SubstitutionReport, kd_name  # noqa: E402
 
 # Flags: the reference's names, IEMOCAP's defaults; the objective CE + L_logit (docs/METHOD.md §3)
@@ -37,15 +40,19 @@ KD_WEIGHTS = dict(logit_weight=1.0, feature_weight=0.0)
 def objective(student, batch: dict, *, teacher, logit_weight: float, feature_weight: float,
               tau: float) -> torch.Tensor:
     """CE + logit_weight * L_logit(student, teacher) + feature_weight * L_feat(student, teacher)
-    (docs/METHOD.md §3); the teacher is frozen and sees the same batch."""
+    (docs/METHOD.md §3). The teacher is frozen and sees the same samples (``teacher``: the text model, or
+    its outputs computed once, `magtkd.teacher_cache`). CE is over this process's samples; the two
+    distillation terms relate the samples of every process's micro-batch (`runtime.gather_rows`), so N
+    processes of batch b compute what one process of batch N*b computes."""
     s_rep, s_logits = student.encode(batch)
     with torch.no_grad():
         t_rep, t_logits = teacher.encode(batch)
     s_logits, t_logits = s_logits.float(), t_logits.float()
     loss = F.cross_entropy(s_logits, batch["labels"])
-    loss = loss + logit_weight * losses.logit_kd_loss(s_logits, t_logits, tau=tau)
+    gather = runtime.gather_rows
+    loss = loss + logit_weight * losses.logit_kd_loss(gather(s_logits), gather(t_logits), tau=tau)
     if feature_weight:
-        loss = loss + feature_weight * losses.feature_kd_loss(s_rep.float(), t_rep.float())
+        loss = loss + feature_weight * losses.feature_kd_loss(gather(s_rep.float()), gather(t_rep.float()))
     return loss
 
 
@@ -87,6 +94,9 @@ def main(argv=None) -> dict:
     samples = dataset.load_samples(IEMOCAP, args.data_dir)
     runtime.log_start(stage, vars(args), device, {s: len(v) for s, v in samples.items()})
     report = SubstitutionReport()
+    # The samples the relational KD terms relate: one micro-batch of every process (docs/METHOD.md §3)
+    relational = losses.relational_batch(args.batch_size, runtime.world_size(), args.grad_accum) if args.train \
+        else None
 
     runs, files = {}, {}
     for seed in seeds:
@@ -101,12 +111,13 @@ def main(argv=None) -> dict:
             if args.student == "audio":
                 checkpoints.load_checkpoint(student, args.save_dir / "audio.bin", "IEMOCAP/audio.py", IEMOCAP.name)
         student.to(device)
-        # Training batches also carry the teacher's input, dev/test batches only the student's
+        # Dev/test batches carry the student's input only; training batches also the teacher's prompts
+        # when it runs in every step (--teacher_cache False)
         batches = loaders.split_loaders(samples, [s_field], args.batch_size, args.num_workers, seed,
                                         ("dev", "test"))
         if args.train:
-            batches.update(loaders.split_loaders(samples, [t_field, s_field], args.batch_size, args.num_workers,
-                                                 seed, ("train",)))
+            batches.update(loaders.split_loaders(samples, [s_field] if args.teacher_cache else [t_field, s_field],
+                                                 args.batch_size, args.num_workers, seed, ("train",)))
         data = loaders.SampleBatches(batches, device, report)
         files[seed] = StageFiles.first_stage(args.save_dir, name, cli.seed_tag(seed, seeds))
         # fp16 autocast with a gradient scaler, as the authors (docs/METHOD.md §3)
@@ -114,14 +125,20 @@ def main(argv=None) -> dict:
                                              script=f"IEMOCAP/KD.py --student {args.student}", dataset=IEMOCAP.name,
                                              labels=IEMOCAP.labels, files=files[seed], width=student.width,
                                              authors_batch=4, amp_dtype=torch.float16,
-                                             clip_scaled=args.reference_kd_clip)
+                                             clip_scaled=args.reference_kd_clip,
+                                             sizes={"relational_batch": relational})
         if not args.train:
             result = engine.evaluate_checkpoint(student, data, config)
             if args.student == "audio":
                 report.write(usual.eval_substitutions)
             return result
+        if args.teacher_cache:
+            # The frozen teacher's outputs for every training utterance, computed once (or read from
+            # <save_dir>/text_teacher_outputs.pt): the steps read them instead of running it
+            teacher = teacher_cache.teacher_outputs(teacher, t_field, samples["train"],
+                                                    args.save_dir / f"{args.teacher}.bin", data, config)
 
-        # Optimizer, schedule and gradient scaler: AdamW; the authors' warmup counted in samples
+        # Optimizer, schedule and gradient scaler: AdamW; the authors' curve over epochs
         optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=args.learning_rate)
         scheduler = schedule.reference_schedule(optimizer, data, config)
         scaler = torch.amp.GradScaler(device.type, enabled=args.amp)

@@ -64,7 +64,7 @@ def main(argv=None) -> dict:
             report.write(usual.eval_substitutions)
             return result
 
-        # Optimizer and schedule: AdamW; the authors' warmup counted in samples, stepped per update
+        # Optimizer and schedule: AdamW; the authors' curve over epochs, stepped per update
         optimizer = torch.optim.AdamW([p for p in encoder.parameters() if p.requires_grad], lr=args.learning_rate)
         scheduler = schedule.reference_schedule(optimizer, data, config)
         runs[seed] = engine.fit(encoder, objective, data, optimizer, scheduler, config)

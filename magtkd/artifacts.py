@@ -62,6 +62,13 @@ def kd_name(teacher: str, student: str) -> str:
     return f"{teacher}_KD_{student}"
 
 
+def teacher_outputs_path(teacher_checkpoint: str | os.PathLike) -> Path:
+    """``<save_dir>/text_teacher_outputs.pt`` beside ``text.bin``: the KD teacher's outputs computed once
+    (`magtkd.teacher_cache`)."""
+    checkpoint = Path(teacher_checkpoint)
+    return checkpoint.with_name(f"{checkpoint.stem}_teacher_outputs.pt")
+
+
 def feature_path(feature_dir: str | os.PathLike, split: str) -> Path:
     """``<feature_dir>/first_stage_{split}_features.pkl``."""
     return Path(feature_dir) / f"first_stage_{split}_features.pkl"

@@ -114,6 +114,11 @@ def training_parser(spec: DatasetSpec, script_dir: str | Path, description: str 
         parser.add_argument("--reference_kd_clip", type=str2bool, default=False,
                             help="clip the still-SCALED gradients at 10, as the authors did (the update then sees "
                                  "gradients of norm about 10/scale); default False: unscale, then clip")
+        parser.add_argument("--teacher_cache", type=str2bool, default=True,
+                            help="compute the frozen teacher's outputs for every training utterance once, at this "
+                                 "run's precision and prompt, cached as <save_dir>/<teacher>_teacher_outputs.pt "
+                                 "(keyed by the teacher checkpoint, prompt, precision and data), and read them in "
+                                 "the steps; False: the teacher runs in every step (docs/METHOD.md §3)")
     add_loop_flags(parser, checkpointing=True)
     return parser
 
@@ -226,11 +231,11 @@ def add_loop_flags(parser: argparse.ArgumentParser, checkpointing: bool) -> argp
     restarts, precision, determinism and monitoring."""
     parser.add_argument("--per_batch_schedule", type=str2bool, nargs="?", const=True, default=False,
                         help="count warmup/total steps in batches instead of the reference's items")
-    parser.add_argument("--schedule_epochs", type=str2bool, default=False,
-                        help="anchor warmup and decay to the authors' curve in EPOCHS (as at their global batch) "
-                             "whatever the global batch (per-process batch x processes x --grad_accum); default "
-                             "False: their count in steps, whose length in epochs grows with the global batch "
-                             "(docs/METHOD.md §2)")
+    parser.add_argument("--schedule_epochs", type=str2bool, default=True,
+                        help="warmup and decay follow the authors' curve in EPOCHS (as at their global batch) "
+                             "whatever the global batch (per-process batch x processes x --grad_accum); False: "
+                             "their counts taken as steps of this run, whose length in epochs grows with the "
+                             "global batch (docs/METHOD.md §2)")
     parser.add_argument("--grad_accum", type=positive_int, default=1,
                         help="accumulate gradients over N batches per update (an N times larger batch)")
     if checkpointing:

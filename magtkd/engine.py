@@ -75,7 +75,7 @@ class FitConfig:
     tensorboard: Path | None = None  # --tensorboard DIR: event files under DIR/<checkpoint stem>/
     authors_batch: int | None = None  # the authors' global batch, the schedule's reference (`magtkd.schedule`)
     per_batch_schedule: bool = False  # --per_batch_schedule
-    schedule_epochs: bool = False  # --schedule_epochs
+    schedule_epochs: bool = True  # --schedule_epochs: the authors' curve over epochs at any global batch
 
     @classmethod
     def from_flags(cls, flags: Mapping[str, Any], *, seed: int, **fields: Any) -> "FitConfig":
@@ -151,7 +151,8 @@ class Step:
         accumulated gradient is that of the mean loss over the whole group: the same
         update as one batch holding all of them, for losses that are means over items
         (cross-entropy). Loss terms that relate the items of a batch to each other (the
-        KD correlation/relation terms, docs/METHOD.md §3) are computed per micro-batch.
+        KD correlation/relation terms, docs/METHOD.md §3) are computed per micro-batch (over
+        every process's micro-batch: `magtkd.runtime.gather_rows`).
         Under DDP the gradients are all-reduced once, at the last micro-batch. With a
         gradient ``scaler`` (fp16 KD, docs/METHOD.md §3) the gradients are unscaled
         before clipping, or clipped while still scaled with ``clip_scaled`` (the
@@ -182,6 +183,59 @@ class Step:
 
 
 LOG_EVERY = 10  # updates between two reads of the loss on the host
+MAX_SKIPPED_IN_A_ROW = 20  # fp16: consecutive skipped updates that stop a run (from 2**16 the scale is then 2**-4)
+
+
+class ScalerSkips:
+    """fp16 KD's skipped updates in an epoch (docs/METHOD.md §3, "fp16 and its gradient scaler"): an update
+    whose gradients are not finite (their norm is not: an overflow, or a non-finite loss) is skipped by the
+    gradient scaler, which halves its scale. The flags stay on the device and are read with the loss; the
+    skips are logged there, and `MAX_SKIPPED_IN_A_ROW` of them in a row stop the run: gradients that stay
+    non-finite while the scale shrinks to 2**-4 are no overflow."""
+
+    def __init__(self, config: FitConfig, epoch: int) -> None:
+        self.config, self.epoch = config, epoch
+        self.pending: list[tuple[int, torch.Tensor]] = []
+        self.skipped, self.in_a_row = 0, 0
+
+    def note(self, update: int, grad_norm: torch.Tensor) -> torch.Tensor:
+        skipped = ~torch.isfinite(grad_norm)
+        self.pending.append((update, skipped))
+        return skipped
+
+    def read(self, scaler: torch.amp.GradScaler, updates: int) -> None:
+        flags = torch.stack([flag for _, flag in self.pending]).tolist() if self.pending else []
+        skipped = [update for (update, _), flag in zip(self.pending, flags) if flag]
+        for (update, _), flag in zip(self.pending, flags):
+            self.in_a_row = self.in_a_row + 1 if flag else 0
+            if self.in_a_row >= MAX_SKIPPED_IN_A_ROW:
+                raise NonFiniteError(
+                    f"{self.config.stage}: {MAX_SKIPPED_IN_A_ROW} updates in a row skipped by the fp16 gradient "
+                    f"scaler at epoch {self.epoch} (up to update {update} of {updates}): the gradients stay "
+                    f"non-finite while the scale shrinks (now {scaler.get_scale():g}), which no overflow explains; "
+                    "stopped before publishing anything (a previous complete set is kept). Check the loss flags "
+                    "(learning rate, --tau), or try --amp False")
+        self.pending = []
+        if skipped:
+            self.skipped += len(skipped)
+            log.warning("%s epoch %d: update(s) %s of %d skipped by the fp16 gradient scaler (gradients not finite); "
+                        "scale now %g", self.config.stage, self.epoch, ", ".join(map(str, skipped)), updates,
+                        scaler.get_scale())
+
+
+def check_finite_inputs(group: Sequence[Any], config: FitConfig, epoch: int, update: int) -> None:
+    """fp16 KD: the batches' floating-point inputs must be finite, since the scaler would skip their
+    updates silently. They come from the loaders on the host, so this costs no device round trip."""
+    for batch in group:
+        if not isinstance(batch, Mapping):
+            continue
+        for name, value in batch.items():
+            if torch.is_tensor(value) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                rows = (~torch.isfinite(value)).reshape(len(value), -1).any(1).nonzero().flatten()
+                where = batch["index"][rows].tolist() if "index" in batch else rows.tolist()
+                raise NonFiniteError(f"{config.stage}: {name} of training sample(s) {where} (0-based, CSV order) "
+                                     f"holds NaN/inf at epoch {epoch}, update {update}; stopped before "
+                                     "publishing anything (a previous complete set is kept)")
 
 
 def train_one_epoch(data: Batches, step: Step, config: FitConfig, epoch: int) -> float:
@@ -190,24 +244,33 @@ def train_one_epoch(data: Batches, step: Step, config: FitConfig, epoch: int) ->
     the watch (``--tensorboard``) gets every update's figures and writes them at the same moments.
 
     The running sum is non-finite from the first non-finite update loss on, so reading it also
-    checks every loss; the first such update is kept on the device (docs/METHOD.md §6). The fp16
-    scaler's skipped steps have inf gradients but a finite loss, and pass.
+    checks every loss; the first such update is kept on the device (docs/METHOD.md §6). With fp16's
+    gradient scaler an update whose gradients are not finite is skipped instead (`ScalerSkips`: logged,
+    left out of the mean, bounded), while non-finite inputs and an epoch whose every update was skipped
+    stop the run.
     """
     n_updates = data.updates_per_epoch(config.grad_accum)
     bar = progress(groups(data.micro_batches(epoch), config.grad_accum), total=n_updates,
                    desc=f"{config.stage} epoch {epoch}")
     total, count = torch.zeros((), dtype=torch.float64), 0
     first_bad = torch.full((), -1, dtype=torch.long)
+    skips = ScalerSkips(config, epoch) if step.scaler is not None and step.scaler.is_enabled() else None
     for group in bar:
+        if skips is not None:
+            check_finite_inputs(group, config, epoch, count + 1)
         lr = step.optimizer.param_groups[0]["lr"]  # the rate this update uses (the scheduler steps after it)
         loss, grad_norm = step.update(data.runner, group, lambda batch: data.loss(batch, config))
-        total, count = total.to(loss.device) + loss, count + 1
+        count += 1
+        applied = loss if skips is None else torch.where(skips.note(count, grad_norm), 0.0, loss)
+        total = total.to(loss.device) + applied
         first_bad = first_bad.to(loss.device)
-        first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), count, first_bad)
+        first_bad = torch.where((first_bad < 0) & ~torch.isfinite(applied), count, first_bad)
         if step.watch is not None:
             step.watch.update(step.scheduler.last_epoch, loss, grad_norm, lr)
         if count % LOG_EVERY == 0 or count == n_updates:
-            mean = float(total) / count
+            if skips is not None:
+                skips.read(step.scaler, n_updates)
+            mean = float(total) / max(count - (skips.skipped if skips else 0), 1)
             if not math.isfinite(mean):
                 raise NonFiniteError(
                     f"{config.stage}: the training loss is not finite (mean {mean}) at epoch {epoch}, update "
@@ -216,7 +279,11 @@ def train_one_epoch(data: Batches, step: Step, config: FitConfig, epoch: int) ->
             bar.set_postfix(loss=f"{mean:.4f}")
             if step.watch is not None:
                 step.watch.flush(step.scaler)
-    return float(total) / max(count, 1)
+    if skips is not None and count and skips.skipped == count:
+        raise NonFiniteError(f"{config.stage}: every update of epoch {epoch} ({count}) was skipped by the fp16 "
+                             "gradient scaler (gradients not finite); stopped before publishing anything (a "
+                             "previous complete set is kept). Check the inputs and the loss flags, or try --amp False")
+    return float(total) / max(count - (skips.skipped if skips else 0), 1)
 
 
 def check_finite_logits(finite: torch.Tensor, stage: str, split: str, where: str = "") -> None:
@@ -322,7 +389,9 @@ def _epoch(model: nn.Module, data: Batches, step: Step, config: FitConfig, epoch
     model.eval()
     dev = summary(*data.evaluate(model, "dev", config))
     improved = not run.best or dev["weighted_f1"] > run.best["dev"]["weighted_f1"]
-    row: dict[str, Any] = {"epoch": epoch, "train_loss": train_loss, "dev": dev}
+    # The learning rate at the epoch's end: the rate the next update would use (the schedule in epochs, §2).
+    row: dict[str, Any] = {"epoch": epoch, "train_loss": train_loss, "lr": step.optimizer.param_groups[0]["lr"],
+                           "dev": dev}
     if improved or config.test_every_epoch:
         labels, preds = data.evaluate(model, "test", config)
         test = test_report(labels, preds, names)

@@ -184,6 +184,22 @@ def gather_objects(obj: Any) -> list[Any]:
     return out
 
 
+def gather_rows(tensor: torch.Tensor) -> torch.Tensor:
+    """The rows of ``tensor`` of every rank, rank after rank, in the autograd graph (``tensor`` itself on
+    one process). Every rank must pass as many rows (the DistributedSampler pads the shards to one length).
+
+    The backward pass sums every rank's gradient for this rank's rows
+    (`torch.distributed.nn.functional.all_gather`). So a loss term computed from the gathered rows, the
+    same on every rank, gets under DistributedDataParallel's averaging the gradient it has in one process
+    holding all the rows: the relational KD terms over the global batch (docs/METHOD.md §3).
+    """
+    if world_size() == 1:
+        return tensor
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(tensor))
+
+
 class EvalShardSampler(torch.utils.data.Sampler):
     """Every ``world_size``-th index from ``rank``, in order: each item on exactly one rank, no padding
     (a DistributedSampler would repeat items to even out the shards and count them twice)."""

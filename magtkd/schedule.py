@@ -1,5 +1,5 @@
-"""The authors' learning-rate schedule: linear warmup then linear decay, counted as they counted it
-(in training items, stepped once per update), logged in epochs for the run's global batch
+"""The authors' learning-rate schedule: linear warmup then linear decay, their curve over epochs at any
+global batch (their counts in training items rescaled to this run's updates), logged in epochs
 (docs/METHOD.md §2, "Schedule").
 """
 
@@ -12,8 +12,6 @@ from typing import TYPE_CHECKING
 
 import torch
 from torch.optim.lr_scheduler import LambdaLR
-
-from .utils import UserError
 
 if TYPE_CHECKING:  # for the annotations only (the engine imports this module, not the reverse)
     from .engine import Batches, FitConfig
@@ -54,10 +52,12 @@ def schedule_steps(n_train: int, updates_per_epoch: int, epochs: int, per_batch:
     """(warmup, total) in scheduler steps (one per update) of the authors' schedule (docs/METHOD.md §2).
 
     The authors count both in training SAMPLES (warmup = ``n_train``, total = ``n_train * epochs``)
-    while stepping once per update, so the curve's length in epochs is proportional to the global
-    batch. ``per_batch`` counts them in updates (warmup = one epoch). ``anchor_batch`` (the authors'
-    global batch, ``--schedule_epochs True``) rescales their counts to this run's updates per epoch:
-    the learning rate at each fraction of training is theirs whatever the global batch.
+    while stepping once per batch of theirs, so in steps of another global batch the curve's length in
+    epochs would grow with that batch. ``anchor_batch`` (the authors' global batch; the default of every
+    training stage, ``--schedule_epochs True``) rescales their counts to this run's updates per epoch: the
+    learning rate at each fraction of training is theirs whatever the global batch (processes,
+    ``--grad_accum``, ``--batch_size``). ``None`` takes their counts as steps of this run (``--schedule_epochs
+    False``); ``per_batch`` counts in updates (warmup = one epoch).
     """
     if per_batch:
         return updates_per_epoch, updates_per_epoch * epochs
@@ -82,19 +82,18 @@ def reference_schedule(optimizer: torch.optim.Optimizer, data: Batches, config: 
     (`magtkd.engine.Batches`) trained as ``config`` (`magtkd.engine.FitConfig`) says: its epochs, its
     ``--grad_accum``, ``--per_batch_schedule``, ``--schedule_epochs`` and the authors' global batch.
 
-    The curve is logged in epochs; when the global batch is not the authors' and the counts are
-    theirs in steps, a warning names the two ways back to their curve: the per-process batch that
-    gives their global batch, or ``--schedule_epochs True``.
+    By default (``--schedule_epochs True``) the curve over epochs is the authors' at any global batch. The
+    curve is logged in epochs; with ``--schedule_epochs False`` at a global batch that is not the authors',
+    a warning says how long warmup then lasts and names the two ways back to their curve.
     """
     per_batch, authors_batch = config.per_batch_schedule, config.authors_batch
-    if config.schedule_epochs and authors_batch is None:
-        raise UserError("--schedule_epochs True: this stage has no reference global batch to anchor to")
+    # A stage without a reference batch (none of the scripts; tests' toys) counts in steps.
     anchor = authors_batch if config.schedule_epochs and not per_batch else None
     updates_per_epoch, global_batch = data.updates_per_epoch(config.grad_accum), data.global_batch(config.grad_accum)
     warmup, total = schedule_steps(data.n_train, updates_per_epoch, config.epochs, per_batch, anchor)
     how = ("counted in updates (--per_batch_schedule)" if per_batch else
-           f"anchored in epochs to the authors' global batch {authors_batch} (--schedule_epochs)" if anchor
-           else "counted in steps as the authors")
+           f"the authors' curve in epochs (their global batch {authors_batch}, --schedule_epochs True)" if anchor
+           else "the authors' counts taken as steps of this run (--schedule_epochs False)")
     log.info("schedule: global batch %s, %s, %d updates per epoch: %s", global_batch, how, updates_per_epoch,
              describe_schedule(warmup, total, updates_per_epoch, config.epochs))
     if authors_batch is not None and global_batch.size != authors_batch and not per_batch and not anchor:
@@ -109,4 +108,5 @@ def schedule_choices(global_batch: GlobalBatch, authors_batch: int) -> str:
     others = global_batch.processes * global_batch.grad_accum
     batch = (f"--batch_size {authors_batch // others} gives their global batch" if authors_batch % others == 0
              else f"no --batch_size gives their global batch with {others} processes x accumulation")
-    return f"{batch}, or --schedule_epochs True keeps their curve over epochs at this batch (docs/METHOD.md §2)"
+    return f"{batch}, or --schedule_epochs True (the default) keeps their curve over epochs at this batch " \
+           "(docs/METHOD.md §2)"

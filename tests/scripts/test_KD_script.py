@@ -1,9 +1,10 @@
 """``<DS>/KD.py`` (stages 5-6, docs/METHOD.md §3): one epoch from a teacher checkpoint, what a run loads
-and freezes, its objective term by term, several seeds."""
+and freezes, its objective term by term, several seeds, the teacher computed once, fp16's skipped updates."""
 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -151,11 +152,14 @@ def test_kd_run_loads_only_its_modalities_and_freezes_the_teacher(generated, unt
     script("IEMOCAP", "KD").main(flags(paths, student=student, epochs=1, device="cpu"))
 
     assert sorted(watch.built) == sorted(["text", student])  # the other modality's model is never built
-    assert watch.fields == {"train": ["text", student], "dev": [student], "test": [student]}
+    # The teacher's outputs are computed once (the training batches carry the student's input only)
+    assert watch.fields == {"train": [student], "dev": [student], "test": [student]}
     # Teacher from text.bin; audio student from audio.bin, video student from the pretrained TimeSformer.
     assert watch.checkpoints == (["text.bin", "audio.bin"] if student == "audio" else ["text.bin"])
-    assert watch.teacher_calls and len(watch.teacher_calls) == 2  # 8 train rows / batch 4; dev/test: student only
+    assert watch.teacher_calls and len(watch.teacher_calls) == 2  # one pass: 8 train rows / batch 4; not in steps
     assert all(call == (False, False, False) for call in watch.teacher_calls), watch.teacher_calls
+    cached = torch.load(paths["save_dir"] / "text_teacher_outputs.pt", weights_only=True)
+    assert cached["rep"].shape[0] == cached["logits"].shape[0] == 8 and cached["key"]["prompt"] == "full"
     # IEMOCAP objective: CE + L_logit (tau 2); no feature loss (docs/METHOD.md §3).
     assert watch.losses == {"logit": 2, "feature": 0} and watch.taus == {2.0}
     assert len(watch.objectives) == 2  # CE + 1.0 * L_logit at every training step
@@ -239,3 +243,71 @@ def test_kd_without_text_checkpoint_says_text_py_writes_it(generated, tmp_path):
     message = str(info.value)
     assert str(tmp_path / "save_model" / "text.bin") in message and "text.py" in message
     assert not (tmp_path / "save_model" / "text_KD_audio.bin").exists()
+
+
+def kd_run(paths: dict[str, Path], *extra: str, logit_weight: float = 0.1, feature_weight: float = 1.0) -> Watch:
+    """One IEMOCAP KD audio run of 2 epochs on ``paths`` with MELD's objective (the feature loss included),
+    watched (`Watch`); returns the watch, with the student it wrote as ``student``."""
+    with pytest.MonkeyPatch.context() as patch:
+        watch = Watch(patch, logit_weight=logit_weight, feature_weight=feature_weight)
+        script("IEMOCAP", "KD").main(flags(paths, student="audio", epochs=2, device="cpu", learning_rate="1e-3",
+                                           logit_weight=logit_weight, feature_weight=feature_weight) + list(extra))
+    watch.student = torch.load(paths["save_dir"] / "text_KD_audio.bin", weights_only=True)
+    return watch
+
+
+def test_teacher_computed_once_gives_the_losses_of_the_teacher_in_every_step(generated, untrained, tmp_path):
+    """``--teacher_cache`` (default) vs ``False``: the same loss at every step and the same student, to float
+    tolerance (the teacher's pass pads its prompts to other lengths than the training batches); a second run
+    reads the cached outputs (the teacher never runs) and trains exactly the same student."""
+    paths = few_rows_and_checkpoints(generated, untrained, tmp_path)
+    in_steps = kd_run(paths, "--teacher_cache", "False")
+    computed = kd_run(paths)
+    read = kd_run(paths)
+
+    assert in_steps.fields["train"] == ["text", "audio"] and len(in_steps.teacher_calls) == 4  # 2 epochs x 2 steps
+    assert computed.fields["train"] == ["audio"] and len(computed.teacher_calls) == 2  # one pass over 8 rows
+    assert read.teacher_calls == [] and sorted(read.built) == ["audio", "text"]  # built all the same: same draws
+    assert len(in_steps.objectives) == len(computed.objectives) == 4
+    for (a, _, _), (b, _, _) in zip(in_steps.objectives, computed.objectives):
+        assert b == pytest.approx(a, rel=1e-5)
+    assert [row[0] for row in read.objectives] == [row[0] for row in computed.objectives]
+    for key, value in in_steps.student.items():
+        torch.testing.assert_close(computed.student[key], value, rtol=1e-4, atol=1e-6)
+        assert torch.equal(read.student[key], computed.student[key])
+
+
+def test_fp16_kd_skips_an_overflowing_update_and_stops_on_non_finite_input(generated, untrained, tmp_path,
+                                                                           monkeypatch, caplog):
+    """With the gradient scaler (``--amp True``, which runs on CPU too) an update whose gradients overflow is
+    skipped and logged, and the run publishes; a NaN in the inputs still stops it with one line."""
+    paths = few_rows_and_checkpoints(generated, untrained, tmp_path)
+    module, calls = script("IEMOCAP", "KD"), []
+    real = module.objective
+
+    def overflow_at_update_2(*args, **kwargs):
+        calls.append(1)
+        loss = real(*args, **kwargs)
+        return loss * 1e38 * 1e38 if len(calls) == 2 else loss  # inf: the scaled gradients overflow
+
+    monkeypatch.setattr(module, "objective", overflow_at_update_2)
+    caplog.set_level(logging.INFO, logger="magtkd")
+    doc = module.main(flags(paths, student="audio", epochs=2, device="cpu", amp="True"))
+    assert doc["complete"] is True and len(calls) == 4
+    assert "IEMOCAP KD text->audio epoch 1: update(s) 2 of 2 skipped by the fp16 gradient scaler" in caplog.text
+    assert "epoch 2: update(s)" not in caplog.text
+    assert all(row["train_loss"] == row["train_loss"] and abs(row["train_loss"]) < 1e30 for row in doc["epochs"])
+
+    bad = next(sample.utterance.key for sample in dataset.load_samples(script("IEMOCAP", "config").IEMOCAP,
+                                                                       paths["data_dir"])["train"][3:4])
+    load = loaders.AudioField.load
+
+    def nan_audio(self, sample):
+        values, problem = load(self, sample)
+        return (values * float("nan") if sample.utterance.key == bad and sample.utterance.split == "train"
+                else values), problem
+
+    monkeypatch.setattr(loaders.AudioField, "load", nan_audio)
+    with pytest.raises(engine.NonFiniteError, match=r"IEMOCAP KD text->audio: audio_values of training sample\(s\) "
+                                                    r"\[3\] \(0-based, CSV order\) holds NaN/inf at epoch 1, update \d"):
+        module.main(flags(paths, student="audio", epochs=2, device="cpu", amp="True", seed=7))

@@ -235,3 +235,81 @@ def test_loss_check_reads_the_device_every_ten_updates(monkeypatch):
 
 def test_errors_are_user_errors():
     assert issubclass(NonFiniteError, UserError) and issubclass(FeatureFileError, UserError)
+
+
+class OneItemUpdates:
+    """The engine's view of ``n`` one-item batches ``{"index", "x"}`` (one update each) whose loss is the
+    model's output times ``factors[i]`` (inf: the update's gradients overflow); ``x`` is NaN for ``nan_at``."""
+
+    def __init__(self, model: nn.Module, factors: list[float], nan_at: int | None = None) -> None:
+        self.runner, self.n_train, self.factors, self.nan_at = model, len(factors), factors, nan_at
+
+    def micro_batches(self, epoch):
+        return ({"index": torch.tensor([i]), "x": torch.full((1, 2), float("nan") if i == self.nan_at else 1.0),
+                 "labels": torch.tensor([0])} for i in range(self.n_train))
+
+    def updates_per_epoch(self, grad_accum):
+        return self.n_train
+
+    def loss(self, batch, config):
+        return self.runner(batch["x"]).sum() * self.factors[int(batch["index"])]
+
+
+def fp16_epoch(factors: list[float], nan_at: int | None = None) -> tuple[float, torch.Tensor]:
+    """One epoch of `engine.train_one_epoch` with an enabled gradient scaler (as fp16 KD; it runs on CPU too):
+    the epoch's mean loss and the weights after it."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(2, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    config = engine.FitConfig(stage="unit", script="unit.py", dataset="X", labels=["a"],
+                              files=StageFiles.first_stage("/nonexistent", "unit"), epochs=1, seed=0, args={})
+    step = engine.Step(optimizer, scheduler, list(model.parameters()), config.grad_clip,
+                       torch.amp.GradScaler("cpu", enabled=True))
+    mean = engine.train_one_epoch(OneItemUpdates(model, factors, nan_at), step, config, 3)
+    return mean, model.weight.detach().clone()
+
+
+def test_fp16_scaler_skips_overflowing_updates_logs_them_and_leaves_them_out(caplog):
+    """docs/METHOD.md §3: an update whose gradients are not finite is skipped (the weights keep their values),
+    named in the log at the next read of the loss, and left out of the epoch's mean loss."""
+    factors = [1.0] * 12
+    factors[2] = factors[3] = float("inf")
+    mean, weights = fp16_epoch(factors)
+    assert "unit epoch 3: update(s) 3, 4 of 12 skipped by the fp16 gradient scaler" in caplog.text
+    assert "scale now 16384" in caplog.text  # halved twice from 2**16
+    # The ten applied updates are those of a ten-update epoch: the same weights and the same losses.
+    ten_mean, ten_weights = fp16_epoch([1.0] * 10)
+    assert torch.equal(weights, ten_weights) and not torch.equal(weights, fp16_epoch([1.0] * 12)[1])
+    assert mean == pytest.approx(ten_mean, rel=1e-12)
+
+
+@pytest.mark.parametrize("factors, nan_at, message", [
+    ([float("inf")] * 5, None, r"unit: every update of epoch 3 \(5\) was skipped by the fp16 gradient scaler"),
+    ([1.0] * 3 + [float("inf")] * 27, None, r"unit: 20 updates in a row skipped by the fp16 gradient scaler at "
+                                            r"epoch 3 \(up to update 23 of 30\)"),
+    ([1.0] * 6, 4, r"unit: x of training sample\(s\) \[4\] \(0-based, CSV order\) holds NaN/inf at epoch 3, "
+                   r"update 5; stopped before publishing"),
+])
+def test_fp16_scaler_stops_on_non_finite_inputs_and_on_updates_that_keep_failing(factors, nan_at, message):
+    with pytest.raises(NonFiniteError, match=message):
+        fp16_epoch(factors, nan_at)
+
+
+def test_every_epoch_row_records_the_learning_rate_at_its_end(tmp_path: Path) -> None:
+    """The metrics document's ``lr``: the rate after the epoch's last update (the schedule, in epochs)."""
+    torch.manual_seed(0)
+    net = ToyNet()
+    splits = {split: loaders.make_loader(Toy(n, seed), 4, split == "train", 0, seed=7)
+              for split, n, seed in (("train", 22, 1), ("dev", 6, 2), ("test", 6, 3))}
+    config = engine.FitConfig.from_flags({"epochs": 3}, seed=0, stage="toy", script="test", dataset="toy",
+                                         labels=["a", "b", "c"], files=StageFiles.first_stage(tmp_path, "toy"),
+                                         authors_batch=4)
+    data = loaders.SampleBatches(splits, torch.device("cpu"))
+    optimizer = torch.optim.AdamW(net.parameters(), lr=0.5)
+    scheduler = schedule.reference_schedule(optimizer, data, config)
+    doc = engine.fit(net, lambda model, batch: F.cross_entropy(model(batch["x"]), batch["labels"]), data, optimizer,
+                     scheduler, config)
+    curve = schedule.WarmupDecay(*schedule.schedule_steps(22, 6, 3, anchor_batch=4))  # 6 updates per epoch
+    assert [row["lr"] for row in doc["epochs"]] == pytest.approx([0.5 * curve(6 * e) for e in (1, 2, 3)])
+    assert doc["epochs"][-1]["lr"] == optimizer.param_groups[0]["lr"]

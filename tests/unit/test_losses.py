@@ -7,11 +7,13 @@ tests/scripts/test_KD_script.py (term by term, and a KD run's loss at every step
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 import torch
 
-from magtkd.losses import feature_kd_loss, logit_kd_loss, pearson
+from magtkd.losses import feature_kd_loss, logit_kd_loss, pearson, relational_batch
 
 
 # Hand-made inputs: 4 samples x 3 classes, 4 samples x 5 features.
@@ -104,3 +106,34 @@ def test_gradients_flow_to_undetached_inputs_only():
     zs2, zt2 = t(Z_S, True), t(Z_T, True)
     logit_kd_loss(zs2, zt2.detach()).backward()
     assert zs2.grad.abs().sum() > 0 and zt2.grad is None
+
+
+def test_losses_compute_in_fp32_whatever_the_autocast_around_them():
+    """Under autocast the Gram matrices of the feature loss would be low-precision products (the fp16 of KD on
+    CUDA; bf16 is CPU autocast's); the losses disable it, and take fp16/bf16 inputs as fp32 values."""
+    g = torch.Generator().manual_seed(0)
+    h_s, h_t, z_s, z_t = (torch.randn(8, 64, generator=g) for _ in range(4))
+    exact = (feature_kd_loss(h_s, h_t), logit_kd_loss(z_s, z_t))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert (h_t @ h_t.t()).dtype == torch.bfloat16  # what autocast does to a plain product here
+        under = (feature_kd_loss(h_s, h_t), logit_kd_loss(z_s, z_t))
+    assert all(torch.equal(a, b) and b.dtype == torch.float32 for a, b in zip(exact, under))
+    half = feature_kd_loss(h_s.half(), h_t.half())
+    assert half.dtype == torch.float32 and torch.equal(half, feature_kd_loss(h_s.half().float(), h_t.half().float()))
+
+
+@pytest.mark.parametrize("per_process, processes, grad_accum, warning", [
+    (4, 1, 1, None),
+    (2, 2, 1, None),
+    (1, 4, 1, None),
+    (4, 2, 1, "relate 8 samples where the authors' related 4"),
+    (2, 1, 2, "relate 2 samples where the authors' related 4"),
+    (1, 1, 4, "relate ONE sample: the intra-class term is the constant 1 without gradient and the feature loss is 0"),
+])
+def test_relational_batch_is_one_micro_batch_of_every_process(caplog, per_process, processes, grad_accum, warning):
+    caplog.set_level(logging.INFO, logger="magtkd")
+    assert relational_batch(per_process, processes, grad_accum) == per_process * processes
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert (warnings == []) if warning is None else (len(warnings) == 1 and warning in warnings[0])
+    assert f"relate {per_process * processes} samples: {per_process} per process x {processes} processes" \
+        in caplog.text
