@@ -139,3 +139,16 @@ def test_pipeline_help_lists_its_environment_variables(monkeypatch):
     for flag, variable in cli.PIPELINE_ENV.items():
         assert f"{variable} (--{flag})" in " ".join(text.split())
         assert f"${variable}" in " ".join(text.split())
+
+
+def test_a_flag_error_under_torchrun_is_printed_by_rank_0_only(monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    monkeypatch.setattr(utils, "RANK0_WAIT_S", 0.2)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank in ("0", "1"):
+        monkeypatch.setenv("RANK", rank)
+        with pytest.raises(SystemExit) as exit_:
+            fusion_parser().parse_args(["--epochs", "0"])
+        assert exit_.value.code == 2
+        err = capsys.readouterr().err
+        assert err.count("error: argument --epochs: expected an integer >= 1, got '0'") == (rank == "0")
