@@ -99,9 +99,11 @@ def flag_table(script: str) -> str:
 
 def flag_blocks() -> dict[str, str]:
     """Every script's table; the pipeline's defaults as without its environment variables (`cli.PIPELINE_ENV`)."""
-    for variable in cli.PIPELINE_ENV.values():
-        os.environ.pop(variable, None)
-    return {f"flags: {script}": flag_table(script) for script in SCRIPTS}
+    saved = {v: os.environ.pop(v) for v in cli.PIPELINE_ENV.values() if v in os.environ}
+    try:
+        return {f"flags: {script}": flag_table(script) for script in SCRIPTS}
+    finally:
+        os.environ.update(saved)
 
 
 # --------------------------------------------------------------------------- the demo's figures

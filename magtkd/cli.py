@@ -99,7 +99,7 @@ def check_path(path: Path, flag: str, written: bool, folder: bool = True) -> Non
     longer than its PATH_MAX) and, when the script ``written`` there, one it cannot create or write (a file
     in the way, a read-only or foreign folder); ``folder``: a folder, else a file (docs/METHOD.md §6)."""
     path = Path(path).absolute()
-    existing = next(p for p in (path, *path.parents) if p.exists())
+    existing = next(p for p in (path, *path.parents) if os.path.exists(p))  # (Path.exists raises on a long name)
     anchor = existing if existing.is_dir() else existing.parent
     name_max, path_max = _limit(anchor, "PC_NAME_MAX", 255), _limit(anchor, "PC_PATH_MAX", 4096)
     for part in path.relative_to(existing).parts:

@@ -154,7 +154,9 @@ def out_of_memory(err: BaseException) -> bool:
     text = str(err)
     return (isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError"
             or (isinstance(err, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text
-                                                   or "CUBLAS_STATUS_ALLOC_FAILED" in text)))
+                                                   or "CUBLAS_STATUS_ALLOC_FAILED" in text
+                                                   # a loader worker the kernel's out-of-memory killer ended
+                                                   or ("DataLoader worker" in text and "signal: Killed" in text))))
 
 
 def limit_line(err: BaseException, script: str, flags: Mapping[str, Any]) -> str | None:

@@ -621,7 +621,7 @@ def test_a_pickle_whose_width_differs_from_its_record_is_refused(tmp_path):
 
 
 @pytest.mark.slow
-def test_fusion_evaluation_into_a_read_only_save_dir_is_one_line_with_status_2(tmp_path, capsys):
+def test_fusion_evaluation_into_a_read_only_save_dir_is_one_line_with_status_2_before_any_work(tmp_path, capsys):
     features, save = make_features(tmp_path / "feature"), tmp_path / "save"
     fusion(features, save, "--epochs", "1")
     with tmpfs(tmp_path / "ro", size="16m") as folder:
@@ -633,7 +633,9 @@ def test_fusion_evaluation_into_a_read_only_save_dir_is_one_line_with_status_2(t
             utils.run(script("IEMOCAP", "multimodal_fusion").main, argv)
     assert exit_.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("error: cannot write ") and "multimodal_fusion_best.json: Read-only file system" in err[-1]
+    # Refused at parsing, before any work: the evaluation writes multimodal_fusion_best.json there
+    assert err[-1] == (f"error: --save_dir {folder}: the folder {folder} is not writable (read-only or another "
+                       "user's): choose a folder you can write")
     assert "Traceback" not in "\n".join(err)
 
 
