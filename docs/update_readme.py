@@ -41,6 +41,9 @@ DATASETS = ("IEMOCAP", "MELD")
 SCRIPTS = ("preprocessing.py", "text.py", "audio.py", "video_feature_extract.py", "video.py", "KD.py",
            "extract_first_stage_features.py", "multimodal_fusion.py", "predict.py", "ablation.py", "pipeline.py")
 MACHINE = "the shared 2-core CPU VM"
+# One torch thread, as the demo runs its stages (`--threads 1`): tiny models run fastest on one, and a
+# second thread on a shared machine mostly waits.
+ABLATION_THREADS = "1"
 ABLATION_EXAMPLE = ("IEMOCAP/ablation.py --table modalities --seeds 1 2 --feature_dir {dir}/IEMOCAP/feature "
                     "--save_dir {dir}/IEMOCAP/save_model --device cpu --epochs 20 --lr 1e-3 --batch_size 2 "
                     "--dropout 0.1")
@@ -155,14 +158,15 @@ def ablation_block(demo: Path, machine: str, date: str) -> str:
         if stale.exists():
             raise SystemExit(f"{stale} exists: the example would reuse finished variants; remove it to time a full run")
     started = time.perf_counter()
-    subprocess.run([sys.executable, *shlex.split(command)], check=True, cwd=REPO)
+    subprocess.run([sys.executable, *shlex.split(command)], check=True, cwd=REPO,
+                   env={**os.environ, "OMP_NUM_THREADS": ABLATION_THREADS})
     seconds = time.perf_counter() - started
     table = "\n".join(line for line in (save / "modalities.md").read_text(encoding="utf-8").splitlines()
                       if line.startswith("|"))
     shown = ABLATION_EXAMPLE.format(dir="demo").replace(" --device", " \\\n    --device", 1)
     return (f"Tiny-data example (the demo's IEMOCAP features and checkpoints, `python -m magtkd.synthetic.demo "
             f"--workdir demo`; measured {date} on {machine}: {seconds:.0f} s of wall time for the 14 fusion "
-            f"runs):\n\n```bash\npython {shown}\n```\n\n{table}")
+            f"runs):\n\n```bash\nOMP_NUM_THREADS={ABLATION_THREADS} python {shown}\n```\n\n{table}")
 
 
 # --------------------------------------------------------------------------- command line
