@@ -163,7 +163,7 @@ def ablation_block(demo: Path, machine: str, date: str) -> str:
     seconds = time.perf_counter() - started
     table = "\n".join(line for line in (save / "modalities.md").read_text(encoding="utf-8").splitlines()
                       if line.startswith("|"))
-    shown = ABLATION_EXAMPLE.format(dir="demo").replace(" --device", " \\\n    --device", 1)
+    shown = ABLATION_EXAMPLE.format(dir="demo").replace(" --save_dir", " \\\n    --save_dir", 1)
     return (f"Tiny-data example (the demo's IEMOCAP features and checkpoints, `python -m magtkd.synthetic.demo "
             f"--workdir demo`; measured {date} on {machine}: {seconds:.0f} s of wall time for the 14 fusion "
             f"runs):\n\n```bash\nOMP_NUM_THREADS={ABLATION_THREADS} python {shown}\n```\n\n{table}")
