@@ -571,6 +571,30 @@ def test_non_finite_loss_stops_before_publishing_and_keeps_the_previous_set(publ
     assert partial["complete"] is False
 
 
+def test_out_of_memory_mid_training_is_one_line_and_keeps_the_previous_set(published, monkeypatch, capsys):
+    module = script("IEMOCAP", "multimodal_fusion")
+    real, calls = module.objective, []
+
+    def allocator_fails_at_update_4(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:  # torch's CPU allocator's own words, colour codes included
+            raise RuntimeError("\x1b[1m[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate "
+                               "memory: you tried to allocate 4294967296 bytes. Error code 12\x1b[0m")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, "objective", allocator_fails_at_update_4)
+    with pytest.raises(SystemExit) as exit_:
+        utils.run(module.main, ["--feature_dir", str(published["features"]), "--save_dir", str(published["save"]),
+                                "--device", "cpu", "--batch_size", "2", "--lr", "1e-3", "--epochs", "3"])
+    assert exit_.value.code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert errors == ["error: IEMOCAP/multimodal_fusion.py ran out of CPU memory at --batch_size 2 (per process) "
+                      "([enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: you "
+                      "tried to allocate 4294967296 bytes. Error code 12); try a smaller --batch_size (e.g. 1 with "
+                      "--grad_accum 2, the same update). The previous complete outputs are kept"]
+    assert_previous_set_kept(published)
+
+
 @pytest.mark.slow
 def test_interrupted_rerun_keeps_the_previous_set_and_resume_publishes(published, monkeypatch):
     files = published["files"]
