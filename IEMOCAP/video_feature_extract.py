@@ -29,7 +29,7 @@ log = logging.getLogger("magtkd")
 
 def main(argv=None) -> dict:
     # Flags: the folders, --num_workers (source videos decoded in parallel), --channel_order
-    parser = cli.paths_parser(IEMOCAP, HERE, __doc__)
+    parser = cli.paths_parser(IEMOCAP, HERE, __doc__, writes=("feature_dir",))
     parser.add_argument("--channel_order", choices=("rgb", "bgr"), default="rgb",
                         help="rgb: what the image processor was trained on (our fix); bgr: the authors' "
                              "OpenCV frames (docs/METHOD.md §7)")

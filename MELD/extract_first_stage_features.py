@@ -25,7 +25,7 @@ from magtkd.artifacts import SubstitutionReport  # noqa: E402
 
 def main(argv=None) -> dict:
     # Flags: the folders, the batch size (features do not depend on it) and autocast
-    parser = cli.paths_parser(MELD, HERE, __doc__)
+    parser = cli.paths_parser(MELD, HERE, __doc__, writes=("feature_dir",))
     parser.add_argument("--batch_size", type=utils.positive_int, default=16, help="utterances per forward pass")
     cli.add_amp_flag(parser)
     cli.add_audio_cache_flags(parser)

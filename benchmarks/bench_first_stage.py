@@ -387,10 +387,11 @@ def frame_size(text: str) -> tuple[int, int]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from magtkd.cli import HelpFormatter  # every flag's default shown once
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--quick", action="store_true", help="1-minute video, 12 utterances, 2+5 steps")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
-    p.add_argument("--size", default="640x480", type=frame_size, help="video frame size WxH (default 640x480)")
+    p.add_argument("--size", default="640x480", type=frame_size, help="video frame size WxH")
     p.add_argument("--meld_clips", type=int, default=60, help="MELD-style mp4 clips for the audio section")
     args = p.parse_args(argv)
     if args.threads:

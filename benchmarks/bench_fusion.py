@@ -233,10 +233,12 @@ def parent(args: argparse.Namespace) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from magtkd.cli import HelpFormatter  # every flag's default shown once
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--quick", action="store_true", help="width 128 and 1/8 of the dialogues")
-    p.add_argument("--epochs", type=int, default=2)
-    p.add_argument("--datasets", nargs="+", default=["IEMOCAP", "MELD"], choices=sorted(SIZES))
+    p.add_argument("--epochs", type=int, default=2, help="timed epochs per loop")
+    p.add_argument("--datasets", nargs="+", default=["IEMOCAP", "MELD"], choices=sorted(SIZES),
+                   help="the feature sizes to time")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--loop", choices=("authors", "ours"), help=argparse.SUPPRESS)
     p.add_argument("--work", help=argparse.SUPPRESS)

@@ -54,11 +54,12 @@ def make_clips(folder: Path, n: int, seconds: float, size: tuple[int, int], fps:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--clips", type=int, default=200)
-    p.add_argument("--seconds", type=float, default=3.0)
-    p.add_argument("--size", default="320x240")
-    p.add_argument("--fps", type=int, default=25)
+    from magtkd.cli import HelpFormatter  # every flag's default shown once
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--clips", type=int, default=200, help="generated clips decoded")
+    p.add_argument("--seconds", type=float, default=3.0, help="length of each clip")
+    p.add_argument("--size", default="320x240", help="video frame size WxH")
+    p.add_argument("--fps", type=int, default=25, help="video frames per second")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads of this process (the decoder child uses 1; 1 here compares like with like)")
     args = p.parse_args(argv)

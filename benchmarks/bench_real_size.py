@@ -256,16 +256,19 @@ def agreement(teacher, field, samples, batch: dict, source: dict, loss_of, devic
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default=None, help="cpu, cuda; None = CUDA when available")
+    from magtkd.cli import HelpFormatter  # every flag's default shown once
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--device", default=None, help="cpu, cuda; default: CUDA when available")
     p.add_argument("--amp", default="False", choices=("True", "False"), help="bf16 autocast (CUDA only)")
-    p.add_argument("--grad_checkpointing", default="False", choices=("True", "False"))
-    p.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES))
+    p.add_argument("--grad_checkpointing", default="False", choices=("True", "False"),
+                   help="recompute the backbones' activations in backward")
+    p.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES), help="the stages to time")
     p.add_argument("--keep", type=Path, default=None,
-                   help="folder for the stand-ins (kept; reused when present, whatever their --size)")
+                   help="folder for the stand-ins (kept; reused when present, whatever their --size); default: a "
+                        "temporary one")
     p.add_argument("--size", choices=("real", "tiny"), default="real",
                    help="the stand-ins: the real architectures (2.6 GB) or the tiny ones of the tests")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: as many as torch picks)")
     p.add_argument("--steps", type=int, default=1,
                    help="training updates timed per stage (the same batch); the median is reported")
     p.add_argument("--child", choices=STAGES, help=argparse.SUPPRESS)

@@ -61,14 +61,15 @@ def measure(device: torch.device, amp: bool, args: argparse.Namespace) -> dict[s
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--layers", type=int, default=24)
-    p.add_argument("--hidden", type=int, default=1024)
-    p.add_argument("--batch_size", type=int, default=4)
-    p.add_argument("--tokens", type=int, default=512)
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--steps", type=int, default=10)
+    from magtkd.cli import HelpFormatter  # every flag's default shown once
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where to time it")
+    p.add_argument("--layers", type=int, default=24, help="encoder layers")
+    p.add_argument("--hidden", type=int, default=1024, help="hidden width")
+    p.add_argument("--batch_size", type=int, default=4, help="prompts per step")
+    p.add_argument("--tokens", type=int, default=512, help="tokens per prompt")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    p.add_argument("--steps", type=int, default=10, help="timed steps")
     args = p.parse_args()
     device = torch.device(args.device)
     print(f"device {device}; RoBERTa {args.layers} x {args.hidden}; batch {args.batch_size} x {args.tokens} tokens")

@@ -237,9 +237,10 @@ def check_real_size(ctx: Context, amp: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cuda", help="cuda (default) or cpu (the same checks at tiny sizes)")
-    p.add_argument("--keep", type=Path, default=None, help="work in this folder and keep it")
+    from magtkd.cli import HelpFormatter  # every flag's default shown once
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--device", default="cuda", help="cuda or cpu (the same checks at tiny sizes)")
+    p.add_argument("--keep", type=Path, default=None, help="work in this folder and keep it; default: a temporary folder, removed")
     p.add_argument("--real_size", default="auto", choices=("auto", "skip"),
                    help="run bench_real_size.py on CUDA (auto) or skip it")
     args = p.parse_args(argv)

@@ -330,11 +330,12 @@ def _pid_alive(pid: int) -> bool:
 
 
 @contextlib.contextmanager
-def output_lock(folder: str | os.PathLike, name: str) -> Iterator[Path]:
-    """Hold ``<folder>/.<name>.lock`` (holding the owner's PID) while a stage writes its artifact set.
+def output_lock(folder: str | os.PathLike, name: str, holder: str = "", what: str | None = None) -> Iterator[Path]:
+    """Hold ``<folder>/.<name>.lock`` (holding the owner's PID, then ``holder``: what runs) while a stage (or
+    the pipeline) writes its artifact set (``what``: for the message; default ``name``).
 
     A second run writing the same set into the same folder stops with a clear
-    message; a lock left by a process that no longer runs is taken over (logged).
+    message naming the first; a lock left by a process that no longer runs is taken over (logged).
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -344,27 +345,28 @@ def output_lock(folder: str | os.PathLike, name: str) -> Iterator[Path]:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             try:
-                text = lock.read_text().strip()
+                pid, _, other = lock.read_text().strip().partition("\n")
                 age = time.time() - lock.stat().st_mtime
             except OSError:
                 continue  # released meanwhile: try again
-            owner = int(text) if text.isdigit() else None
+            owner = int(pid) if pid.isdigit() else None
             if (owner is not None and _pid_alive(owner)) or (owner is None and age < 10):
+                first = f"PID {owner if owner is not None else '?'}" + (f": {other.strip()}" if other.strip() else "")
                 raise UserError(
-                    f"{folder} is in use: another run (PID {owner if owner is not None else '?'}) is writing "
-                    f"{name} there (lock {lock}); wait for it to finish, or write elsewhere (--save_dir/--feature_dir)"
+                    f"{folder} is in use: another run ({first}) is writing {what or name} there (lock {lock}); "
+                    "wait for it to finish, or write elsewhere (--save_dir/--feature_dir)"
                 )
             log.warning("taking over the stale lock %s of PID %s, which is no longer running", lock, owner)
             lock.unlink(missing_ok=True)
             continue
         with os.fdopen(fd, "w") as handle:
-            handle.write(f"{os.getpid()}\n")
+            handle.write(f"{os.getpid()}\n{holder}\n" if holder else f"{os.getpid()}\n")
         break
     try:
         yield lock
     finally:
         with contextlib.suppress(OSError):
-            if lock.read_text().strip() == str(os.getpid()):
+            if lock.read_text().split("\n", 1)[0].strip() == str(os.getpid()):
                 lock.unlink()
 
 

@@ -5,7 +5,11 @@ one rebuild of a trained fusion model from its checkpoint and metrics document (
 
 from __future__ import annotations
 
+import io
 import logging
+import pickletools
+import re
+import zipfile
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -17,7 +21,7 @@ from .artifacts import FUSION, StageFiles, check_complete
 from .fusion_settings import FusionRequest, FusionSettings
 from .model import CONCAT_MODALITIES, MODALITIES, AnchorGatedTransformer, FusionVariant
 from .spec import DatasetSpec
-from .utils import UserError
+from .utils import UserError, plain_text
 
 log = logging.getLogger("magtkd")
 
@@ -39,7 +43,14 @@ def checkpoint_file(path: str | Path) -> Path:
 
 def read_state_dict(path: str | Path, produced_by: str) -> dict[str, torch.Tensor]:
     """``torch.load`` (tensors only) a plain state_dict, or its safetensors twin (`checkpoint_file`); a missing or
-    unreadable file names the stage that writes it."""
+    unreadable file names the stage that writes it.
+
+    Checkpoints as people save them load too (docs/METHOD.md §6, "Checkpoints"): the weights under a training
+    checkpoint's ``state_dict`` / ``model_state_dict`` / ``model`` entry, and keys that all carry the
+    ``module.`` prefix of DistributedDataParallel / DataParallel (or ``_orig_mod.`` of torch.compile), each
+    with a log line. A whole pickled model (``torch.save(model)``) is refused without unpickling it: that
+    would run code from the file.
+    """
     path = checkpoint_file(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} not found: it is written by {produced_by}")
@@ -50,15 +61,87 @@ def read_state_dict(path: str | Path, produced_by: str) -> dict[str, torch.Tenso
             state = load_file(path, device="cpu")
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # truncated zip, not a checkpoint, refused global, ...
-        message = str(exc).splitlines()[0] if str(exc) else ""
+    except Exception as exc:  # truncated zip, not a checkpoint, a pickled object, ...
+        root, inner = pickled_class(path), re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
+        if root is not None or inner is not None:
+            what = (f"a whole pickled object of class {root} (saved with torch.save(model)), not a state_dict"
+                    if root is not None else f"a pickled object of class {inner.group(1)}, not only tensors")
+            recipe = (f"; where you trust the file and its class is importable: python -c \"import torch; m = "
+                      f"torch.load('{path}', weights_only=False); torch.save(m.state_dict(), '{path}')\""
+                      if root is not None else "")
+            raise CheckpointError(f"{path} holds {what}; it is not unpickled, since that runs code from the file. "
+                                  f"Save the model's weights as a plain state_dict (torch.save(model.state_dict(), "
+                                  f"...)){recipe}") from None
+        message = plain_text(str(exc).splitlines()[0] if str(exc) else "")
         raise CheckpointError(
             f"cannot read checkpoint {path} ({type(exc).__name__}: {message[:200]}); it is truncated or "
             f"not a checkpoint: re-run {produced_by}"
         ) from exc
     if not isinstance(state, dict):
         raise CheckpointError(f"{path} is not a state_dict (got {type(state).__name__})")
+    return _without_wrappers(state, path)
+
+
+# Where training checkpoints keep the weights (torch tutorials, Lightning, timm, ...), and the key prefixes
+# of wrapped modules: DistributedDataParallel / DataParallel, torch.compile.
+WEIGHT_ENTRIES = ("state_dict", "model_state_dict", "model", "module", "net")
+WRAPPER_PREFIXES = {"module.": "DistributedDataParallel / DataParallel", "_orig_mod.": "torch.compile"}
+
+
+def _without_wrappers(state: dict[str, Any], path: Path) -> dict[str, Any]:
+    """The weights of ``state``: unpacked from a training checkpoint's entry, wrapper prefixes removed (logged)."""
+    if not any(isinstance(v, torch.Tensor) for v in state.values()):
+        for key in WEIGHT_ENTRIES:
+            inner = state.get(key)
+            if isinstance(inner, dict) and inner and all(isinstance(v, torch.Tensor) for v in inner.values()):
+                log.info("%s: the weights are its %r entry (a training checkpoint); the other entries (%s) are not "
+                         "used", path, key, ", ".join(sorted(map(str, set(state) - {key}))) or "none")
+                state = inner
+                break
+    for prefix, wrapper in WRAPPER_PREFIXES.items():
+        if state and all(isinstance(k, str) and k.startswith(prefix) for k in state):
+            log.info("%s: every key starts with %r (saved from a %s model); the prefix is removed", path, prefix,
+                     wrapper)
+            state = {k[len(prefix):]: v for k, v in state.items()}
     return state
+
+
+def pickled_class(path: Path) -> str | None:
+    """The class of the object a ``torch.save`` file pickles when it is not a plain dict (``torch.save(model)``);
+    read from the pickle's opcodes without executing them. None for a dict, a non-pickle or an unreadable file."""
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                name = next((n for n in archive.namelist() if n.endswith("/data.pkl") or n == "data.pkl"), None)
+                return None if name is None else _root_class(io.BytesIO(archive.read(name)))
+        with open(path, "rb") as handle:  # the legacy format: magic number, protocol, system info, then the object
+            for _ in range(3):
+                for _op in pickletools.genops(handle):
+                    pass
+            return _root_class(handle)
+    except Exception:  # noqa: BLE001 - any malformed file simply is not recognised as a pickled object
+        return None
+
+
+def _root_class(stream: io.IOBase) -> str | None:
+    """``module.Name`` of the pickle's top object when the first thing it builds is a class instance."""
+    strings: list[str] = []
+    for opcode, arg, _pos in pickletools.genops(stream):
+        if opcode.name in ("PROTO", "FRAME", "MARK"):
+            continue
+        if opcode.name in ("SHORT_BINUNICODE", "BINUNICODE", "UNICODE", "BINUNICODE8"):
+            strings.append(str(arg))
+            continue
+        if opcode.name in ("MEMOIZE", "BINPUT", "LONG_BINPUT", "PUT"):
+            continue
+        if opcode.name == "GLOBAL":
+            found = str(arg).replace(" ", ".")
+        elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
+            found = f"{strings[-2]}.{strings[-1]}"
+        else:
+            return None  # a dict, list or other plain value at the top
+        return None if found in ("collections.OrderedDict", "builtins.dict") else found
+    return None
 
 
 def mismatch(model: nn.Module, state: Mapping[str, torch.Tensor]) -> str:

@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
+import textwrap
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, NoReturn, Sequence
 
+from . import utils
 from .spec import DATASETS, PROMPTS, DatasetSpec
 from .utils import (UserError, nonnegative_float, nonnegative_int, positive_float, positive_int, probability,
                     seed_int, str2bool)
@@ -22,18 +25,110 @@ from .utils import (UserError, nonnegative_float, nonnegative_int, positive_floa
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """Keep the script docstring's layout (it holds the exact command) and show each flag's default once:
-    not when its help already says what the default is, and never as ``(default: None)``."""
+    not when its help already says what the default is, and never as ``(default: None)``; a flag without
+    a default says ``(required)``."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
         help_text = action.help or ""
+        if action.required:
+            return f"{help_text} (required)"
         if action.default is None or "default" in help_text.lower() or action.default is argparse.SUPPRESS:
             return help_text
         return super()._get_help_string(action)
 
 
-def base_parser(description: str | None, allow_abbrev: bool = True, device: bool = True) -> argparse.ArgumentParser:
+class Parser(argparse.ArgumentParser):
+    """The scripts' parser: after parsing it records the resolved flags (`magtkd.utils.PARSED`, for the
+    one-line out-of-memory message) and checks, before any work, every path flag against the filesystem
+    (`check_path`): the outputs in ``outputs`` (flag -> the boolean flag that must be True for the script to
+    write there, None: always) must be creatable and writable (docs/METHOD.md §6, "Limits")."""
+
+    capture: list["Parser"] | None = None  # set by `parser_of`: stop at the parse and hand the parser over
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.outputs: dict[str, str | None] = {}
+
+    def parse_known_args(self, args: Sequence[str] | None = None, namespace: Any = None) -> Any:
+        if Parser.capture is not None:
+            Parser.capture.append(self)
+            raise _Captured
+        parsed, extra = super().parse_known_args(args, namespace)
+        flags = vars(parsed)
+        utils.PARSED.clear()
+        utils.PARSED.update(flags)
+        for action in self._actions:
+            value = flags.get(action.dest)
+            if isinstance(value, Path):
+                condition = self.outputs.get(action.dest, "")
+                written = action.dest in self.outputs and (condition is None or flags.get(condition) is True)
+                check_path(value, f"--{action.dest}", written, folder=action.dest != "out")
+        return parsed, extra
+
+    def error(self, message: str) -> NoReturn:
+        """argparse's usage and error (exit status 2), printed once under torchrun (`magtkd.utils.speaks`)."""
+        if not utils.speaks(f"{self.prog}: error: {message}"):
+            sys.exit(2)
+        super().error(message)
+
+    def writes(self, *names: str, when: str | None = None) -> "Parser":
+        """Declare the path flags ``names`` outputs (written when the flag ``when`` is True; None: always)."""
+        self.outputs.update(dict.fromkeys(names, when))
+        return self
+
+
+class _Captured(Exception):
+    """`parser_of`'s stop: the script built its parser and is about to parse."""
+
+
+def parser_of(main: Callable[[Sequence[str] | None], Any]) -> Parser:
+    """The parser a script's ``main`` builds, taken at its parse (nothing runs after it): the README's flag
+    tables (`flag_table`)."""
+    Parser.capture = []
+    try:
+        main([])
+    except _Captured:
+        return Parser.capture[-1]
+    finally:
+        Parser.capture = None
+    raise TypeError(f"{main.__module__}.main parsed no flags with a magtkd.cli parser")
+
+
+def check_path(path: Path, flag: str, written: bool, folder: bool = True) -> None:
+    """Refuse, before any work, a path the filesystem cannot hold (a name longer than its NAME_MAX, the whole
+    longer than its PATH_MAX) and, when the script ``written`` there, one it cannot create or write (a file
+    in the way, a read-only or foreign folder); ``folder``: a folder, else a file (docs/METHOD.md §6)."""
+    path = Path(path).absolute()
+    existing = next(p for p in (path, *path.parents) if os.path.exists(p))  # (Path.exists raises on a long name)
+    anchor = existing if existing.is_dir() else existing.parent
+    name_max, path_max = _limit(anchor, "PC_NAME_MAX", 255), _limit(anchor, "PC_PATH_MAX", 4096)
+    for part in path.relative_to(existing).parts:
+        if len(os.fsencode(part)) > name_max:
+            raise UserError(f"{flag} {path}: the name {part[:24]}... is {len(os.fsencode(part))} bytes long; the "
+                            f"filesystem of {anchor} allows {name_max}: choose a shorter name")
+    if len(os.fsencode(str(path))) + 100 > path_max:  # room for the artifact names inside the folder
+        raise UserError(f"{flag} {path}: the path is {len(os.fsencode(str(path)))} bytes long; the filesystem of "
+                        f"{anchor} allows {path_max} for a whole path (with the file names inside): choose a "
+                        "shorter one")
+    if not written:
+        return
+    if existing != anchor and (folder or existing != path):  # a file where a folder must be
+        raise UserError(f"{flag} {path}: {existing} is a file, where {flag} needs a folder")
+    if not os.access(anchor, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {path}: {'the folder' if existing == path else 'its nearest existing folder'} "
+                        f"{anchor} is not writable (read-only or another user's): choose a folder you can write")
+
+
+def _limit(folder: Path, name: str, default: int) -> int:
+    try:
+        return os.pathconf(folder, name)
+    except (OSError, ValueError):
+        return default
+
+
+def base_parser(description: str | None, allow_abbrev: bool = True, device: bool = True) -> Parser:
     """``--device`` and ``--debug``: what every script has (preparation: ``--debug`` only)."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter, allow_abbrev=allow_abbrev)
+    parser = Parser(description=description, formatter_class=HelpFormatter, allow_abbrev=allow_abbrev)
     if device:
         parser.add_argument("--device", default=None,
                             help="cuda, cuda:1 or cpu; default: CUDA when available, else CPU")
@@ -43,9 +138,11 @@ def base_parser(description: str | None, allow_abbrev: bool = True, device: bool
 
 
 def preparation_parser(spec: DatasetSpec, script_dir: str | Path, description: str | None,
-                       data_help: str) -> argparse.ArgumentParser:
+                       data_help: str) -> Parser:
     """The flags of ``preprocessing.py``: the release folder (the CSVs are written into it)."""
-    return add_folders(base_parser(description, device=False), spec, script_dir, ("data_dir",), {"data_dir": data_help})
+    parser = add_folders(base_parser(description, device=False), spec, script_dir, ("data_dir",),
+                         {"data_dir": data_help})
+    return parser.writes("data_dir")
 
 
 # The four folders: help text, and the DatasetSpec method that gives the default (relative to the script).
@@ -57,8 +154,8 @@ FOLDERS = {
 }
 
 
-def add_folders(parser: argparse.ArgumentParser, spec: DatasetSpec, script_dir: str | Path,
-                names: Sequence[str] = tuple(FOLDERS), helps: dict[str, str] | None = None) -> argparse.ArgumentParser:
+def add_folders(parser: Parser, spec: DatasetSpec, script_dir: str | Path,
+                names: Sequence[str] = tuple(FOLDERS), helps: dict[str, str] | None = None) -> Parser:
     """The folder flags ``names``, each defaulting to the dataset's folder relative to ``script_dir``."""
     for name in names:
         help_text, default = FOLDERS[name]
@@ -67,11 +164,13 @@ def add_folders(parser: argparse.ArgumentParser, spec: DatasetSpec, script_dir: 
     return parser
 
 
-def paths_parser(spec: DatasetSpec, script_dir: str | Path, description: str | None) -> argparse.ArgumentParser:
-    """Flags every stage has: folders (defaulting relative to the script's folder), device, workers."""
+def paths_parser(spec: DatasetSpec, script_dir: str | Path, description: str | None,
+                 writes: Sequence[str] = ()) -> Parser:
+    """Flags every stage has: folders (defaulting relative to the script's folder), device, workers;
+    ``writes``: the folders the script always writes into (checked before any work, `Parser`)."""
     parser = add_folders(base_parser(description), spec, script_dir)
     parser.add_argument("--num_workers", type=nonnegative_int, default=0, help="data-loading worker processes")
-    return parser
+    return parser.writes(*writes)
 
 
 def add_seed_flags(parser: argparse.ArgumentParser, seed: int, files: str) -> None:
@@ -98,7 +197,7 @@ def add_amp_flag(parser: argparse.ArgumentParser, fp16_scaler: bool = False) -> 
 
 
 def training_parser(spec: DatasetSpec, script_dir: str | Path, description: str | None, *, epochs: int,
-                    batch_size: int, learning_rate: float, kd: bool = False) -> argparse.ArgumentParser:
+                    batch_size: int, learning_rate: float, kd: bool = False) -> Parser:
     """The flags of every first-stage training script (text, audio, video, KD), with the given defaults:
     the reference's names (``--epochs --batch_size --seed --learning_rate --train``) plus ours
     (docs/METHOD.md §2, §3)."""
@@ -120,11 +219,11 @@ def training_parser(spec: DatasetSpec, script_dir: str | Path, description: str 
                                  "(keyed by the teacher checkpoint, prompt, precision and data), and read them in "
                                  "the steps; False: the teacher runs in every step (docs/METHOD.md §3)")
     add_loop_flags(parser, checkpointing=True)
-    return parser
+    return parser.writes("save_dir", when="train")
 
 
 def fusion_parser(spec: DatasetSpec, script_dir: str | Path, description: str | None, *, audio_feature: str,
-                  video_feature: str, alpha: float, beta: float, feature_loss: bool) -> argparse.ArgumentParser:
+                  video_feature: str, alpha: float, beta: float, feature_loss: bool) -> Parser:
     """The flags of ``multimodal_fusion.py``: the reference's names (``--lr --l2 --dropout --hidden_dim
     --n_head --batch_size --epochs --seed --train``) with the dataset's distillation defaults, plus ours.
     The model's settings default to None: training takes the paper's model and the dataset's feature keys,
@@ -164,7 +263,7 @@ def fusion_parser(spec: DatasetSpec, script_dir: str | Path, description: str | 
     add_variant_flags(p)
     add_model_dir_flag(p)
     add_loop_flags(p, checkpointing=False)
-    return p
+    return p.writes("save_dir")
 
 
 def add_variant_flags(p: argparse.ArgumentParser) -> None:
@@ -183,7 +282,7 @@ def add_variant_flags(p: argparse.ArgumentParser) -> None:
 
 
 def predict_parser(spec: DatasetSpec, script_dir: str | Path, description: str | None,
-                   unknown_speakers: str) -> argparse.ArgumentParser:
+                   unknown_speakers: str) -> Parser:
     """The flags of ``predict.py``: the stage folders, the conversation and the output, batch size,
     autocast and the fusion settings that its metrics document records (``None``: as trained)."""
     parser = paths_parser(spec, script_dir, description)
@@ -205,10 +304,10 @@ def predict_parser(spec: DatasetSpec, script_dir: str | Path, description: str |
     parser.add_argument("--unknown_speakers", choices=("padding", "error"), default="padding",
                         help=f"{unknown_speakers}: the model's padding row (warning) or an error")
     add_model_dir_flag(parser)
-    return add_audio_cache_flags(parser)
+    return add_audio_cache_flags(parser).writes("feature_dir", "out")
 
 
-def add_model_dir_flag(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+def add_model_dir_flag(parser: Parser) -> Parser:
     """``--model_dir``: read the trained models from a model folder (`magtkd.hub`) instead of ``--save_dir``."""
     parser.add_argument("--model_dir", type=Path, default=None,
                         help="a model folder written by `python -m magtkd.hub export` (safetensors, config.json, "
@@ -217,7 +316,7 @@ def add_model_dir_flag(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     return parser
 
 
-def add_prompt_flag(parser: argparse.ArgumentParser, training: bool = False) -> argparse.ArgumentParser:
+def add_prompt_flag(parser: Parser, training: bool = False) -> Parser:
     """``--prompt``: the text prompt variant (docs/METHOD.md §2, Prompt variants). Training the text model:
     default full; everywhere else (and text.py --train False) default: what text.json recorded."""
     parser.add_argument("--prompt", choices=PROMPTS, default=None,
@@ -226,7 +325,7 @@ def add_prompt_flag(parser: argparse.ArgumentParser, training: bool = False) -> 
     return parser
 
 
-def add_loop_flags(parser: argparse.ArgumentParser, checkpointing: bool) -> argparse.ArgumentParser:
+def add_loop_flags(parser: Parser, checkpointing: bool) -> Parser:
     """The training loop's flags (`magtkd.engine.FitConfig.from_flags` reads them): schedule, memory,
     restarts, precision, determinism and monitoring."""
     parser.add_argument("--per_batch_schedule", type=str2bool, nargs="?", const=True, default=False,
@@ -253,10 +352,10 @@ def add_loop_flags(parser: argparse.ArgumentParser, checkpointing: bool) -> argp
                         help="write TensorBoard event files to this folder: per update the train loss, learning "
                              "rate, gradient norm and scale; per epoch the dev/test metrics (rank 0 only); "
                              "default: none")
-    return parser
+    return parser.writes("tensorboard")
 
 
-def add_audio_cache_flags(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+def add_audio_cache_flags(parser: Parser) -> Parser:
     """``--audio_cache``/``--audio_cache_dir`` of the stages that decode audio (`audio_cache_dir`)."""
     parser.add_argument("--audio_cache", type=str2bool, default=True,
                         help="store each clip's decoded 16 kHz samples the first time (keyed by the source "
@@ -294,7 +393,7 @@ def seed_tag(seed: int, seeds: Sequence[int]) -> str:
 ABLATION_TABLES = ("modalities", "components", "kd", "prompt")
 
 
-def ablation_parser(spec: DatasetSpec, script_dir: Path, description: str | None) -> argparse.ArgumentParser:
+def ablation_parser(spec: DatasetSpec, script_dir: Path, description: str | None) -> Parser:
     """``<DS>/ablation.py``'s own flags; every other flag passes through to the stage runs."""
     p = add_folders(base_parser(description, allow_abbrev=False), spec, script_dir,
                     helps={"save_dir": "the pipeline's checkpoints; the tables go to <save_dir>/ablation/",
@@ -308,14 +407,14 @@ def ablation_parser(spec: DatasetSpec, script_dir: Path, description: str | None
     p.add_argument("--text_args", default="",
                    help='prompt table: flags for text.py, e.g. "--epochs 2 --learning_rate 1e-3" (the other flags '
                         "go to the fusion); default: none")
-    return p
+    return p.writes("save_dir")
 
 
 EXPORT_FORMATS = ("sdt", "graphsmile")  # the peers' layouts `magtkd.peer_features` writes (docs/METHOD.md §9)
 
 
 def export_parser(spec: DatasetSpec, script_dir: Path, description: str | None, *, audio_feature: str,
-                  video_feature: str) -> argparse.ArgumentParser:
+                  video_feature: str) -> Parser:
     """The flags of ``export_features.py``: the CSVs and the feature folder it reads, the layout and the file it
     writes, and the feature keys of the audio and video slots (default: the dataset's fusion keys)."""
     p = add_folders(base_parser(description, device=False), spec, script_dir, ("data_dir", "feature_dir"),
@@ -330,10 +429,10 @@ def export_parser(spec: DatasetSpec, script_dir: Path, description: str | None, 
                    help="feature key whose vectors fill the audio slot (videoAudio)")
     p.add_argument("--video_feature", choices=("video", "video_kd"), default=video_feature,
                    help="feature key whose vectors fill the visual slot (videoVisual)")
-    return p
+    return p.writes("out")
 
 
-def hub_parser(description: str | None) -> argparse.ArgumentParser:
+def hub_parser(description: str | None) -> Parser:
     """``python -m magtkd.hub export <DS> --save_dir DIR --out DIR``: a trained pipeline as one model folder."""
     p = base_parser(description, device=False)
     p.prog = "python -m magtkd.hub"
@@ -344,7 +443,7 @@ def hub_parser(description: str | None) -> argparse.ArgumentParser:
                         "their metrics documents")
     p.add_argument("--out", type=Path, required=True,
                    help="the model folder to write (new, empty, or a model folder written before: replaced)")
-    return p
+    return p.writes("out")
 
 
 # The pipeline's environment variables (run.sh): flag -> variable.
@@ -354,36 +453,51 @@ PIPELINE_ENV = {"data_dir": "DATA_DIR", "pretrained_dir": "PRETRAINED_DIR", "sav
                 "fusion_args": "FUSION_ARGS", "nproc_per_node": "NPROC_PER_NODE"}
 
 
-def pipeline_parser(description: str | None) -> argparse.ArgumentParser:
+def pipeline_parser(description: str | None) -> Parser:
     """The flags of ``run.sh`` (`magtkd.pipeline`); each defaults to its environment variable
-    (`PIPELINE_ENV`) when that is set. Relative folders are the caller's (the working directory)."""
+    (`PIPELINE_ENV`, listed in ``--help``) when that is set. Relative folders are the caller's (the working
+    directory)."""
     env = {flag: os.environ.get(variable) or None for flag, variable in PIPELINE_ENV.items()}
     p = base_parser(description)
+    p.epilog = PIPELINE_ENV_HELP
     p.set_defaults(device=env["device"])
+    _action(p, "device").help = "cuda, cuda:1 or cpu for every stage; default: $DEVICE, else CUDA when available"
     for name, (help_text, _) in FOLDERS.items():
-        p.add_argument(f"--{name}", type=Path, default=env[name], help=f"{help_text}; default: the dataset's")
+        p.add_argument(f"--{name}", type=Path, default=env[name],
+                       help=f"{help_text}; default: ${PIPELINE_ENV[name]}, else the dataset's")
     p.add_argument("--num_workers", type=nonnegative_int, default=int(env["num_workers"] or 0),
-                   help="data-loading worker processes of every stage")
+                   help="data-loading worker processes of every stage; default: $NUM_WORKERS, else 0")
     p.add_argument("--epochs", type=positive_int, default=_number(env["epochs"], int),
-                   help="epochs of the first-stage and KD trainings; default: each stage's own")
+                   help="epochs of the first-stage and KD trainings; default: $EPOCHS, else each stage's own")
     p.add_argument("--fusion_epochs", type=positive_int, default=_number(env["fusion_epochs"], int),
-                   help="epochs of the fusion; default: its own (30)")
+                   help="epochs of the fusion; default: $FUSION_EPOCHS, else its own (30)")
     p.add_argument("--learning_rate", type=positive_float, default=_number(env["learning_rate"], float),
-                   help="learning rate of the first-stage and KD trainings; default: each stage's own")
+                   help="learning rate of the first-stage and KD trainings; default: $LEARNING_RATE, else each "
+                        "stage's own")
     p.add_argument("--per_batch_schedule", action="store_true",
                    help="first-stage and KD schedules counted in batches (see text.py --help)")
     p.add_argument("--seeds", type=seed_int, nargs="+", default=[int(s) for s in (env["seeds"] or "").split()] or None,
                    help="train every first-stage, KD and fusion model once per seed (see text.py --help); "
-                        "default: each stage's --seed")
+                        'default: $SEEDS (e.g. "2024 2025"), else each stage\'s --seed')
     p.add_argument("--fusion_args", default=env["fusion_args"] or "",
-                   help='extra flags for multimodal_fusion.py, e.g. "--lr 1e-3 --batch_size 2"; default: none')
+                   help='extra flags for multimodal_fusion.py, e.g. "--lr 1e-3 --batch_size 2"; default: '
+                        "$FUSION_ARGS, else none")
     p.add_argument("--force", action="store_true", help="re-run stages whose outputs are up to date")
     p.add_argument("--in_process", action="store_true", help="call each script's main() in this process")
     p.add_argument("--nproc_per_node", type=positive_int, default=int(env["nproc_per_node"] or 1),
                    help="processes (one per GPU) for the stages that run data-parallel: each is launched as "
                         "python -m torch.distributed.run --standalone --nproc_per_node N <script>; the fusion "
-                        "and preparation run in one process")
+                        "and preparation run in one process; default: $NPROC_PER_NODE, else 1")
     return p
+
+
+PIPELINE_ENV_HELP = "environment variables (each sets its flag's default; a flag given wins):\n" + textwrap.fill(
+    ", ".join(f"{variable} (--{flag})" for flag, variable in PIPELINE_ENV.items()), 100, initial_indent="  ",
+    subsequent_indent="  ")
+
+
+def _action(parser: argparse.ArgumentParser, dest: str) -> argparse.Action:
+    return next(a for a in parser._actions if a.dest == dest)
 
 
 def _number(text: str | None, kind: type) -> Any:

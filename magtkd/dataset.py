@@ -16,11 +16,11 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import numpy as np
-import pandas as pd
 
+from .csv_files import decimal_point, read_csv_checked
 from .prompt import SPEAKER_TOKENS
 from .spec import LABEL_PAD, SPEAKER_MAP, SPLITS, DatasetSpec
 from .utils import DataError, InputMissing
@@ -71,33 +71,6 @@ class Sample:
 
 def _preprocess_command(spec: DatasetSpec) -> str:
     return f"python {spec.name}/preprocessing.py --data_dir <data folder>"
-
-
-def read_csv_checked(path: str | Path, required_columns: Iterable[str]) -> pd.DataFrame:
-    """Read a CSV as strings (no number/NaN parsing) and check it has ``required_columns``.
-
-    Texts must stay byte-exact (docs/METHOD.md §1), so every cell is read as ``str``
-    and empty cells stay ``""``. UTF-8 is expected (a BOM is tolerated); CSVs
-    re-saved by a spreadsheet program in cp1252 are read with a warning.
-    """
-    path = Path(path)
-    try:
-        frame = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig")
-    except pd.errors.EmptyDataError:
-        raise DataError(f"{path}: empty file (no header row; expected columns {', '.join(required_columns)})") from None
-    except UnicodeDecodeError:
-        log.warning("%s is not UTF-8; reading it as cp1252", path)
-        try:
-            frame = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="cp1252")
-        except UnicodeDecodeError as exc:
-            raise DataError(f"{path}: neither UTF-8 nor cp1252 text ({exc})") from exc
-    for column in required_columns:
-        if column not in frame.columns:
-            raise DataError(
-                f"{path}: missing column {column!r} (expected columns include "
-                f"{', '.join(required_columns)}; found {', '.join(map(str, frame.columns))})"
-            )
-    return frame
 
 
 def check_data_dir(spec: DatasetSpec, data_dir: str | Path) -> Path:
@@ -174,9 +147,11 @@ def _int_cell(path: Path, row: int, column: str, value: str) -> int:
         raise DataError(f"{path}: row {row}: {column} {value!r} is not an integer") from None
 
 
-def _float_cell(path: Path, row: int, column: str, value: str) -> float:
+def _float_cell(path: Path, row: int, column: str, value: str, decimal_comma: bool = False) -> float:
+    """A number cell; ``decimal_comma``: ``12,40`` is 12.40 (a spreadsheet's ';'-separated export in a locale
+    whose decimal mark is a comma, docs/METHOD.md §6)."""
     try:
-        return float(value)
+        return float(decimal_point(value) if decimal_comma else value)
     except ValueError:
         raise DataError(f"{path}: row {row}: {column} {value!r} is not a number") from None
 
@@ -212,11 +187,12 @@ def _read_utterances(spec: DatasetSpec, path: Path, data_dir: Path, split: str, 
     if frame.empty:
         raise DataError(f"{path}: no data rows")
     has_times = "Start_Time" in frame.columns and "End_Time" in frame.columns
+    decimal_comma = frame.attrs.get("separator", ",") != ","
     resolve = MediaResolver(spec, data_dir, path.parent if csv_relative else None)
     utterances = []
     seen: dict[tuple[int, int], int] = {}
     for index, record in enumerate(frame.to_dict("records"), start=1):
-        utt = _utterance(spec, path, split, index, record, labelled, has_times, resolve)
+        utt = _utterance(spec, path, split, index, record, labelled, has_times, resolve, decimal_comma)
         _check_row(path, index, utt, seen)
         utterances.append(utt)
     if csv_relative:
@@ -226,7 +202,7 @@ def _read_utterances(spec: DatasetSpec, path: Path, data_dir: Path, split: str, 
 
 
 def _utterance(spec: DatasetSpec, path: Path, split: str, index: int, record: dict[str, str], labelled: bool,
-               has_times: bool, resolve: MediaResolver) -> Utterance:
+               has_times: bool, resolve: MediaResolver, decimal_comma: bool = False) -> Utterance:
     """CSV data row ``index`` (1-based) as an utterance; a cell that is not what its column needs names the row."""
     emotion, label = "", LABEL_PAD
     if labelled:
@@ -249,8 +225,8 @@ def _utterance(spec: DatasetSpec, path: Path, split: str, index: int, record: di
         label=label,
         audio_path=resolve(record[spec.audio_column]),
         video_path=resolve(record[spec.video_column]),
-        start=_float_cell(path, index, "Start_Time", record["Start_Time"]) if has_times else None,
-        end=_float_cell(path, index, "End_Time", record["End_Time"]) if has_times else None,
+        start=_float_cell(path, index, "Start_Time", record["Start_Time"], decimal_comma) if has_times else None,
+        end=_float_cell(path, index, "End_Time", record["End_Time"], decimal_comma) if has_times else None,
         source=str(path),
     )
 

@@ -24,7 +24,7 @@ from .fusion_settings import FusionRequest, FusionSettings
 from .pickles import check_features_record, load_features
 from .schedule import GlobalBatch
 from .spec import LABEL_PAD, SPLITS, DatasetSpec
-from .utils import FeatureFileError, UserError
+from .utils import FeatureFileError
 
 
 PACK_MIN_VALUES = 65536  # a batch's grid (dialogues x longest x width) from which packing pays on CPU
@@ -180,13 +180,11 @@ class DialogueBatches:
 
     Training dialogues are shuffled by a generator seeded with the run's seed. Batches are packed
     where it pays (docs/METHOD.md §5, "Speed"; ``packed`` True/False forces it, False is the authors'
-    padded grid: the same results). One process only.
+    padded grid: the same results). One process only (under torchrun, rank 0 alone: `runtime.one_process`).
     """
 
     def __init__(self, data: Mapping[str, DialogueSet], batch_size: int, packed: bool | None = None) -> None:
-        if runtime.world_size() > 1:
-            raise UserError("the fusion stage trains in one process (it takes minutes): run it with python, "
-                            "not torchrun")
+        runtime.one_process("the fusion stage")
         self.data, self.batch_size, self.packed = data, batch_size, packed
         self.generator = torch.Generator()
         self.objective: Callable[..., torch.Tensor] | None = None
@@ -312,6 +310,7 @@ def evaluate_fusion(spec: DatasetSpec, run: Evaluation, request: FusionRequest, 
     given (a model folder). Writes the test labels and predictions into the save folder
     (``multimodal_fusion_best.json``)."""
     stage, script = f"{spec.name} multimodal_fusion (evaluation)", f"{spec.name}/multimodal_fusion.py"
+    runtime.one_process(stage)
     files, out = StageFiles.fusion(run.models or run.save_dir), StageFiles.fusion(run.save_dir)
     settings = trained_fusion(files, spec.name, request)
     check_fusion_fits(settings, files.checkpoint, spec, run.n_classes, 0)

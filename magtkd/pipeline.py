@@ -17,6 +17,7 @@ the demo to save interpreter start-ups). The seconds of each stage that ran go t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import shlex
@@ -27,12 +28,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from .artifacts import (FIRST_STAGE_MODELS, StageFiles, feature_path, features_record, frames_record, read_record,
-                        write_json)
-from .cli import pipeline_parser
+from .artifacts import (FIRST_STAGE_MODELS, StageFiles, feature_path, features_record, frames_record, output_lock,
+                        read_record, write_json)
+from .cli import check_path, pipeline_parser
 from .runtime import setup_logging
 from .spec import SPLITS, DatasetSpec
-from .utils import QUIET_INTERRUPT, Interrupted, StageMain, UserError, run as run_main, str2bool
+from .utils import PARSED, QUIET_INTERRUPT, Interrupted, StageMain, UserError, limit_line, run as run_main, str2bool
 
 log = logging.getLogger("magtkd")
 REPO = Path(__file__).resolve().parents[1]
@@ -275,7 +276,8 @@ def run_stage(stage: Stage, ctx: Context, script_dir: Path, mains: Mapping[str, 
         if err.code not in (0, None):
             raise PipelineError(f"{name} failed: {err}") from err
     except Exception as err:
-        raise PipelineError(f"{name} failed: {err}") from err
+        limit = limit_line(err, stage.script, PARSED)  # an in-process stage out of memory: one line, its knobs
+        raise PipelineError(f"{name} failed: {limit or err}", 2 if limit else 1) from err
 
 
 def run(ctx: Context, script_dir: Path, mains: Mapping[str, StageMain], options: Options) -> dict[str, float]:
@@ -314,7 +316,22 @@ def main(spec: DatasetSpec, script_dir: Path, mains: Mapping[str, StageMain], de
     options = Options(args.device, args.num_workers, args.epochs, args.fusion_epochs, args.learning_rate,
                       args.per_batch_schedule, tuple(args.seeds) if args.seeds else None, args.fusion_args,
                       args.force, args.in_process, args.nproc_per_node)
-    return run(ctx, script_dir, mains, options)  # a PipelineError ends `utils.run` with the failed stage's status
+    for flag, folder in (("--save_dir", ctx.save_dir), ("--feature_dir", ctx.feature_dir)):
+        check_path(folder, flag, written=True)
+    with pipeline_lock(ctx, f"{spec.name} pipeline: {shlex.join(['python', *sys.argv])}"):
+        return run(ctx, script_dir, mains, options)  # a PipelineError ends `utils.run` with the failed stage's status
+
+
+@contextlib.contextmanager
+def pipeline_lock(ctx: Context, holder: str):
+    """One pipeline at a time on a save or feature folder, for the whole run (docs/METHOD.md §6): a second one
+    stops at once, naming the first (``holder``: its command). Each stage keeps its own lock too, so a stage
+    run by hand on the folders stops at that stage's lock as before."""
+    started = f"{holder} (since {time.strftime('%Y-%m-%d %H:%M:%S')})"
+    with contextlib.ExitStack() as stack:
+        for folder in dict.fromkeys((ctx.save_dir, ctx.feature_dir)):
+            stack.enter_context(output_lock(folder, "pipeline", started, what=f"{ctx.spec.name} pipeline outputs"))
+        yield
 
 
 def run_dataset(argv: Sequence[str]) -> None:

@@ -170,6 +170,21 @@ def barrier() -> None:
         torch.distributed.barrier()
 
 
+def one_process(stage: str) -> None:
+    """A one-process stage (the fusion: minutes) under torchrun: rank 0 leaves the process group and runs it
+    alone; the other processes exit at once with status 0 and print nothing, so ``torchrun ...
+    multimodal_fusion.py`` does what ``python`` does, without a launcher error (docs/METHOD.md §5, §6)."""
+    if world_size() <= 1:
+        return
+    own = rank()
+    if own == 0:
+        log.warning("%s runs in one process (it takes minutes): under torchrun rank 0 runs it alone and the "
+                    "other %d process(es) exit", stage, world_size() - 1)
+    torch.distributed.destroy_process_group()
+    if own != 0:
+        sys.exit(0)
+
+
 def shard(items: Sequence[Any]) -> list[Any]:
     """This rank's share of ``items`` (every ``world_size``-th item from ``rank``); all of them on one process."""
     return list(items)[rank()::world_size()]

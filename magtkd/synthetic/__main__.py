@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+from ..cli import HelpFormatter
 from ..runtime import setup_logging
 
 log = logging.getLogger("magtkd.synthetic")
@@ -64,11 +65,11 @@ def generate(out: Path, seed: int = 0, what: str = "all", size: str = "tiny") ->
 def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
     parser = argparse.ArgumentParser(
         prog="python -m magtkd.synthetic", description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("--out", type=Path, required=True, help="folder to write datasets/ and pretrained_model/ into")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--what", choices=WHAT, default="all")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the generated data and models")
+    parser.add_argument("--what", choices=WHAT, default="all", help="what to generate")
     parser.add_argument("--size", choices=("tiny", "real"), default="tiny",
                         help="model stand-ins: tiny (seconds on a CPU) or the real architectures (~2.6 GB)")
     args = parser.parse_args(None if argv is None else list(argv))

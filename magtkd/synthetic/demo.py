@@ -37,6 +37,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+from ..cli import HelpFormatter
 from ..artifacts import StageFiles, feature_path, read_record, write_json, write_text
 from ..pickles import load_features
 from ..pipeline import REPO, RUN_RECORD, PipelineError
@@ -152,22 +153,23 @@ def finish_dataset(workdir: Path, name: str, process: subprocess.Popen, seeds: S
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--workdir", type=Path, required=True)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--workdir", type=Path, required=True,
+                   help="folder for the generated data and models, every stage's outputs and results.json/.md")
     p.add_argument("--seed", type=int, default=0, help="seed of the generated data and models")
     p.add_argument("--device", default="cpu",
                    help="the device of every stage (cuda, cuda:1; default cpu: the figures the README quotes)")
-    p.add_argument("--datasets", nargs="+", choices=DATASETS, default=list(DATASETS))
+    p.add_argument("--datasets", nargs="+", choices=DATASETS, default=list(DATASETS), help="the datasets to run")
     p.add_argument("--epochs", type=positive_int, default=5, help="first-stage and KD epochs")
     p.add_argument("--learning_rate", type=positive_float, default=1e-3, help="first-stage and KD learning rate")
-    p.add_argument("--fusion_epochs", type=positive_int, default=60)
+    p.add_argument("--fusion_epochs", type=positive_int, default=60, help="fusion epochs")
     p.add_argument("--fusion_args", default="--lr 1e-3 --batch_size 2 --dropout 0.1 --schedule_epochs False",
                    help="flags for multimodal_fusion.py (a few tiny dialogues need small batches; the schedule "
                         "counted in steps of 2 dialogues, a 2-epoch warmup, as the demo has always run)")
     p.add_argument("--fusion_seeds", type=int, nargs="+", default=[2024, 2025, 2026],
                    help="one fusion model per seed; results.json's headline figures are the kept (best dev) seed's")
     p.add_argument("--threads", type=nonnegative_int, default=1,
-                   help="torch CPU threads (tiny models run fastest on one; 0 = torch's default)")
+                   help="torch CPU threads (tiny models run fastest on one; 0: as many as torch picks)")
     p.add_argument("--subprocess", action="store_true",
                    help="run every stage as its own process, exactly like run.sh (slower)")
     p.add_argument("--jobs", type=nonnegative_int, default=0,

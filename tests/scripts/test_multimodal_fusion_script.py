@@ -571,6 +571,30 @@ def test_non_finite_loss_stops_before_publishing_and_keeps_the_previous_set(publ
     assert partial["complete"] is False
 
 
+def test_out_of_memory_mid_training_is_one_line_and_keeps_the_previous_set(published, monkeypatch, capsys):
+    module = script("IEMOCAP", "multimodal_fusion")
+    real, calls = module.objective, []
+
+    def allocator_fails_at_update_4(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:  # torch's CPU allocator's own words, colour codes included
+            raise RuntimeError("\x1b[1m[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate "
+                               "memory: you tried to allocate 4294967296 bytes. Error code 12\x1b[0m")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, "objective", allocator_fails_at_update_4)
+    with pytest.raises(SystemExit) as exit_:
+        utils.run(module.main, ["--feature_dir", str(published["features"]), "--save_dir", str(published["save"]),
+                                "--device", "cpu", "--batch_size", "2", "--lr", "1e-3", "--epochs", "3"])
+    assert exit_.value.code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert errors == ["error: IEMOCAP/multimodal_fusion.py ran out of CPU memory at --batch_size 2 (per process) "
+                      "([enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: you "
+                      "tried to allocate 4294967296 bytes. Error code 12); try a smaller --batch_size (e.g. 1 with "
+                      "--grad_accum 2, the same update). The previous complete outputs are kept"]
+    assert_previous_set_kept(published)
+
+
 @pytest.mark.slow
 def test_interrupted_rerun_keeps_the_previous_set_and_resume_publishes(published, monkeypatch):
     files = published["files"]
@@ -621,7 +645,7 @@ def test_a_pickle_whose_width_differs_from_its_record_is_refused(tmp_path):
 
 
 @pytest.mark.slow
-def test_fusion_evaluation_into_a_read_only_save_dir_is_one_line_with_status_2(tmp_path, capsys):
+def test_fusion_evaluation_into_a_read_only_save_dir_is_one_line_with_status_2_before_any_work(tmp_path, capsys):
     features, save = make_features(tmp_path / "feature"), tmp_path / "save"
     fusion(features, save, "--epochs", "1")
     with tmpfs(tmp_path / "ro", size="16m") as folder:
@@ -633,7 +657,9 @@ def test_fusion_evaluation_into_a_read_only_save_dir_is_one_line_with_status_2(t
             utils.run(script("IEMOCAP", "multimodal_fusion").main, argv)
     assert exit_.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("error: cannot write ") and "multimodal_fusion_best.json: Read-only file system" in err[-1]
+    # Refused at parsing, before any work: the evaluation writes multimodal_fusion_best.json there
+    assert err[-1] == (f"error: --save_dir {folder}: the folder {folder} is not writable (read-only or another "
+                       "user's): choose a folder you can write")
     assert "Traceback" not in "\n".join(err)
 
 

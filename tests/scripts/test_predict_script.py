@@ -3,6 +3,7 @@ that would overwrite an input or names a folder, or media that are all missing, 
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -76,3 +77,30 @@ def test_every_clip_missing_stops_with_a_list(generated, tmp_path):
     with pytest.raises(UserError, match=r"none of its 3 audio file\(s\) exists \(e.g. .*dia0_utt0.mp4"):
         predict(generated, tmp_path, conv, tmp_path / "out.csv", data_dir=tmp_path / "nowhere")
     assert not (tmp_path / "out.csv").exists()
+
+
+def test_a_semicolon_spreadsheet_export_of_a_conversation_gives_the_same_predictions(generated, untrained,
+                                                                                     tmp_path):
+    """The conversation as a spreadsheet in a comma-decimal locale saves it (';' between cells, decimal commas
+    in the times, quoted cells, CRLF, a BOM): the same utterances, the same frames, the same predictions."""
+    spec = dataset_spec("IEMOCAP")
+    source = pd.read_csv(generated / "datasets" / "IEMOCAP" / spec.csv_names["test"], dtype=str,
+                         keep_default_na=False)
+    dialogue = source[source["Dialogue_ID"] == source["Dialogue_ID"].iloc[0]].copy()
+    dialogue.loc[dialogue.index[0], "Utterance"] = 'Well; "fine", then'
+    original, export = tmp_path / "conversation.csv", tmp_path / "excel" / "conversation.csv"
+    dialogue.to_csv(original, index=False)
+    export.parent.mkdir()
+    comma_decimals = dialogue.assign(**{c: dialogue[c].str.replace(".", ",") for c in ("Start_Time", "End_Time")})
+    comma_decimals.to_csv(export, index=False, sep=";", encoding="utf-8-sig", lineterminator="\r\n")
+    names = [f"{name}.bin" for name, _ in FIRST_STAGE_MODELS.values()] + [StageFiles.fusion("").checkpoint.name]
+    paths = copy_checkpoints({**generated_paths(generated, "IEMOCAP", tmp_path), "save_dir": untrained("IEMOCAP")},
+                             tmp_path, *names)
+    tables = []
+    for conversation in (original, export):
+        out = conversation.with_name("predictions.csv")
+        script("IEMOCAP", "predict").main(flags(paths, conversation=conversation, out=out, device="cpu"))
+        tables.append(pd.read_csv(out, dtype=str, keep_default_na=False))
+    assert re.search(r";\d+,\d+;", export.read_text(encoding="utf-8-sig").splitlines()[1])  # decimal commas
+    pd.testing.assert_frame_equal(tables[0], tables[1])
+    assert tables[1]["Utterance"].iloc[0] == 'Well; "fine", then'

@@ -97,3 +97,64 @@ def test_a_checkpoint_stored_as_safetensors_is_read_where_its_bin_is_absent(tmp_
     assert checkpoint_file(tmp_path / "text.bin") == tmp_path / "text.bin"
     with pytest.raises(CheckpointError, match="audio.bin not found: it is written by IEMOCAP/audio.py"):
         read_state_dict(tmp_path / "audio.bin", "IEMOCAP/audio.py")
+
+
+# --------------------------------------------------------------------------- checkpoints as people save them
+
+
+class Pickled(torch.nn.Module):
+    """A model saved whole (torch.save(model)); unpickling it would call __setstate__."""
+
+    unpickled = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = torch.nn.Linear(2, 2)
+
+    def __setstate__(self, state: dict) -> None:
+        Pickled.unpickled = True
+        super().__setstate__(state)
+
+
+def test_ddp_prefixed_and_wrapped_fusion_checkpoints_load_with_a_log_line(tmp_path, caplog):
+    """DistributedDataParallel's `module.` keys, and the weights inside a training checkpoint's dict, load as
+    the plain state_dict does; each unwrapping is logged (docs/METHOD.md §6, "Checkpoints")."""
+    state = AnchorGatedTransformer(H, C, N_SPK, n_head=2).state_dict()
+    ddp = {f"module.{k}": v for k, v in state.items()}
+    torch.save(ddp, tmp_path / "ddp.bin")
+    torch.save({"epoch": 7, "model_state_dict": ddp, "optimizer_state_dict": {"param_groups": []}},
+               tmp_path / "wrapped.bin")
+    for name in ("ddp.bin", "wrapped.bin"):
+        model = AnchorGatedTransformer(H, C, N_SPK, n_head=2)
+        with caplog.at_level("INFO", logger="magtkd"):
+            load_fusion_checkpoint(model, tmp_path / name)
+        assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    lines = [r.getMessage() for r in caplog.records]
+    assert sum("every key starts with 'module.' (saved from a DistributedDataParallel / DataParallel model); "
+               "the prefix is removed" in line for line in lines) == 2
+    assert any("the weights are its 'model_state_dict' entry" in line for line in lines)
+
+
+@pytest.mark.parametrize("zipped", [True, False])
+def test_a_whole_pickled_model_is_refused_unpickled_in_one_plain_line(tmp_path, zipped):
+    path = tmp_path / "multimodal_fusion_best.bin"
+    torch.save(Pickled(), path, _use_new_zipfile_serialization=zipped)
+    with pytest.raises(FusionCheckpointError) as err:
+        load_fusion_checkpoint(AnchorGatedTransformer(H, C, N_SPK, n_head=2), path)
+    message = str(err.value)
+    assert f"{path} holds a whole pickled object of class " in message and "Pickled (saved with torch.save(model))" \
+        in message and "not unpickled" in message and "torch.save(m.state_dict(), " in message
+    assert not Pickled.unpickled and "truncated" not in message
+
+
+def test_a_pickled_object_among_the_entries_is_named_without_terminal_codes(tmp_path):
+    """torch's own refusal carries colour codes; the one line carries none."""
+    path = tmp_path / "text.bin"
+    torch.save({"model": torch.nn.Linear(2, 2), "weight": torch.zeros(1)}, path)
+    with pytest.raises(CheckpointError, match=r"text.bin holds a pickled object of class "
+                                              r"torch.nn.modules.linear.Linear, not only tensors") as err:
+        load_checkpoint(torch.nn.Linear(2, 2), path, "IEMOCAP/text.py")
+    assert not any(ord(c) < 32 for c in str(err.value))
+    path.write_bytes(b"PK\x03\x04 not really a zip")
+    with pytest.raises(CheckpointError, match=r"it is truncated or not a checkpoint: re-run IEMOCAP/text.py"):
+        load_checkpoint(torch.nn.Linear(2, 2), path, "IEMOCAP/text.py")

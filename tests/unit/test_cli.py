@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from helpers import REPO, dataset_spec, script
+from helpers import REPO, dataset_spec, remount_read_only, script, tmpfs
 from IEMOCAP.config import IEMOCAP
 from magtkd import cli, utils
 from magtkd.cli import paths_parser
@@ -90,3 +90,64 @@ def test_flags_that_make_the_loss_undefined_are_refused_at_parsing(name, argv, m
         script("MELD", name).main(argv)
     assert exit_.value.code == 2
     assert pytest.importorskip("re").search(message, capsys.readouterr().err)
+
+
+# --------------------------------------------------------------------------- paths checked before any work
+
+
+def fusion_flags(save_dir, *extra: str) -> list[str]:
+    return ["--save_dir", str(save_dir), *extra]
+
+
+def fusion_parser():
+    return cli.fusion_parser(IEMOCAP, REPO / "IEMOCAP", None, audio_feature="audio_kd", video_feature="video",
+                             alpha=0.7, beta=0.8, feature_loss=True)
+
+
+def test_an_output_folder_the_filesystem_cannot_hold_is_refused_at_parsing(tmp_path):
+    """A name over the filesystem's NAME_MAX, a file where the folder must be: one line naming the flag, before
+    any data is read (docs/METHOD.md §6, "Limits")."""
+    long = tmp_path / ("x" * 300) / "save_model"
+    with pytest.raises(utils.UserError, match=r"--save_dir .*: the name x{24}\.\.\. is 300 bytes long; the "
+                                              r"filesystem of .* allows 255: choose a shorter name"):
+        fusion_parser().parse_args(fusion_flags(long))
+    (tmp_path / "file").write_text("")
+    with pytest.raises(utils.UserError, match=r"--feature_dir .*file/feature: .*file is a file, where --feature_dir "
+                                              r"needs a folder"):
+        cli.paths_parser(IEMOCAP, REPO / "IEMOCAP", None, writes=("feature_dir",)).parse_args(
+            ["--feature_dir", str(tmp_path / "file" / "feature")])
+    # An input folder is not written: only its length is checked (a --train False checkpoint folder may be read-only)
+    args = cli.training_parser(IEMOCAP, REPO / "IEMOCAP", None, epochs=1, batch_size=4, learning_rate=1e-5) \
+        .parse_args(["--train", "False", "--save_dir", str(tmp_path / "file" / "save")])
+    assert args.save_dir == tmp_path / "file" / "save" and utils.PARSED["batch_size"] == 4
+
+
+def test_a_read_only_output_folder_is_refused_at_parsing(tmp_path):
+    with tmpfs(tmp_path / "ro") as folder:
+        remount_read_only(folder)
+        with pytest.raises(utils.UserError, match=r"--save_dir .*ro/save_model: its nearest existing folder .*ro is "
+                                                  r"not writable \(read-only or another user's\)"):
+            fusion_parser().parse_args(fusion_flags(folder / "save_model"))
+
+
+def test_pipeline_help_lists_its_environment_variables(monkeypatch):
+    monkeypatch.setenv("EPOCHS", "3")
+    parser = cli.pipeline_parser(None)
+    text = parser.format_help()
+    assert parser.parse_args([]).epochs == 3
+    for flag, variable in cli.PIPELINE_ENV.items():
+        assert f"{variable} (--{flag})" in " ".join(text.split())
+        assert f"${variable}" in " ".join(text.split())
+
+
+def test_a_flag_error_under_torchrun_is_printed_by_rank_0_only(monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    monkeypatch.setattr(utils, "RANK0_WAIT_S", 0.2)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank in ("0", "1"):
+        monkeypatch.setenv("RANK", rank)
+        with pytest.raises(SystemExit) as exit_:
+            fusion_parser().parse_args(["--epochs", "0"])
+        assert exit_.value.code == 2
+        err = capsys.readouterr().err
+        assert err.count("error: argument --epochs: expected an integer >= 1, got '0'") == (rank == "0")

@@ -264,3 +264,34 @@ def test_relative_media_resolve_against_the_conversation_folder_first(generated,
     utts = load_conversation(MELD, conv, generated / "datasets" / "MELD", csv_relative=True)
     assert all(u.video_path.is_relative_to(generated / "datasets" / "MELD") for u in utts)
     assert f"--data_dir {generated / 'datasets' / 'MELD'} (3)" in caplog.text
+
+
+# --------------------------------------------------------------------------- CSV dialects (docs/METHOD.md §6)
+
+
+def excel_export(source: Path, target: Path, separator: str, encoding: str = "utf-8-sig") -> Path:
+    """``source`` as a spreadsheet in a comma-decimal locale saves it: ``separator`` between cells, every cell
+    with the separator, a quote or a line break quoted, decimal commas, CRLF, a BOM, empty rows at the end."""
+    with source.open(encoding="utf-8", newline="") as handle:
+        rows = list(csv.reader(handle))
+    numbers = {rows[0].index(c) for c in ("Start_Time", "End_Time") if c in rows[0]}
+    rows = [[cell.replace(".", ",") if i in numbers and r else cell for i, cell in enumerate(row)]
+            for r, row in enumerate(rows)]
+    with target.open("w", encoding=encoding, newline="") as handle:
+        csv.writer(handle, delimiter=separator, lineterminator="\r\n").writerows(rows + [[""] * len(rows[0])] * 2)
+    return target
+
+
+@pytest.mark.parametrize("separator, encoding", [(";", "utf-8-sig"), ("\t", "utf-16"), (";", "cp1252")])
+def test_a_spreadsheet_export_reads_as_its_comma_original(tmp_path: Path, separator: str, encoding: str) -> None:
+    original = two_dialogues(tmp_path)
+    rows = [iemocap_row("Ses01F_impro03", "F000", 2, 0, 'She said "no; never", then\nleft.')]
+    with original.open("a", encoding="utf-8", newline="") as handle:
+        csv.writer(handle).writerows(rows)
+    (tmp_path / "export").mkdir()
+    exported = excel_export(original, tmp_path / "export" / "IEMOCAP_train.csv", separator, encoding)
+    ours, theirs = load_split(IEMOCAP, tmp_path, "train"), load_split(IEMOCAP, exported.parent, "train")
+    fields = ("key", "text", "speaker", "emotion", "label", "start", "end")
+    assert [[getattr(u, f) for f in fields] for u in theirs] == [[getattr(u, f) for f in fields] for u in ours]
+    assert theirs[-1].text == 'She said "no; never", then\nleft.' and theirs[0].start == 1.5
+    assert read_csv_checked(exported, ["Utterance"]).attrs["separator"] == separator

@@ -52,3 +52,26 @@ def test_a_stage_failure_keeps_its_exit_status_when_it_comes_from_a_demo_worker_
     err = pickle.loads(pickle.dumps(PipelineError("[MELD] stage 'text' (text.py) failed: --epochs 0", 2)))
     assert isinstance(err, PipelineError)
     assert (str(err), err.status) == ("[MELD] stage 'text' (text.py) failed: --epochs 0", 2)
+
+
+def test_a_second_pipeline_on_the_same_folders_stops_at_once_naming_the_first(tmp_path):
+    """The whole pipeline holds one lock on its save and feature folders (docs/METHOD.md §6): a second one
+    there stops before any stage with the one line naming the first; another save folder runs."""
+    from magtkd.utils import UserError
+
+    spec = dataset_spec("IEMOCAP")
+    ran: list[str] = []
+    mains = {stage.script: (lambda argv, name=stage.script: ran.append(name)) for stage in pipeline.STAGES}
+    folders = {"save_dir": tmp_path / "save", "feature_dir": tmp_path / "feature"}
+    argv = [item for flag, path in folders.items() for item in (f"--{flag}", str(path))] + ["--in_process"]
+    first = pipeline.Context(spec, tmp_path / "data", tmp_path / "models", *folders.values())
+    with pipeline.pipeline_lock(first, "IEMOCAP pipeline: python IEMOCAP/pipeline.py --epochs 1"):
+        with pytest.raises(UserError, match=r"save is in use: another run \(PID \d+: IEMOCAP pipeline: python "
+                                            r"IEMOCAP/pipeline.py --epochs 1 \(since .*\)\) is writing IEMOCAP "
+                                            r"pipeline outputs there"):
+            pipeline.main(spec, tmp_path, mains, None, argv)
+        assert ran == []
+        other = ["--save_dir", str(tmp_path / "other"), "--feature_dir", str(tmp_path / "other_feature")]
+        pipeline.main(spec, tmp_path, mains, None, other + ["--in_process", "--force"])
+    assert ran == [stage.script for stage in pipeline.STAGES]
+    assert not (tmp_path / "save" / ".pipeline.lock").exists()
