@@ -387,7 +387,7 @@ def frame_size(text: str) -> tuple[int, int]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from magtkd.cli import HelpFormatter  # every flag's default shown once
+    from magtkd.flag_parser import HelpFormatter  # every flag's default shown once
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--quick", action="store_true", help="1-minute video, 12 utterances, 2+5 steps")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")

@@ -233,7 +233,7 @@ def parent(args: argparse.Namespace) -> None:
 
 
 def main() -> None:
-    from magtkd.cli import HelpFormatter  # every flag's default shown once
+    from magtkd.flag_parser import HelpFormatter  # every flag's default shown once
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--quick", action="store_true", help="width 128 and 1/8 of the dialogues")
     p.add_argument("--epochs", type=int, default=2, help="timed epochs per loop")

@@ -54,7 +54,7 @@ def make_clips(folder: Path, n: int, seconds: float, size: tuple[int, int], fps:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from magtkd.cli import HelpFormatter  # every flag's default shown once
+    from magtkd.flag_parser import HelpFormatter  # every flag's default shown once
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--clips", type=int, default=200, help="generated clips decoded")
     p.add_argument("--seconds", type=float, default=3.0, help="length of each clip")

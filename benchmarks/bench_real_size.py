@@ -256,7 +256,7 @@ def agreement(teacher, field, samples, batch: dict, source: dict, loss_of, devic
 
 
 def main(argv=None) -> None:
-    from magtkd.cli import HelpFormatter  # every flag's default shown once
+    from magtkd.flag_parser import HelpFormatter  # every flag's default shown once
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--device", default=None, help="cpu, cuda; default: CUDA when available")
     p.add_argument("--amp", default="False", choices=("True", "False"), help="bf16 autocast (CUDA only)")

@@ -61,7 +61,7 @@ def measure(device: torch.device, amp: bool, args: argparse.Namespace) -> dict[s
 
 
 def main() -> None:
-    from magtkd.cli import HelpFormatter  # every flag's default shown once
+    from magtkd.flag_parser import HelpFormatter  # every flag's default shown once
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where to time it")
     p.add_argument("--layers", type=int, default=24, help="encoder layers")

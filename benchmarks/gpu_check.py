@@ -237,7 +237,7 @@ def check_real_size(ctx: Context, amp: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from magtkd.cli import HelpFormatter  # every flag's default shown once
+    from magtkd.flag_parser import HelpFormatter  # every flag's default shown once
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--device", default="cuda", help="cuda or cpu (the same checks at tiny sizes)")
     p.add_argument("--keep", type=Path, default=None, help="work in this folder and keep it; default: a temporary folder, removed")

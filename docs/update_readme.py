@@ -7,7 +7,7 @@
 
 ``flags``: one table per script (``<!-- flags: text.py -->`` ... ``<!-- /flags -->``), each row what
 ``--help`` shows for the flag (IEMOCAP's; MELD's where it differs), taken from the parsers the scripts
-build (`magtkd.cli.parser_of`), so the README lists every flag with its help and default once; the
+build (`magtkd.flag_parser.parser_of`), so the README lists every flag with its help and default once; the
 tests compare the README with this output. ``demo RUN [RUN ...]``: the demo block (``<!-- demo-results
 -->``) from ``RUN/results.json`` and ``RUN/results.md`` of ``python -m magtkd.synthetic.demo --workdir
 RUN``; a further ``RUN@LABEL`` (e.g. another ``--threads``) adds its figures as the spread. ``ablation
@@ -34,7 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from magtkd import cli  # noqa: E402
+from magtkd import cli, flag_parser  # noqa: E402
 
 README = REPO / "README.md"
 DATASETS = ("IEMOCAP", "MELD")
@@ -71,12 +71,12 @@ def block(text: str, name: str) -> str | None:
 # --------------------------------------------------------------------------- flag tables
 
 
-def parsers(script: str) -> dict[str, cli.Parser]:
+def parsers(script: str) -> dict[str, flag_parser.Parser]:
     """The parser ``<DS>/<script>`` builds, per dataset."""
-    return {ds: cli.parser_of(importlib.import_module(f"{ds}.{Path(script).stem}").main) for ds in DATASETS}
+    return {ds: flag_parser.parser_of(importlib.import_module(f"{ds}.{Path(script).stem}").main) for ds in DATASETS}
 
 
-def help_row(parser: cli.Parser, action: argparse.Action) -> tuple[str, str]:
+def help_row(parser: flag_parser.Parser, action: argparse.Action) -> tuple[str, str]:
     """The flag as ``--help`` names it and its help text as ``--help`` shows it (paths relative to the
     repository: the defaults resolve against the script's folder)."""
     formatter = parser._get_formatter()
@@ -174,7 +174,7 @@ def ablation_block(demo: Path, machine: str, date: str) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=flag_parser.HelpFormatter)
     p.add_argument("what", choices=("flags", "demo", "ablation"), help="the blocks to rewrite")
     p.add_argument("runs", nargs="*", help="demo: DIR or DIR@LABEL of demo runs (the first is quoted); ablation: "
                                            "the demo DIR; default: none")

@@ -30,7 +30,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 from .artifacts import (FIRST_STAGE_MODELS, StageFiles, feature_path, features_record, frames_record, output_lock,
                         read_record, write_json)
-from .cli import check_path, pipeline_parser
+from .cli import pipeline_parser
+from .flag_parser import check_path
 from .runtime import setup_logging
 from .spec import SPLITS, DatasetSpec
 from .utils import PARSED, QUIET_INTERRUPT, Interrupted, StageMain, UserError, limit_line, run as run_main, str2bool

@@ -13,7 +13,7 @@ import sys
 import pytest
 
 from helpers import REPO
-from magtkd import cli
+from magtkd import cli, flag_parser
 
 
 def docs_tool():
@@ -29,7 +29,7 @@ TOOL = docs_tool()
 
 def assert_helpful(where: str, parser: argparse.ArgumentParser) -> None:
     """Each flag: a help text that names its default exactly once (or says it is required)."""
-    formatter = cli.HelpFormatter(parser.prog)
+    formatter = flag_parser.HelpFormatter(parser.prog)
     for action in parser._actions:
         if action.dest == "help" or action.help == argparse.SUPPRESS:
             continue
@@ -42,7 +42,7 @@ def assert_helpful(where: str, parser: argparse.ArgumentParser) -> None:
 @pytest.mark.parametrize("script", TOOL.SCRIPTS)
 def test_every_flag_of_every_script_has_a_help_text_and_one_default(script):
     for dataset, parser in TOOL.parsers(script).items():
-        assert parser.formatter_class is cli.HelpFormatter
+        assert parser.formatter_class is flag_parser.HelpFormatter
         assert_helpful(f"{dataset}/{script}", parser)
 
 

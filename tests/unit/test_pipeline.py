@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import sys
 
+import pytest
+
 from helpers import dataset_spec
 from magtkd import cli, pipeline
 from magtkd.artifacts import finish_outputs
