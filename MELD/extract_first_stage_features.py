@@ -31,7 +31,7 @@ def main(argv=None) -> dict:
     cli.add_prompt_flag(parser)  # the text model's prompt: text.json's
     args = parser.parse_args(argv)
     runtime.setup_logging()
-    device = runtime.resolve_device(args.device)
+    device = runtime.resolve_device(args.device, args.dist_timeout)
 
     # Data: every utterance of every split in the pickles' order (CSV order grouped by dialogue), the speakers
     dialogues = {s: dataset.group_dialogues(dataset.load_split(MELD, args.data_dir, s)) for s in dataset.SPLITS}

@@ -37,7 +37,7 @@ def main(argv=None) -> dict:
     # Flags: the stage folders, the conversation and the output, batch size, autocast, fusion settings
     args = cli.predict_parser(MELD, HERE, __doc__, unknown_speakers=UNKNOWN_SPEAKERS).parse_args(argv)
     runtime.setup_logging()
-    device = runtime.resolve_device(args.device)
+    device = runtime.resolve_device(args.device, args.dist_timeout)
     run = predict.Prediction.from_flags(vars(args), cli.audio_cache_dir(args.audio_cache, args.audio_cache_dir,
                                                                         args.feature_dir))
     # The fusion model as trained (its metrics document), else this dataset's feature keys; a flag may

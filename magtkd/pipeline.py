@@ -184,7 +184,7 @@ class Options:
     """The pipeline's own flags that reach the stages (`stage_argv`) and how it runs them."""
 
     device: str | None
-    num_workers: int
+    num_workers: int | None  # None: each stage's default (runtime.loader_workers)
     epochs: int | None
     fusion_epochs: int | None
     learning_rate: float | None
@@ -207,8 +207,9 @@ def stage_argv(stage: Stage, ctx: Context, options: Options) -> list[str]:
             argv += ["--epochs", str(options.fusion_epochs)]
     else:
         argv += ["--data_dir", str(ctx.data_dir), "--pretrained_dir", str(ctx.pretrained_dir),
-                 "--save_dir", str(ctx.save_dir), "--feature_dir", str(ctx.feature_dir),
-                 "--num_workers", str(options.num_workers)]
+                 "--save_dir", str(ctx.save_dir), "--feature_dir", str(ctx.feature_dir)]
+        if options.num_workers is not None:
+            argv += ["--num_workers", str(options.num_workers)]
     if options.device and stage.kind != "frames":
         argv += ["--device", options.device]
     if stage.kind == "train":

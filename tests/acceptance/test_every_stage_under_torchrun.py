@@ -117,8 +117,8 @@ def test_kd_with_amp_on_cpu_keeps_its_scaler_in_the_state(stages: dict, generate
     (out / "save").mkdir()
     for name in ("text.bin", "audio.bin"):
         shutil.copy2(stages["out"] / "save" / name, out / "save" / name)
-    torchrun("IEMOCAP", "KD", generated, out, "--student", "audio", "--amp", "True", "--tensorboard",
-             str(tmp_path / "tb"), *EPOCHS, nproc=1)
+    torchrun("IEMOCAP", "KD", generated, out, "--student", "audio", "--amp", "True", "--save_state", "True",
+             "--tensorboard", str(tmp_path / "tb"), *EPOCHS, nproc=1)
     state = torch.load(out / "save" / "text_KD_audio.state.pt", weights_only=True)
     assert state["scaler"]["scale"] > 0 and "_growth_tracker" in state["scaler"]
     assert state["device_type"] == "cpu" and state["rng"][0]["cuda"] is None
@@ -175,7 +175,7 @@ def test_torchrun_two_cpu_processes_train_text(text_runs: dict, small_iemocap: P
     assert log.count("IEMOCAP text: device cpu world_size=2") == 1
     assert log.count("IEMOCAP text epoch 1/2:") == 1 and log.count("IEMOCAP text epoch 2/2:") == 1
     assert sorted(p.name for p in save_dir.iterdir()) == [
-        "text.bin", "text.json", "text.state.pt", "text_confusion.png", "text_curves.png"]
+        "text.bin", "text.json", "text_confusion.png", "text_curves.png"]
     state = torch.load(save_dir / "text.bin", map_location="cpu", weights_only=True)
     assert "classifier.weight" in state
 
