@@ -203,6 +203,7 @@ class TrainingState:
         if self.scaler is not None and self.scaler.is_enabled():
             if saved_scaler:
                 self.scaler.load_state_dict(saved_scaler)
+                log.info("%s: gradient scaler restored at scale %g", self.stage, self.scaler.get_scale())
             else:
                 log.warning("%s: the training state holds no gradient-scaler state: the scale restarts at %g",
                             self.stage, self.scaler.get_scale())
