@@ -1,4 +1,5 @@
-"""The GPU acceptance run: what must hold on a GPU, PASS/FAIL/SKIP per check, in under 8 minutes on one H100.
+"""The GPU acceptance run: what must hold on a GPU, PASS/FAIL/SKIP per check, meant to take under 8 minutes on one
+H100 (``--budget`` keeps it there; it has not run on one yet).
 
     python benchmarks/gpu_check.py                    # --device cuda
     python benchmarks/gpu_check.py --device cpu       # the same checks where a CPU can make them (the test suite runs it)
@@ -156,7 +157,8 @@ def real_rows(ctx: Context) -> list[dict]:
             if not (root / "pretrained_model" / "timesformer-base-finetuned-k400" / "model.safetensors").is_file():
                 generate(root, seed=0, what="models", size="real")
         argv = [str(REPO / "benchmarks" / "real_steps.py"), "--root", str(root), "--device", ctx.device]
-        argv += ["--steps", "2", "--warmup", "1"] if ctx.tiny else ["--steps", "5", "--warmup", "2"]
+        # On CPU the rows prove the code path at real lengths; the figures that matter are a GPU's
+        argv += ["--steps", "1", "--warmup", "1", "--eval_batch", "4"] if ctx.tiny else ["--steps", "5", "--warmup", "2"]
         process = subprocess.Popen([sys.executable, *argv], env=ENV, cwd=REPO, stdout=subprocess.PIPE,
                                    stderr=subprocess.PIPE, text=True)
         rows = []
