@@ -66,8 +66,10 @@ class AudioEncoder(nn.Module):
         # Right padding + attention mask: frame 0 is always real audio.
         lengths = attention_mask.sum(-1)
         frames = self.backbone._get_feat_extract_output_lengths(lengths)
-        total = self.backbone._get_feat_extract_output_lengths(torch.full_like(lengths, input_values.shape[-1]))
-        self._frame_mask = torch.arange(int(total.max()), device=lengths.device)[None, :] < frames[:, None]
+        # The padded length's frame count from the shape, on the host: reading it from a device tensor
+        # would make the host wait for the GPU (docs/METHOD.md §6, "No waiting for the host").
+        total = int(self.backbone._get_feat_extract_output_lengths(torch.tensor(input_values.shape[-1])))
+        self._frame_mask = torch.arange(total, device=lengths.device)[None, :] < frames[:, None]
         try:
             hidden = self.backbone(input_values=input_values, attention_mask=attention_mask).last_hidden_state
         finally:
