@@ -157,8 +157,10 @@ def real_rows(ctx: Context) -> list[dict]:
             if not (root / "pretrained_model" / "timesformer-base-finetuned-k400" / "model.safetensors").is_file():
                 generate(root, seed=0, what="models", size="real")
         argv = [str(REPO / "benchmarks" / "real_steps.py"), "--root", str(root), "--device", ctx.device]
-        # On CPU the rows prove the code path at real lengths; the figures that matter are a GPU's
-        argv += ["--steps", "1", "--warmup", "1", "--eval_batch", "4"] if ctx.tiny else ["--steps", "5", "--warmup", "2"]
+        # On CPU the rows prove the code path at real lengths (one update of 2, an evaluation batch of 2);
+        # the figures that matter are a GPU's
+        argv += (["--batch", "2", "--steps", "1", "--warmup", "0", "--eval_batch", "2"] if ctx.tiny
+                 else ["--steps", "5", "--warmup", "2"])
         process = subprocess.Popen([sys.executable, *argv], env=ENV, cwd=REPO, stdout=subprocess.PIPE,
                                    stderr=subprocess.PIPE, text=True)
         rows = []
