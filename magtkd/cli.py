@@ -319,7 +319,7 @@ def pipeline_parser(description: str | None) -> argparse.ArgumentParser:
     (`PIPELINE_ENV`) when that is set. Relative folders are the caller's (the working directory)."""
     env = {flag: os.environ.get(variable) or None for flag, variable in PIPELINE_ENV.items()}
     p = base_parser(description)
-    p.set_defaults(device=env["device"])
+    p.set_defaults(device=env["device"], dist_timeout=None)  # None: each stage's default (30 minutes)
     for name, (help_text, _) in FOLDERS.items():
         p.add_argument(f"--{name}", type=Path, default=env[name], help=f"{help_text}; default: the dataset's")
     p.add_argument("--num_workers", type=nonnegative_int, default=_number(env["num_workers"], int),
