@@ -313,7 +313,7 @@ def check_resume(ctx: Context, kind: str) -> str:
     note = f"resumed after epoch {done.stderr.split('resuming from epoch ')[1].split()[0]}"
     if kind == "KD":
         restored = re.search(r"gradient scaler restored at scale (\S+)", done.stderr)
-        if not scale or restored is None or float(restored.group(1)) != float(scale):
+        if not scale or restored is None or abs(float(restored.group(1)) / float(scale) - 1) > 1e-5:  # %g: 6 digits
             raise CheckFailed(f"the state holds scale {scale}, the resumed run says "
                               f"{restored.group(0) if restored else 'nothing'}")
         note += f", scaler continued at the saved scale {float(scale):g}"
