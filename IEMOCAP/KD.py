@@ -84,7 +84,7 @@ def frozen_teacher(args, device):
 def main(argv=None) -> dict:
     args = parser().parse_args(argv)
     runtime.setup_logging()
-    device = runtime.resolve_device(args.device)
+    device = runtime.resolve_device(args.device, args.dist_timeout)
     seeds = cli.seed_list(args.seed, args.seeds, args.train)
     name, stage = kd_name(args.teacher, args.student), f"IEMOCAP KD {args.teacher}->{args.student}"
     usual = StageFiles.first_stage(args.save_dir, name)
@@ -114,10 +114,10 @@ def main(argv=None) -> dict:
         # Dev/test batches carry the student's input only; training batches also the teacher's prompts
         # when it runs in every step (--teacher_cache False)
         batches = loaders.split_loaders(samples, [s_field], args.batch_size, args.num_workers, seed,
-                                        ("dev", "test"))
+                                        ("dev", "test"), device=device, eval_batch_size=args.eval_batch_size)
         if args.train:
             batches.update(loaders.split_loaders(samples, [s_field] if args.teacher_cache else [t_field, s_field],
-                                                 args.batch_size, args.num_workers, seed, ("train",)))
+                                                 args.batch_size, args.num_workers, seed, ("train",), device=device))
         data = loaders.SampleBatches(batches, device, report)
         files[seed] = StageFiles.first_stage(args.save_dir, name, cli.seed_tag(seed, seeds))
         # fp16 autocast with a gradient scaler, as the authors (docs/METHOD.md §3)

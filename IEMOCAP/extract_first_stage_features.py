@@ -33,7 +33,7 @@ def main(argv=None) -> dict:
     cli.add_model_dir_flag(parser)
     args = parser.parse_args(argv)
     runtime.setup_logging()
-    device = runtime.resolve_device(args.device)
+    device = runtime.resolve_device(args.device, args.dist_timeout)
     # The five models: --save_dir's, or a model folder's (--model_dir, checked: its dataset, every file)
     models = hub.model_source(IEMOCAP, args.model_dir, args.save_dir)
 

@@ -36,7 +36,7 @@ def main(argv=None) -> dict:
     cli.add_audio_cache_flags(parser)
     args = parser.parse_args(argv)
     runtime.setup_logging()
-    device = runtime.resolve_device(args.device)
+    device = runtime.resolve_device(args.device, args.dist_timeout)
     seeds = cli.seed_list(args.seed, args.seeds, args.train)
     usual = StageFiles.first_stage(args.save_dir, "audio")
     audio_cache = cli.audio_cache_dir(args.audio_cache, args.audio_cache_dir, args.feature_dir)
@@ -54,7 +54,8 @@ def main(argv=None) -> dict:
         encoder, field = pretrained.load_encoder("audio", args.pretrained_dir, MELD.num_classes,
                                                  audio_cache=audio_cache)
         encoder.to(device)
-        batches = loaders.split_loaders(samples, [field], args.batch_size, args.num_workers, seed)
+        batches = loaders.split_loaders(samples, [field], args.batch_size, args.num_workers, seed, device=device,
+                                        eval_batch_size=args.eval_batch_size)
         data = loaders.SampleBatches(batches, device, report)
         files[seed] = StageFiles.first_stage(args.save_dir, "audio", cli.seed_tag(seed, seeds))
         config = engine.FitConfig.from_flags(vars(args), seed=seed, stage="MELD audio", script="MELD/audio.py",

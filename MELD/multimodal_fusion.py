@@ -64,7 +64,7 @@ def objective(out: FusionOutput, target: torch.Tensor, *, alpha: float, beta: fl
 def main(argv=None) -> dict:
     args = cli.fusion_parser(MELD, HERE, __doc__, **DEFAULTS).parse_args(argv)
     runtime.setup_logging()
-    device = runtime.resolve_device(args.device)
+    device = runtime.resolve_device(args.device, args.dist_timeout)
     seeds = cli.seed_list(args.seed, args.seeds, args.train)
     # The model the flags ask for: unset, the paper's model on this dataset's feature keys (training) or
     # what the checkpoint and its metrics document say (--train False; a contradicting flag is an error)

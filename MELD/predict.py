@@ -38,7 +38,7 @@ def main(argv=None) -> dict:
     # Flags: the stage folders, the conversation and the output, batch size, autocast, fusion settings
     args = cli.predict_parser(MELD, HERE, __doc__, unknown_speakers=UNKNOWN_SPEAKERS).parse_args(argv)
     runtime.setup_logging()
-    device = runtime.resolve_device(args.device)
+    device = runtime.resolve_device(args.device, args.dist_timeout)
     # The six models: --save_dir's, or a model folder's (--model_dir, checked: its dataset, every file)
     models = hub.model_source(MELD, args.model_dir, args.save_dir)
     run = predict.Prediction.from_flags({**vars(args), "save_dir": models},

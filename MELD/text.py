@@ -37,7 +37,7 @@ def main(argv=None) -> dict:
     cli.add_prompt_flag(parser, training=True)
     args = parser.parse_args(argv)
     runtime.setup_logging()
-    device = runtime.resolve_device(args.device)
+    device = runtime.resolve_device(args.device, args.dist_timeout)
     seeds = cli.seed_list(args.seed, args.seeds, args.train)
     # The prompt variant (docs/METHOD.md §2): --train False evaluates with the one text.json recorded
     prompt = (args.prompt or "full") if args.train else \
@@ -55,7 +55,8 @@ def main(argv=None) -> dict:
         encoder, field = pretrained.load_encoder("text", args.pretrained_dir, MELD.num_classes,
                                                  prompt=prompt)
         encoder.to(device)
-        batches = loaders.split_loaders(samples, [field], args.batch_size, args.num_workers, seed)
+        batches = loaders.split_loaders(samples, [field], args.batch_size, args.num_workers, seed, device=device,
+                                        eval_batch_size=args.eval_batch_size)
         data = loaders.SampleBatches(batches, device)
         files[seed] = StageFiles.first_stage(args.save_dir, "text", cli.seed_tag(seed, seeds))
         config = engine.FitConfig.from_flags(flags, seed=seed, stage="MELD text", script="MELD/text.py",

@@ -32,7 +32,7 @@ objective = encoders.encoder_cross_entropy
 def main(argv=None) -> dict:
     args = cli.training_parser(MELD, HERE, __doc__, **DEFAULTS).parse_args(argv)
     runtime.setup_logging()
-    device = runtime.resolve_device(args.device)
+    device = runtime.resolve_device(args.device, args.dist_timeout)
     seeds = cli.seed_list(args.seed, args.seeds, args.train)
 
     # Data (read once for all seeds): one sample per utterance; its stored uint8 frames are normalised on load
@@ -45,7 +45,8 @@ def main(argv=None) -> dict:
         runtime.set_seed(seed, args.deterministic, fixed_shapes=True)
         encoder, field = pretrained.load_encoder("video", args.pretrained_dir, MELD.num_classes, args.feature_dir)
         encoder.to(device)
-        batches = loaders.split_loaders(samples, [field], args.batch_size, args.num_workers, seed)
+        batches = loaders.split_loaders(samples, [field], args.batch_size, args.num_workers, seed, device=device,
+                                        eval_batch_size=args.eval_batch_size)
         data = loaders.SampleBatches(batches, device)
         files[seed] = StageFiles.first_stage(args.save_dir, "video", cli.seed_tag(seed, seeds))
         config = engine.FitConfig.from_flags(vars(args), seed=seed, stage="MELD video", script="MELD/video.py",

@@ -35,7 +35,7 @@ def main(argv=None) -> dict:
                              "OpenCV frames (docs/METHOD.md §7)")
     args = parser.parse_args(argv)
     runtime.setup_logging()
-    device = runtime.resolve_device("cpu")  # frames are decoded on CPU; under torchrun this joins the group
+    device = runtime.resolve_device("cpu", args.dist_timeout)  # frames decode on CPU; torchrun: joins the group
 
     # Data: the utterances whose frames are still missing, grouped by source video
     utterances = [u for split in dataset.SPLITS for u in dataset.load_split(MELD, args.data_dir, split)]

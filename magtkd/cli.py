@@ -27,7 +27,11 @@ def base_parser(description: str | None, allow_abbrev: bool = True, device: bool
     parser = Parser(description=description, formatter_class=HelpFormatter, allow_abbrev=allow_abbrev)
     if device:
         parser.add_argument("--device", default=None,
-                            help="cuda, cuda:1 or cpu; default: CUDA when available, else CPU")
+                            help="cuda, cuda:1 or cpu; default: CUDA when available, else CPU (an NVIDIA driver that "
+                                 "this torch cannot use is an error: README, Installation)")
+        parser.add_argument("--dist_timeout", type=positive_float, default=30.0,
+                            help="under torchrun: minutes a rank waits in a collective for the others before the run "
+                                 "stops (torch's own default is 10 on NCCL)")
     parser.add_argument("--debug", action="store_true",
                         help="show the full traceback of errors in the input (flags, files, data)")
     return parser
@@ -65,7 +69,9 @@ def paths_parser(spec: DatasetSpec, script_dir: str | Path, description: str | N
     """Flags every stage has: folders (defaulting relative to the script's folder), device, workers;
     ``writes``: the folders the script always writes into (checked before any work, `Parser`)."""
     parser = add_folders(base_parser(description), spec, script_dir)
-    parser.add_argument("--num_workers", type=nonnegative_int, default=0, help="data-loading worker processes")
+    parser.add_argument("--num_workers", type=nonnegative_int, default=None,
+                        help="data-loading worker processes (persistent, prefetching); default: 4 per process on "
+                             "CUDA (fewer with few CPUs), 0 on CPU")
     return parser.writes(*writes)
 
 
@@ -101,6 +107,8 @@ def training_parser(spec: DatasetSpec, script_dir: str | Path, description: str 
     parser.add_argument("--epochs", type=positive_int, default=epochs, help="training epochs")
     parser.add_argument("--batch_size", type=positive_int, default=batch_size,
                         help="utterances per batch and process (the global batch is processes x this x --grad_accum)")
+    parser.add_argument("--eval_batch_size", type=positive_int, default=16,
+                        help="utterances per dev/test batch and process (inference only: keeps no activations)")
     add_seed_flags(parser, 2024, "<name>_seed<S>.bin")
     parser.add_argument("--learning_rate", type=positive_float, default=learning_rate,
                         help="AdamW learning rate (the peak of the schedule)")
@@ -237,7 +245,11 @@ def add_loop_flags(parser: Parser, checkpointing: bool) -> Parser:
         parser.add_argument("--grad_checkpointing", type=str2bool, default=False,
                             help="recompute the Hugging Face backbone's activations in backward (less memory)")
     parser.add_argument("--resume", type=str2bool, default=False,
-                        help="continue from the training state saved after the last completed epoch")
+                        help="continue from the training state saved after the last completed epoch (none yet: "
+                             "start at epoch 1), and save it after every epoch")
+    parser.add_argument("--save_state", type=str2bool, default=None,
+                        help="write the full training state (weights, optimizer, random states) after every epoch, "
+                             "in the background, so that --resume True can continue the run; default: as --resume")
     parser.add_argument("--tf32", type=str2bool, default=False,
                         help="TF32 matrix products in the fp32 computations on CUDA (faster on Ampere and newer, "
                              "about 3 significant digits); default False, as the authors (docs/METHOD.md §3)")
@@ -356,13 +368,14 @@ def pipeline_parser(description: str | None) -> Parser:
     env = {flag: os.environ.get(variable) or None for flag, variable in PIPELINE_ENV.items()}
     p = base_parser(description)
     p.epilog = PIPELINE_ENV_HELP
-    p.set_defaults(device=env["device"])
+    p.set_defaults(device=env["device"], dist_timeout=None)  # None: each stage's default (30 minutes)
     _action(p, "device").help = "cuda, cuda:1 or cpu for every stage; default: $DEVICE, else CUDA when available"
     for name, (help_text, _) in FOLDERS.items():
         p.add_argument(f"--{name}", type=Path, default=env[name],
                        help=f"{help_text}; default: ${PIPELINE_ENV[name]}, else the dataset's")
-    p.add_argument("--num_workers", type=nonnegative_int, default=int(env["num_workers"] or 0),
-                   help="data-loading worker processes of every stage; default: $NUM_WORKERS, else 0")
+    p.add_argument("--num_workers", type=nonnegative_int, default=_number(env["num_workers"], int),
+                   help="data-loading worker processes of every stage; default: $NUM_WORKERS, else each stage's "
+                        "own (4 per process on CUDA, 0 on CPU)")
     p.add_argument("--epochs", type=positive_int, default=_number(env["epochs"], int),
                    help="epochs of the first-stage and KD trainings; default: $EPOCHS, else each stage's own")
     p.add_argument("--fusion_epochs", type=positive_int, default=_number(env["fusion_epochs"], int),

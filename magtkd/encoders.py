@@ -66,8 +66,10 @@ class AudioEncoder(nn.Module):
         # Right padding + attention mask: frame 0 is always real audio.
         lengths = attention_mask.sum(-1)
         frames = self.backbone._get_feat_extract_output_lengths(lengths)
-        total = self.backbone._get_feat_extract_output_lengths(torch.full_like(lengths, input_values.shape[-1]))
-        self._frame_mask = torch.arange(int(total.max()), device=lengths.device)[None, :] < frames[:, None]
+        # The padded length's frame count from the shape, on the host: reading it from a device tensor
+        # would make the host wait for the GPU (docs/METHOD.md §6, "No waiting for the host").
+        total = int(self.backbone._get_feat_extract_output_lengths(torch.tensor(input_values.shape[-1])))
+        self._frame_mask = torch.arange(total, device=lengths.device)[None, :] < frames[:, None]
         try:
             hidden = self.backbone(input_values=input_values, attention_mask=attention_mask).last_hidden_state
         finally:
@@ -85,15 +87,36 @@ class AudioEncoder(nn.Module):
 
 
 class VideoEncoder(nn.Module):
-    """TimeSformer: CLS token of the last hidden state -> Linear(hidden, C)."""
+    """TimeSformer: CLS token of the last hidden state -> Linear(hidden, C).
 
-    def __init__(self, backbone: nn.Module, num_classes: int) -> None:
+    Its input is the stored uint8 frames (``VideoField``), normalised here, on the model's device, as the
+    videomae-base processor normalises them (``pixel_scale``, ``pixel_mean``, ``pixel_std``: its rescale
+    factor and ImageNet mean/std; `magtkd.frames.FrameCodec.normalize` computes the same values): the loader
+    and the host-to-device copy move a quarter of the fp32 bytes (docs/METHOD.md §2, Input). Float input
+    (already normalised ``pixel_values``) passes unchanged. The statistics are non-persistent buffers: they
+    follow the model to its device and stay out of the checkpoint.
+    """
+
+    def __init__(self, backbone: nn.Module, num_classes: int, pixel_scale: float = 1 / 255,
+                 pixel_mean: tuple[float, ...] = (0.485, 0.456, 0.406),
+                 pixel_std: tuple[float, ...] = (0.229, 0.224, 0.225)) -> None:
         super().__init__()
         self.backbone = backbone
         self.classifier = nn.Linear(backbone.config.hidden_size, num_classes)
+        self.pixel_scale = float(pixel_scale)
+        self.register_buffer("pixel_mean", torch.tensor(pixel_mean, dtype=torch.float32).view(1, 1, 3, 1, 1),
+                             persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(pixel_std, dtype=torch.float32).view(1, 1, 3, 1, 1),
+                             persistent=False)
+
+    def pixels(self, frames: torch.Tensor) -> torch.Tensor:
+        """(B, 8, 3, h, w) uint8 stored frames -> float32 ``pixel_values``; float input unchanged."""
+        if frames.dtype != torch.uint8:
+            return frames
+        return (frames.to(torch.float32) * self.pixel_scale - self.pixel_mean) / self.pixel_std
 
     def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        rep = self.backbone(pixel_values=pixel_values).last_hidden_state[:, 0, :]
+        rep = self.backbone(pixel_values=self.pixels(pixel_values)).last_hidden_state[:, 0, :]
         return rep, self.classifier(rep)
 
     @property
@@ -101,7 +124,7 @@ class VideoEncoder(nn.Module):
         return self.classifier.in_features
 
     def encode(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(representation, logits)`` of a batch from `magtkd.dataset.VideoField`."""
+        """``(representation, logits)`` of a batch from `magtkd.loaders.VideoField`."""
         return self(batch["video_pixels"])
 
 

@@ -45,8 +45,8 @@ from .utils import UserError
 log = logging.getLogger("magtkd")
 
 # The training flags a `FitConfig` takes from a script's parsed flags when they are there (`FitConfig.from_flags`).
-LOOP_FLAGS = ("grad_accum", "resume", "amp", "grad_checkpointing", "tf32", "tensorboard", "per_batch_schedule",
-              "schedule_epochs")
+LOOP_FLAGS = ("grad_accum", "resume", "save_state", "amp", "grad_checkpointing", "tf32", "tensorboard",
+              "per_batch_schedule", "schedule_epochs")
 
 
 @dataclass
@@ -64,6 +64,7 @@ class FitConfig:
     grad_accum: int = 1  # --grad_accum: micro-batches per update (the one place it lives)
     grad_clip: float = 10.0  # the authors' clip_grad_norm_ bound
     resume: bool = False
+    save_state: bool | None = None  # --save_state: write the training state every epoch; None: as ``resume``
     amp: bool = False  # autocast on CUDA (bf16, or fp16 with ``amp_dtype``)
     amp_dtype: torch.dtype = torch.bfloat16
     clip_scaled: bool = False  # fp16: clip the still-scaled gradients (the authors' KD order)
@@ -157,11 +158,14 @@ class Step:
         gradient ``scaler`` (fp16 KD, docs/METHOD.md §3) the gradients are unscaled
         before clipping, or clipped while still scaled with ``clip_scaled`` (the
         authors' order).
+
+        Nothing here waits for the device: the loss is summed where it was computed (no host scalar is
+        made and copied over), the weights are Python floats, and the norm stays a tensor.
         """
         self.optimizer.zero_grad(set_to_none=True)
         counts = [batch_items(batch) for batch in group]
         total = sum(counts)
-        value = torch.zeros((), dtype=torch.float64)
+        value: torch.Tensor | None = None
         for i, (batch, count) in enumerate(zip(group, counts)):
             last = i == len(group) - 1
             with contextlib.nullcontext() if last or not hasattr(runner, "no_sync") else runner.no_sync():
@@ -169,7 +173,8 @@ class Step:
                 # A single batch backpropagates its loss as is: the plain update, bit for bit.
                 share = loss if len(group) == 1 else loss * (count / total)
                 (share if self.scaler is None else self.scaler.scale(share)).backward()
-            value = value.to(loss.device) + loss.detach() * (count / total)
+            part = loss.detach() * (count / total)
+            value = part.double() if value is None else value + part
         if self.scaler is not None and not self.clip_scaled:
             self.scaler.unscale_(self.optimizer)  # clip the true gradients (a no-op when the scaler is disabled)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
@@ -179,6 +184,7 @@ class Step:
             self.scaler.step(self.optimizer)  # unscales first if not done above; skips steps with inf/nan gradients
             self.scaler.update()
         self.scheduler.step()
+        assert value is not None, "an update needs at least one micro-batch"
         return value, grad_norm.detach()
 
 
@@ -252,8 +258,10 @@ def train_one_epoch(data: Batches, step: Step, config: FitConfig, epoch: int) ->
     n_updates = data.updates_per_epoch(config.grad_accum)
     bar = progress(groups(data.micro_batches(epoch), config.grad_accum), total=n_updates,
                    desc=f"{config.stage} epoch {epoch}")
-    total, count = torch.zeros((), dtype=torch.float64), 0
-    first_bad = torch.full((), -1, dtype=torch.long)
+    # Made on the device by the first update (no host tensor copied over, docs/METHOD.md §6).
+    total: torch.Tensor | None = None
+    first_bad: torch.Tensor | None = None
+    count = 0
     skips = ScalerSkips(config, epoch) if step.scaler is not None and step.scaler.is_enabled() else None
     for group in bar:
         if skips is not None:
@@ -262,8 +270,10 @@ def train_one_epoch(data: Batches, step: Step, config: FitConfig, epoch: int) ->
         loss, grad_norm = step.update(data.runner, group, lambda batch: data.loss(batch, config))
         count += 1
         applied = loss if skips is None else torch.where(skips.note(count, grad_norm), 0.0, loss)
-        total = total.to(loss.device) + applied
-        first_bad = first_bad.to(loss.device)
+        if total is None:
+            total = torch.zeros_like(applied, dtype=torch.float64)  # float64: the host sum it replaces
+            first_bad = torch.full_like(applied, -1, dtype=torch.long)
+        total = total + applied
         first_bad = torch.where((first_bad < 0) & ~torch.isfinite(applied), count, first_bad)
         if step.watch is not None:
             step.watch.update(step.scheduler.last_epoch, loss, grad_norm, lr)
@@ -283,10 +293,10 @@ def train_one_epoch(data: Batches, step: Step, config: FitConfig, epoch: int) ->
         raise NonFiniteError(f"{config.stage}: every update of epoch {epoch} ({count}) was skipped by the fp16 "
                              "gradient scaler (gradients not finite); stopped before publishing anything (a "
                              "previous complete set is kept). Check the inputs and the loss flags, or try --amp False")
-    return float(total) / max(count - (skips.skipped if skips else 0), 1)
+    return float(total) / max(count - (skips.skipped if skips else 0), 1) if total is not None else 0.0
 
 
-def check_finite_logits(finite: torch.Tensor, stage: str, split: str, where: str = "") -> None:
+def check_finite_logits(finite: torch.Tensor | bool, stage: str, split: str, where: str = "") -> None:
     """Refuse NaN/inf logits at evaluation: their argmax would be an arbitrary class (docs/METHOD.md §6)."""
     if not bool(finite):
         raise NonFiniteError(f"{stage}: the model's {split} logits are not finite{where}; the checkpoint or its "
@@ -356,23 +366,27 @@ def _fit(model: nn.Module, objective: Callable[..., torch.Tensor], data: Batches
         log.info("%s: gradient checkpointing in %s", config.stage, ", ".join(enable_grad_checkpointing(model)))
     data.prepare(model, objective, config.seed)
     run, first = Progress(), 1
+    # The resume state only when asked (--save_state, default: as --resume), written in the background.
     saved = TrainingState(files.state, config.stage, config.args, model, step.optimizer, step.scheduler, step.scaler,
-                          data.generators(), device)
+                          data.generators(), device, enabled=config.resume if config.save_state is None
+                          else config.save_state)
     state = saved.load(config.resume)
     if state is not None:
         saved.restore(state)
         run.epochs, run.best, first = state["progress"]["epochs"], state["progress"]["best"], state["epoch"] + 1
         log.info("%s: resuming from epoch %d of %d (%s)", config.stage, state["epoch"], config.epochs, files.state)
-    for epoch in range(first, config.epochs + 1):
-        _epoch(model, data, step, config, epoch, run, device)
-        if is_main():
-            write_json(files.in_progress(files.metrics), _document(config, run, complete=False))
-        saved.save(epoch, {"epochs": run.epochs, "best": run.best})
+    with saved.writing():  # the last state is on disk (or its write error raised) before anything is published
+        for epoch in range(first, config.epochs + 1):
+            _epoch(model, data, step, config, epoch, run, device)
+            if is_main():
+                write_json(files.in_progress(files.metrics), _document(config, run, complete=False))
+            saved.save(epoch, {"epochs": run.epochs, "best": run.best})
     doc = _document(config, run, complete=True)
     log.info("%s: selected epoch %d (dev wF1 %.4f); test report:\n%s", config.stage, run.best["epoch"],
              run.best["dev"]["weighted_f1"], format_test_report(run.best["test"], names))
     if is_main():
         publish(files, config, doc, names)
+        saved.discard_stale()
     return doc
 
 

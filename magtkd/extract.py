@@ -19,7 +19,8 @@ from .artifacts import (FEATURES_REPORT, FIRST_STAGE_MODELS, StageFiles, Substit
                         feature_path, features_record, finish_outputs, output_lock, remove_stale_temps)
 from .checkpoints import CheckpointError, checkpoint_file, load_checkpoint
 from .dataset import Sample, Utterance, fusion_speaker_ids
-from .loaders import SampleDataset, concat_chunks, in_dataset_order, make_loader, note_problems, to_device
+from .loaders import (SampleDataset, concat_chunks, each_pass, in_dataset_order, make_loader, note_problems,
+                      to_device)
 from .pickles import assemble_features, save_features
 from .pretrained import load_encoder, text_prompt
 from .runtime import autocast
@@ -34,19 +35,20 @@ def representations(models: Mapping[str, nn.Module], loader, device: torch.devic
     """(N, D) float32 representations of each encoder (``encoder.encode(batch)``), in dataset order
     (gathered from every rank under torchrun).
 
-    All encoders run on the same batches, so encoders sharing an input decode each clip once.
+    All encoders run on the same batches, so encoders sharing an input decode each clip once. The
+    representations stay on the device until the pass ends and come back in one copy per encoder.
     """
-    outputs: dict[str, list[np.ndarray]] = {key: [] for key in models}
+    outputs: dict[str, list[torch.Tensor]] = {key: [] for key in models}
     index = []
-    for batch in runtime.progress(loader, desc="batches"):
+    for batch in runtime.progress(each_pass(loader), desc="batches"):
         note_problems(batch, loader.dataset, report)
         index.append(batch["index"])
         batch = to_device(batch, device)
         for key, encoder in models.items():
             with autocast(device, amp):
                 rep, _ = encoder.encode(batch)
-            outputs[key].append(rep.float().cpu().numpy())
-    local = {key: np.concatenate(chunks).astype(np.float32) if chunks else np.zeros(0, np.float32)
+            outputs[key].append(rep.float())
+    local = {key: torch.cat(chunks).cpu().numpy() if chunks else np.zeros(0, np.float32)
              for key, chunks in outputs.items()}
     return in_dataset_order(concat_chunks(index), local)
 
@@ -61,7 +63,7 @@ def check_first_stage_checkpoints(spec: DatasetSpec, save_dir: Path) -> None:
 
 def first_stage_features(
     spec: DatasetSpec, samples: Mapping[str, Sequence[Sample]], *, pretrained_dir: Path, save_dir: Path,
-    feature_dir: Path, device: torch.device, batch_size: int, num_workers: int, amp: bool,
+    feature_dir: Path, device: torch.device, batch_size: int, num_workers: int | None, amp: bool,
     report: SubstitutionReport | None = None, audio_cache: Path | None = None, prompt: str | None = None,
 ) -> dict[str, dict[str, np.ndarray]]:
     """``{split: {feature key: (N, D) float32}}``: the five first-stage models over each split's samples.
@@ -87,7 +89,7 @@ def first_stage_features(
             encoders[key] = encoder.to(device).eval()
         for split, split_samples in samples.items():
             loader = make_loader(SampleDataset(split_samples, [field]), batch_size, shuffle=False,
-                                 num_workers=num_workers, pin_memory=device.type == "cuda")
+                                 num_workers=num_workers, device=device)
             vectors[split].update(representations(encoders, loader, device, amp, report))
             log.info("%s: %s features for %s done", spec.name, "/".join(encoders), split)
         del encoders

@@ -178,12 +178,12 @@ def _substitute_job(job: Job, reason: str) -> list[tuple[str, str, str]]:
     return [(key, str(job.video), reason) for key in job.keys]
 
 
-def extract_frames(jobs: Sequence[Job], image_processor: Any, num_workers: int, report_path: Path,
+def extract_frames(jobs: Sequence[Job], image_processor: Any, num_workers: int | None, report_path: Path,
                    record_args: Mapping[str, Any] | None = None) -> SubstitutionReport:
     """Run every job (one decode per source video, in parallel over videos) and keep the report current.
 
     Each job runs in a supervised decoder process (`magtkd.decoder.DecoderProcess`, one per
-    worker, ``max(num_workers, 1)`` of them): a source video that crashes or hangs
+    worker, ``max(num_workers, 1)`` of them; None: one): a source video that crashes or hangs
     the decoder loses only its own windows (black frames, listed with the
     reason) and the run goes on. The report at ``report_path`` keeps what
     earlier, interrupted runs substituted; it is rewritten whenever a job
@@ -204,7 +204,7 @@ def extract_frames(jobs: Sequence[Job], image_processor: Any, num_workers: int, 
         if report_path.is_file():
             for item in SubstitutionReport.read(report_path):
                 report.add(item.key, item.path, item.reason, item.replacement)
-        _run_jobs(runtime.shard(jobs), image_processor, num_workers, report, report_path)
+        _run_jobs(runtime.shard(jobs), image_processor, num_workers or 0, report, report_path)
         report.write(report_path)  # under torchrun a gather: every rank has finished its share
         if runtime.is_main():
             finish_outputs(record, "video_feature_extract", record_args, report=report_path.name,

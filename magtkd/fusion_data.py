@@ -239,8 +239,9 @@ def dialogue_logits(model: nn.Module, data: Any, batch_size: int, show_progress:
         batches = runtime.progress(batches, total=math.ceil(len(data) / batch_size), desc="dialogues")
     for idx in batches:
         batch = data.collate(idx, model.padding_speaker, packed)
-        chunks.append(batch.rows(model(*batch.inputs).t_logits).float().cpu())
-    logits = torch.cat(chunks) if chunks else torch.zeros(0, model.n_classes)
+        chunks.append(batch.rows(model(*batch.inputs).t_logits).float())
+    # One copy to the host per pass, not one per batch (docs/METHOD.md §6, "No waiting for the host")
+    logits = torch.cat(chunks).cpu() if chunks else torch.zeros(0, model.n_classes)
     finite = torch.isfinite(logits).all(-1)
     if not bool(finite.all()):
         # A NaN input row spreads through attention to its whole dialogue: name the dialogues.

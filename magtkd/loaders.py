@@ -90,7 +90,9 @@ class AudioField:
 
 
 class VideoField:
-    """Stored uint8 frames -> normalised ``pixel_values`` (8, 3, H, W)."""
+    """Stored uint8 frames (8, 3, H, W), as stored: `magtkd.encoders.VideoEncoder` normalises them on the
+    model's device (a quarter of the fp32 bytes through workers, pinned memory and the copy; ``codec``'s
+    statistics, `FrameCodec.normalize`)."""
 
     name = "video"
 
@@ -102,7 +104,7 @@ class VideoField:
 
     def load(self, sample: Sample) -> torch.Tensor:
         utt = sample.utterance
-        return self.codec.normalize(load_frames(frame_file(self.feature_dir, utt.split, utt.key)))
+        return torch.from_numpy(load_frames(frame_file(self.feature_dir, utt.split, utt.key)))
 
     def collate(self, items: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         return {"video_pixels": torch.stack(items)}
@@ -135,32 +137,54 @@ class SampleDataset(Dataset):
         return batch
 
 
-def make_loader(dataset: SampleDataset, batch_size: int, shuffle: bool, num_workers: int,
-                seed: int = 0, pin_memory: bool = False) -> DataLoader:
-    """A loader over ``dataset``; ``shuffle`` draws from a generator seeded with ``seed``.
+def make_loader(dataset: SampleDataset, batch_size: int, shuffle: bool, num_workers: int | None,
+                seed: int = 0, device: torch.device | None = None) -> DataLoader:
+    """A loader over ``dataset`` feeding ``device``; ``shuffle`` draws from a generator seeded with ``seed``.
 
     Under torchrun each rank loads its shard: shuffled loaders through a DistributedSampler
     (``seed`` + epoch), ordered ones every ``world_size``-th sample without padding, so that
-    gathering the ranks' outputs by ``batch["index"]`` covers every sample once. ``pin_memory`` (CUDA
-    runs) lets the engine's ``non_blocking`` copies overlap with compute.
+    gathering the ranks' outputs by ``batch["index"]`` covers every sample once. Workers
+    (``num_workers``; None: `runtime.loader_workers`, 4 on CUDA) are persistent and prefetch the next
+    batches while the model computes; for CUDA the batches come in page-locked memory, so the
+    ``non_blocking`` copies of `to_device` overlap with compute (docs/METHOD.md §2, Input). Iterate it
+    through `each_pass`, which keeps the shuffle of every epoch independent of the workers.
     """
+    device = device or torch.device("cpu")
+    workers = runtime.loader_workers(num_workers, device)
     generator = torch.Generator().manual_seed(seed)
     sampler = None
     if runtime.world_size() > 1:
         sampler = runtime.train_sampler(dataset, seed) if shuffle else runtime.EvalShardSampler(len(dataset))
     return DataLoader(
         dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
-        num_workers=num_workers, collate_fn=dataset.collate, generator=generator, persistent_workers=False,
-        pin_memory=pin_memory,
+        num_workers=workers, collate_fn=dataset.collate, generator=generator, persistent_workers=workers > 0,
+        pin_memory=device.type == "cuda",
     )
 
 
-def split_loaders(samples: Mapping[str, Sequence[Sample]], fields: Sequence[Any], batch_size: int, num_workers: int,
-            seed: int, splits: Sequence[str] = SPLITS) -> dict[str, DataLoader]:
-    """One loader per split with the given fields; only ``train`` is shuffled (by a generator seeded with ``seed``)."""
+def each_pass(loader: DataLoader) -> DataLoader:
+    """``loader``, for one more pass over it.
+
+    Every pass of a plain loader draws one number from its generator (its workers' base seed) before the
+    shuffle; a loader with persistent workers draws it only at its first pass. Drawing it here at every
+    later pass keeps the generator's stream, and so the shuffle of every epoch and the saved random states,
+    the same with and without workers (docs/METHOD.md §2, Input).
+    """
+    if loader.persistent_workers and loader.generator is not None and getattr(loader, "_iterator", None) is not None:
+        torch.empty((), dtype=torch.int64).random_(generator=loader.generator)
+    return loader
+
+
+def split_loaders(samples: Mapping[str, Sequence[Sample]], fields: Sequence[Any], batch_size: int,
+                  num_workers: int | None, seed: int, splits: Sequence[str] = SPLITS, *,
+                  device: torch.device | None = None, eval_batch_size: int | None = None) -> dict[str, DataLoader]:
+    """One loader per split with the given fields feeding ``device``; only ``train`` is shuffled (by a
+    generator seeded with ``seed``); dev and test take ``eval_batch_size`` (``--eval_batch_size``; None:
+    ``batch_size``)."""
     return {
-        split: make_loader(SampleDataset(samples[split], fields), batch_size, shuffle=(split == "train"),
-                           num_workers=num_workers, seed=seed)
+        split: make_loader(SampleDataset(samples[split], fields),
+                           batch_size if split == "train" else eval_batch_size or batch_size,
+                           shuffle=(split == "train"), num_workers=num_workers, seed=seed, device=device)
         for split in splits
     }
 
@@ -263,7 +287,7 @@ class SampleBatches:
         loader = self.loaders["train"]
         if isinstance(loader.sampler, torch.utils.data.DistributedSampler):
             loader.sampler.set_epoch(epoch)  # a new shuffle of the shards every epoch
-        return loader
+        return each_pass(loader)
 
     def loss(self, batch: dict[str, Any], config: FitConfig) -> torch.Tensor:
         note_problems(batch, self.loaders["train"].dataset, self.report)
@@ -273,20 +297,22 @@ class SampleBatches:
 
     @torch.inference_mode()
     def evaluate(self, model: nn.Module, split: str, config: FitConfig) -> tuple[np.ndarray, np.ndarray]:
-        """Gold labels and argmax predictions of ``split``, in dataset (CSV) order."""
+        """Gold labels and argmax predictions of ``split``, in dataset (CSV) order.
+
+        The predictions stay on the device until the pass ends and come back in one copy; a row with
+        non-finite logits predicts -1 there, so the same copy carries the finiteness check.
+        """
         loader = self.loaders[split]
         index, labels, preds = [], [], []
-        finite = torch.ones((), dtype=torch.bool, device=self.device)  # read once, at the end
-        for batch in runtime.progress(loader, desc=split):
+        for batch in runtime.progress(each_pass(loader), desc=split):
             note_problems(batch, loader.dataset, self.report)
             index.append(batch["index"])
-            batch = to_device(batch, self.device)
+            labels.append(batch["labels"])  # the loader's host copy
             with autocast(self.device, config.amp, config.amp_dtype):
-                _, logits = model.encode(batch)
-            finite = finite & torch.isfinite(logits).all()
-            labels.append(batch["labels"].cpu())
-            preds.append(logits.float().argmax(-1).cpu())
-        check_finite_logits(finite, config.stage, split)
+                _, logits = model.encode(to_device(batch, self.device))
+            preds.append(torch.where(torch.isfinite(logits).all(-1), logits.float().argmax(-1), -1))
+        predicted = torch.cat(preds).cpu() if preds else torch.zeros(0, dtype=torch.long)
+        check_finite_logits(bool((predicted >= 0).all()), config.stage, split)
         ordered = in_dataset_order(concat_chunks(index), {"labels": concat_chunks(labels),
-                                                          "preds": concat_chunks(preds)})
+                                                          "preds": predicted.numpy()})
         return ordered["labels"], ordered["preds"]

@@ -130,7 +130,7 @@ def up_to_date(stage: Stage, ctx: Context) -> bool:
 
 # Flags that do not change a stage's outputs (where, on what, how loud): never a reason to re-run it.
 NOT_OUTPUT_FLAGS = frozenset({"data_dir", "pretrained_dir", "save_dir", "feature_dir", "device", "num_workers",
-                              "debug", "resume", "audio_cache", "audio_cache_dir"})
+                              "debug", "resume", "save_state", "dist_timeout", "audio_cache", "audio_cache_dir"})
 
 
 def flag_values(argv: Sequence[str]) -> dict[str, list[str]]:
@@ -186,7 +186,7 @@ class Options:
     """The pipeline's own flags that reach the stages (`stage_argv`) and how it runs them."""
 
     device: str | None
-    num_workers: int
+    num_workers: int | None  # None: each stage's default (runtime.loader_workers)
     epochs: int | None
     fusion_epochs: int | None
     learning_rate: float | None
@@ -196,6 +196,7 @@ class Options:
     force: bool
     in_process: bool
     nproc_per_node: int
+    dist_timeout: float | None = None  # --dist_timeout, passed on when given (else each stage's default)
 
 
 def stage_argv(stage: Stage, ctx: Context, options: Options) -> list[str]:
@@ -209,10 +210,13 @@ def stage_argv(stage: Stage, ctx: Context, options: Options) -> list[str]:
             argv += ["--epochs", str(options.fusion_epochs)]
     else:
         argv += ["--data_dir", str(ctx.data_dir), "--pretrained_dir", str(ctx.pretrained_dir),
-                 "--save_dir", str(ctx.save_dir), "--feature_dir", str(ctx.feature_dir),
-                 "--num_workers", str(options.num_workers)]
+                 "--save_dir", str(ctx.save_dir), "--feature_dir", str(ctx.feature_dir)]
+        if options.num_workers is not None:
+            argv += ["--num_workers", str(options.num_workers)]
     if options.device and stage.kind != "frames":
         argv += ["--device", options.device]
+    if options.dist_timeout is not None:
+        argv += ["--dist_timeout", str(options.dist_timeout)]
     if stage.kind == "train":
         if options.epochs is not None:
             argv += ["--epochs", str(options.epochs)]
@@ -316,7 +320,7 @@ def main(spec: DatasetSpec, script_dir: Path, mains: Mapping[str, StageMain], de
                           for name in ("data_dir", "pretrained_dir", "save_dir", "feature_dir")))
     options = Options(args.device, args.num_workers, args.epochs, args.fusion_epochs, args.learning_rate,
                       args.per_batch_schedule, tuple(args.seeds) if args.seeds else None, args.fusion_args,
-                      args.force, args.in_process, args.nproc_per_node)
+                      args.force, args.in_process, args.nproc_per_node, args.dist_timeout)
     for flag, folder in (("--save_dir", ctx.save_dir), ("--feature_dir", ctx.feature_dir)):
         check_path(folder, flag, written=True)
     with pipeline_lock(ctx, f"{spec.name} pipeline: {shlex.join(['python', *sys.argv])}"):

@@ -44,7 +44,7 @@ class Prediction:
     save_dir: Path
     feature_dir: Path
     batch_size: int
-    num_workers: int
+    num_workers: int | None  # None: the default of `runtime.loader_workers`
     amp: bool
     channel_order: str
     unknown_speakers: str  # padding | error

@@ -335,10 +335,14 @@ def load_audio_encoder(pretrained_dir: Path, num_classes: int) -> tuple[AudioEnc
     return AudioEncoder(backbone, num_classes), extractor
 
 
-def load_video_encoder(pretrained_dir: Path, num_classes: int) -> VideoEncoder:
+def load_video_encoder(pretrained_dir: Path, num_classes: int, codec: FrameCodec | None = None) -> VideoEncoder:
     """Video encoder from ``timesformer-base-finetuned-k400`` (its frames are prepared by the
-    ``videomae-base`` image processor, `load_image_processor`)."""
-    return VideoEncoder(load_video_backbone(pretrained_dir), num_classes)
+    ``videomae-base`` image processor, `load_image_processor`); it normalises the stored uint8 frames with
+    ``codec``'s statistics (default: the processor's ImageNet ones)."""
+    if codec is None:
+        return VideoEncoder(load_video_backbone(pretrained_dir), num_classes)
+    return VideoEncoder(load_video_backbone(pretrained_dir), num_classes, codec.scale,
+                        tuple(codec.mean.flatten().tolist()), tuple(codec.std.flatten().tolist()))
 
 
 def text_prompt(text_record: Path, given: str | None) -> str:
@@ -369,5 +373,5 @@ def load_encoder(modality: str, pretrained_dir: Path, num_classes: int, feature_
         if feature_dir is None:
             raise ValueError("the video encoder reads stored frames: pass feature_dir")
         codec = FrameCodec(load_image_processor(pretrained_dir))
-        return load_video_encoder(pretrained_dir, num_classes), VideoField(codec, feature_dir)
+        return load_video_encoder(pretrained_dir, num_classes, codec), VideoField(codec, feature_dir)
     raise ValueError(f"unknown modality {modality!r}; expected text, audio or video")

@@ -4,11 +4,15 @@ and the torchrun process group with its sharding helpers (docs/METHOD.md §0, §
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import datetime
 import logging
 import os
 import random
+import re
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -21,10 +25,21 @@ from .utils import UserError
 
 log = logging.getLogger("magtkd")
 
+DIST_TIMEOUT_MIN = 30.0  # --dist_timeout: minutes a collective waits for the slowest rank (torch: 10 on NCCL)
 
-def resolve_device(name: str | None) -> torch.device:
-    """The device of this process; under ``torchrun`` also joins the process group (`init_distributed`)."""
+
+def resolve_device(name: str | None, dist_timeout: float = DIST_TIMEOUT_MIN) -> torch.device:
+    """The device of this process; under ``torchrun`` also joins the process group (`init_distributed`,
+    collectives time out after ``dist_timeout`` minutes, ``--dist_timeout``).
+
+    The default (``name`` None) is CUDA when available, else the CPU; but when an NVIDIA driver is present
+    and CUDA is not available, that is a mismatch between the driver and the torch wheel, not a choice:
+    one line names both and the install command that fits (`CudaMismatch`). ``--device cpu`` stays a
+    deliberate choice.
+    """
     if name is None or name == "":
+        if not torch.cuda.is_available() and gpu_present():
+            raise CudaMismatch(f"an NVIDIA GPU is present but this torch cannot use it{cuda_unavailable_hint()}")
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:
         try:
@@ -32,16 +47,17 @@ def resolve_device(name: str | None) -> torch.device:
         except (RuntimeError, ValueError):
             raise UserError(f"--device {name}: not a device name; use cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name} requested but CUDA is not available{cuda_unavailable_hint()}")
-    if name is None and device.type == "cpu" and gpu_present():
-        log.warning("a GPU seems present but CUDA is not available, so this run uses the CPU%s",
-                    cuda_unavailable_hint())
+        raise CudaMismatch(f"--device {name} requested but CUDA is not available{cuda_unavailable_hint()}")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s) "
                         f"(cuda:0..cuda:{torch.cuda.device_count() - 1})")
     if device.type not in ("cpu", "cuda"):
         raise UserError(f"--device {name}: only cpu and cuda devices are supported")
-    return init_distributed(device)
+    return init_distributed(device, dist_timeout)
+
+
+class CudaMismatch(UserError):
+    """CUDA is not available where a GPU was asked for or an NVIDIA driver is present (README, Installation)."""
 
 
 def gpu_present() -> bool:
@@ -50,16 +66,68 @@ def gpu_present() -> bool:
         or shutil.which("nvidia-smi") is not None
 
 
+def driver_version() -> str | None:
+    """The NVIDIA kernel driver's version (``580.65.06``), from /proc or ``nvidia-smi``; None if unknown."""
+    proc = Path("/proc/driver/nvidia/version")
+    with contextlib.suppress(OSError):
+        found = re.search(r"Kernel Module(?: for \S+)?\s+(\d+\.\d+(?:\.\d+)?)", proc.read_text())
+        if found:
+            return found.group(1)
+    if shutil.which("nvidia-smi"):
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                 capture_output=True, text=True, timeout=20).stdout.split()
+            if out and re.fullmatch(r"\d+\.\d+(\.\d+)?", out[0]):
+                return out[0]
+    return None
+
+
+# The oldest Linux driver each CUDA wheel of torch 2.11 runs on (NVIDIA's CUDA compatibility tables: a
+# CUDA 12.x runtime also runs on any 525+ driver through minor-version compatibility), newest first.
+WHEELS_BY_DRIVER = ((580, "cu130"), (570, "cu128"), (525, "cu126"))
+INSTALL = ("pip install torch=={torch} torchvision=={vision} torchaudio=={torch} "
+           "--index-url https://download.pytorch.org/whl/{wheel}")
+
+
+def install_command(driver: str | None) -> str | None:
+    """The pip command that installs this torch for ``driver`` (README, Installation); None when no wheel
+    of it runs on that driver (older than 525) or the driver is unknown."""
+    if driver is None:
+        return None
+    major = int(driver.split(".")[0])
+    wheel = next((w for oldest, w in WHEELS_BY_DRIVER if major >= oldest), None)
+    if wheel is None:
+        return None
+    torch_version = torch.__version__.split("+")[0]
+    try:
+        from importlib.metadata import version
+
+        vision = version("torchvision").split("+")[0]
+    except Exception:  # torchvision missing: the pin of requirements.txt
+        vision = "0.26.0"
+    return INSTALL.format(torch=torch_version, vision=vision, wheel=wheel)
+
+
 def cuda_unavailable_hint() -> str:
-    """Why CUDA is likely unavailable, for the error or warning: with a GPU present, most often a torch
+    """Why CUDA is likely unavailable, for the one-line error: with a driver present, most often a torch
     wheel built for a newer CUDA than the driver supports (README, Installation)."""
     if not gpu_present():
         return " on this machine (no NVIDIA driver found); use --device cpu"
     built = torch.version.cuda or "none (a CPU-only build)"
-    return (f": a GPU seems present, but this torch {torch.__version__} was built for CUDA {built}; the driver's "
-            "CUDA version is in the header of `nvidia-smi` and must be at least that. Install a torch wheel for "
-            "your driver (https://pytorch.org/get-started/locally/, e.g. pip install torch --index-url "
-            "https://download.pytorch.org/whl/cu126) or update the driver; or use --device cpu")
+    driver = driver_version()
+    command = install_command(driver)
+    if command is not None and torch.version.cuda and command.endswith(f"cu{torch.version.cuda.replace('.', '')}"):
+        fix = ("the wheel fits this driver, so check that the GPU is visible (`nvidia-smi`, CUDA_VISIBLE_DEVICES) "
+               "and that the driver is loaded")
+    elif command is not None:
+        fix = f"install the wheel for this driver: {command}"
+    elif driver is not None:
+        fix = "this driver is older than any CUDA wheel of this torch supports (525): update the driver"
+    else:
+        fix = ("see the header of `nvidia-smi` for the driver's CUDA version and install the matching wheel "
+               "(README, Installation)")
+    return (f": driver {driver or 'version unknown'}, this torch {torch.__version__} was built for CUDA {built}; "
+            f"{fix}; or run on the CPU deliberately with --device cpu (README, Installation)")
 
 
 def set_precision(device: torch.device, tf32: bool) -> None:
@@ -135,12 +203,13 @@ def is_main() -> bool:
     return rank() == 0
 
 
-def init_distributed(device: torch.device) -> torch.device:
+def init_distributed(device: torch.device, dist_timeout: float = DIST_TIMEOUT_MIN) -> torch.device:
     """Join the process group ``torchrun`` describes (WORLD_SIZE, RANK, LOCAL_RANK, MASTER_ADDR/PORT).
 
     One process per device: CUDA processes take ``cuda:LOCAL_RANK`` and NCCL, CPU
-    processes gloo. Without ``torchrun`` (WORLD_SIZE unset or 1) the device is
-    returned unchanged. Ranks other than 0 log warnings only.
+    processes gloo. A collective waits at most ``dist_timeout`` minutes for the slowest rank
+    (``--dist_timeout``); the group is destroyed when the process exits. Without ``torchrun``
+    (WORLD_SIZE unset or 1) the device is returned unchanged. Ranks other than 0 log warnings only.
     """
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return device
@@ -152,10 +221,37 @@ def init_distributed(device: torch.device) -> torch.device:
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     if not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        if not dist_timeout > 0:
+            raise UserError(f"--dist_timeout {dist_timeout}: expected minutes > 0")
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                             timeout=datetime.timedelta(minutes=dist_timeout))
+        atexit.register(destroy_distributed)
     if not is_main():
         logging.getLogger().setLevel(logging.WARNING)
     return device
+
+
+def destroy_distributed() -> None:
+    """Leave the process group (at exit: NCCL's resources are released, no warning about a group left open)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        with contextlib.suppress(Exception):  # exiting anyway: a peer already gone must not turn exit into an error
+            torch.distributed.destroy_process_group()
+
+
+def loader_workers(requested: int | None, device: torch.device) -> int:
+    """``--num_workers``: as given, or by default 4 worker processes per training process on CUDA (capped by
+    the CPUs each of this machine's processes gets), so batches are prefetched while the GPU computes; 0 on
+    the CPU, where workers would take the cores the model computes on (docs/METHOD.md §2, "Input")."""
+    if requested is not None:
+        return requested
+    if device.type != "cuda":
+        return 0
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(DEFAULT_CUDA_WORKERS, cpus // max(per_node, 1) - 1))
+
+
+DEFAULT_CUDA_WORKERS = 4
 
 
 def progress(iterable, **kwargs) -> tqdm:

@@ -87,14 +87,15 @@ def teacher_outputs(teacher: nn.Module, field: Any, samples: Sequence[Sample], c
 
 
 @torch.inference_mode()
-def _compute(teacher: nn.Module, field: Any, samples: Sequence[Sample], batch_size: int, num_workers: int,
+def _compute(teacher: nn.Module, field: Any, samples: Sequence[Sample], batch_size: int, num_workers: int | None,
              device: torch.device, config: FitConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """One pass of the teacher over ``samples`` (this rank's shard under torchrun), as fp32 on the host.
 
     The loader draws from its own generator and the teacher in eval mode draws nothing, so the run's
     random streams are those of the steps that ran the teacher themselves.
     """
-    loader = make_loader(SampleDataset(samples, [field]), batch_size, shuffle=False, num_workers=num_workers)
+    loader = make_loader(SampleDataset(samples, [field]), batch_size, shuffle=False, num_workers=num_workers,
+                         device=device)
     index, reps, logits = [], [], []
     for batch in runtime.progress(loader, desc=f"{config.stage}: teacher outputs"):
         index.append(batch["index"])

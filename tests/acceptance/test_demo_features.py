@@ -208,14 +208,15 @@ def fusion_command(features: Path, save_dir: Path, *extra: str) -> list[str]:
 def test_fusion_killed_and_resumed_ends_bit_identical(demo: dict, tmp_path: Path, caplog) -> None:
     features = demo["workdir"] / "IEMOCAP" / "feature"
     epochs = ["--epochs", "4"]  # killed after epoch 1 (or a later one on a slow machine), resumed to the end
-    full = subprocess.run(fusion_command(features, tmp_path / "full", *epochs), env=SUBPROCESS_ENV, capture_output=True,
-                          text=True, cwd=REPO)
+    full = subprocess.run(fusion_command(features, tmp_path / "full", *epochs, "--save_state", "True"),
+                          env=SUBPROCESS_ENV, capture_output=True, text=True, cwd=REPO)
     assert full.returncode == 0, full.stderr[-2000:]
     save_dir = tmp_path / "resumed"
-    killed_at = kill_after_first_epoch(fusion_command(features, save_dir, *epochs), StageFiles.fusion(save_dir).state)
+    # The same command starts (saving the state every epoch) and restarts the run
+    command = fusion_command(features, save_dir, *epochs, "--resume", "True")
+    killed_at = kill_after_first_epoch(command, StageFiles.fusion(save_dir).state)
     assert 1 <= killed_at < 4
-    again = subprocess.run(fusion_command(features, save_dir, *epochs, "--resume", "True"), env=SUBPROCESS_ENV,
-                           capture_output=True, text=True, cwd=REPO)
+    again = subprocess.run(command, env=SUBPROCESS_ENV, capture_output=True, text=True, cwd=REPO)
     assert again.returncode == 0, again.stderr[-2000:]
     assert f"resuming from epoch {killed_at} of 4" in again.stderr
 
@@ -234,6 +235,6 @@ def test_fusion_killed_and_resumed_ends_bit_identical(demo: dict, tmp_path: Path
     with pytest.raises(utils.UserError, match="--epochs 4 then, 5 now"):
         fusion.main(argv + ["--epochs", "5", "--resume", "True"])
     caplog.set_level("INFO", logger="magtkd")
-    fusion.main(argv + ["--epochs", "1"])
+    fusion.main(argv + ["--epochs", "1", "--save_state", "True"])
     assert "ignoring the training state" in caplog.text and "resuming" not in caplog.text
     assert load(ours.state)["epoch"] == 1

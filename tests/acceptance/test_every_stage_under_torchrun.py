@@ -121,9 +121,10 @@ def test_kd_with_amp_on_cpu_keeps_its_scaler_in_the_state(stages: dict, generate
     for name in ("text.bin", "audio.bin"):
         shutil.copy2(stages["out"] / "save" / name, out / "save" / name)
     script("IEMOCAP", "KD").main([
-        "--student", "audio", "--amp", "True", "--tensorboard", str(tmp_path / "tb"), *EPOCHS, "--device", "cpu",
-        "--data_dir", str(generated / "datasets" / "IEMOCAP"), "--pretrained_dir", str(generated / "pretrained_model"),
-        "--save_dir", str(out / "save"), "--feature_dir", str(out / "feature")])
+        "--student", "audio", "--amp", "True", "--save_state", "True", "--tensorboard", str(tmp_path / "tb"), *EPOCHS,
+        "--device", "cpu", "--data_dir", str(generated / "datasets" / "IEMOCAP"),
+        "--pretrained_dir", str(generated / "pretrained_model"), "--save_dir", str(out / "save"),
+        "--feature_dir", str(out / "feature")])
     state = torch.load(out / "save" / "text_KD_audio.state.pt", weights_only=True)
     assert state["scaler"]["scale"] > 0 and "_growth_tracker" in state["scaler"]
     assert state["device_type"] == "cpu" and state["rng"][0]["cuda"] is None
@@ -182,7 +183,7 @@ def test_torchrun_two_cpu_processes_train_text(text_runs: dict, small_iemocap: P
     assert log.count("IEMOCAP text: device cpu world_size=2") == 1
     assert log.count("IEMOCAP text epoch 1/2:") == 1 and log.count("IEMOCAP text epoch 2/2:") == 1
     assert sorted(p.name for p in save_dir.iterdir()) == [
-        "text.bin", "text.json", "text.state.pt", "text_confusion.png", "text_curves.png"]
+        "text.bin", "text.json", "text_confusion.png", "text_curves.png"]
     state = torch.load(save_dir / "text.bin", map_location="cpu", weights_only=True)
     assert "classifier.weight" in state
 

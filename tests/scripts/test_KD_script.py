@@ -82,10 +82,10 @@ class Watch:
             self.built.append(modality)
             return model, field
 
-        def watched_loaders(samples, fields, batch_size, num_workers, seed, splits=SPLITS):
+        def watched_loaders(samples, fields, batch_size, num_workers, seed, splits=SPLITS, **options):
             for split in splits:
                 self.fields[split] = [f.name for f in fields]
-            return make_loaders(samples, fields, batch_size, num_workers, seed, splits)
+            return make_loaders(samples, fields, batch_size, num_workers, seed, splits, **options)
 
         def watched_load(model, path, produced_by, dataset=None, labels=None):
             self.checkpoints.append(Path(path).name)

@@ -99,7 +99,7 @@ def test_training_learns_and_writes_artifacts(trained, spec):
 
     save = root / "save"
     assert sorted(p.name for p in save.iterdir()) == [
-        "multimodal_fusion.state.pt", "multimodal_fusion_best.bin", "multimodal_fusion_best.json",
+        "multimodal_fusion_best.bin", "multimodal_fusion_best.json",  # no training state: not asked for
         "multimodal_fusion_confusion.png", "multimodal_fusion_curves.png", "multimodal_fusion_metrics.json"]
     preds = json.loads((save / "multimodal_fusion_best.json").read_text())
     assert set(preds) == {"labels", "preds"}
@@ -359,7 +359,7 @@ def test_fusion_seed_among_several_equals_its_single_seed_run(fusion_seeds):
     assert [c["train_loss"] for c in curve] == [c["train_loss"] for c in fusion_seeds["single"]["epochs"]]
     # A single seed writes exactly the usual files (plus its plots), no seed files and no summary.
     assert sorted(p.name for p in single.iterdir()) == [
-        "multimodal_fusion.state.pt", "multimodal_fusion_best.bin", "multimodal_fusion_best.json", "multimodal_fusion_confusion.png",
+        "multimodal_fusion_best.bin", "multimodal_fusion_best.json", "multimodal_fusion_confusion.png",
         "multimodal_fusion_curves.png", "multimodal_fusion_metrics.json"]
     assert "seeds" not in fusion_seeds["single"]
 
@@ -596,7 +596,8 @@ def test_out_of_memory_mid_training_is_one_line_and_keeps_the_previous_set(publi
 
 
 @pytest.mark.slow
-def test_interrupted_rerun_keeps_the_previous_set_and_resume_publishes(published, monkeypatch):
+def test_interrupted_rerun_keeps_the_previous_set_and_resume_publishes(published, monkeypatch, caplog):
+    caplog.set_level(logging.INFO, logger="magtkd")
     files = published["files"]
     real = TrainingState.save
 
@@ -607,11 +608,12 @@ def test_interrupted_rerun_keeps_the_previous_set_and_resume_publishes(published
 
     monkeypatch.setattr(TrainingState, "save", killed_after_epoch_one)
     with pytest.raises(KeyboardInterrupt):
-        fusion(published["features"], published["save"], "--epochs", "3", "--seed", "7")
+        fusion(published["features"], published["save"], "--epochs", "3", "--seed", "7", "--save_state", "True")
     assert_previous_set_kept(published)
     assert files.in_progress(files.checkpoint).is_file()  # the new run's best so far, not published
     monkeypatch.undo()
     doc = fusion(published["features"], published["save"], "--epochs", "3", "--seed", "7", "--resume", "True")
+    assert "resuming from epoch 1 of 3" in caplog.text
     record = json.loads(files.metrics.read_text())
     assert record["complete"] is True and record["args"]["epochs"] == 3 and len(record["epochs"]) == 3
     assert record["selected_epoch"] == doc["selected_epoch"]

@@ -174,13 +174,15 @@ def test_text_prompt_no_speakers_is_recorded_and_used(generated: Path, tmp_path:
 def test_text_killed_and_resumed_ends_bit_identical(generated: Path, small_iemocap: Path, tmp_path: Path) -> None:
     epochs = ["--epochs", "3"]  # killed after epoch 1 (or 2 on a slow machine), resumed to the end
     pdir = generated / "pretrained_model"
-    full = subprocess.Popen([sys.executable, *text_command(small_iemocap, pdir, tmp_path / "full", *epochs)],
+    full = subprocess.Popen([sys.executable, *text_command(small_iemocap, pdir, tmp_path / "full", *epochs,
+                                                          "--save_state", "True")],
                             env=SUBPROCESS_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=REPO)
     resumed_dir = tmp_path / "resumed"
-    command = [sys.executable, *text_command(small_iemocap, pdir, resumed_dir, *epochs)]
+    # One command to start and to restart: --resume True starts at epoch 1 and saves the state every epoch
+    command = [sys.executable, *text_command(small_iemocap, pdir, resumed_dir, *epochs, "--resume", "True")]
     killed_at = kill_after_first_epoch(command, resumed_dir / "text.state.pt")
     assert 1 <= killed_at < 3
-    again = subprocess.run(command + ["--resume", "True"], env=SUBPROCESS_ENV, capture_output=True, text=True, cwd=REPO)
+    again = subprocess.run(command, env=SUBPROCESS_ENV, capture_output=True, text=True, cwd=REPO)
     assert again.returncode == 0, again.stderr[-2000:]
     assert f"resuming from epoch {killed_at} of 3" in again.stderr
     assert f"epoch {killed_at}/3" not in again.stderr and "epoch 3/3" in again.stderr

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import DataLoader
 
 from magtkd import engine, loaders, pretrained, runtime, schedule, utils
@@ -57,7 +58,8 @@ def toy_fit(tmp: Path, batch_size: int, grad_accum: int, epochs: int = 2) -> dic
     splits = {split: loaders.make_loader(Toy(n, seed), batch_size, split == "train", 0, seed=7)
               for split, n, seed in (("train", 22, 1), ("dev", 6, 2), ("test", 6, 3))}
     flags = dict(train=True, epochs=epochs, batch_size=batch_size, learning_rate=0.5, seed=0, amp=False,
-                 per_batch_schedule=False, grad_accum=grad_accum, grad_checkpointing=False, resume=False)
+                 per_batch_schedule=False, grad_accum=grad_accum, grad_checkpointing=False, resume=False,
+                 save_state=True)  # the last epoch's weights are read from the training state
     files = StageFiles.first_stage(tmp, f"toy_{batch_size}x{grad_accum}")
     # As the first-stage scripts: the configuration (which checks the flags), AdamW, the reference schedule.
     config = engine.FitConfig.from_flags(flags, seed=0, stage="toy", script="test", dataset="toy",
@@ -313,3 +315,88 @@ def test_every_epoch_row_records_the_learning_rate_at_its_end(tmp_path: Path) ->
     curve = schedule.WarmupDecay(*schedule.schedule_steps(22, 6, 3, anchor_batch=4))  # 6 updates per epoch
     assert [row["lr"] for row in doc["epochs"]] == pytest.approx([0.5 * curve(6 * e) for e in (1, 2, 3)])
     assert doc["epochs"][-1]["lr"] == optimizer.param_groups[0]["lr"]
+# --------------------------------------------------------------------------- no host round trip in a step
+
+class HostTraffic(TorchDispatchMode):
+    """The meta device stands in for a GPU (docs/METHOD.md §6, "No waiting for the host"): a meta tensor
+    has no values, so every read of a device value on the host (``.item()``, ``float()``, ``bool()``: the
+    aten op ``_local_scalar_dense``, a synchronisation on CUDA) and every copy between host and device
+    (``_to_copy``/``copy_``; a pageable host-to-device copy also synchronises on CUDA) passes through here
+    and is counted. Reads return 1, copies to the host zeros, so the code under test runs on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads = self.to_device = self.to_host = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.ops.aten._local_scalar_dense.default and args[0].device.type == "meta":
+            self.reads += 1
+            return True if args[0].dtype == torch.bool else 1
+        if func.overloadpacket in (torch.ops.aten._to_copy, torch.ops.aten.to, torch.ops.aten.copy_):
+            source = args[1] if func.overloadpacket is torch.ops.aten.copy_ else args[0]
+            targets = [a for a in (*args[1:], *kwargs.values()) if isinstance(a, (torch.device, str))]
+            target = torch.device(targets[0]) if targets else args[0].device
+            if source.device.type == "cpu" and target.type == "meta":
+                self.to_device += 1
+            elif source.device.type == "meta" and target.type == "cpu":
+                self.to_host += 1
+                return torch.zeros(source.shape, dtype=kwargs.get("dtype") or source.dtype)
+        return func(*args, **kwargs)
+
+
+def meta_updates(n: int, grad_accum: int = 1):
+    """A classifier on the meta device, its AdamW and schedule, and the engine's view of ``n`` batches of 4
+    already on the device (as the loaders' ``non_blocking`` copies leave them)."""
+    model = ToyNet().to("meta")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    batches = [{"x": torch.empty(4, 5, device="meta"), "labels": torch.zeros(4, dtype=torch.long, device="meta")}
+               for _ in range(n)]
+
+    class Updates:
+        runner, n_train = model, 4 * n
+
+        def micro_batches(self, epoch):
+            return iter(batches)
+
+        def updates_per_epoch(self, accum):
+            return -(-n // accum)
+
+        def loss(self, batch, config):
+            return F.cross_entropy(model(batch["x"]), batch["labels"])
+
+    config = engine.FitConfig(stage="meta", script="unit.py", dataset="X", labels=["a", "b", "c"],
+                              files=StageFiles.first_stage("/nonexistent", "meta"), epochs=1, seed=0, args={},
+                              grad_accum=grad_accum)
+    return Updates(), engine.Step(optimizer, scheduler, list(model.parameters()), config.grad_clip), config
+
+
+@pytest.mark.parametrize("grad_accum", [1, 2])
+def test_a_training_step_makes_no_host_round_trip(grad_accum: int) -> None:
+    data, step, config = meta_updates(25 * grad_accum, grad_accum)
+    traffic = HostTraffic()
+    with traffic:
+        step.update(data.runner, list(data.micro_batches(1))[:grad_accum],
+                    lambda batch: data.loss(batch, config))
+    assert (traffic.reads, traffic.to_device, traffic.to_host) == (0, 0, 0)
+    # An epoch of 25 updates reads the summed loss at updates 10 and 20, at its end (the bar) and once for
+    # the mean it returns: four reads, each one value, and no copy.
+    with traffic:
+        engine.train_one_epoch(data, step, config, 1)
+    assert (traffic.reads, traffic.to_device, traffic.to_host) == (4, 0, 0)
+
+
+def test_evaluation_copies_the_predictions_to_the_host_once_per_pass() -> None:
+    model = ToyNet().to("meta")
+    split = loaders.make_loader(Toy(10, 0), 4, False, 0)  # 3 batches, on the host
+    data = loaders.SampleBatches({"dev": split}, torch.device("meta"))
+    config = engine.FitConfig(stage="meta", script="unit.py", dataset="X", labels=["a", "b", "c"],
+                              files=StageFiles.first_stage("/nonexistent", "meta"), epochs=1, seed=0, args={})
+    traffic = HostTraffic()
+    with traffic:
+        labels, preds = data.evaluate(model, "dev", config)
+    # Per batch: its three tensors to the device (index, x, labels); then one copy back for the whole pass
+    # (the finiteness check rides on it), no read.
+    assert (traffic.reads, traffic.to_device, traffic.to_host) == (0, 3 * 3, 1)
+    assert labels.tolist() == Toy(10, 0).y.tolist() and len(preds) == 10

@@ -130,3 +130,64 @@ def test_audio_representation_does_not_depend_on_the_batch(audio_pair):
             rep, logits = model.encode(batch)
             assert torch.allclose(rep[i], rep_alone[0], atol=1e-5), (rep[i] - rep_alone[0]).abs().max()
             assert torch.allclose(logits[i], logits_alone[0], atol=1e-5)
+
+
+class _Numbers(torch.utils.data.Dataset):
+    """Items 0..n-1 with the collate `make_loader` expects."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> int:
+        return i
+
+    def collate(self, items: list) -> torch.Tensor:
+        return torch.tensor(items)
+
+
+def test_persistent_workers_keep_every_epochs_shuffle_and_the_generator_state() -> None:
+    from magtkd.loaders import each_pass, make_loader
+
+    def epochs(workers: int) -> tuple[list, torch.Tensor]:
+        loader = make_loader(_Numbers(10), 3, True, workers, seed=4)
+        order = [torch.cat(list(each_pass(loader))).tolist() for _ in range(3)]
+        return order, loader.generator.get_state()
+
+    plain, plain_state = epochs(0)
+    assert make_loader(_Numbers(10), 3, True, None).num_workers == 0  # the CPU default: no workers
+    loader = make_loader(_Numbers(10), 3, True, 2)
+    assert loader.persistent_workers and not loader.pin_memory  # pinned memory only for CUDA
+    prefetched, prefetched_state = epochs(2)
+    assert prefetched == plain and len({tuple(o) for o in plain}) == 3  # three different shuffles, the same
+    assert torch.equal(prefetched_state, plain_state)  # so --resume restores the same stream either way
+
+
+def test_stored_frames_travel_as_uint8_and_are_normalised_on_the_model_as_the_codec_does(tmp_path) -> None:
+    from types import SimpleNamespace
+
+    from magtkd.encoders import VideoEncoder
+    from magtkd.frames import FrameCodec, frame_file, save_frames
+    from magtkd.loaders import VideoField
+
+    processor = SimpleNamespace(crop_size={"height": 4, "width": 5}, rescale_factor=1 / 255,
+                                image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])
+    codec = FrameCodec(processor)
+    stored = np.random.default_rng(0).integers(0, 256, (2, 8, 3, 4, 5), dtype=np.uint8)
+    field = VideoField.__new__(VideoField)  # without the completion record of a real extraction
+    field.codec, field.feature_dir = codec, tmp_path
+    for i in range(2):
+        save_frames(frame_file(tmp_path, "test", f"0_{i}"), stored[i])
+    items = [field.load(utterance_sample("test", 0, i, tmp_path / "x.wav")) for i in range(2)]
+    batch = field.collate(items)["video_pixels"]
+    assert batch.dtype == torch.uint8 and batch.shape == (2, 8, 3, 4, 5)  # a quarter of the fp32 bytes
+    backbone = torch.nn.Module()
+    backbone.config = SimpleNamespace(hidden_size=8)
+    encoder = VideoEncoder(backbone, 3, codec.scale, tuple(codec.mean.flatten().tolist()),
+                           tuple(codec.std.flatten().tolist()))
+    expected = torch.stack([codec.normalize(stored[i]) for i in range(2)])
+    assert torch.equal(encoder.pixels(batch), expected)  # bit for bit what the loader gave before
+    assert torch.equal(encoder.pixels(expected), expected)  # float input passes unchanged
+    assert "pixel_mean" not in encoder.state_dict()  # the checkpoint's keys are unchanged

@@ -77,3 +77,21 @@ def test_a_second_pipeline_on_the_same_folders_stops_at_once_naming_the_first(tm
         pipeline.main(spec, tmp_path, mains, None, other + ["--in_process", "--force"])
     assert ran == [stage.script for stage in pipeline.STAGES]
     assert not (tmp_path / "save" / ".pipeline.lock").exists()
+def test_pipeline_passes_dist_timeout_on_when_given_and_it_is_no_reason_to_rerun(tmp_path):
+    from magtkd.pipeline import STAGES, Context, Options, stage_argv
+
+    ctx = Context(dataset_spec("IEMOCAP"), tmp_path, tmp_path, tmp_path, tmp_path)
+    args = cli.pipeline_parser(None).parse_args(["--dist_timeout", "45"])
+    assert args.dist_timeout == 45.0 and cli.pipeline_parser(None).parse_args([]).dist_timeout is None
+    given = Options(None, None, None, None, None, False, None, "", False, False, 2, args.dist_timeout)
+    unset = Options(None, None, None, None, None, False, None, "", False, False, 2)
+    for stage in STAGES:
+        argv = stage_argv(stage, ctx, given)
+        if stage.kind == "prepare":  # preprocessing joins no process group
+            assert "--dist_timeout" not in argv
+        else:
+            assert argv[argv.index("--dist_timeout"):][:2] == ["--dist_timeout", "45.0"], stage.name
+        assert "--dist_timeout" not in stage_argv(stage, ctx, unset)  # each stage's own default (30)
+    record = tmp_path / "multimodal_fusion_metrics.json"
+    finish_outputs(record, "x", {"dist_timeout": 30.0, "save_state": None})
+    assert pipeline.changed_flags(record, ["--dist_timeout", "45.0", "--save_state", "True"]) == []

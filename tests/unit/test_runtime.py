@@ -34,6 +34,7 @@ def test_more_torchrun_processes_than_gpus_is_one_user_error(monkeypatch) -> Non
 def test_cuda_unavailable_names_the_wheel_and_the_driver(monkeypatch) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(runtime, "gpu_present", lambda: True)
+    monkeypatch.setattr(runtime, "driver_version", lambda: None)  # a driver whose version cannot be read
     with pytest.raises(utils.UserError) as err:
         runtime.resolve_device("cuda")
     message = str(err.value)
@@ -67,3 +68,70 @@ def test_largest_numpy_seed_is_accepted():
     from magtkd.utils import SEED_MAX, seed_int
 
     set_seed(seed_int(str(SEED_MAX)))
+
+
+def test_a_driver_this_torch_cannot_use_stops_the_default_device_in_one_line(monkeypatch, tmp_path, capsys) -> None:
+    from helpers import script
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(runtime, "gpu_present", lambda: True)
+    monkeypatch.setattr(runtime, "driver_version", lambda: "535.104.05")
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    # A stage with the default --device: one line, exit status 2, before any data is read
+    with pytest.raises(SystemExit) as stop:
+        utils.run(script("IEMOCAP", "text").main, ["--data_dir", str(tmp_path / "missing")])
+    assert stop.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert "driver 535.104.05" in lines[0] and "built for CUDA 13.0" in lines[0]
+    assert "--index-url https://download.pytorch.org/whl/cu126" in lines[0] and "--device cpu" in lines[0]
+    assert resolve_device("cpu") == torch.device("cpu")  # the CPU chosen deliberately is fine
+    # Newer drivers get the newest wheel they run; one older than every wheel: update the driver
+    assert runtime.install_command("575.51.03").endswith("/cu128")
+    assert runtime.install_command("580.65.06").endswith("/cu130")
+    assert runtime.install_command("470.256.02") is None
+    monkeypatch.setattr(runtime, "driver_version", lambda: "470.256.02")
+    with pytest.raises(runtime.CudaMismatch, match="driver 470.256.02.*update the driver"):
+        resolve_device(None)
+
+
+def test_driver_version_is_read_from_the_kernel_module(monkeypatch, tmp_path) -> None:
+    proc = tmp_path / "version"
+    proc.write_text("NVRM version: NVIDIA UNIX Open Kernel Module for x86_64  570.133.20  Release Build  "
+                    "(dvs-builder@U16-I3-B03-4-3)  Fri Mar 14 2025\nGCC version:  gcc version 12.3.0\n")
+    real_path = runtime.Path
+    monkeypatch.setattr(runtime, "Path", lambda p: proc if p == "/proc/driver/nvidia/version" else real_path(p))
+    assert runtime.driver_version() == "570.133.20"
+
+
+def test_torchrun_group_gets_the_timeout_and_is_destroyed_at_exit(monkeypatch) -> None:
+    import datetime
+
+    seen = {}
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda backend, timeout: seen.update(
+        backend=backend, timeout=timeout))
+    monkeypatch.setattr(runtime.atexit, "register", lambda fn: seen.update(at_exit=fn))
+    monkeypatch.setattr(runtime, "is_main", lambda: True)
+    assert runtime.init_distributed(torch.device("cpu"), 45) == torch.device("cpu")
+    assert seen == {"backend": "gloo", "timeout": datetime.timedelta(minutes=45),
+                    "at_exit": runtime.destroy_distributed}
+    from magtkd import cli
+    from IEMOCAP.config import IEMOCAP
+
+    parser = cli.training_parser(IEMOCAP, ".", None, epochs=1, batch_size=4, learning_rate=1e-5)
+    assert parser.parse_args([]).dist_timeout == 30.0 and parser.parse_args([]).num_workers is None
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--dist_timeout", "0"])
+
+
+def test_loader_workers_default_to_prefetching_on_cuda_only(monkeypatch) -> None:
+    assert runtime.loader_workers(None, torch.device("cpu")) == 0
+    assert runtime.loader_workers(3, torch.device("cpu")) == 3  # as asked
+    monkeypatch.setattr(runtime.os, "sched_getaffinity", lambda _: set(range(16)))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert runtime.loader_workers(None, torch.device("cuda")) == 4
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")  # 2 CPUs per process: one worker beside the main process
+    assert runtime.loader_workers(None, torch.device("cuda")) == 1
