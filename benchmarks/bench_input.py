@@ -157,7 +157,8 @@ def measure(samples: list, field: Any, model, workers: int, epochs: int) -> dict
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from magtkd.flag_parser import HelpFormatter  # every flag's default shown once
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--quick", action="store_true", help="24 utterances and 2 epochs instead of 48 and 3")
     p.add_argument("--workers", type=int, default=2, help="worker processes of the 'after' configuration")
     p.add_argument("--threads", type=int, default=1, help="torch threads of the training process")

@@ -206,12 +206,14 @@ def run(root: Path, device_name: str, precisions: list[str], stages: list[str], 
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from magtkd.flag_parser import HelpFormatter  # every flag's default shown once
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--root", type=Path, required=True, help="folder holding pretrained_model/ (stand-ins)")
     p.add_argument("--device", default=None, help="cuda or cpu; default: CUDA when available")
     p.add_argument("--precisions", nargs="+", default=["fp32", "tf32", "bf16"], choices=("fp32", "tf32", "bf16"),
                    help="of the unimodal rows on CUDA (the CPU runs fp32; KD runs fp16 with its scaler)")
-    p.add_argument("--stages", nargs="+", default=[*UNIMODAL, *KD], choices=(*UNIMODAL, *KD))
+    p.add_argument("--stages", nargs="+", default=[*UNIMODAL, *KD], choices=(*UNIMODAL, *KD),
+                   help="the stages to time")
     p.add_argument("--batch", type=int, default=4, help="training batch (the authors' 4)")
     p.add_argument("--eval_batch", type=int, default=16, help="evaluation batch (--eval_batch_size)")
     p.add_argument("--steps", type=int, default=5, help="timed updates per row")
