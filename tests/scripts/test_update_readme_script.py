@@ -77,7 +77,8 @@ def test_every_benchmark_flag_has_a_help_text_and_shows_its_default(path):
             if "SUPPRESS" in text:
                 continue
             shown = "default" in text.lower() or keywords.get("action") is not None or \
-                (ast.unparse(keywords.get("default", ast.Constant(None))) != "None")
+                (ast.unparse(keywords.get("default", ast.Constant(None))) != "None") or \
+                ast.unparse(keywords.get("required", ast.Constant(False))) == "True"  # shown as (required)
             assert shown and text.lower().count("default") <= 1, f"{path.name} {flag}: default not shown once"
 
 
