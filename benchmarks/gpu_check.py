@@ -9,7 +9,7 @@ by the datasets' preprocessing.py) into a temporary folder (on CPU the CSVs are 
 utterances), then runs the scripts as a user would, each in its own process:
 
 - ``pipeline IEMOCAP`` / ``pipeline MELD``: `python <DS>/pipeline.py --in_process` (what run.sh runs) end to
-  end (fp32 first stage, fp16 KD with its gradient scaler, fused AdamW fusion), every completion record complete;
+  end (fp32 first stage, fp16 KD with its gradient scaler, fusion with AdamW), every completion record complete;
 - ``fusion packed`` vs ``fusion padded``: the same test predictions;
 - ``workers``: text.py with 2 data-loading workers (forked after CUDA initialised);
 - ``bf16 accum+checkpointing``: text.py --amp True --grad_accum 2 --grad_checkpointing True;
