@@ -22,7 +22,7 @@ FAST = ["--device", "cpu", "--epochs", "5", "--lr", "1e-3", "--batch_size", "2",
 
 
 @pytest.fixture(scope="module")
-def reproduction(demo, tmp_path_factory) -> dict:
+def reproduction(demo, one_thread, tmp_path_factory) -> dict:
     """``IEMOCAP/ablation.py --table reproduction`` on the demo's features, two seeds (2024 among them)."""
     save_dir = tmp_path_factory.mktemp("reproduction")
     features = stage_paths(demo["workdir"], "IEMOCAP")["feature_dir"]
