@@ -4,12 +4,15 @@
     python MELD/ablation.py --table components --seeds 1 2 3     # without gates / speaker embedding / ...
     python MELD/ablation.py --table kd --seeds 1 2 3             # the first-stage models (--train True: train them)
     python MELD/ablation.py --table prompt --seeds 1 2 3         # the text-prompt variants, through the fusion
+    python MELD/ablation.py --table reproduction --seeds 2024 2025 2026   # the paper: both releases' attentions
 
-Reads   MELD/feature/first_stage_{train,dev,test}_features.pkl (modalities, components); MELD/MELD/save_model
-        (kd: the first-stage checkpoints; prompt: audio, video and the KD students) and datasets/MELD (kd, prompt)
+Reads   MELD/feature/first_stage_{train,dev,test}_features.pkl (modalities, components, reproduction);
+        MELD/MELD/save_model (kd: the first-stage checkpoints; prompt: audio, video and the KD students) and
+        datasets/MELD (kd, prompt)
 Writes  MELD/MELD/save_model/ablation/<table>/<variant>/ (each variant's runs, the stage's usual files, and
         ablation_variant.json: its setting, rows and test predictions; a finished variant is skipped when the
         table is run again with the same setting) and MELD/MELD/save_model/ablation/<table>.{json,md,png}
+        (reproduction.{json,md,png}: each attention under both selections, the paper's figures, the paired test)
 
 Every flag this script does not know is passed to each run of the stage (e.g. --epochs 4 --lr 1e-3).
 """

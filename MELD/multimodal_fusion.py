@@ -2,6 +2,9 @@
 
     python MELD/multimodal_fusion.py                    # train, select the epoch on dev
     python MELD/multimodal_fusion.py --train False      # evaluate the saved checkpoint on test
+    python MELD/multimodal_fusion.py --train False --model_dir DIR   # ... a model folder's (magtkd.hub)
+    python MELD/multimodal_fusion.py --paper_attention True --padding_speaker authors --selection test
+        # the authors' May-2025 release, draw for draw: their attention, padding row and epoch kept on test
 
 Reads   MELD/feature/first_stage_{train,dev,test}_features.pkl (--train False: test only, and the .bin)
 Writes  MELD/MELD/save_model/multimodal_fusion_best.bin, multimodal_fusion_best.json (test labels
@@ -48,12 +51,13 @@ def objective(out: FusionOutput, target: torch.Tensor, *, alpha: float, beta: fl
     variant keeps the terms of the anchors it has: T' is then the predicting anchor (A' without T, V' alone)
     and an anchor that is absent or predicts has no KD term (A+V: CE(W_a A') + beta KD(V'); T: CE(W_t T'))."""
     t_logits, t_feat = out.t_logits, out.t_feat
-    # Terms built in this order (CE first), so gradients accumulate exactly as in the reference
-    loss = F.cross_entropy(t_logits, target)
+    # Terms built in the authors' order (the KD terms, then CE), so that autograd sums the gradients in their
+    # order: their updates bit for bit (docs/METHOD.md §5, "The authors' run, draw for draw")
     kd_a = None if out.a_logits is None else anchor_kd(out.a_logits, out.a_feat, t_logits, t_feat, target,
                                                        feature_loss)
     kd_v = None if out.v_logits is None else anchor_kd(out.v_logits, out.v_feat, t_logits, t_feat, target,
                                                        feature_loss)
+    loss = F.cross_entropy(t_logits, target)
     if kd_a is not None:
         loss = loss + alpha * kd_a
     if kd_v is not None:
@@ -90,7 +94,8 @@ def main(argv=None) -> dict:
 
     runs, files = {}, {}
     for seed in seeds:
-        # Model: audio, video and text anchors over the dialogue (or the ablation variant asked for)
+        # Model: audio, video and text anchors over the dialogue (or the ablation variant asked for); the seed
+        # then drives every draw in the authors' order: the weights, each epoch's loaders, shuffle and dropout
         runtime.set_seed(seed, args.deterministic)
         fusion = settings.build(args.dropout).to(device)
         files[seed] = StageFiles.fusion(args.save_dir, cli.seed_tag(seed, seeds))
@@ -99,9 +104,9 @@ def main(argv=None) -> dict:
                                              test_every_epoch=True, width=settings.hidden, sizes=sizes,
                                              authors_batch=16)
 
-        # Optimizer and schedule: fused AdamW (one pass over each tensor, docs/METHOD.md §5 "Speed");
-        # the authors' warmup counted in dialogues, stepped per update
-        optimizer = torch.optim.AdamW(fusion.parameters(), lr=args.lr, weight_decay=args.l2, fused=True)
+        # Optimizer and schedule: AdamW as the authors build it (PyTorch's default implementation: the fused
+        # one rounds differently, docs/METHOD.md §5); their warmup counted in dialogues, stepped per update
+        optimizer = torch.optim.AdamW(fusion.parameters(), lr=args.lr, weight_decay=args.l2)
         scheduler = schedule.reference_schedule(optimizer, data, config)
         runs[seed] = engine.fit(fusion, loss, data, optimizer, scheduler, config)
 

@@ -17,15 +17,20 @@ its own), the script times:
   (per-tensor) AdamW, ``loss.item()`` and CPU copies of the predictions at every
   step. The model is ours on the padded grid (``packed=False``) with ``F.dropout``,
   which the tests show computes the authors' function; the objective is the stage's.
-- ``ours``: ``<DS>/multimodal_fusion.py``'s ``main`` (packed rows, dropout masks
-  drawn three times faster with the same draws, fused AdamW, no host round trip
-  in the step); its own per-epoch ``train_seconds``.
+- ``ours``: ``<DS>/multimodal_fusion.py``'s ``main`` with its defaults: the authors'
+  computation bit for bit (padded grid, PyTorch's default AdamW), with dropout masks
+  drawn three times faster with the same draws and no host round trip in the step;
+  its own per-epoch ``train_seconds``.
+- ``packed``: the same with ``--packed True`` (per-utterance layers on the real
+  utterances only: the same outputs, gradients up to the order of float sums).
 
 Both: the reference's hyperparameters (batch 16 dialogues, lr 1e-4, dropout 0.5,
 8 heads), torch's default threads, the same seed, initial weights and batches.
-Their losses are not compared: the authors' sequence-first tensors make dropout
-fill its masks in another memory order. That our packed step equals the padded
-one (same dropout draws, same outputs) is what ``tests/unit/test_packing.py`` checks.
+Their losses are not compared: this rebuild of the authors' loop shuffles with its
+own generator and draws batch-first masks. That the stage computes the authors' own
+run bit for bit is verified against their code (docs/METHOD.md §5, "The authors'
+run, draw for draw"); that a packed step equals the padded one (same dropout draws,
+same outputs) is what ``tests/unit/test_packing.py`` checks.
 """
 
 from __future__ import annotations
@@ -163,8 +168,9 @@ def child(args: argparse.Namespace) -> None:
         curve = authors_epochs(args.child, feature_dir, args.epochs)
     else:
         fusion = importlib.import_module(f"{args.child}.multimodal_fusion")
-        curve = fusion.main(["--feature_dir", str(feature_dir), "--save_dir", str(Path(args.work) / "save"),
-                             "--epochs", str(args.epochs), "--device", "cpu"])["epochs"]
+        curve = fusion.main(["--feature_dir", str(feature_dir), "--save_dir", str(Path(args.work) / args.loop),
+                             "--epochs", str(args.epochs), "--device", "cpu",
+                             "--packed", str(args.loop == "packed")])["epochs"]
     print(json.dumps({
         "train_seconds": [c["train_seconds"] for c in curve],
         "train_loss": [c["train_loss"] for c in curve],
@@ -217,19 +223,19 @@ def parent(args: argparse.Namespace) -> None:
                                      length_sd={s: sd for s, (_, _, sd, _) in SIZES[name].items()},
                                      max_len=max(longest for *_, longest in SIZES[name].values()))
             ratio = padding_ratio(Path(work) / "feature")
-            measured = {loop: run_child(name, loop, work, args.epochs) for loop in ("authors", "ours")}
+            measured = {loop: run_child(name, loop, work, args.epochs) for loop in ("authors", "ours", "packed")}
         rows.append((name, sizes["train"], width, ratio, measured))
     load = os.getloadavg()[0]
     print(f"fusion training epoch on CPU ({os.cpu_count()} cores, 1-min load average {load:.1f} at the end), "
           f"batch 16 dialogues, {args.epochs} epochs each; seconds per epoch: mean (min)")
     print(f"{'dataset':8} {'train dlg/utt':>14} {'width':>5} {'padding':>7} {'authors s':>15} {'ours s':>15} "
-          f"{'speed-up':>8} {'peak RSS MiB a/o':>16} {'threads':>7}")
+          f"{'packed s':>15} {'ours/packed':>11} {'peak RSS MiB a/o/p':>19} {'threads':>7}")
     for name, (d, u), w, ratio, m in rows:
-        a, o = m["authors"]["train_seconds"], m["ours"]["train_seconds"]
-        mean_a, mean_o = sum(a) / len(a), sum(o) / len(o)
-        print(f"{name:8} {f'{d}/{u}':>14} {w:5d} {ratio:7.2f} {f'{mean_a:.2f} ({min(a):.2f})':>15} "
-              f"{f'{mean_o:.2f} ({min(o):.2f})':>15} {mean_a / mean_o:7.2f}x "
-              f"{m['authors']['peak_rss_mib']:7.0f}/{m['ours']['peak_rss_mib']:<8.0f} {m['ours']['torch_threads']:7d}")
+        mean = {loop: sum(m[loop]["train_seconds"]) / len(m[loop]["train_seconds"]) for loop in m}
+        cells = [f"{mean[loop]:.2f} ({min(m[loop]['train_seconds']):.2f})" for loop in ("authors", "ours", "packed")]
+        rss = "/".join(f"{m[loop]['peak_rss_mib']:.0f}" for loop in ("authors", "ours", "packed"))
+        print(f"{name:8} {f'{d}/{u}':>14} {w:5d} {ratio:7.2f} {cells[0]:>15} {cells[1]:>15} {cells[2]:>15} "
+              f"{mean['ours'] / mean['packed']:10.2f}x {rss:>19} {m['ours']['torch_threads']:7d}")
 
 
 def main() -> None:
@@ -240,7 +246,7 @@ def main() -> None:
     p.add_argument("--datasets", nargs="+", default=["IEMOCAP", "MELD"], choices=sorted(SIZES),
                    help="the feature sizes to time")
     p.add_argument("--child", help=argparse.SUPPRESS)
-    p.add_argument("--loop", choices=("authors", "ours"), help=argparse.SUPPRESS)
+    p.add_argument("--loop", choices=("authors", "ours", "packed"), help=argparse.SUPPRESS)
     p.add_argument("--work", help=argparse.SUPPRESS)
     args = p.parse_args()
     child(args) if args.child else parent(args)

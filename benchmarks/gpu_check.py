@@ -21,7 +21,7 @@ Then, each script in its own process as a user runs it:
   (``torch.cuda.set_sync_debug_mode``), no operation of this repository makes the host wait for the GPU,
   and the video stage's whole update none at all (text and audio: Hugging Face's own, listed);
 - ``pipeline IEMOCAP`` / ``pipeline MELD``: ``python <DS>/pipeline.py --in_process`` (what run.sh runs) end
-  to end (fp32 first stage, fp16 KD with its scaler, fused AdamW fusion), every completion record complete;
+  to end (fp32 first stage, fp16 KD with its scaler, fusion with AdamW), every completion record complete;
 - ``fusion packed = padded``: the IEMOCAP pipeline's fusion model scored with packed rows and on the
   authors' padded grid: the same logits within 1e-4;
 - ``workers`` / ``bf16 accum+checkpointing``: one text.py run with 2 persistent data-loading workers

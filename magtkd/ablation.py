@@ -18,10 +18,10 @@ from typing import Any, Mapping, Sequence
 
 from .artifacts import StageFiles, copy_file, feature_path, read_record, write_json
 from .cli import ABLATION_TABLES, seed_tag
-from .comparison import write_ablation
+from .comparison import write_ablation, write_reproduction
 from .dataset import load_samples
 from .pickles import load_features
-from .results import seed_row
+from .results import authors_kept_row, seed_row
 from .spec import PROMPTS, DatasetSpec
 from .utils import StageMain, UserError
 
@@ -94,6 +94,12 @@ CAPTIONS = {
                   "against the full model.",
     "kd": "The first-stage models themselves on test (the utterance-level classifiers of docs/METHOD.md §2-3); "
           "each distilled student is tested against its undistilled model.",
+    "reproduction": "The fusion with the attention of each of the authors' releases (May 2025, behind the paper's "
+                    "figures; Nov 2025, the fix, our default), each with their padding speaker row (2) and the "
+                    "rest of their computation, draw for draw (docs/METHOD.md §5), trained on the same first-stage "
+                    "feature pickles once per seed; each run is read under both selections (the training does not "
+                    "depend on which epoch is kept): the authors' protocol, the first epoch with the best test "
+                    "weighted F1 rounded to 2 decimals of %, and ours, the best dev weighted F1.",
     "prompt": "Each text-prompt variant (docs/METHOD.md §2): text.py trained with it (one model, the first seed), "
               "the first-stage features extracted with it (audio, video and the KD students unchanged: the "
               "pipeline's checkpoints), and the fusion trained on them per seed; tested against the full prompt "
@@ -125,6 +131,11 @@ def ablation_variants(table: str, spec: DatasetSpec) -> list[Variant]:
     if table == "prompt":
         return [Variant(key, f"prompt {key}", (), None if key == "full" else "full", text_argv=("--prompt", key))
                 for key in PROMPTS]
+    if table == "reproduction":  # the May-2025 attention first, tested against the Nov-2025 one
+        return [Variant("paper", "May 2025 (paper attention)",
+                        ("--paper_attention", "True", "--padding_speaker", "authors"), "fixed"),
+                Variant("fixed", "Nov 2025 (fixed attention)",
+                        ("--paper_attention", "False", "--padding_speaker", "authors"))]
     raise UserError(f"--table {table}: expected one of {', '.join(ABLATION_TABLES)}")
 
 
@@ -153,8 +164,10 @@ def run_ablation(spec: DatasetSpec, run: Ablation) -> dict[str, Any]:
             rows = _fusion_variant(spec, run, variant, folder, feature_dir)
         runs[variant.key] = {"complete": True, "setting": setting, **rows}
         write_json(folder / ABLATION_RECORD, runs[variant.key])
-    return write_ablation(Path(run.save_dir) / "ablation", run.table, spec.name,
-                          ablation_variants(run.table, spec), runs, CAPTIONS[run.table])
+    folder, variants = Path(run.save_dir) / "ablation", ablation_variants(run.table, spec)
+    if run.table == "reproduction":
+        return write_reproduction(folder, spec.name, variants, runs, CAPTIONS[run.table])
+    return write_ablation(folder, run.table, spec.name, variants, runs, CAPTIONS[run.table])
 
 
 def _fusion_variant(spec: DatasetSpec, run: Ablation, variant: Variant, folder: Path,
@@ -169,7 +182,10 @@ def _fusion_variant(spec: DatasetSpec, run: Ablation, variant: Variant, folder: 
     for seed in run.seeds:
         files = StageFiles.fusion(folder, seed_tag(seed, run.seeds))
         doc, out = read_record(files.metrics), read_record(files.predictions)
-        seeds.append({**seed_row(seed, doc, doc["labels"]), "labels": out["labels"], "preds": out["preds"]})
+        kept = authors_kept_row(doc["epochs"])  # the epoch the authors' rule keeps, for the reproduction table
+        seeds.append({**seed_row(seed, doc, doc["labels"]), "test_selected_epoch": kept["epoch"],
+                      "test_selected_accuracy": kept["test"]["accuracy"], "labels": out["labels"],
+                      "preds": out["preds"]})
     return {"labels": list(doc["labels"]), "dialogues": dialogues, "seeds": seeds}
 
 

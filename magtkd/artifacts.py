@@ -74,6 +74,33 @@ def feature_path(feature_dir: str | os.PathLike, split: str) -> Path:
     return Path(feature_dir) / f"first_stage_{split}_features.pkl"
 
 
+SEARCH_DEPTH = 4  # folder levels `found_below` looks down (a download's MAGTKD/MELD/MELD/feature: 3)
+
+
+def found_below(folder: str | os.PathLike, name: str, limit: int = 5) -> list[Path]:
+    """Folders below ``folder`` (``SEARCH_DEPTH`` levels, hidden ones skipped) that hold a file ``name``, at most
+    ``limit``: where to point a folder flag whose folder holds no such file (an unpacked download nests
+    them, docs/METHOD.md §0)."""
+    root, found = Path(folder), []
+    for here, dirs, files in os.walk(root):
+        depth = len(Path(here).relative_to(root).parts)
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".")) if depth < SEARCH_DEPTH else []
+        if depth and name in files:
+            found.append(Path(here))
+            if len(found) == limit:
+                break
+    return found
+
+
+def below_hint(folder: str | os.PathLike, name: str, flag: str) -> str:
+    """``; ... found below it in A, B: pass --flag A`` for an error about a missing ``name`` in ``folder``
+    (`found_below`), or '' when the folder has none below it."""
+    places = found_below(folder, name) if Path(folder).is_dir() else []
+    if not places:
+        return ""
+    return f"; {name} is below it in {', '.join(map(str, places))}: pass {flag} {places[0]}"
+
+
 def features_record(feature_dir: str | os.PathLike) -> Path:
     """``<feature_dir>/first_stage_features.json``: written last by extract_first_stage_features.py."""
     return Path(feature_dir) / FEATURES_RECORD

@@ -17,8 +17,8 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
-from .artifacts import FUSION, StageFiles, check_complete
-from .fusion_settings import FusionRequest, FusionSettings
+from .artifacts import FUSION, StageFiles, below_hint, check_complete
+from .fusion_settings import FusionRequest, FusionSettings, log_attention
 from .model import CONCAT_MODALITIES, MODALITIES, AnchorGatedTransformer, FusionVariant
 from .spec import DatasetSpec
 from .utils import UserError, plain_text
@@ -53,7 +53,8 @@ def read_state_dict(path: str | Path, produced_by: str) -> dict[str, torch.Tenso
     """
     path = checkpoint_file(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} not found: it is written by {produced_by}")
+        raise CheckpointError(f"checkpoint {path} not found: it is written by {produced_by}"
+                              + below_hint(path.parent, path.name, "--save_dir"))
     try:
         if path.suffix == SAFETENSORS:
             from safetensors.torch import load_file  # reads tensors only: nothing in the file can run code
@@ -340,13 +341,18 @@ def trained_fusion(files: StageFiles, dataset: str, request: FusionRequest) -> F
     record = check_fusion_record(files, dataset)
     trained = settings_from_checkpoint(read_fusion_state(files.checkpoint))
     recorded = record.get("args") if record is not None and isinstance(record.get("args"), dict) else {}
+    # A record written before --paper_attention / --padding_speaker existed describes the fixed attention and
+    # our own padding row; without a record (the authors' checkpoints) the flags decide.
     trained = replace(trained, n_head=recorded.get("n_head"), audio_feature=recorded.get("audio_feature"),
-                      video_feature=recorded.get("video_feature"))
+                      video_feature=recorded.get("video_feature"),
+                      paper_attention=bool(recorded.get("paper_attention")) if record is not None else None,
+                      padding_speaker=recorded.get("padding_speaker", "own") if record is not None else None)
     source = f"checkpoint {files.checkpoint}" + (f" ({files.metrics.name})" if record is not None else "")
     settings = request.against(trained, source)
     log.info("fusion checkpoint %s: %s, %d heads, width %d, features %s/%s (%s)", files.checkpoint,
              settings.variant.name, settings.n_head, settings.hidden, settings.audio_feature, settings.video_feature,
              f"as recorded in {files.metrics.name}" if recorded else "no record: flags and defaults")
+    log_attention(settings, "as recorded" if record is not None else "no record: the flags")
     return settings
 
 

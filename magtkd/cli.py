@@ -156,18 +156,36 @@ def fusion_parser(spec: DatasetSpec, script_dir: str | Path, description: str | 
     p.add_argument("--separate_text_blocks", type=str2bool, nargs="?", const=True, default=None,
                    help="text-anchor paths use their own a_t/v_t blocks and gates (the reference shares t_t); "
                         "default False (--train False: as trained)")
-    p.add_argument("--packed", type=str2bool, nargs="?", const=True, default=None,
-                   help="per-utterance layers on the real utterances only (True) or on the padded (dialogues x "
-                        "longest) grid as the authors' code (False); the same results. Default: packed for batches "
-                        "large enough to gain (docs/METHOD.md §5, Speed)")
+    p.add_argument("--packed", type=str2bool, nargs="?", const=True, default=False,
+                   help="True: per-utterance layers on the real utterances only (faster on large batches; the same "
+                        "outputs, gradients up to the order of float sums); default False: the padded (dialogues x "
+                        "longest) grid, the authors' computation bit for bit (docs/METHOD.md §5, Speed)")
+    p.add_argument("--selection", choices=("dev", "test"), default="dev",
+                   help="the epoch kept: best dev weighted F1, or test: the authors' rule (best test weighted F1 in "
+                        "%% rounded to 2 decimals, first of ties; selected on test, not an estimate)")
     p.add_argument("--n_speaker", type=int, default=None,
                    help=f"speaker embedding rows without padding; default {spec.n_speaker}"
                         + (" or the largest id + 1 in the data, whichever is larger" if spec.global_speaker_ids
                            else "") + " (--train False: from the checkpoint)")
     add_variant_flags(p)
     add_model_dir_flag(p)
+    add_attention_flags(p)
     add_loop_flags(p, checkpointing=False)
     return p.writes("save_dir")
+
+
+def add_attention_flags(p: argparse.ArgumentParser) -> None:
+    """Which release of the authors' attention and padding the fusion computes (docs/METHOD.md §5, §7); ``None``:
+    the fixed attention and our padding row when training; as recorded for --train False and prediction."""
+    p.add_argument("--paper_attention", type=str2bool, default=None,
+                   help="True: the attention of the authors' May-2025 release, which produced the published figures "
+                        "(real keys filled with -1e9, ReLU, softmax); default False, the fixed attention of their "
+                        "Nov-2025 release (evaluating a checkpoint: as recorded beside it; without a record: this "
+                        "flag)")
+    p.add_argument("--padding_speaker", choices=("own", "authors"), default=None,
+                   help="speaker row of padded positions: own (row n_speaker, default) or authors (row 2 as their "
+                        "code: on MELD a real speaker, whose row then never trains); evaluating a checkpoint: as "
+                        "recorded, without a record: authors")
 
 
 def add_variant_flags(p: argparse.ArgumentParser) -> None:
@@ -205,6 +223,7 @@ def predict_parser(spec: DatasetSpec, script_dir: str | Path, description: str |
                         help="feature key feeding the video stream V; default: as trained")
     parser.add_argument("--n_head", type=positive_int, default=None,
                         help="attention heads; default: as trained, else 8")
+    add_attention_flags(parser)
     parser.add_argument("--unknown_speakers", choices=("padding", "error"), default="padding",
                         help=f"{unknown_speakers}: the model's padding row (warning) or an error")
     add_model_dir_flag(parser)
@@ -298,7 +317,7 @@ def seed_tag(seed: int, seeds: Sequence[int]) -> str:
     return f"_seed{seed}" if len(seeds) > 1 else ""
 
 
-ABLATION_TABLES = ("modalities", "components", "kd", "prompt")
+ABLATION_TABLES = ("modalities", "components", "kd", "prompt", "reproduction")
 
 
 def ablation_parser(spec: DatasetSpec, script_dir: Path, description: str | None) -> Parser:
@@ -308,7 +327,9 @@ def ablation_parser(spec: DatasetSpec, script_dir: Path, description: str | None
                            "feature_dir": "the first-stage feature pickles (and stored frames)"})
     p.add_argument("--table", choices=ABLATION_TABLES, required=True,
                    help="modalities: the fusion on each subset of T, A, V; components: without each component; "
-                        "kd: the first-stage models; prompt: the text-prompt variants through the fusion")
+                        "kd: the first-stage models; prompt: the text-prompt variants through the fusion; "
+                        "reproduction: the attentions of the authors' two releases under their test selection and "
+                        "ours, against the paper's figures")
     p.add_argument("--seeds", type=seed_int, nargs="+", required=True, help="one run per seed of every variant")
     p.add_argument("--train", type=str2bool, default=False,
                    help="kd table: True trains the first-stage models; False tests the saved ones")

@@ -1,6 +1,7 @@
 """Comparing runs in an ablation table: mean ± std over seeds per variant, the paired bootstrap over test
 dialogues against each variant's reference, and the table as .json, .md and .png (docs/METHOD.md §5,
-Ablation tables).
+Ablation tables); and the reproduction table: the two releases' attentions under both selections against
+the paper's figures (docs/METHOD.md §5, "The reproduction table").
 """
 
 from __future__ import annotations
@@ -132,4 +133,97 @@ def write_ablation(folder: Path, table: str, dataset: str, variants: Sequence[An
     write_text(folder / f"{table}.md", ablation_markdown(doc))
     ablation_plot(folder / f"{table}.png", doc)
     log.info("ablation %s: wrote %s (.json, .md, .png)\n%s", table, folder / table, ablation_markdown(doc))
+    return doc
+
+
+# --------------------------------------------------------------------------- the reproduction table
+
+
+# The paper's test figures in % (IJCAI 2025), as quoted by later work: one run per dataset, the epoch kept on test.
+PAPER = {"IEMOCAP": {"weighted_f1": 69.59, "accuracy": 69.38}, "MELD": {"weighted_f1": 65.32, "accuracy": 66.36}}
+
+
+PAPER_SOURCE = ("Li, Ding, Guo and Li, IJCAI 2025 (as quoted by later work; their code keeps the epoch with the best "
+                "test weighted F1, so these are test-selected figures of one run, seed 2024 by their default)")
+
+
+REPRODUCTION_SEED = 2024  # the authors' default --seed: the single run behind their figures
+
+
+SELECTION_CELLS = {"test": "authors' protocol: selected on test, not an estimate", "dev": "selected on dev"}
+
+
+def _cell(run: Mapping[str, Any], selection: str) -> dict[str, Any]:
+    """One (attention, selection) cell: each seed's kept epoch and its test scores, mean ± std (n - 1), in %."""
+    prefix = "test_selected_" if selection == "test" else "test_"
+    seeds = [{"seed": row["seed"], "epoch": row["test_selected_epoch" if selection == "test" else "selected_epoch"],
+              "accuracy": 100 * row[f"{prefix}accuracy"], "weighted_f1": 100 * row[f"{prefix}weighted_f1"]}
+             for row in run["seeds"]]
+    cell: dict[str, Any] = {"selection": selection, "protocol": SELECTION_CELLS[selection], "seeds": seeds,
+                            "seed_2024": next((s for s in seeds if s["seed"] == REPRODUCTION_SEED), None)}
+    for metric in ("accuracy", "weighted_f1"):
+        values = [s[metric] for s in seeds]
+        cell[f"{metric}_mean"] = float(np.mean(values))
+        cell[f"{metric}_std"] = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+    return cell
+
+
+def reproduction_document(dataset: str, variants: Sequence[Any], runs: Mapping[str, Mapping[str, Any]],
+                          caption: str) -> dict[str, Any]:
+    """``reproduction.json``: per release's attention (``variants``: the May-2025 one first, then the Nov-2025
+    one it is tested against) the test-selected and the dev-selected cell, the paper's figures with their
+    source, and the paired bootstrap of the two attentions on their dev-selected test predictions."""
+    rows = [{"key": v.key, "name": v.name, "argv": runs[v.key]["setting"]["argv"],
+             "cells": [_cell(runs[v.key], selection) for selection in ("test", "dev")]} for v in variants]
+    paper, fixed = (runs[v.key] for v in variants)
+    test = paired_bootstrap(paper["seeds"][0]["labels"], paper["dialogues"], [s["preds"] for s in paper["seeds"]],
+                            [s["preds"] for s in fixed["seeds"]], len(paper["labels"]))
+    return {"table": "reproduction", "dataset": dataset, "caption": caption, "paper": {**PAPER.get(dataset, {}),
+            "source": PAPER_SOURCE}, "units": "% (test)", "attentions": rows,
+            "paired_test": {"a": variants[0].key, "b": variants[1].key, "selection": "dev",
+                            "difference_weighted_f1": 100 * test["difference"], "p_value": test["p_value"],
+                            "resamples": test["resamples"], "unit": "test dialogue", "seed": BOOTSTRAP_SEED}}
+
+
+def reproduction_markdown(doc: Mapping[str, Any]) -> str:
+    """The reproduction table: one row per attention and selection, mean ± std over seeds and the seed-2024
+    run, the paper's figures in the caption, the paired test of the two attentions below."""
+    paper = doc["paper"]
+    quoted = (f"The paper reports test weighted F1 {paper['weighted_f1']:.2f} / accuracy {paper['accuracy']:.2f} "
+              f"({paper['source']})." if "weighted_f1" in paper else f"Paper: {paper['source']}.")
+    head = ["attention (release)", "selection", "seeds", "test accuracy (%)", "test weighted F1 (%)",
+            f"seed {REPRODUCTION_SEED}: accuracy / weighted F1 (epoch)"]
+    lines = [f"# {doc['dataset']}: reproducing the paper", "", doc["caption"], quoted, "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in doc["attentions"]:
+        for cell in row["cells"]:
+            single = cell["seed_2024"]
+            alone = f"{single['accuracy']:.2f} / {single['weighted_f1']:.2f} ({single['epoch']})" if single else "-"
+            lines.append("| " + " | ".join([
+                row["name"], cell["protocol"], str(len(cell["seeds"])),
+                f"{cell['accuracy_mean']:.2f} ± {cell['accuracy_std']:.2f}",
+                f"{cell['weighted_f1_mean']:.2f} ± {cell['weighted_f1_std']:.2f}", alone]) + " |")
+    test = doc["paired_test"]
+    lines += ["", f"Paired bootstrap of the two attentions ({test['a']} - {test['b']}, dev-selected test predictions, "
+                  f"each side the mean over its seeds; {test['resamples']} resamples of the test dialogues, numpy seed "
+                  f"{test['seed']}; two-sided): difference in weighted F1 {test['difference_weighted_f1']:+.2f} "
+                  f"points, p = {test['p_value']:.3f}."]
+    return "\n".join(lines) + "\n"
+
+
+def write_reproduction(folder: Path, dataset: str, variants: Sequence[Any], runs: Mapping[str, Mapping[str, Any]],
+                       caption: str) -> dict[str, Any]:
+    """``<folder>/reproduction.json``, ``.md`` and ``.png`` (`reproduction_document`)."""
+    folder = Path(folder)
+    doc = reproduction_document(dataset, variants, runs, caption)
+    write_json(folder / "reproduction.json", doc)
+    write_text(folder / "reproduction.md", reproduction_markdown(doc))
+    bars = {"dataset": dataset, "table": "reproduction", "variants": [
+        {"key": f"{row['key']} / {cell['selection']}", "test_weighted_f1_mean": cell["weighted_f1_mean"] / 100,
+         "test_weighted_f1_std": cell["weighted_f1_std"] / 100,
+         "seeds": [{"test_weighted_f1": s["weighted_f1"] / 100} for s in cell["seeds"]]}
+        for row in doc["attentions"] for cell in row["cells"]]}
+    line = doc["paper"].get("weighted_f1")
+    ablation_plot(folder / "reproduction.png", bars, None if line is None else (line / 100, "paper"))
+    log.info("reproduction table: wrote %s (.json, .md, .png)\n%s", folder / "reproduction", reproduction_markdown(doc))
     return doc

@@ -36,7 +36,8 @@ from .artifacts import (StageFiles, WriteError, begin_outputs, output_lock, remo
 from .checkpoints import load_checkpoint
 from .monitor import Watch, watch_line
 from .plots import write_plots
-from .results import format_test_report, metrics_document, summary, test_report
+from .results import (AUTHORS_PROTOCOL, SELECTED_ON, SELECTIONS, authors_score, format_test_report, metrics_document,
+                      summary, test_report)
 from .runtime import is_main, progress, set_precision
 from .schedule import GlobalBatch
 from .training_state import TrainingState
@@ -46,7 +47,7 @@ log = logging.getLogger("magtkd")
 
 # The training flags a `FitConfig` takes from a script's parsed flags when they are there (`FitConfig.from_flags`).
 LOOP_FLAGS = ("grad_accum", "resume", "save_state", "amp", "grad_checkpointing", "tf32", "tensorboard",
-              "per_batch_schedule", "schedule_epochs")
+              "per_batch_schedule", "schedule_epochs", "selection")
 
 
 @dataclass
@@ -77,6 +78,7 @@ class FitConfig:
     authors_batch: int | None = None  # the authors' global batch, the schedule's reference (`magtkd.schedule`)
     per_batch_schedule: bool = False  # --per_batch_schedule
     schedule_epochs: bool = True  # --schedule_epochs: the authors' curve over epochs at any global batch
+    selection: str = "dev"  # --selection (fusion): "dev", or "test", the authors' protocol (`improves`)
 
     @classmethod
     def from_flags(cls, flags: Mapping[str, Any], *, seed: int, **fields: Any) -> "FitConfig":
@@ -88,6 +90,8 @@ class FitConfig:
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.grad_accum < 1:
             raise UserError(f"--epochs ({self.epochs}) and --grad_accum ({self.grad_accum}) must be at least 1")
+        if self.selection not in SELECTIONS:
+            raise UserError(f"--selection {self.selection}: expected one of {', '.join(SELECTIONS)}")
 
 
 class Batches(Protocol):
@@ -321,12 +325,13 @@ def enable_grad_checkpointing(model: nn.Module) -> list[str]:
 def fit(model: nn.Module, objective: Callable[..., torch.Tensor], data: Batches,
         optimizer: torch.optim.Optimizer, scheduler: Any, config: FitConfig,
         scaler: torch.amp.GradScaler | None = None) -> dict[str, Any]:
-    """Train ``model`` with dev selection; returns the metrics document (`magtkd.results.metrics_document`).
+    """Train ``model`` with dev selection (``config.selection`` "test": the authors' protocol, `improves`);
+    returns the metrics document (`magtkd.results.metrics_document`).
 
     After each epoch dev is scored; each new best dev weighted F1 saves the checkpoint
     (under its in-progress name) and scores test (every epoch with ``config.test_every_epoch``,
-    never used for selection). The in-progress metrics document follows each epoch, and so does
-    the training state; after the last epoch `publish` replaces the previous set. A non-finite
+    used for selection only with ``config.selection`` "test"). The in-progress metrics document follows each
+    epoch, and so does the training state; after the last epoch `publish` replaces the previous set. A non-finite
     training loss stops the run (`NonFiniteError`) before anything is published. Under torchrun only rank 0
     writes. Holds the checkpoint's lock (a second run into the same folder stops).
     """
@@ -334,7 +339,9 @@ def fit(model: nn.Module, objective: Callable[..., torch.Tensor], data: Batches,
     try:
         with output_lock(config.files.checkpoint.parent, config.files.lock_name) if is_main() \
                 else contextlib.nullcontext():
-            step = Step(optimizer, scheduler, [p for p in model.parameters() if p.requires_grad], config.grad_clip,
+            # A model may name the order its authors' clipping summed the gradient norms in (the fusion's)
+            ordered = model.clip_order() if hasattr(model, "clip_order") else model.parameters()
+            step = Step(optimizer, scheduler, [p for p in ordered if p.requires_grad], config.grad_clip,
                         scaler, config.clip_scaled, watch)
             return _fit(model, objective, data, step, config)
     finally:
@@ -365,6 +372,9 @@ def _fit(model: nn.Module, objective: Callable[..., torch.Tensor], data: Batches
     if config.grad_checkpointing:
         log.info("%s: gradient checkpointing in %s", config.stage, ", ".join(enable_grad_checkpointing(model)))
     data.prepare(model, objective, config.seed)
+    if config.selection == "test":
+        log.warning("%s: --selection test keeps the epoch with the best TEST weighted F1 (%s)", config.stage,
+                    AUTHORS_PROTOCOL)
     run, first = Progress(), 1
     # The resume state only when asked (--save_state, default: as --resume), written in the background.
     saved = TrainingState(files.state, config.stage, config.args, model, step.optimizer, step.scheduler, step.scaler,
@@ -382,12 +392,24 @@ def _fit(model: nn.Module, objective: Callable[..., torch.Tensor], data: Batches
                 write_json(files.in_progress(files.metrics), _document(config, run, complete=False))
             saved.save(epoch, {"epochs": run.epochs, "best": run.best})
     doc = _document(config, run, complete=True)
-    log.info("%s: selected epoch %d (dev wF1 %.4f); test report:\n%s", config.stage, run.best["epoch"],
-             run.best["dev"]["weighted_f1"], format_test_report(run.best["test"], names))
+    log.info("%s: selected epoch %d (%s; dev wF1 %.4f); test report:\n%s", config.stage, run.best["epoch"],
+             SELECTIONS[config.selection], run.best["dev"]["weighted_f1"], format_test_report(run.best["test"], names))
     if is_main():
         publish(files, config, doc, names)
         saved.discard_stale()
     return doc
+
+
+def improves(selection: str, best: Mapping[str, Any], dev: Mapping[str, Any], test: Mapping[str, Any] | None) -> bool:
+    """Whether this epoch replaces the selected one ``best`` (empty before the first epoch). ``dev``: the
+    best dev weighted F1, strictly greater. ``test``, the authors' protocol (docs/METHOD.md §5, §7): the test
+    weighted F1 in % rounded to 2 decimals (`magtkd.results.authors_score`) strictly greater, so the first
+    of tied epochs stays."""
+    if not best:
+        return True
+    if selection == "test":
+        return authors_score(test["weighted_f1"]) > authors_score(best["test"]["weighted_f1"])
+    return dev["weighted_f1"] > best["dev"]["weighted_f1"]
 
 
 def _epoch(model: nn.Module, data: Batches, step: Step, config: FitConfig, epoch: int, run: Progress,
@@ -402,16 +424,21 @@ def _epoch(model: nn.Module, data: Batches, step: Step, config: FitConfig, epoch
     train_seconds = time.perf_counter() - started
     model.eval()
     dev = summary(*data.evaluate(model, "dev", config))
-    improved = not run.best or dev["weighted_f1"] > run.best["dev"]["weighted_f1"]
     # The learning rate at the epoch's end: the rate the next update would use (the schedule in epochs, §2).
     row: dict[str, Any] = {"epoch": epoch, "train_loss": train_loss, "lr": step.optimizer.param_groups[0]["lr"],
                            "dev": dev}
-    if improved or config.test_every_epoch:
+    test = None
+    if config.test_every_epoch or config.selection == "test":
         labels, preds = data.evaluate(model, "test", config)
         test = test_report(labels, preds, names)
+    improved = improves(config.selection, run.best, dev, test)
+    if improved and test is None:
+        labels, preds = data.evaluate(model, "test", config)
+        test = test_report(labels, preds, names)
+    if test is not None:
         row["test"] = {k: test[k] for k in ("accuracy", "weighted_f1")}
     if improved:
-        # Selection on DEV weighted F1; the reference selected the fusion's epoch on test (docs/METHOD.md §7).
+        # Selection on DEV weighted F1 by default; --selection test is the authors' rule (docs/METHOD.md §7).
         run.best = {"epoch": epoch, "dev": dev, "test": test}
         if is_main():
             save_state_dict(files.in_progress(files.checkpoint), model)
@@ -425,7 +452,7 @@ def _epoch(model: nn.Module, data: Batches, step: Step, config: FitConfig, epoch
     log.info("%s epoch %d/%d: train loss %.4f | dev acc %.4f wF1 %.4f%s%s | %.1f s, %.1f samples/s%s",
              config.stage, epoch, config.epochs, train_loss, dev["accuracy"], dev["weighted_f1"],
              f" | test acc {row['test']['accuracy']:.4f} wF1 {row['test']['weighted_f1']:.4f}"
-             if "test" in row else "", " | new best dev, saved" if improved else "",
+             if "test" in row else "", f" | new best {SELECTED_ON[config.selection]}, saved" if improved else "",
              train_seconds, row["samples_per_second"], watch_line(device, run.seconds, config.epochs - epoch))
     if step.watch is not None:
         step.watch.epoch(row, step.scheduler.last_epoch)
@@ -435,7 +462,7 @@ def _document(config: FitConfig, run: Progress, complete: bool) -> dict[str, Any
     return metrics_document(stage=config.stage, script=config.script, dataset=config.dataset,
                             labels=list(config.labels), width=config.width, args=config.args, sizes=config.sizes,
                             files=config.files, epochs=run.epochs, best=run.best, complete=complete,
-                            test_every_epoch=config.test_every_epoch)
+                            test_every_epoch=config.test_every_epoch, selection=config.selection)
 
 
 def publish(files: StageFiles, config: FitConfig, doc: Mapping[str, Any], names: Sequence[str]) -> None:

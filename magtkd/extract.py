@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from . import runtime
-from .artifacts import (FEATURES_REPORT, FIRST_STAGE_MODELS, StageFiles, SubstitutionReport, begin_outputs,
+from .artifacts import (FEATURES_REPORT, FIRST_STAGE_MODELS, StageFiles, SubstitutionReport, begin_outputs, below_hint,
                         feature_path, features_record, finish_outputs, output_lock, remove_stale_temps)
 from .checkpoints import CheckpointError, checkpoint_file, load_checkpoint
 from .dataset import Sample, Utterance, fusion_speaker_ids
@@ -58,7 +58,7 @@ def check_first_stage_checkpoints(spec: DatasetSpec, save_dir: Path) -> None:
     for name, script in FIRST_STAGE_MODELS.values():
         if not checkpoint_file(Path(save_dir) / f"{name}.bin").is_file():
             raise CheckpointError(f"checkpoint {Path(save_dir) / f'{name}.bin'} not found: it is written by "
-                                  f"{spec.name}/{script}")
+                                  f"{spec.name}/{script}" + below_hint(save_dir, f"{name}.bin", "--save_dir"))
 
 
 def first_stage_features(

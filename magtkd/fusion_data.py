@@ -20,7 +20,7 @@ from . import runtime
 from .artifacts import StageFiles, check_complete, feature_path, features_record, write_json
 from .checkpoints import CheckpointError, check_fusion_fits, load_trained_fusion, trained_fusion
 from .engine import FitConfig, check_finite_logits, evaluate_checkpoint
-from .fusion_settings import FusionRequest, FusionSettings
+from .fusion_settings import FusionRequest, FusionSettings, log_attention
 from .pickles import check_features_record, load_features
 from .schedule import GlobalBatch
 from .spec import LABEL_PAD, SPLITS, DatasetSpec
@@ -105,7 +105,10 @@ class DialogueSet:
         mask = (torch.arange(longest)[None, :] < torch.tensor(lengths)[:, None]).to(device)
         streams = (self.text, self.audio, self.video)
         if not packed:
-            text, audio, video = (None if stream is None else pad_sequence([stream[i] for i in indices], batch_first=True)
+            # Padded sequence-first and seen batch-first, as the authors' collate_fn and model do: the same memory
+            # layout gives the same kernels, hence their gradients bit for bit, and their dropout masks
+            # (docs/METHOD.md §5, "The authors' run, draw for draw").
+            text, audio, video = (None if stream is None else pad_sequence([stream[i] for i in indices]).transpose(0, 1)
                                   for stream in streams)
             return DialogueBatch(
                 text=text, audio=audio, video=video,
@@ -174,19 +177,35 @@ def load_dialogues(path: Path, audio_key: str, video_key: str, device: torch.dev
     )
 
 
+def loader_draw() -> int:
+    """One int64 from the global torch generator, the draw a ``torch.utils.data.DataLoader`` makes when its
+    iterator is created (its workers' base seed) and a ``RandomSampler`` without a generator at its first
+    batch (the seed of its private shuffle generator); torch 2.11, docs/METHOD.md §5."""
+    return int(torch.empty((), dtype=torch.int64).random_().item())
+
+
+def batch_layout(model: nn.Module, packed: bool | None) -> bool | None:
+    """The layout a batch for ``model`` takes: the padded grid for the May-2025 release's attention, which
+    attends to padded keys; else ``packed`` (`DialogueSet.collate`)."""
+    return False if getattr(model, "paper_attention", False) else packed
+
+
 class DialogueBatches:
     """Fusion data (`magtkd.engine.Batches`): the splits as `DialogueSet` (whole dialogues, on the device);
     ``objective(output, target)`` takes the model's outputs and the labels as rows of the real utterances.
 
-    Training dialogues are shuffled by a generator seeded with the run's seed. Batches are packed
-    where it pays (docs/METHOD.md §5, "Speed"; ``packed`` True/False forces it, False is the authors'
-    padded grid: the same results). One process only (under torchrun, rank 0 alone: `runtime.one_process`).
+    Training consumes the global random generator as the authors' DataLoaders do (docs/METHOD.md §5, "The
+    authors' run, draw for draw"): per epoch the training loader's iterator draw, then the shuffle's seed
+    (a permutation on a generator seeded with it), then the dropout masks of the updates; then one draw for
+    each of the dev and test loaders' iterators. Batches are the authors' padded grid by default (``packed``
+    True packs every batch, None where it pays: the same outputs, gradients up to the order of float sums;
+    docs/METHOD.md §5, "Speed"). One process only (under torchrun, rank 0 alone: `runtime.one_process`).
     """
 
-    def __init__(self, data: Mapping[str, DialogueSet], batch_size: int, packed: bool | None = None) -> None:
+    def __init__(self, data: Mapping[str, DialogueSet], batch_size: int, packed: bool | None = False) -> None:
         runtime.one_process("the fusion stage")
         self.data, self.batch_size, self.packed = data, batch_size, packed
-        self.generator = torch.Generator()
+        self.training = False  # set by `prepare`: a training run makes the authors' loader draws
         self.objective: Callable[..., torch.Tensor] | None = None
         self.runner: nn.Module | None = None
 
@@ -201,16 +220,19 @@ class DialogueBatches:
         return GlobalBatch(self.batch_size, 1, grad_accum)
 
     def generators(self) -> list[torch.Generator]:
-        return [self.generator]
+        return []  # every draw comes from the global generator, which the training state saves
 
     def prepare(self, model: nn.Module, objective: Callable[..., torch.Tensor], seed: int) -> None:
-        self.runner, self.objective = model, objective
-        self.generator.manual_seed(seed)
+        """``seed`` seeded the global generator before the model was built (`magtkd.runtime.set_seed`)."""
+        self.runner, self.objective, self.training = model, objective, True
 
     def micro_batches(self, epoch: int) -> Iterator[DialogueBatch]:
         train = self.data["train"]
-        return (train.collate(idx, self.runner.padding_speaker, self.packed)
-                for idx in train.batches(self.batch_size, self.generator))
+        loader_draw()  # the training loader's iterator
+        shuffle = torch.Generator().manual_seed(loader_draw())  # its RandomSampler, at the first batch
+        packed = batch_layout(self.runner, self.packed)
+        return (train.collate(idx, self.runner.padding_speaker, packed)
+                for idx in train.batches(self.batch_size, shuffle))
 
     def loss(self, batch: DialogueBatch, config: Any = None) -> torch.Tensor:
         out = self.runner(*batch.inputs)
@@ -218,25 +240,29 @@ class DialogueBatches:
 
     def evaluate(self, model: nn.Module, split: str, config: Any = None) -> tuple[np.ndarray, np.ndarray]:
         data = self.data[split]
+        if self.training:
+            loader_draw()  # the dev / test loader's iterator (unshuffled, it draws nothing else)
         preds = dialogue_logits(model, data, self.batch_size, packed=self.packed).argmax(-1)
         return np.asarray(data.flat_labels(), dtype=np.int64), preds.numpy()
 
 
 @torch.no_grad()
 def dialogue_logits(model: nn.Module, data: Any, batch_size: int, show_progress: bool = False,
-                    packed: bool | None = None) -> torch.Tensor:
+                    packed: bool | None = False) -> torch.Tensor:
     """(N, classes) text-anchor logits ``t_logits`` of every real utterance of a
     `magtkd.features.DialogueSet`, flattened in the pickle's dialogue order (model in eval mode).
 
     Their argmax is the prediction; their softmax the class probabilities. ``packed``
-    False computes on the padded grid, as the authors' code did (same values); ``None``
-    packs the batches where it pays (`magtkd.features.DialogueSet.collate`).
+    False computes on the padded grid, as the authors' code did; True packs every batch, ``None``
+    the batches where it pays (`magtkd.features.DialogueSet.collate`; the May-2025 attention is
+    always padded, `batch_layout`).
     """
     model.eval()
     chunks: list[torch.Tensor] = []
     batches = data.batches(batch_size)
     if show_progress:
         batches = runtime.progress(batches, total=math.ceil(len(data) / batch_size), desc="dialogues")
+    packed = batch_layout(model, packed)
     for idx in batches:
         batch = data.collate(idx, model.padding_speaker, packed)
         chunks.append(batch.rows(model(*batch.inputs).t_logits).float())
@@ -284,7 +310,8 @@ def fusion_training_data(spec: DatasetSpec, feature_dir: Path, request: FusionRe
              **{f"{s}_dialogues": len(data[s]) for s in SPLITS},
              **{f"{s}_utterances": data[s].n_utterances for s in SPLITS},
              # The ablation variant (docs/METHOD.md §5): read back by --train False, predict.py and the tables
-             "variant": variant.as_dict()}
+             "variant": variant.as_dict(), "paper_attention": settings.paper_attention}
+    log_attention(settings, "the flags")
     return data, settings, sizes
 
 

@@ -41,6 +41,9 @@ def relational_batch(per_process: int, processes: int, grad_accum: int) -> int:
     return size
 
 
+FEATURE_TEMPERATURE = 1.0  # the relational loss's temperature (the authors' default)
+
+
 def pearson(x: torch.Tensor, y: torch.Tensor, dim: int = -1, eps: float = PEARSON_EPS) -> torch.Tensor:
     """Pearson correlation along ``dim``: cosine of mean-centred vectors, ``eps`` added to the denominator."""
     x = x - x.mean(dim=dim, keepdim=True)
@@ -64,12 +67,15 @@ def logit_kd_loss(
             f"logit_kd_loss expects two (batch, classes) tensors of the same shape, got "
             f"student {tuple(student_logits.shape)} and teacher {tuple(teacher_logits.shape)}"
         )
+    # Built op for op as the authors' loss (columns as rows of the transposes), so that autograd sums the
+    # gradient contributions in their order: the fusion's updates are theirs bit for bit (docs/METHOD.md §5).
+    # In fp32 with autocast off: under fp16 autocast the products would run in fp16 (docs/METHOD.md §3).
     with torch.autocast(student_logits.device.type, enabled=False):
         p_s = torch.softmax(_fp32(student_logits) / tau, dim=1)
         p_t = torch.softmax(_fp32(teacher_logits) / tau, dim=1)
-        inter = 1.0 - pearson(p_s, p_t, dim=1).mean()
-        intra = 1.0 - pearson(p_s, p_t, dim=0).mean()
-        return tau**2 * (beta * inter + gamma * intra)
+        inter = tau**2 * (1.0 - pearson(p_s, p_t, dim=1).mean())
+        intra = tau**2 * (1.0 - pearson(p_s.t(), p_t.t(), dim=1).mean())
+        return beta * inter + gamma * intra
 
 
 def feature_kd_loss(student_feat: torch.Tensor, teacher_feat: torch.Tensor) -> torch.Tensor:
@@ -89,9 +95,12 @@ def feature_kd_loss(student_feat: torch.Tensor, teacher_feat: torch.Tensor) -> t
             f"feature_kd_loss: student width {student_feat.shape[1]} != teacher width "
             f"{teacher_feat.shape[1]} (h_t h_s^T needs equal widths)"
         )
+    # In the authors' order of operations (see logit_kd_loss), temperature 1 included; fp32, autocast off.
     with torch.autocast(student_feat.device.type, enabled=False):
-        h_s = F.normalize(_fp32(student_feat), dim=1)
         h_t = F.normalize(_fp32(teacher_feat), dim=1)
-        p = torch.softmax(h_t @ h_t.t(), dim=1)
-        log_q = torch.log_softmax(h_t @ h_s.t(), dim=1)
+        h_s = F.normalize(_fp32(student_feat), dim=1)
+        target = h_t @ h_t.t()
+        relation = h_t @ h_s.t()
+        log_q = torch.log_softmax(relation / FEATURE_TEMPERATURE, dim=1)
+        p = torch.softmax(target / FEATURE_TEMPERATURE, dim=1)
         return F.kl_div(log_q, p, reduction="batchmean")

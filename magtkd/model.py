@@ -26,6 +26,9 @@ MAX_LEN = 512  # longest dialogue the positional encoding covers
 MASK_VALUE = -1e9  # score given to padded keys before the softmax
 
 
+AUTHORS_PADDING_ROW = 2  # the speaker row the authors' code pads with on both datasets (docs/METHOD.md §7)
+
+
 # Blocks by anchor: (name, key/value stream, query stream). docs/METHOD.md §5, "Forward".
 AUDIO_ANCHOR = ("a_a", "t_a", "v_a")
 
@@ -58,8 +61,9 @@ class PositionalEncoding(nn.Module):
 class MultiHeadAttention(nn.Module):
     """Scaled dot-product attention with separate q/k/v projections; padded keys are masked."""
 
-    def __init__(self, hidden: int, n_head: int, dropout: float) -> None:
+    def __init__(self, hidden: int, n_head: int, dropout: float, paper_attention: bool = False) -> None:
         super().__init__()
+        self.paper_attention = paper_attention
         if hidden % n_head:
             raise ValueError(f"hidden width {hidden} is not divisible by n_head {n_head}")
         self.n_head, self.d_head = n_head, hidden // n_head
@@ -82,15 +86,32 @@ class MultiHeadAttention(nn.Module):
 
     def forward(self, key_value: torch.Tensor, query: torch.Tensor, layout: Layout) -> torch.Tensor:
         """Projections on the layout's rows; scores and softmax on the (batch, length) grid."""
-        q = self._heads(layout.grid(self.proj_q(query))) / math.sqrt(self.d_head)
+        # q, k, v, then the scaling: the authors' order of operations, in which autograd sums the gradients of
+        # a self block's stream (docs/METHOD.md §5, "The authors' run, draw for draw")
+        q = self._heads(layout.grid(self.proj_q(query)))
         k = self._heads(layout.grid(self.proj_k(key_value)))
         v = self._heads(layout.grid(self.proj_v(key_value)))
+        q = q / math.sqrt(self.d_head)
         scores = q @ k.transpose(-2, -1)  # (batch, head, query, key)
-        # Mask padded KEYS (the Nov-2025 fix; the May-2025 release masked the wrong axis, docs/METHOD.md §7).
-        scores = scores.masked_fill(layout.key_padding[:, None, None, :], MASK_VALUE)
-        attn = dropout(torch.softmax(scores, dim=-1), self.dropout.p, self.training)
+        if self.paper_attention:
+            attn = paper_attention_weights(scores, layout)
+        else:
+            # Mask padded KEYS (the Nov-2025 release's fix, docs/METHOD.md §5, §7).
+            attn = torch.softmax(scores.masked_fill(layout.key_padding[:, None, None, :], MASK_VALUE), dim=-1)
+        attn = dropout(attn, self.dropout.p, self.training)
         context = (attn @ v).transpose(1, 2)
         return self.fc(layout.rows(context.reshape(*context.shape[:2], -1)))
+
+
+def paper_attention_weights(scores: torch.Tensor, layout: Layout) -> torch.Tensor:
+    """The attention of the May-2025 release, behind the published figures (docs/METHOD.md §5, "Attention of
+    the May-2025 release"): its mask is True on padding and it fills where the mask is 0, i.e. the REAL keys,
+    with -1e9, then applies ReLU before the softmax, so every real key scores 0 and padded keys
+    ``relu(score)``. Padded keys then matter: it needs the padded grid (a packed batch has no padded keys)."""
+    if layout.packed:
+        raise ValueError("the May-2025 release's attention attends to padded keys: compute it on the padded grid "
+                         "(packed=False)")
+    return torch.softmax(F.relu(scores.masked_fill(layout.mask[:, None, None, :], MASK_VALUE)), dim=-1)
 
 
 class FeedForward(nn.Module):
@@ -112,9 +133,9 @@ class FeedForward(nn.Module):
 class TransformerLayer(nn.Module):
     """Attention of the query stream over the key/value stream, residual, feed-forward."""
 
-    def __init__(self, hidden: int, n_head: int, d_ff: int, dropout: float) -> None:
+    def __init__(self, hidden: int, n_head: int, d_ff: int, dropout: float, paper_attention: bool = False) -> None:
         super().__init__()
-        self.self_attn = MultiHeadAttention(hidden, n_head, dropout)
+        self.self_attn = MultiHeadAttention(hidden, n_head, dropout, paper_attention)
         self.feed_forward = FeedForward(hidden, d_ff, dropout)
         # Normalises the query stream of layers after the first; with the paper's
         # single layer it exists (and is in the checkpoint) but is never applied.
@@ -131,21 +152,23 @@ class TransformerLayer(nn.Module):
 class TransformerBlock(nn.Module):
     """Block ``X -> Y``: stream Y attends to stream X (self block when ``cross`` is False: X is Y)."""
 
-    def __init__(self, hidden: int, n_head: int, dropout: float, n_layers: int = 1) -> None:
+    def __init__(self, hidden: int, n_head: int, dropout: float, n_layers: int = 1,
+                 paper_attention: bool = False) -> None:
         super().__init__()
         self.pos_emb = PositionalEncoding(hidden)
         self.transformer_inter = nn.ModuleList(
-            TransformerLayer(hidden, n_head, hidden, dropout) for _ in range(n_layers)
+            TransformerLayer(hidden, n_head, hidden, dropout, paper_attention) for _ in range(n_layers)
         )
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, layout: Layout, speaker_emb: torch.Tensor | None,
-                cross: bool) -> torch.Tensor:
-        """Returns the new Y (in ``layout``)."""
+                cross: bool, x_raw: bool = True) -> torch.Tensor:
+        """Returns the new Y (in ``layout``). ``x_raw``: X is an input stream (not a fused anchor), which the
+        authors' loader hands over sequence-first: its dropout mask is drawn in that order (Y always is one)."""
         if cross:
             # Cross block: both streams get position + speaker embedding, then dropout.
-            x = layout.dropout(self.pos_emb(x, speaker_emb, layout), self.dropout.p, self.training)
-            y = layout.dropout(self.pos_emb(y, speaker_emb, layout), self.dropout.p, self.training)
+            x = layout.dropout(self.pos_emb(x, speaker_emb, layout), self.dropout.p, self.training, seq_first=x_raw)
+            y = layout.dropout(self.pos_emb(y, speaker_emb, layout), self.dropout.p, self.training, seq_first=True)
         else:
             # Self block: position + speaker embedding only (docs/METHOD.md §5).
             y = self.pos_emb(y, speaker_emb, layout)
@@ -192,6 +215,11 @@ FUSIONS = ("anchor", "concat")
 
 # The nine blocks in the authors' order of construction (docs/METHOD.md §5, Initialisation).
 BUILD_ORDER = TEXT_ANCHOR + AUDIO_ANCHOR + VIDEO_ANCHOR
+
+
+# The authors' registration order of the top-level modules (their constructor's; `clip_order`).
+AUTHORS_MODULE_ORDER = ("speaker_embeddings", *BUILD_ORDER, *(f"{name}_gate" for name in BUILD_ORDER),
+                        "features_reduce_t", "features_reduce_a", "features_reduce_v", "fc", "w_t", "w_a", "w_v")
 
 
 CONCAT_MODALITIES = "concat_modalities"  # buffer of the concat baseline: which of T, A, V it reads
@@ -244,6 +272,17 @@ class FusionVariant:
         return ", ".join(parts)
 
 
+def _check_arguments(variant: FusionVariant, n_speaker: int | None, separate_text_blocks: bool,
+                     padding_row: int | None) -> None:
+    """`AnchorGatedTransformer`'s arguments that cannot build a model, refused naming them."""
+    if variant.speaker_embedding and n_speaker is None:
+        raise ValueError("n_speaker is needed for the speaker embedding (speaker_embedding=True)")
+    if variant.fusion == "concat" and separate_text_blocks:
+        raise ValueError("separate_text_blocks applies to the anchor fusion only, not to fusion='concat'")
+    if padding_row is not None and (n_speaker is None or not 0 <= padding_row <= n_speaker):
+        raise ValueError(f"padding_row {padding_row} is not a row of the speaker table (0..{n_speaker})")
+
+
 class AnchorGatedTransformer(nn.Module):
     """The second-stage model: audio, video and text anchors over utterance features (docs/METHOD.md §5).
 
@@ -264,19 +303,24 @@ class AnchorGatedTransformer(nn.Module):
       utterance, ``concat_reduce = Linear(kH, H)``, one self block ``concat`` (positions + speaker
       embedding as the text stream's), the head ``w_concat``; no gates (its variant reports
       ``gates: False`` whatever ``gates`` says).
+
+    ``paper_attention`` computes the attention of the authors' May-2025 release (`paper_attention_weights`,
+    padded grid only) and ``padding_row`` pads speakers with another row than ``n_speaker`` (the authors' 2,
+    `AUTHORS_PADDING_ROW`); neither changes a parameter or a draw (docs/METHOD.md §5, §7).
     """
 
     def __init__(self, hidden: int, n_classes: int, n_speaker: int | None, n_head: int = 8, dropout: float = 0.5,
                  separate_text_blocks: bool = False, *, modalities: Sequence[str] = MODALITIES, gates: bool = True,
-                 speaker_embedding: bool = True, fusion: str = "anchor") -> None:
+                 speaker_embedding: bool = True, fusion: str = "anchor", paper_attention: bool = False,
+                 padding_row: int | None = None) -> None:
         super().__init__()
         variant = FusionVariant(modalities, gates, speaker_embedding, fusion)
-        if variant.speaker_embedding and n_speaker is None:
-            raise ValueError("n_speaker is needed for the speaker embedding (speaker_embedding=True)")
-        if variant.fusion == "concat" and separate_text_blocks:
-            raise ValueError("separate_text_blocks applies to the anchor fusion only, not to fusion='concat'")
+        _check_arguments(variant, n_speaker, separate_text_blocks, padding_row)
         self.hidden, self.n_classes, self.n_speaker = hidden, n_classes, n_speaker
-        self.separate_text_blocks = separate_text_blocks
+        self.separate_text_blocks, self.paper_attention = separate_text_blocks, paper_attention
+        # The row padded positions take (and that gets no gradient): our own row n_speaker, or the authors'
+        # id 2 (AUTHORS_PADDING_ROW), a real speaker on MELD (docs/METHOD.md §5, §7).
+        self._padding_row = n_speaker if padding_row is None else padding_row
         self.modalities, self.fusion = variant.modalities, variant.fusion
         self.gates, self.speaker_embedding = variant.gates, variant.speaker_embedding
         present = {m.lower() for m in self.modalities}
@@ -298,10 +342,10 @@ class AnchorGatedTransformer(nn.Module):
         # MELD); the table has the authors' shape (n_speaker + 1 rows), so the draws agree.
         # A variant makes the same draws in the same order, leaving out the modules it has not.
         if self.speaker_embedding:
-            speaker_embeddings = nn.Embedding(n_speaker + 1, hidden, padding_idx=n_speaker)
+            speaker_embeddings = nn.Embedding(n_speaker + 1, hidden, padding_idx=self._padding_row)
             nn.init.normal_(speaker_embeddings.weight, mean=0.0, std=0.1)
         names = [name for name in BUILD_ORDER if name[0] in present and name[2] in present]
-        blocks = {name: TransformerBlock(hidden, n_head, dropout) for name in names}
+        blocks = {name: TransformerBlock(hidden, n_head, dropout, paper_attention=paper_attention) for name in names}
         gate_modules = {name: Gate(hidden) for name in names} if self.gates else {}
         # Each anchor concatenates one path per present modality; a single path is not reduced.
         paths = len(present)
@@ -328,17 +372,26 @@ class AnchorGatedTransformer(nn.Module):
         head); the buffer :data:`CONCAT_MODALITIES` records which streams it reads, for its checkpoints."""
         hidden = self.hidden
         if self.speaker_embedding:
-            speaker_embeddings = nn.Embedding(self.n_speaker + 1, hidden, padding_idx=self.n_speaker)
+            speaker_embeddings = nn.Embedding(self.n_speaker + 1, hidden, padding_idx=self._padding_row)
             nn.init.normal_(speaker_embeddings.weight, mean=0.0, std=0.1)
             self.speaker_embeddings = speaker_embeddings
-        self.concat = TransformerBlock(hidden, n_head, dropout)
+        self.concat = TransformerBlock(hidden, n_head, dropout, paper_attention=self.paper_attention)
         self.concat_reduce = nn.Linear(len(self.modalities) * hidden, hidden)
         self.w_concat = nn.Linear(hidden, self.n_classes)
         self.register_buffer(CONCAT_MODALITIES, torch.tensor([m in self.modalities for m in MODALITIES]))
 
+    def clip_order(self) -> list[nn.Parameter]:
+        """The parameters in the order the authors' model registers them (speaker table, the nine blocks and
+        their gates in `BUILD_ORDER`, reductions, heads), which is the order in which gradient clipping sums
+        the squared norms: the clipped update is theirs to the last bit (docs/METHOD.md §5)."""
+        rank = {name: i for i, name in enumerate(AUTHORS_MODULE_ORDER)}
+        named = sorted(self.named_parameters(), key=lambda item: rank.get(item[0].split(".")[0], len(rank)))
+        return [parameter for _, parameter in named]
+
     @property
     def padding_speaker(self) -> int:
-        return self.n_speaker if self.n_speaker is not None else 0
+        """The speaker id of padded positions: the padding row (0 without a speaker table)."""
+        return self._padding_row if self._padding_row is not None else 0
 
     @property
     def predictor(self) -> str:
@@ -351,17 +404,19 @@ class AnchorGatedTransformer(nn.Module):
         return FusionVariant(self.modalities, self.gates, self.speaker_embedding, self.fusion)
 
     def _path(self, name: str, x: torch.Tensor, y: torch.Tensor, layout: Layout, spk: torch.Tensor | None,
-              cross: bool) -> torch.Tensor:
+              cross: bool, x_raw: bool = True) -> torch.Tensor:
         # Reference behaviour: all text-anchor paths use the t_t block and gate.
         if name in TEXT_ANCHOR and not self.separate_text_blocks:
             name = "t_t"
-        out = getattr(self, name)(x, y, layout, spk, cross=cross)
+        out = getattr(self, name)(x, y, layout, spk, cross=cross, x_raw=x_raw)
         return getattr(self, f"{name}_gate")(out) if self.gates else out  # gates=False: g(x) = x
 
     def _anchor(self, modality: str, names: Sequence[str], sources: Mapping[str, torch.Tensor],
                 query: torch.Tensor, layout: Layout, spk: torch.Tensor | None) -> torch.Tensor:
         """One anchor: the paths ``names`` whose key/value stream is present, concatenated and reduced."""
-        paths = [self._path(name, sources[name[0]], query, layout, spk, cross=name[0] != modality)
+        # The text anchor's keys A', V' are fused streams, the others input streams (`TransformerBlock`, x_raw).
+        paths = [self._path(name, sources[name[0]], query, layout, spk, cross=name[0] != modality,
+                            x_raw=modality != "t" or name[0] == "t")
                  for name in names if name[0] in self._present]
         if len(paths) == 1:
             return paths[0]

@@ -5,6 +5,7 @@ grid, and dropout drawn over the grid in both layouts, so a seed gives the same 
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, Sequence
 
 import torch
@@ -61,13 +62,25 @@ class Layout:
             raise ValueError(f"dialogue of {self.length} utterances exceeds the positional encoding's {pe.size(1)}")
         return pe[0].index_select(0, self.positions) if self.packed else pe[:, :self.length]
 
-    def dropout(self, x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    def dropout(self, x: torch.Tensor, p: float, training: bool, seq_first: bool = False) -> torch.Tensor:
         """:func:`dropout` of the padded stream, applied to this layout's rows: packed rows get the
         rows of a mask drawn over the whole grid, with the same generator calls, so the same units
-        are kept as in the padded model (bit for bit on CPU, which the tests check)."""
-        if not self.packed or not training or p == 0 or p >= 1:
+        are kept as in the padded model (bit for bit on CPU, which the tests check).
+
+        ``seq_first``: the mask is drawn over the (length, batch, ...) grid, i.e. in the memory order
+        of the authors' sequence-first streams (their loader pads the features sequence-first and the
+        model transposes them, so F.dropout fills the mask of a raw stream in that order; docs/METHOD.md
+        §5, "The authors' run, draw for draw")."""
+        if not training or p == 0 or p >= 1:
             return dropout(x, p, training)
-        return x * _dropout_noise((*self.mask.shape, *x.shape[1:]), p, x, self.rows)
+        if not self.packed:
+            if not seq_first:
+                return dropout(x, p, training)
+            return dropout(x.transpose(0, 1).contiguous(), p, training).transpose(0, 1)
+        batch, length = self.mask.shape
+        if seq_first:
+            return x * _dropout_noise((length, batch, *x.shape[1:]), p, x, lambda u: self.rows(u.transpose(0, 1)))
+        return x * _dropout_noise((batch, length, *x.shape[1:]), p, x, self.rows)
 
 
 def _dropout_noise(shape: Sequence[int], p: float, like: torch.Tensor,
@@ -78,15 +91,31 @@ def _dropout_noise(shape: Sequence[int], p: float, like: torch.Tensor,
     On CPU ``F.dropout`` fills its mask with ``bernoulli_(1 - p)``, which draws one
     float64 uniform per element and keeps it when below ``1 - p``, then divides by
     ``1 - p``; ``torch.rand(..., float64) < 1 - p`` makes the same draws about three
-    times faster. Elsewhere ``native_dropout`` of ones draws ``F.dropout``'s mask.
+    times faster (where this build's ``bernoulli_`` does so, `uniform_draws`; else
+    ``F.dropout`` of ones). Elsewhere ``native_dropout`` of ones draws ``F.dropout``'s mask.
     """
-    if like.device.type == "cpu":
+    if like.device.type == "cpu" and uniform_draws():
         uniforms = torch.rand(shape, dtype=torch.float64)
         if select is not None:  # every draw is made; only the selected ones are compared and scaled
             uniforms = select(uniforms)
         return (uniforms < 1 - p).to(like.dtype).div_(1 - p)
-    noise = torch.native_dropout(like.new_ones(shape), p, True)[0]
+    ones = like.new_ones(shape)
+    noise = F.dropout(ones, p, True) if like.device.type == "cpu" else torch.native_dropout(ones, p, True)[0]
     return noise if select is None else select(noise)
+
+
+@functools.lru_cache(maxsize=None)
+def uniform_draws() -> bool:
+    """Whether this build's CPU ``F.dropout`` draws one float64 uniform per element, as `_dropout_noise`
+    assumes (checked once on 4096 values, the global generator's state restored): the masks of the faster
+    draw are then ``F.dropout``'s bit for bit, which the authors' run depends on (docs/METHOD.md §5)."""
+    state = torch.get_rng_state()
+    try:
+        expected = F.dropout(torch.ones(4096), 0.5, True)
+        torch.set_rng_state(state)
+        return torch.equal(expected, (torch.rand(4096, dtype=torch.float64) < 0.5).float().div_(0.5))
+    finally:
+        torch.set_rng_state(state)
 
 
 def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:

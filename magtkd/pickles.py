@@ -15,7 +15,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from .artifacts import atomic_path, features_record
+from .artifacts import atomic_path, below_hint, features_record
 from .spec import DatasetSpec
 from .utils import FeatureFileError
 
@@ -165,6 +165,7 @@ def load_features(path: str | Path, keys: Iterable[str] | None = None) -> dict[s
         raise FeatureFileError(
             f"feature file {path} not found: it is written by extract_first_stage_features.py "
             "(or download the authors' first-stage features into this folder)"
+            + below_hint(path.parent, path.name, "--feature_dir")
         )
     try:
         with open(path, "rb") as fh:

@@ -92,8 +92,9 @@ def _draw_confusion(figure: Any, title: str, selected_epoch: int, matrix: Sequen
     figure.subplots_adjust(left=0.14, right=0.97, bottom=0.16, top=0.88)
 
 
-def ablation_plot(path: Path, doc: Mapping[str, Any]) -> None:
-    """``<table>.png``: test weighted F1 per variant, bar = mean, error bar = std, dots = the seeds."""
+def ablation_plot(path: Path, doc: Mapping[str, Any], line: tuple[float, str] | None = None) -> None:
+    """``<table>.png``: test weighted F1 per variant, bar = mean, error bar = std, dots = the seeds; ``line``:
+    a reference value and its label, drawn across (the paper's figure in the reproduction table)."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
@@ -108,6 +109,9 @@ def ablation_plot(path: Path, doc: Mapping[str, Any]) -> None:
         for i, r in enumerate(rows):
             ax.plot([i] * len(r["seeds"]), [s["test_weighted_f1"] for s in r["seeds"]], "o", color="black",
                     markersize=3)
+        if line is not None:
+            ax.axhline(line[0], color="tab:red", linestyle="--", label=f"{line[1]} {line[0]:.4f}")
+            ax.legend(loc="lower right", fontsize="small")
         ax.set_xticks(x, labels=[r["key"] for r in rows], rotation=30, ha="right")
         ax.set(ylabel="test weighted F1", title=f"{doc['dataset']} ablation: {doc['table']} (mean ± std over seeds)")
         ax.grid(axis="y", alpha=0.3)

@@ -86,7 +86,7 @@ def predict_conversation(spec: DatasetSpec, run: Prediction, request: FusionRequ
     settings = trained_fusion(files, spec.name, request)
     check_fusion_fits(settings, files.checkpoint, spec, spec.num_classes, speakers_needed(spec, speaker2id))
     check_first_stage_checkpoints(spec, run.save_dir)
-    padding = int(settings.n_speaker or 0) if run.unknown_speakers == "padding" else None
+    padding = settings.padding_row if run.unknown_speakers == "padding" else None
     speakers = [s for _, dialogue in dialogues for s in fusion_speaker_ids(spec, dialogue, speaker2id, padding)]
     runtime.log_start(stage, run.flags, device, {
         "dialogues": len(dialogues), "utterances": len(ordered), "audio_feature": settings.audio_feature,

@@ -57,7 +57,7 @@ def _plain(obj: Any) -> Any:
 # Flags that must match between the run that saved a training state and the run resuming it.
 RESUME_MUST_MATCH = ("epochs", "batch_size", "learning_rate", "lr", "l2", "seed", "grad_accum",
                      "per_batch_schedule", "schedule_epochs", "dropout", "student", "teacher", "amp",
-                     "reference_kd_clip")
+                     "reference_kd_clip", "paper_attention", "padding_speaker", "selection")
 
 
 def _to_host(obj: Any) -> Any:
