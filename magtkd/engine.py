@@ -40,8 +40,9 @@ from .results import (AUTHORS_PROTOCOL, SELECTED_ON, SELECTIONS, authors_score, 
                       summary, test_report)
 from .runtime import is_main, progress, set_precision
 from .schedule import GlobalBatch
+from .scaler_skips import ScalerSkips, check_finite_inputs
 from .training_state import TrainingState
-from .utils import UserError
+from .utils import NonFiniteError, UserError
 
 log = logging.getLogger("magtkd")
 
@@ -110,10 +111,6 @@ class Batches(Protocol):
 
 
 # --------------------------------------------------------------------------- one update
-
-class NonFiniteError(UserError, FloatingPointError):
-    """A training loss or evaluation logits that are NaN or infinite: the run stops before publishing."""
-
 
 def groups(batches: Iterable[Any], size: int) -> Iterator[list[Any]]:
     """Consecutive batches in groups of ``size`` (the last group may be shorter): one update each."""
@@ -193,61 +190,6 @@ class Step:
 
 
 LOG_EVERY = 10  # updates between two reads of the loss on the host
-MAX_SKIPPED_IN_A_ROW = 20  # fp16: consecutive skipped updates that stop a run (from 2**16 the scale is then 2**-4)
-
-
-class ScalerSkips:
-    """fp16 KD's skipped updates in an epoch (docs/METHOD.md §3, "fp16 and its gradient scaler"): an update
-    whose gradients are not finite (their norm is not: an overflow, or a non-finite loss) is skipped by the
-    gradient scaler, which halves its scale. The flags stay on the device and are read with the loss; the
-    skips are logged there, and `MAX_SKIPPED_IN_A_ROW` of them in a row stop the run: gradients that stay
-    non-finite while the scale shrinks to 2**-4 are no overflow."""
-
-    def __init__(self, config: FitConfig, epoch: int) -> None:
-        self.config, self.epoch = config, epoch
-        self.pending: list[tuple[int, torch.Tensor]] = []
-        self.skipped, self.in_a_row = 0, 0
-
-    def note(self, update: int, grad_norm: torch.Tensor) -> torch.Tensor:
-        skipped = ~torch.isfinite(grad_norm)
-        self.pending.append((update, skipped))
-        return skipped
-
-    def read(self, scaler: torch.amp.GradScaler, updates: int) -> None:
-        flags = torch.stack([flag for _, flag in self.pending]).tolist() if self.pending else []
-        skipped = [update for (update, _), flag in zip(self.pending, flags) if flag]
-        for (update, _), flag in zip(self.pending, flags):
-            self.in_a_row = self.in_a_row + 1 if flag else 0
-            if self.in_a_row >= MAX_SKIPPED_IN_A_ROW:
-                raise NonFiniteError(
-                    f"{self.config.stage}: {MAX_SKIPPED_IN_A_ROW} updates in a row skipped by the fp16 gradient "
-                    f"scaler at epoch {self.epoch} (up to update {update} of {updates}): the gradients stay "
-                    f"non-finite while the scale shrinks (now {scaler.get_scale():g}), which no overflow explains; "
-                    "stopped before publishing anything (a previous complete set is kept). Check the loss flags "
-                    "(learning rate, --tau), or try --amp False")
-        self.pending = []
-        if skipped:
-            self.skipped += len(skipped)
-            log.warning("%s epoch %d: update(s) %s of %d skipped by the fp16 gradient scaler (gradients not finite); "
-                        "scale now %g", self.config.stage, self.epoch, ", ".join(map(str, skipped)), updates,
-                        scaler.get_scale())
-
-
-def check_finite_inputs(group: Sequence[Any], config: FitConfig, epoch: int, update: int) -> None:
-    """fp16 KD: the batches' floating-point inputs must be finite, since the scaler would skip their
-    updates silently. They come from the loaders on the host, so this costs no device round trip."""
-    for batch in group:
-        if not isinstance(batch, Mapping):
-            continue
-        for name, value in batch.items():
-            if torch.is_tensor(value) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
-                rows = (~torch.isfinite(value)).reshape(len(value), -1).any(1).nonzero().flatten()
-                where = batch["index"][rows].tolist() if "index" in batch else rows.tolist()
-                raise NonFiniteError(f"{config.stage}: {name} of training sample(s) {where} (0-based, CSV order) "
-                                     f"holds NaN/inf at epoch {epoch}, update {update}; stopped before "
-                                     "publishing anything (a previous complete set is kept)")
-
-
 def train_one_epoch(data: Batches, step: Step, config: FitConfig, epoch: int) -> float:
     """The updates of one epoch; returns the mean update loss. The loss stays on the device and is
     read every `LOG_EVERY` updates for the bar and once at the end (no host round trip per step);
@@ -266,10 +208,10 @@ def train_one_epoch(data: Batches, step: Step, config: FitConfig, epoch: int) ->
     total: torch.Tensor | None = None
     first_bad: torch.Tensor | None = None
     count = 0
-    skips = ScalerSkips(config, epoch) if step.scaler is not None and step.scaler.is_enabled() else None
+    skips = ScalerSkips(config.stage, epoch) if step.scaler is not None and step.scaler.is_enabled() else None
     for group in bar:
         if skips is not None:
-            check_finite_inputs(group, config, epoch, count + 1)
+            check_finite_inputs(group, config.stage, epoch, count + 1)
         lr = step.optimizer.param_groups[0]["lr"]  # the rate this update uses (the scheduler steps after it)
         loss, grad_norm = step.update(data.runner, group, lambda batch: data.loss(batch, config))
         count += 1

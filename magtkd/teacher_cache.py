@@ -19,8 +19,9 @@ from torch import nn
 from . import runtime
 from .artifacts import atomic_path, teacher_outputs_path
 from .dataset import Sample
-from .engine import FitConfig, NonFiniteError
+from .engine import FitConfig
 from .loaders import SampleBatches, SampleDataset, in_dataset_order, make_loader, to_device
+from .utils import NonFiniteError
 
 log = logging.getLogger("magtkd")
 

@@ -43,6 +43,10 @@ class DataError(UserError, ValueError):
     """Bad content in a data file; the message names the file, row/column/key and what was expected."""
 
 
+class NonFiniteError(UserError, FloatingPointError):
+    """A training loss or evaluation logits that are NaN or infinite: the run stops before publishing."""
+
+
 class FeatureFileError(UserError, ValueError):
     """A stored frame file or feature pickle that is unsafe, malformed, or does not follow the
     docs/METHOD.md §4 layout."""

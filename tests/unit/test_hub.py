@@ -106,7 +106,8 @@ def test_config_holds_the_fusion_settings_sizes_selection_and_every_models_argum
     assert config[hub.FORMAT] == hub.VERSION and config["dataset"] == "IEMOCAP" and config["labels"] == LABELS
     assert config["fusion"] == {"hidden": WIDTH, "n_classes": 6, "n_speaker": 2, "modalities": ["T", "A", "V"],
                                 "gates": True, "speaker_embedding": True, "fusion": "anchor", "n_head": HEADS,
-                                "audio_feature": "audio_kd", "video_feature": "video", "separate_text_blocks": False}
+                                "audio_feature": "audio_kd", "video_feature": "video", "separate_text_blocks": False,
+                                "paper_attention": False, "padding_speaker": "own"}
     assert config["sizes"] == fusion["sizes"] and config["prompt"] == "full"
     assert config["attention"].startswith("fixed")
     assert config["test"] == {"accuracy": fusion["test"]["accuracy"], "weighted_f1": fusion["test"]["weighted_f1"]}
