@@ -21,6 +21,7 @@ from .decoder import AudioCache
 from .engine import FitConfig, check_finite_logits
 from .frames import FrameCodec, frame_file, load_frames
 from .media import TARGET_SAMPLE_RATE, MediaError
+from .predictions import ID_COLUMNS, SplitOutputs, utterance_ids
 from .prompt import build_prompt, encode_prompt, left_pad
 from .runtime import autocast
 from .schedule import GlobalBatch
@@ -272,10 +273,11 @@ class SampleBatches:
             return self.runner(batch)
 
     @torch.inference_mode()
-    def evaluate(self, model: nn.Module, split: str, config: FitConfig) -> tuple[np.ndarray, np.ndarray]:
-        """Gold labels and argmax predictions of ``split``, in dataset (CSV) order."""
+    def evaluate(self, model: nn.Module, split: str, config: FitConfig) -> SplitOutputs:
+        """Gold labels, argmax predictions and class probabilities of ``split`` with each utterance's ids,
+        in dataset (CSV) order."""
         loader = self.loaders[split]
-        index, labels, preds = [], [], []
+        index, labels, preds, probs = [], [], [], []
         finite = torch.ones((), dtype=torch.bool, device=self.device)  # read once, at the end
         for batch in runtime.progress(loader, desc=split):
             note_problems(batch, loader.dataset, self.report)
@@ -286,7 +288,11 @@ class SampleBatches:
             finite = finite & torch.isfinite(logits).all()
             labels.append(batch["labels"].cpu())
             preds.append(logits.float().argmax(-1).cpu())
+            probs.append(torch.softmax(logits.float(), dim=-1).cpu())
         check_finite_logits(finite, config.stage, split)
         ordered = in_dataset_order(concat_chunks(index), {"labels": concat_chunks(labels),
-                                                          "preds": concat_chunks(preds)})
-        return ordered["labels"], ordered["preds"]
+                                                          "preds": concat_chunks(preds), "probs": concat_chunks(probs)})
+        samples = getattr(loader.dataset, "samples", None)
+        ids = utterance_ids([s.utterance for s in samples]) if samples is not None else \
+            {column: [""] * len(ordered["labels"]) for column in ID_COLUMNS}
+        return SplitOutputs(ordered["labels"], ordered["preds"], ordered["probs"], ids)
