@@ -67,13 +67,14 @@ def browse(page: Path, tmp: Path, *how: str) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def iemocap_report(demo, tmp_path_factory) -> dict:
-    """``python -m magtkd.report IEMOCAP`` (the documented command, as a process) on the demo's folders."""
+    """``python -m magtkd.report IEMOCAP`` (the documented command, as a process from the repository root) on
+    the demo's folders."""
     tmp = tmp_path_factory.mktemp("report")
     paths, out = stage_paths(demo["workdir"], "IEMOCAP"), tmp / "report.html"
     done = subprocess.run([sys.executable, "-m", "magtkd.report", "IEMOCAP", "--data_dir", str(paths["data_dir"]),
                            "--save_dir", str(paths["save_dir"]), "--feature_dir", str(paths["feature_dir"]),
                            "--out", str(out), "--device", "cpu"], capture_output=True, text=True, timeout=600,
-                          cwd=tmp, env=SUBPROCESS_ENV)
+                          cwd=REPO, env=SUBPROCESS_ENV)
     assert done.returncode == 0, done.stderr[-3000:]
     return {"out": out, "tmp": tmp, "log": done.stderr, "paths": paths}
 
