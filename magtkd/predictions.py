@@ -145,6 +145,6 @@ def read_predictions(path: str | Path) -> Any:
     frame = pd.read_csv(path, dtype={c: str for c in ("speaker", "utterance", "gold", "predicted",
                                                        *ANCHOR_COLUMNS.values())}, keep_default_na=False)
     for column in frame.columns:
-        if column.startswith(("p_", "gate_", "share_")):
-            frame[column] = pd.to_numeric(frame[column].replace("", np.nan))
+        if column.startswith(("p_", "gate_", "share_")) and frame[column].dtype == object:  # has empty cells
+            frame[column] = pd.to_numeric(frame[column].map(lambda cell: cell or np.nan))
     return frame
