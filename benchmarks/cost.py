@@ -23,8 +23,8 @@ audio, 8 frames at the image processor's size (224 px real, 32 px demo); the fus
 - parameters: total and trainable in the training step (KD: the student trains, the teacher is frozen);
 - forward FLOPs per utterance: ``torch.utils.flop_counter.FlopCounterMode`` over one forward at batch 1
   (matrix products, convolutions, attention; 2 FLOPs per multiply-add); the fusion: one dialogue / L;
-- peak memory: each model in its own process: the bytes of its weights (and buffers; KD: the teacher's
-  too) plus the peak above the memory in use before the phase, on CPU the process's peak RSS (VmHWM, reset
+- peak memory: each model in its own process: the bytes of its weights (and buffers; KD's training step:
+  the teacher's too) plus the peak above the memory in use before the phase, on CPU the process's peak RSS (VmHWM, reset
   through /proc/self/clear_refs) above its RSS, on CUDA ``torch.cuda.max_memory_allocated`` above the
   allocated bytes: activations, gradients and AdamW's state for training. A training step =
   forward, loss, backward, clip, AdamW at the authors' batch (4 utterances; the fusion 16 dialogues);
@@ -157,8 +157,9 @@ def measure(model: str, pdir: Path, args) -> dict:
         length = args.dialogue_length
         # What the weights take, then each phase's peak above the memory in use before it: building the model
         # also imports its libraries, which are not the model's cost
-        weights = sum(t.numel() * t.element_size() for m in (module, teacher) if m is not None
-                      for t in [*m.parameters(), *m.buffers()])
+        own = sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
+        weights = own + (sum(t.numel() * t.element_size() for t in [*teacher.parameters(), *teacher.buffers()])
+                         if teacher is not None else 0)  # the training step holds the frozen teacher too
 
         def forward(batch_size: int):
             if model == "fusion":
@@ -181,7 +182,7 @@ def measure(model: str, pdir: Path, args) -> dict:
                     torch.cuda.synchronize(device)
                 if i:
                     seconds.append(time.perf_counter() - begun)
-            inference_peak = weights + peak_since(start, device)
+            inference_peak = own + peak_since(start, device)  # a distilled student runs alone
             with FlopCounterMode(display=False) as counter:
                 run_once()
         per_call = statistics.median(seconds)
@@ -243,6 +244,16 @@ def run_one(model: str, pdir: Path, args) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def count(n: int) -> str:
+    """A parameter count: millions, or thousands for the demo's stand-ins."""
+    return f"{n / 1e6:.2f} M" if n >= 1e6 else f"{n / 1e3:.1f} k"
+
+
+def figure(x: float) -> str:
+    """Three significant digits, without an exponent."""
+    return f"{x:,.0f}" if x >= 100 else f"{x:.3g}"
+
+
 def table(rows: list[dict], args) -> str:
     """The markdown table of the rows (KD rows: inference as their student's architecture)."""
     head = ["model", "size", "parameters (total / trainable)", "input per utterance", "forward GFLOPs / utterance",
@@ -253,9 +264,9 @@ def table(rows: list[dict], args) -> str:
         what = {"text": f"{args.text_tokens} tokens", "audio": f"{args.audio_seconds:g} s at 16 kHz",
                 "video": f"8 x {r['pixels']}x{r['pixels']} frames",
                 "fusion": f"dialogue of {args.dialogue_length}"}[r["model"].replace("kd_", "")]
-        lines.append(f"| {TITLES[r['model']]} | {r['size']} | {r['params'] / 1e6:.2f} M / {r['trainable'] / 1e6:.2f} M "
-                     f"| {what} | {r['gflops_per_utterance']:.3g} | {r['train_peak_mib']:.0f} | "
-                     f"{r['inference_peak_mib']:.0f} | {r['latency_utterance_ms']:.3g} | {r['latency_dialogue_s']:.3g} |")
+        lines.append(f"| {TITLES[r['model']]} | {r['size']} | {count(r['params'])} / {count(r['trainable'])} | {what} "
+                     f"| {figure(r['gflops_per_utterance'])} | {r['train_peak_mib']:.0f} | {r['inference_peak_mib']:.0f} "
+                     f"| {figure(r['latency_utterance_ms'])} | {figure(r['latency_dialogue_s'])} |")
     return "\n".join(lines) + "\n"
 
 
