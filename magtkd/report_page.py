@@ -128,16 +128,16 @@ def confusion_figure(matrices: Mapping[str, Sequence[Sequence[int]]], names: Seq
 
 def per_class_figure(f1: Mapping[str, Sequence[float]], names: Sequence[str]) -> Any:
     """Grouped bars: test F1 per class, one bar per model."""
-    figure = new_figure(max(7.0, 1.3 * len(names)), 3.6)
+    figure = new_figure(max(7.0, 1.3 * len(names)), 4.0)
     ax = figure.subplots()
     x, width = np.arange(len(names)), 0.8 / max(len(f1), 1)
     for k, (title, values) in enumerate(f1.items()):
         ax.bar(x + (k - (len(f1) - 1) / 2) * width, values, width, label=title)
     ax.set_xticks(x, labels=list(names))
     ax.set(ylabel="test F1", ylim=(0, 1))
-    ax.legend(fontsize="small", ncols=3)
+    ax.legend(fontsize="small", ncols=3, loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)  # off the bars
     ax.grid(axis="y", alpha=0.3)
-    figure.subplots_adjust(left=0.08, right=0.98, bottom=0.12, top=0.95)
+    figure.subplots_adjust(left=0.08, right=0.98, bottom=0.1, top=0.82)
     return figure
 
 
