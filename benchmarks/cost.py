@@ -24,7 +24,8 @@ audio, 8 frames at the image processor's size (224 px real, 32 px demo); the fus
 - forward FLOPs per utterance: ``torch.utils.flop_counter.FlopCounterMode`` over one forward at batch 1
   (matrix products, convolutions, attention; 2 FLOPs per multiply-add); the fusion: one dialogue / L;
 - peak memory: each model in its own process: the bytes of its weights (and buffers; KD's training step:
-  the teacher's too) plus the peak above the memory in use before the phase, on CPU the process's peak RSS (VmHWM, reset
+  the teacher's too; each weight read once before, so that memory-mapped weights count once) plus the
+  peak above the memory in use before the phase, on CPU the process's peak RSS (VmHWM, reset
   through /proc/self/clear_refs) above its RSS, on CUDA ``torch.cuda.max_memory_allocated`` above the
   allocated bytes: activations, gradients and AdamW's state for training. A training step =
   forward, loss, backward, clip, AdamW at the authors' batch (4 utterances; the fusion 16 dialogues);
@@ -122,6 +123,17 @@ def build(model: str, pdir: Path, feature_dir: Path):
     return encoder, teacher, encoder.width, pixels
 
 
+def resident(*modules) -> None:
+    """Read every weight once: weights that were loaded memory-mapped (safetensors) join the RSS now, and
+    are not counted again inside the first measured phase."""
+    import torch
+
+    with torch.no_grad():
+        for module in modules:
+            for t in [*module.parameters(), *module.buffers()] if module is not None else []:
+                t.sum()
+
+
 def fusion_batch(width: int, dialogues: int, length: int):
     """``dialogues`` random dialogues of ``length`` utterances as one packed batch."""
     import torch
@@ -154,6 +166,7 @@ def measure(model: str, pdir: Path, args) -> dict:
         module.to(device)
         if teacher is not None:
             teacher.to(device)
+        resident(module, teacher)
         length = args.dialogue_length
         # What the weights take, then each phase's peak above the memory in use before it: building the model
         # also imports its libraries, which are not the model's cost
