@@ -6,10 +6,12 @@
     python IEMOCAP/multimodal_fusion.py --paper_attention True --padding_speaker authors --selection test
         # the authors' May-2025 release, draw for draw: their attention, padding row and epoch kept on test
 
-Reads   IEMOCAP/feature/first_stage_{train,dev,test}_features.pkl (--train False: test only, and the .bin)
+Reads   IEMOCAP/feature/first_stage_{train,dev,test}_features.pkl (--train False: test only, and the .bin);
+        the dev/test CSVs in datasets/IEMOCAP/ for the predictions CSVs' speaker names and texts, when there
 Writes  IEMOCAP/IEMOCAP/save_model/multimodal_fusion_best.bin, multimodal_fusion_best.json (test labels
         and predictions), multimodal_fusion_metrics.json (arguments, per-epoch curve, selection),
-        multimodal_fusion_curves.png and multimodal_fusion_confusion.png;
+        multimodal_fusion_curves.png and multimodal_fusion_confusion.png, and every dev/test prediction
+        as a row: multimodal_fusion_predictions_{dev,test}.csv, multimodal_fusion_attention_{dev,test}.npz;
         --seeds S1 S2 ...: those files per seed (multimodal_fusion_best_seed<S>.bin, ...), the best dev
         seed's also under the names above, and multimodal_fusion_seeds.json/.md (mean ± std over seeds)
 
@@ -77,15 +79,16 @@ def main(argv=None) -> dict:
         raise utils.UserError("--model_dir gives a trained model: evaluate it with --train False")
     if not args.train:
         # The trained model from --save_dir, or from a model folder (--model_dir, checked: its dataset, every file)
-        run = fusion_data.Evaluation(args.save_dir, args.feature_dir, args.clsNum, args.batch_size, args.packed,
-                                     args.seed, vars(args), hub.model_source(IEMOCAP, args.model_dir, args.save_dir))
+        run = fusion_data.Evaluation(args.save_dir, args.feature_dir, args.data_dir, args.clsNum, args.batch_size,
+                                     args.packed, args.seed, vars(args),
+                                     hub.model_source(IEMOCAP, args.model_dir, args.save_dir))
         return fusion_data.evaluate_fusion(IEMOCAP, run, request, device)
     stage = "IEMOCAP multimodal_fusion"
 
     # Data: the three feature pickles as per-dialogue tensors on the device (read once for all seeds),
     # and the settings of the model they train (width, speakers, heads, variant, feature keys)
     splits, settings, sizes = fusion_data.fusion_training_data(IEMOCAP, args.feature_dir, request, args.clsNum,
-                                                               device)
+                                                               device, args.data_dir)
     flags = {**vars(args), **settings.flags()}  # recorded as resolved (the metrics document's args)
     runtime.log_start(stage, flags, device, sizes)
     data = fusion_data.DialogueBatches(splits, args.batch_size, args.packed)

@@ -174,7 +174,7 @@ def _fusion_variant(spec: DatasetSpec, run: Ablation, variant: Variant, folder: 
                     feature_dir: Path) -> dict[str, Any]:
     """Train the fusion variant once per seed into ``folder``; its seeds' rows and test predictions."""
     argv = [*variant.argv, *run.extra, "--feature_dir", str(feature_dir), "--save_dir", str(folder),
-            "--seeds", *map(str, run.seeds)] + run.device_argv
+            "--data_dir", str(run.data_dir), "--seeds", *map(str, run.seeds)] + run.device_argv
     run.stage(spec, variant.script, argv)
     test = load_features(feature_path(feature_dir, "test"), keys=())
     dialogues = [i for i, vid in enumerate(test["vids"]) for _ in test["labels"][vid]]

@@ -57,6 +57,9 @@ FRAMES_RECORD = "extraction.json"  # in <feature_dir>/video/, written last by vi
 FRAMES_REPORT = "substitutions.tsv"  # in <feature_dir>/video/ (predict: in its conversation folder)
 
 
+TABLE_SPLITS = ("dev", "test")  # the splits an evaluation writes per-utterance predictions of
+
+
 def kd_name(teacher: str, student: str) -> str:
     """``text_KD_audio``: the name of a distilled student's artifacts."""
     return f"{teacher}_KD_{student}"
@@ -125,6 +128,7 @@ class StageFiles:
     substitutions: Path  # media replaced while training (audio stages)
     eval_substitutions: Path  # the same for --train False, so the training run's report stays
     predictions: Path | None = None  # the fusion's test labels and predictions at the selected epoch
+    table: str = ""  # <name> of <name>_predictions_{dev,test}.csv: the checkpoint's name (fusion: multimodal_fusion)
 
     @classmethod
     def first_stage(cls, save_dir: str | os.PathLike, name: str, tag: str = "") -> "StageFiles":
@@ -134,7 +138,7 @@ class StageFiles:
                    state=folder / f"{stem}.state.pt", curves=folder / f"{stem}_curves.png",
                    confusion=folder / f"{stem}_confusion.png", seeds_summary=folder / f"{name}_seeds.json",
                    seeds_table=folder / f"{name}_seeds.md", substitutions=folder / f"{stem}_substitutions.tsv",
-                   eval_substitutions=folder / f"{stem}_eval_substitutions.tsv")
+                   eval_substitutions=folder / f"{stem}_eval_substitutions.tsv", table=stem)
 
     @classmethod
     def fusion(cls, save_dir: str | os.PathLike, tag: str = "") -> "StageFiles":
@@ -145,11 +149,25 @@ class StageFiles:
                    confusion=folder / f"{stem}_confusion.png", seeds_summary=folder / f"{FUSION}_seeds.json",
                    seeds_table=folder / f"{FUSION}_seeds.md", substitutions=folder / f"{stem}_substitutions.tsv",
                    eval_substitutions=folder / f"{stem}_eval_substitutions.tsv",
-                   predictions=folder / f"{FUSION}_best{tag}.json")
+                   predictions=folder / f"{FUSION}_best{tag}.json", table=stem)
 
     @property
     def lock_name(self) -> str:
         return self.checkpoint.stem
+
+    def predictions_csv(self, split: str) -> Path:
+        """``<name>_predictions_<split>.csv``: one row per utterance of the split (`magtkd.predictions`)."""
+        return self.checkpoint.parent / f"{self.table}_predictions_{split}.csv"
+
+    def attention_npz(self, split: str) -> Path:
+        """``<name>_attention_<split>.npz``: the fusion's attention per utterance (`magtkd.predictions`)."""
+        return self.checkpoint.parent / f"{self.table}_attention_{split}.npz"
+
+    def tables(self) -> list[Path]:
+        """The per-utterance files of the evaluated splits (dev, test): predictions CSVs (and, for the
+        fusion, the attention npz files)."""
+        return [path for split in TABLE_SPLITS for path in
+                (self.predictions_csv(split), *([self.attention_npz(split)] if self.predictions else []))]
 
     @staticmethod
     def in_progress(path: Path) -> Path:
@@ -161,13 +179,13 @@ class StageFiles:
     def pending(self) -> list[Path]:
         """The in-progress names, published by renaming in this order (metrics last, as a new document)."""
         return [self.in_progress(self.checkpoint), *([self.in_progress(self.predictions)] if self.predictions else []),
-                self.in_progress(self.metrics)]
+                *map(self.in_progress, self.tables()), self.in_progress(self.metrics)]
 
     def published(self) -> list[Path]:
         """The files a training run publishes, the checkpoint LAST (a pipeline that compares times sees
         the set only once the rest is in place); a best-seed copy goes in this order."""
         return [self.curves, self.confusion, self.metrics, *([self.predictions] if self.predictions else []),
-                self.checkpoint]
+                *self.tables(), self.checkpoint]
 
     def written(self) -> list[Path]:
         """Every file a training run writes (its stale temps are removed at the next start)."""

@@ -132,9 +132,11 @@ def fusion_parser(spec: DatasetSpec, script_dir: str | Path, description: str | 
     --n_head --batch_size --epochs --seed --train``) with the dataset's distillation defaults, plus ours.
     The model's settings default to None: training takes the paper's model and the dataset's feature keys,
     ``--train False`` what the checkpoint and its metrics document say (`magtkd.fusion_settings`)."""
-    p = add_folders(base_parser(description), spec, script_dir, ("feature_dir", "save_dir"),
+    p = add_folders(base_parser(description), spec, script_dir, ("feature_dir", "save_dir", "data_dir"),
                     {"feature_dir": "folder of first_stage_{train,dev,test}_features.pkl",
-                     "save_dir": "folder of multimodal_fusion_best.{bin,json} and multimodal_fusion_metrics.json"})
+                     "save_dir": "folder of multimodal_fusion_best.{bin,json} and multimodal_fusion_metrics.json",
+                     "data_dir": "the dataset folder whose CSVs give the predictions CSVs speaker names and texts "
+                                 "(optional: without them the pickles' speaker ids)"})
     p.add_argument("--lr", type=positive_float, default=1e-4, help="AdamW learning rate (peak of the schedule)")
     p.add_argument("--l2", type=nonnegative_float, default=1e-6, help="AdamW weight decay")
     p.add_argument("--batch_size", type=positive_int, default=16, help="dialogues per batch")
@@ -237,6 +239,23 @@ def add_model_dir_flag(parser: Parser) -> Parser:
                              "model card; docs/METHOD.md §9): the trained models are read from it instead of "
                              "--save_dir; default: none")
     return parser
+
+
+def report_parser(spec: DatasetSpec, script_dir: str | Path, description: str | None) -> Parser:
+    """The flags of ``<DS>/report.py`` (``python -m magtkd.report <DS>``): the folders it reads, the page it
+    writes, how much it shows, and where the fusion model runs for the t-SNE (`magtkd.report`)."""
+    parser = add_folders(base_parser(description), spec, script_dir, ("data_dir", "save_dir", "feature_dir"), {
+        "data_dir": "the dataset folder (its test CSV gives texts when the predictions CSVs have none)",
+        "save_dir": "the checkpoints, metrics documents and predictions CSVs to report",
+        "feature_dir": "folder of first_stage_test_features.pkl (the fused representations of the t-SNE)"})
+    parser.add_argument("--out", type=Path, default=None, help="the HTML file to write; default: <save_dir>/report.html")
+    parser.add_argument("--dialogues", type=nonnegative_int, default=3,
+                        help="the worst test dialogues of the fusion shown as conversations")
+    parser.add_argument("--examples", type=nonnegative_int, default=10,
+                        help="utterances listed of those the fusion fixes and of those it breaks (vs text)")
+    parser.add_argument("--batch_size", type=positive_int, default=16,
+                        help="dialogues per batch of the fusion model (t-SNE features)")
+    return parser.writes("out")
 
 
 def add_prompt_flag(parser: Parser, training: bool = False) -> Parser:

@@ -27,7 +27,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Protocol, Sequence
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -36,6 +35,7 @@ from .artifacts import (StageFiles, WriteError, begin_outputs, output_lock, remo
 from .checkpoints import load_checkpoint
 from .monitor import Watch, watch_line
 from .plots import write_plots
+from .predictions import SplitOutputs, write_split_outputs
 from .results import (AUTHORS_PROTOCOL, SELECTED_ON, SELECTIONS, authors_score, format_test_report, metrics_document,
                       summary, test_report)
 from .runtime import is_main, progress, set_precision
@@ -107,7 +107,7 @@ class Batches(Protocol):
     def updates_per_epoch(self, grad_accum: int) -> int: ...
     def global_batch(self, grad_accum: int) -> GlobalBatch: ...
     def generators(self) -> list[torch.Generator]: ...
-    def evaluate(self, model: nn.Module, split: str, config: FitConfig) -> tuple[np.ndarray, np.ndarray]: ...
+    def evaluate(self, model: nn.Module, split: str, config: FitConfig) -> SplitOutputs: ...
 
 
 # --------------------------------------------------------------------------- one update
@@ -365,18 +365,19 @@ def _epoch(model: nn.Module, data: Batches, step: Step, config: FitConfig, epoch
     train_loss = train_one_epoch(data, step, config, epoch)
     train_seconds = time.perf_counter() - started
     model.eval()
-    dev = summary(*data.evaluate(model, "dev", config))
+    dev_out = data.evaluate(model, "dev", config)
+    dev = summary(dev_out.labels, dev_out.preds)
     # The learning rate at the epoch's end: the rate the next update would use (the schedule in epochs, §2).
     row: dict[str, Any] = {"epoch": epoch, "train_loss": train_loss, "lr": step.optimizer.param_groups[0]["lr"],
                            "dev": dev}
-    test = None
+    test = test_out = None
     if config.test_every_epoch or config.selection == "test":
-        labels, preds = data.evaluate(model, "test", config)
-        test = test_report(labels, preds, names)
+        test_out = data.evaluate(model, "test", config)
+        test = test_report(test_out.labels, test_out.preds, names)
     improved = improves(config.selection, run.best, dev, test)
     if improved and test is None:
-        labels, preds = data.evaluate(model, "test", config)
-        test = test_report(labels, preds, names)
+        test_out = data.evaluate(model, "test", config)
+        test = test_report(test_out.labels, test_out.preds, names)
     if test is not None:
         row["test"] = {k: test[k] for k in ("accuracy", "weighted_f1")}
     if improved:
@@ -385,7 +386,10 @@ def _epoch(model: nn.Module, data: Batches, step: Step, config: FitConfig, epoch
         if is_main():
             save_state_dict(files.in_progress(files.checkpoint), model)
             if files.predictions is not None:
-                write_json(files.in_progress(files.predictions), {"labels": labels.tolist(), "preds": preds.tolist()})
+                write_json(files.in_progress(files.predictions), {"labels": test_out.labels.tolist(),
+                                                                  "preds": test_out.preds.tolist()})
+            # Every prediction of the selected epoch as a row, published with the checkpoint (docs/METHOD.md §0)
+            write_split_outputs(files, {"dev": dev_out, "test": test_out}, names, in_progress=True)
     row.update(train_seconds=round(train_seconds, 3),
                eval_seconds=round(time.perf_counter() - started - train_seconds, 3),
                samples_per_second=round(data.n_train / max(train_seconds, 1e-9), 2))
@@ -418,7 +422,7 @@ def publish(files: StageFiles, config: FitConfig, doc: Mapping[str, Any], names:
     begin_outputs(files.metrics, config.stage, config.args, script=config.script, dataset=config.dataset,
                   labels=list(names), width=config.width, checkpoint=files.checkpoint.name)
     # A --resume of a run that had already published finds nothing in progress: its set is in place.
-    for path in (files.checkpoint, files.predictions):
+    for path in (files.checkpoint, files.predictions, *files.tables()):
         if path is not None and files.in_progress(path).is_file():
             try:
                 os.replace(files.in_progress(path), path)
@@ -439,8 +443,11 @@ def evaluate_checkpoint(model: nn.Module, data: Batches, config: FitConfig,
     if not checkpoint_loaded:
         load_checkpoint(model, config.files.checkpoint, config.script, config.dataset, config.labels)
     model.eval()
-    labels, preds = data.evaluate(model, "test", config)
-    test = test_report(labels, preds, list(config.labels))
+    out = data.evaluate(model, "test", config)
+    test = test_report(out.labels, out.preds, list(config.labels))
     log.info("%s: test report of the saved checkpoint %s:\n%s", config.stage, config.files.checkpoint,
              format_test_report(test, list(config.labels)))
-    return {**test, "labels": labels.tolist(), "preds": preds.tolist()}
+    if is_main():
+        write_split_outputs(config.files, {"test": out}, list(config.labels))
+    return {**test, "labels": out.labels.tolist(), "preds": out.preds.tolist(),
+            "paths": {"predictions_test": str(config.files.predictions_csv("test"))}}

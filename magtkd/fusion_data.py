@@ -13,6 +13,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import pad_sequence
 
@@ -21,7 +22,9 @@ from .artifacts import StageFiles, check_complete, feature_path, features_record
 from .checkpoints import CheckpointError, check_fusion_fits, load_trained_fusion, trained_fusion
 from .engine import FitConfig, check_finite_logits, evaluate_checkpoint
 from .fusion_settings import FusionRequest, FusionSettings, log_attention
+from .model import PATHS
 from .pickles import check_features_record, load_features
+from .predictions import ANCHOR_COLUMNS, SplitOutputs, pickle_ids
 from .schedule import GlobalBatch
 from .spec import LABEL_PAD, SPLITS, DatasetSpec
 from .utils import FeatureFileError
@@ -70,6 +73,8 @@ class DialogueSet:
     video: list[torch.Tensor] | None
     speakers: list[torch.Tensor]  # (L,) long
     labels: list[torch.Tensor]  # (L,) long
+    utterance_ids: list[list[int]] | None = None  # the pickle's dia2utt, per dialogue
+    ids: Mapping[str, Sequence[Any]] | None = None  # `magtkd.predictions.ID_COLUMNS` of the flattened utterances
 
     def __len__(self) -> int:
         return len(self.vids)
@@ -174,6 +179,7 @@ def load_dialogues(path: Path, audio_key: str, video_key: str, device: torch.dev
         path=path, vids=vids, text=streams["T"], audio=streams["A"], video=streams["V"],
         speakers=[torch.tensor([int(s) for s in feats["speakers"][v]], dtype=torch.long, device=device) for v in vids],
         labels=[torch.tensor([int(y) for y in feats["labels"][v]], dtype=torch.long, device=device) for v in vids],
+        utterance_ids=[[int(u) for u in feats["dia2utt"][v]] for v in vids],
     )
 
 
@@ -188,6 +194,14 @@ def batch_layout(model: nn.Module, packed: bool | None) -> bool | None:
     """The layout a batch for ``model`` takes: the padded grid for the May-2025 release's attention, which
     attends to padded keys; else ``packed`` (`DialogueSet.collate`)."""
     return False if getattr(model, "paper_attention", False) else packed
+
+
+def with_ids(data: DialogueSet, spec: DatasetSpec, data_dir: Path, split: str) -> DialogueSet:
+    """``data`` with its utterances' ids, speaker names and texts (`magtkd.predictions.pickle_ids`: from the
+    split's CSV in ``data_dir`` when it holds the same utterances), for the predictions CSV."""
+    data.ids = pickle_ids(spec, data_dir, split, data.vids, data.utterance_ids,
+                          [s.tolist() for s in data.speakers], [y.tolist() for y in data.labels])
+    return data
 
 
 class DialogueBatches:
@@ -238,43 +252,118 @@ class DialogueBatches:
         out = self.runner(*batch.inputs)
         return self.objective(type(out)(*map(batch.rows, out)), batch.rows(batch.labels))
 
-    def evaluate(self, model: nn.Module, split: str, config: Any = None) -> tuple[np.ndarray, np.ndarray]:
+    def evaluate(self, model: nn.Module, split: str, config: Any = None) -> SplitOutputs:
+        """Every utterance of ``split`` (pickle order): gold, prediction, probabilities, each anchor's own
+        prediction, and the inspection (gates, shares, attention; docs/METHOD.md §5, "Inspection")."""
         data = self.data[split]
         if self.training:
             loader_draw()  # the dev / test loader's iterator (unshuffled, it draws nothing else)
-        preds = dialogue_logits(model, data, self.batch_size, packed=self.packed).argmax(-1)
-        return np.asarray(data.flat_labels(), dtype=np.int64), preds.numpy()
+        return split_outputs(model, data, dialogue_outputs(model, data, self.batch_size, packed=self.packed,
+                                                           inspect=True))
+
+
+@dataclass
+class DialogueOutputs:
+    """The fusion model's outputs for every real utterance of a `DialogueSet`, flattened in pickle order."""
+
+    logits: torch.Tensor  # (N, classes): the prediction, ``t_logits``
+    anchors: dict[str, torch.Tensor]  # "T"/"A"/"V" -> (N, classes): each anchor's own logits (the model's)
+    features: torch.Tensor | None = None  # (N, hidden): the predicting anchor's features (``t_feat``)
+    gates: dict[str, torch.Tensor] | None = None  # path -> (N,); with ``inspect``
+    shares: dict[str, torch.Tensor] | None = None  # path -> (N,)
+    attention: dict[str, np.ndarray] | None = None  # path -> (N, longest dialogue): keys beyond a dialogue NaN
 
 
 @torch.no_grad()
-def dialogue_logits(model: nn.Module, data: Any, batch_size: int, show_progress: bool = False,
-                    packed: bool | None = False) -> torch.Tensor:
-    """(N, classes) text-anchor logits ``t_logits`` of every real utterance of a
-    `magtkd.features.DialogueSet`, flattened in the pickle's dialogue order (model in eval mode).
-
-    Their argmax is the prediction; their softmax the class probabilities. ``packed``
-    False computes on the padded grid, as the authors' code did; True packs every batch, ``None``
-    the batches where it pays (`magtkd.features.DialogueSet.collate`; the May-2025 attention is
-    always padded, `batch_layout`).
-    """
+def dialogue_outputs(model: nn.Module, data: Any, batch_size: int, show_progress: bool = False,
+                     packed: bool | None = False, inspect: bool = False) -> DialogueOutputs:
+    """The model (in eval mode) over every dialogue of a `DialogueSet`: its logits, each anchor's logits and
+    features, and with ``inspect`` the gates, shares and attention (`magtkd.model.Inspection`). ``packed``
+    False computes on the padded grid, as the authors' code did (same values); True packs every batch,
+    ``None`` the batches where it pays (`DialogueSet.collate`; the May-2025 attention is always padded,
+    `batch_layout`). Non-finite logits are an error naming the dialogues."""
     model.eval()
-    chunks: list[torch.Tensor] = []
+    parts: dict[str, list] = {}
     batches = data.batches(batch_size)
     if show_progress:
         batches = runtime.progress(batches, total=math.ceil(len(data) / batch_size), desc="dialogues")
+    longest = max((len(y) for y in data.labels), default=0)
     packed = batch_layout(model, packed)
     for idx in batches:
         batch = data.collate(idx, model.padding_speaker, packed)
-        chunks.append(batch.rows(model(*batch.inputs).t_logits).float())
-    # One copy to the host per pass, not one per batch (docs/METHOD.md §6, "No waiting for the host")
-    logits = torch.cat(chunks).cpu() if chunks else torch.zeros(0, model.n_classes)
+        out, probe = model(*batch.inputs, inspect=True) if inspect else (model(*batch.inputs), None)
+        rows = {f"anchor_{m}": batch.rows(x) for m, x in anchor_logits(model, out).items()}
+        rows.update(logits=batch.rows(out.t_logits), features=batch.rows(out.t_feat))
+        if probe is not None:
+            rows.update({f"gate_{p}": batch.rows(g) for p, g in probe.gates.items()})
+            rows.update({f"share_{p}": batch.rows(v) for p, v in probe.shares.items()})
+            rows.update({f"attention_{p}": _key_rows(batch, a, longest) for p, a in probe.attention.items()})
+        for name, value in rows.items():
+            parts.setdefault(name, []).append(value.float())
+    # One copy to the host per output and pass, not one per batch (docs/METHOD.md §6, "No waiting for the host")
+    joined = {name: torch.cat(chunks).cpu() for name, chunks in parts.items()}
+    logits = joined.get("logits", torch.zeros(0, model.n_classes))
+    _check_finite(logits, data)
+
+    def prefixed(prefix: str) -> dict[str, torch.Tensor]:
+        return {k[len(prefix):]: v for k, v in joined.items() if k.startswith(prefix)}
+
+    return DialogueOutputs(logits, prefixed("anchor_"), joined.get("features"),
+                           *((prefixed("gate_"), prefixed("share_"),
+                              {k: v.numpy() for k, v in prefixed("attention_").items()}) if inspect else ()))
+
+
+def anchor_logits(model: nn.Module, out: Any) -> dict[str, torch.Tensor]:
+    """Each anchor's own logits by modality (``"T"``, ``"A"``, ``"V"``): the predicting anchor's are
+    ``t_logits`` (`magtkd.model.AnchorGatedTransformer.predictor`), the others ``a_logits``/``v_logits``;
+    the concat baseline has no anchors."""
+    found = {"A": out.a_logits, "V": out.v_logits}
+    if model.predictor in ("T", "A", "V"):
+        found[model.predictor] = out.t_logits
+    return {m: found[m] for m in ("T", "A", "V") if found.get(m) is not None}
+
+
+def _key_rows(batch: DialogueBatch, attention: torch.Tensor, longest: int) -> torch.Tensor:
+    """(N, longest): each real utterance's attention over the keys of its dialogue (NaN beyond it)."""
+    keys = batch.mask[:, None, :].expand_as(attention)
+    rows = torch.where(keys, attention, torch.full_like(attention, float("nan")))[batch.mask]
+    return F.pad(rows, (0, longest - rows.shape[1]), value=float("nan"))
+
+
+def _check_finite(logits: torch.Tensor, data: Any) -> None:
     finite = torch.isfinite(logits).all(-1)
     if not bool(finite.all()):
         # A NaN input row spreads through attention to its whole dialogue: name the dialogues.
         dialogue = torch.repeat_interleave(torch.arange(len(data)), torch.tensor([len(y) for y in data.labels]))
         bad = sorted(set(data.vids[i] for i in dialogue[~finite].tolist()))
         check_finite_logits(finite.all(), "fusion", "dialogue", f" for dialogue(s) {bad[:5]} of {data.path}")
-    return logits
+
+
+def dialogue_logits(model: nn.Module, data: Any, batch_size: int, show_progress: bool = False,
+                    packed: bool | None = False) -> torch.Tensor:
+    """(N, classes) text-anchor logits ``t_logits`` of every real utterance of a `DialogueSet`, flattened
+    in the pickle's dialogue order (`dialogue_outputs`). Their argmax is the prediction; their softmax
+    the class probabilities."""
+    return dialogue_outputs(model, data, batch_size, show_progress, packed).logits
+
+
+def split_outputs(model: nn.Module, data: DialogueSet, out: DialogueOutputs) -> SplitOutputs:
+    """A split's `SplitOutputs`: the fusion's rows with its `magtkd.predictions.fusion_columns` (every path
+    and anchor, NaN / -1 where the model's variant has none) and its attention arrays for the npz."""
+    n = len(out.logits)
+    columns: dict[str, np.ndarray] = {
+        name: (out.anchors[m].argmax(-1).numpy() if m in out.anchors else np.full(n, -1))
+        for m, name in ANCHOR_COLUMNS.items()}
+    for kind, values in (("gate", out.gates or {}), ("share", out.shares or {})):
+        columns.update({f"{kind}_{p}": values[p].numpy() if p in values else np.full(n, np.nan) for p in PATHS})
+    ids = data.ids or {"dialogue_id": [v for v, y in zip(data.vids, data.labels) for _ in range(len(y))],
+                       "utterance_id": [u for us in (data.utterance_ids or [range(len(y)) for y in data.labels])
+                                        for u in us],
+                       "speaker": [str(s) for s in torch.cat(data.speakers).tolist()], "utterance": [""] * n}
+    arrays = {"dialogue_id": np.asarray(ids["dialogue_id"]), "utterance_id": np.asarray(ids["utterance_id"]),
+              **{f"attention_{p}": a.astype(np.float32) for p, a in (out.attention or {}).items()}}
+    return SplitOutputs(np.asarray(data.flat_labels(), dtype=np.int64), out.logits.argmax(-1).numpy(),
+                        torch.softmax(out.logits.double(), dim=-1).numpy(), ids, columns, arrays)
 
 
 def fusion_label_names(spec: DatasetSpec, n_classes: int) -> list[str]:
@@ -283,10 +372,12 @@ def fusion_label_names(spec: DatasetSpec, n_classes: int) -> list[str]:
 
 
 def fusion_training_data(spec: DatasetSpec, feature_dir: Path, request: FusionRequest, n_classes: int,
-                         device: torch.device) -> tuple[dict[str, DialogueSet], FusionSettings, dict[str, Any]]:
+                         device: torch.device, data_dir: Path | None = None
+                         ) -> tuple[dict[str, DialogueSet], FusionSettings, dict[str, Any]]:
     """The three feature pickles as per-dialogue tensors on the device, the settings of the model they
     train (`FusionRequest.for_training`: one width, ``--hidden_dim``/``--n_head``, the variant, the
-    feature keys), and the sizes recorded in the metrics document; speaker and label ids checked.
+    feature keys), and the sizes recorded in the metrics document; speaker and label ids checked. Dev and
+    test carry their utterances' ids, with speaker names and texts from the CSVs in ``data_dir`` (`with_ids`).
 
     Speakers: ``spec.n_speaker`` rows (MELD: or the largest global id + 1 in the pickles, whichever is
     larger), or ``--n_speaker``.
@@ -306,6 +397,9 @@ def fusion_training_data(spec: DatasetSpec, feature_dir: Path, request: FusionRe
     for split in SPLITS:
         data[split].check_ids("speakers", settings.n_speaker, f"n_speaker {settings.n_speaker}; see --n_speaker")
         data[split].check_ids("labels", n_classes, f"{n_classes} classes; see --clsNum")
+    if data_dir is not None:
+        for split in ("dev", "test"):
+            with_ids(data[split], spec, data_dir, split)
     sizes = {"hidden": settings.hidden, "n_speaker": settings.n_speaker, "n_classes": n_classes,
              **{f"{s}_dialogues": len(data[s]) for s in SPLITS},
              **{f"{s}_utterances": data[s].n_utterances for s in SPLITS},
@@ -322,6 +416,7 @@ class Evaluation:
 
     save_dir: Path
     feature_dir: Path
+    data_dir: Path  # the CSVs the predictions CSV takes speaker names and texts from (`with_ids`)
     n_classes: int  # --clsNum
     batch_size: int
     packed: bool | None
@@ -335,8 +430,9 @@ def evaluate_fusion(spec: DatasetSpec, run: Evaluation, request: FusionRequest, 
     """``multimodal_fusion.py --train False``: only the test pickle (the streams of the checkpoint's variant)
     and the checkpoint are read; the model is the one its checkpoint and metrics document describe
     (`magtkd.checkpoints.trained_fusion`; a flag that contradicts them is an error), from ``run.models`` when
-    given (a model folder). Writes the test labels and predictions into the save folder
-    (``multimodal_fusion_best.json``)."""
+    given (a model folder). Writes into the save folder the test labels and predictions
+    (``multimodal_fusion_best.json``) and every test prediction as a row
+    (``multimodal_fusion_predictions_test.csv``, ``multimodal_fusion_attention_test.npz``)."""
     stage, script = f"{spec.name} multimodal_fusion (evaluation)", f"{spec.name}/multimodal_fusion.py"
     runtime.one_process(stage)
     files, out = StageFiles.fusion(run.models or run.save_dir), StageFiles.fusion(run.save_dir)
@@ -356,11 +452,13 @@ def evaluate_fusion(spec: DatasetSpec, run: Evaluation, request: FusionRequest, 
         "n_head": settings.n_head, "separate_text_blocks": settings.separate_text_blocks,
         "test_dialogues": len(test), "test_utterances": test.n_utterances, "variant": settings.variant.as_dict()})
     fusion = load_trained_fusion(settings, files.checkpoint).to(device)
+    with_ids(test, spec, run.data_dir, "test")
     names = fusion_label_names(spec, settings.n_classes)
-    config = FitConfig(stage=stage, script=script, dataset=spec.name, labels=names, files=files, epochs=1,
+    # The outputs go to the save folder (`out`), never into a model folder read with --model_dir
+    config = FitConfig(stage=stage, script=script, dataset=spec.name, labels=names, files=out, epochs=1,
                        seed=run.seed, args=run.flags)
     result = evaluate_checkpoint(fusion, DialogueBatches({"test": test}, run.batch_size, run.packed), config,
                                  checkpoint_loaded=True)
     write_json(out.predictions, {"labels": result["labels"], "preds": result["preds"]})
     return {**result, "stage": stage, "variant": settings.variant.as_dict(),
-            "paths": {"predictions": str(out.predictions)}}
+            "paths": {**result["paths"], "predictions": str(out.predictions)}}

@@ -21,6 +21,7 @@ from .decoder import AudioCache
 from .engine import FitConfig, check_finite_logits
 from .frames import FrameCodec, frame_file, load_frames
 from .media import TARGET_SAMPLE_RATE, MediaError
+from .predictions import ID_COLUMNS, SplitOutputs, utterance_ids
 from .prompt import build_prompt, encode_prompt, left_pad
 from .runtime import autocast
 from .schedule import GlobalBatch
@@ -296,23 +297,31 @@ class SampleBatches:
             return self.runner(batch)
 
     @torch.inference_mode()
-    def evaluate(self, model: nn.Module, split: str, config: FitConfig) -> tuple[np.ndarray, np.ndarray]:
-        """Gold labels and argmax predictions of ``split``, in dataset (CSV) order.
+    def evaluate(self, model: nn.Module, split: str, config: FitConfig) -> SplitOutputs:
+        """Gold labels, argmax predictions and class probabilities of ``split`` with each utterance's ids,
+        in dataset (CSV) order.
 
-        The predictions stay on the device until the pass ends and come back in one copy; a row with
-        non-finite logits predicts -1 there, so the same copy carries the finiteness check.
+        The predictions and probabilities stay on the device until the pass ends and come back in one copy
+        each; a row with non-finite logits predicts -1 there, so the same copy carries the finiteness check.
         """
         loader = self.loaders[split]
-        index, labels, preds = [], [], []
+        index, labels, rows = [], [], []
         for batch in runtime.progress(each_pass(loader), desc=split):
             note_problems(batch, loader.dataset, self.report)
             index.append(batch["index"])
             labels.append(batch["labels"])  # the loader's host copy
             with autocast(self.device, config.amp, config.amp_dtype):
                 _, logits = model.encode(to_device(batch, self.device))
-            preds.append(torch.where(torch.isfinite(logits).all(-1), logits.float().argmax(-1), -1))
-        predicted = torch.cat(preds).cpu() if preds else torch.zeros(0, dtype=torch.long)
+            logits = logits.float()
+            predicted = torch.where(torch.isfinite(logits).all(-1), logits.argmax(-1), -1)
+            # one row per utterance: the prediction (exact in float32), then the class probabilities
+            rows.append(torch.cat([predicted[:, None].float(), torch.softmax(logits, dim=-1)], dim=-1))
+        outputs = torch.cat(rows).cpu() if rows else torch.zeros(0, 1)
+        predicted = outputs[:, 0].long()
         check_finite_logits(bool((predicted >= 0).all()), config.stage, split)
         ordered = in_dataset_order(concat_chunks(index), {"labels": concat_chunks(labels),
-                                                          "preds": predicted.numpy()})
-        return ordered["labels"], ordered["preds"]
+                                                          "preds": predicted.numpy(), "probs": outputs[:, 1:].numpy()})
+        samples = getattr(loader.dataset, "samples", None)
+        ids = utterance_ids([s.utterance for s in samples]) if samples is not None else \
+            {column: [""] * len(ordered["labels"]) for column in ID_COLUMNS}
+        return SplitOutputs(ordered["labels"], ordered["preds"], ordered["probs"], ids)

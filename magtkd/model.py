@@ -10,7 +10,7 @@ evaluating downloaded features loads no more than this.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Mapping, NamedTuple, Sequence
 
 import torch
@@ -84,8 +84,10 @@ class MultiHeadAttention(nn.Module):
         batch, length, _ = x.shape
         return x.view(batch, length, self.n_head, self.d_head).transpose(1, 2)
 
-    def forward(self, key_value: torch.Tensor, query: torch.Tensor, layout: Layout) -> torch.Tensor:
-        """Projections on the layout's rows; scores and softmax on the (batch, length) grid."""
+    def forward(self, key_value: torch.Tensor, query: torch.Tensor, layout: Layout,
+                need_weights: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Projections on the layout's rows; scores and softmax on the (batch, length) grid. With
+        ``need_weights`` also the attention probabilities (batch, head, query, key)."""
         # q, k, v, then the scaling: the authors' order of operations, in which autograd sums the gradients of
         # a self block's stream (docs/METHOD.md §5, "The authors' run, draw for draw")
         q = self._heads(layout.grid(self.proj_q(query)))
@@ -100,7 +102,8 @@ class MultiHeadAttention(nn.Module):
             attn = torch.softmax(scores.masked_fill(layout.key_padding[:, None, None, :], MASK_VALUE), dim=-1)
         attn = dropout(attn, self.dropout.p, self.training)
         context = (attn @ v).transpose(1, 2)
-        return self.fc(layout.rows(context.reshape(*context.shape[:2], -1)))
+        out = self.fc(layout.rows(context.reshape(*context.shape[:2], -1)))
+        return (out, attn) if need_weights else out
 
 
 def paper_attention_weights(scores: torch.Tensor, layout: Layout) -> torch.Tensor:
@@ -142,11 +145,15 @@ class TransformerLayer(nn.Module):
         self.layer_norm = nn.LayerNorm(hidden, eps=1e-6)
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor, layout: Layout, cross: bool, first: bool) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, y: torch.Tensor, layout: Layout, cross: bool, first: bool,
+                need_weights: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         if not first:
             y = self.layer_norm(y)
-        context = self.self_attn(x if cross else y, y, layout)
-        return self.feed_forward(layout.dropout(context, self.dropout.p, self.training) + y, layout)
+        context = self.self_attn(x if cross else y, y, layout, need_weights)
+        if need_weights:
+            context, weights = context
+        out = self.feed_forward(layout.dropout(context, self.dropout.p, self.training) + y, layout)
+        return (out, weights) if need_weights else out
 
 
 class TransformerBlock(nn.Module):
@@ -162,9 +169,11 @@ class TransformerBlock(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, layout: Layout, speaker_emb: torch.Tensor | None,
-                cross: bool, x_raw: bool = True) -> torch.Tensor:
-        """Returns the new Y (in ``layout``). ``x_raw``: X is an input stream (not a fused anchor), which the
-        authors' loader hands over sequence-first: its dropout mask is drawn in that order (Y always is one)."""
+                cross: bool, x_raw: bool = True, need_weights: bool = False
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Returns the new Y (in ``layout``); with ``need_weights`` also the last layer's attention
+        probabilities (batch, head, query, key). ``x_raw``: X is an input stream (not a fused anchor), which
+        the authors' loader hands over sequence-first: its dropout mask is drawn in that order (Y always is one)."""
         if cross:
             # Cross block: both streams get position + speaker embedding, then dropout.
             x = layout.dropout(self.pos_emb(x, speaker_emb, layout), self.dropout.p, self.training, seq_first=x_raw)
@@ -173,9 +182,12 @@ class TransformerBlock(nn.Module):
             # Self block: position + speaker embedding only (docs/METHOD.md §5).
             y = self.pos_emb(y, speaker_emb, layout)
             x = y
+        weights = None
         for i, layer in enumerate(self.transformer_inter):
-            y = layer(x, y, layout, cross, first=i == 0)
-        return y
+            y = layer(x, y, layout, cross, first=i == 0, need_weights=need_weights)
+            if need_weights:
+                y, weights = y
+        return (y, weights) if need_weights else y
 
 
 class Gate(nn.Module):
@@ -185,8 +197,12 @@ class Gate(nn.Module):
         super().__init__()
         self.fc = nn.Linear(hidden, hidden)
 
+    def activation(self, x: torch.Tensor) -> torch.Tensor:
+        """``sigmoid(ReLU(W x + b))``, the factor in [1/2, 1) each unit of ``x`` is scaled by."""
+        return torch.sigmoid(F.relu(self.fc(x)))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(F.relu(self.fc(x))) * x
+        return self.activation(x) * x
 
 
 class FusionOutput(NamedTuple):
@@ -205,6 +221,26 @@ class FusionOutput(NamedTuple):
     t_feat: torch.Tensor  # T' (N, hidden), or the predicting anchor's features
     a_feat: torch.Tensor | None  # A'
     v_feat: torch.Tensor | None  # V'
+
+
+# The nine paths ``x_y`` (stream x -> anchor y) in the order the forward computes them (docs/METHOD.md §5).
+PATHS = AUDIO_ANCHOR + VIDEO_ANCHOR + TEXT_ANCHOR
+
+
+@dataclass
+class Inspection:
+    """What the fusion did with each utterance (``forward(..., inspect=True)``; docs/METHOD.md §5,
+    "Inspection"), keyed by path (`PATHS`; the concat baseline's attention by ``"concat"``). ``gates`` and
+    ``shares`` are in the outputs' layout: (N,) rows when packed, (batch, length) when padded.
+
+    - ``gates``: the mean over the hidden units of the path's gate activation ``sigmoid(ReLU(W x + b))``
+      (in [1/2, 1); absent without gates);
+    - ``shares``: the path's share of its anchor's reduction `path_shares` (1 for a single path);
+    - ``attention``: (batch, query, key) attention probabilities on the grid, averaged over the heads.
+    """
+    gates: dict[str, torch.Tensor] = field(default_factory=dict)
+    shares: dict[str, torch.Tensor] = field(default_factory=dict)
+    attention: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 MODALITIES = ("T", "A", "V")  # the streams, in the order of forward's arguments
@@ -404,53 +440,90 @@ class AnchorGatedTransformer(nn.Module):
         return FusionVariant(self.modalities, self.gates, self.speaker_embedding, self.fusion)
 
     def _path(self, name: str, x: torch.Tensor, y: torch.Tensor, layout: Layout, spk: torch.Tensor | None,
-              cross: bool, x_raw: bool = True) -> torch.Tensor:
+              cross: bool, x_raw: bool = True, probe: Inspection | None = None) -> torch.Tensor:
+        path = name  # inspection keys by the path (a_t, v_t), also when the text anchor shares t_t
         # Reference behaviour: all text-anchor paths use the t_t block and gate.
         if name in TEXT_ANCHOR and not self.separate_text_blocks:
             name = "t_t"
-        out = getattr(self, name)(x, y, layout, spk, cross=cross, x_raw=x_raw)
-        return getattr(self, f"{name}_gate")(out) if self.gates else out  # gates=False: g(x) = x
+        if probe is None:
+            out = getattr(self, name)(x, y, layout, spk, cross=cross, x_raw=x_raw)
+            return getattr(self, f"{name}_gate")(out) if self.gates else out  # gates=False: g(x) = x
+        out, weights = getattr(self, name)(x, y, layout, spk, cross=cross, x_raw=x_raw, need_weights=True)
+        probe.attention[path] = weights.mean(1)  # over the heads: (batch, query, key)
+        if not self.gates:
+            return out
+        activation = getattr(self, f"{name}_gate").activation(out)
+        probe.gates[path] = activation.mean(-1)
+        return activation * out
 
     def _anchor(self, modality: str, names: Sequence[str], sources: Mapping[str, torch.Tensor],
-                query: torch.Tensor, layout: Layout, spk: torch.Tensor | None) -> torch.Tensor:
+                query: torch.Tensor, layout: Layout, spk: torch.Tensor | None,
+                probe: Inspection | None = None) -> torch.Tensor:
         """One anchor: the paths ``names`` whose key/value stream is present, concatenated and reduced."""
+        names = [name for name in names if name[0] in self._present]
         # The text anchor's keys A', V' are fused streams, the others input streams (`TransformerBlock`, x_raw).
         paths = [self._path(name, sources[name[0]], query, layout, spk, cross=name[0] != modality,
-                            x_raw=modality != "t" or name[0] == "t")
-                 for name in names if name[0] in self._present]
+                            x_raw=modality != "t" or name[0] == "t", probe=probe)
+                 for name in names]
         if len(paths) == 1:
+            if probe is not None:
+                probe.shares[names[0]] = paths[0].new_ones(paths[0].shape[:-1])
             return paths[0]
-        return getattr(self, f"features_reduce_{modality}")(torch.cat(paths, dim=-1))
+        reduce = getattr(self, f"features_reduce_{modality}")
+        if probe is not None:
+            probe.shares.update(path_shares(reduce, names, paths))
+        return reduce(torch.cat(paths, dim=-1))
 
     def forward(self, text: torch.Tensor | None, audio: torch.Tensor | None, video: torch.Tensor | None,
                 speakers: torch.Tensor | None, mask: torch.Tensor, index: torch.Tensor | None = None,
-                positions: torch.Tensor | None = None) -> FusionOutput:
+                positions: torch.Tensor | None = None, inspect: bool = False
+                ) -> FusionOutput | tuple[FusionOutput, Inspection]:
         """``mask`` (batch, length) True = real utterance. With ``index``/``positions`` (see
         :class:`Layout`) the streams are packed rows (N, hidden) and ``speakers`` (N,), and so are the
         outputs; without, they are padded (batch, length, hidden) / (batch, length), padded speakers
         = :attr:`padding_speaker`. The streams of absent modalities (and ``speakers`` without speaker
-        embedding) are never read."""
+        embedding) are never read. ``inspect`` (evaluation only): also return an :class:`Inspection`
+        of the gates, the anchors' shares and the attention; the outputs are the same, bit for bit."""
+        if inspect and self.training:
+            raise ValueError("inspect=True is for evaluation: call model.eval() first")
+        probe = Inspection() if inspect else None
         layout = Layout(mask, index, positions)
         spk = self.speaker_embeddings(speakers) if self.speaker_embedding else None
         raw = {modality: stream for modality, stream in zip("tav", (text, audio, video)) if modality in self._present}
         if self.fusion == "concat":
             fused = self.concat_reduce(torch.cat([raw[m] for m in "tav" if m in raw], dim=-1))
-            feat = self.concat(fused, fused, layout, spk, cross=False)
-            return FusionOutput(self.w_concat(feat), None, None, feat, None, None)
+            feat = self.concat(fused, fused, layout, spk, cross=False, need_weights=inspect)
+            if probe is not None:
+                feat, weights = feat
+                probe.attention["concat"] = weights.mean(1)
+            output = FusionOutput(self.w_concat(feat), None, None, feat, None, None)
+            return output if probe is None else (output, probe)
 
         feats = {}
         if "a" in raw:
-            feats["a"] = self._anchor("a", AUDIO_ANCHOR, raw, raw["a"], layout, spk)
+            feats["a"] = self._anchor("a", AUDIO_ANCHOR, raw, raw["a"], layout, spk, probe)
         if "v" in raw:
-            feats["v"] = self._anchor("v", VIDEO_ANCHOR, raw, raw["v"], layout, spk)
+            feats["v"] = self._anchor("v", VIDEO_ANCHOR, raw, raw["v"], layout, spk, probe)
         if "t" in raw:
             # The text anchor attends to the fused A' and V', not to the raw streams.
-            feats["t"] = self._anchor("t", TEXT_ANCHOR, {"t": raw["t"], **feats}, raw["t"], layout, spk)
+            feats["t"] = self._anchor("t", TEXT_ANCHOR, {"t": raw["t"], **feats}, raw["t"], layout, spk, probe)
         logits = {m: getattr(self, f"w_{m}")(feats[m]) for m in "tav" if m in feats}
         pred = self._predictor
 
         def other(modality: str, values: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
             return values[modality] if modality in values and modality != pred else None
 
-        return FusionOutput(logits[pred], other("a", logits), other("v", logits),
-                            feats[pred], other("a", feats), other("v", feats))
+        output = FusionOutput(logits[pred], other("a", logits), other("v", logits),
+                              feats[pred], other("a", feats), other("v", feats))
+        return output if probe is None else (output, probe)
+
+
+def path_shares(reduce: nn.Linear, names: Sequence[str], paths: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Each path's share of an anchor's reduction ``R_y([p_1; ...; p_k]) = sum_j W_j p_j + b``, per utterance:
+    ``|W_j p_j| / sum_i |W_i p_i|`` (Euclidean norms; ``W_j`` the columns of ``R_y`` that read path ``j``).
+    docs/METHOD.md §5, "Inspection"."""
+    hidden = paths[0].shape[-1]
+    norms = [torch.linalg.vector_norm(path @ reduce.weight[:, j * hidden:(j + 1) * hidden].T, dim=-1)
+             for j, path in enumerate(paths)]
+    total = torch.stack(norms).sum(0).clamp_min(torch.finfo(norms[0].dtype).tiny)
+    return {name: norm / total for name, norm in zip(names, norms)}

@@ -205,7 +205,7 @@ def stage_argv(stage: Stage, ctx: Context, options: Options) -> list[str]:
     if stage.kind == "prepare":
         return argv + ["--data_dir", str(ctx.data_dir)]
     if stage.kind == "fusion":
-        argv += ["--feature_dir", str(ctx.feature_dir), "--save_dir", str(ctx.save_dir)]
+        argv += ["--feature_dir", str(ctx.feature_dir), "--save_dir", str(ctx.save_dir), "--data_dir", str(ctx.data_dir)]
         if options.fusion_epochs is not None:
             argv += ["--epochs", str(options.fusion_epochs)]
     else:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -23,9 +24,10 @@ from .checkpoints import (CheckpointError, check_fusion_fits, load_trained_fusio
 from .dataset import Utterance, build_samples, fusion_speaker_ids, group_dialogues, load_conversation, load_speaker2id
 from .extract import check_first_stage_checkpoints, first_stage_features
 from .frames import extract_frames, plan_jobs
-from .fusion_data import dialogue_logits, load_dialogues
+from .fusion_data import dialogue_outputs, load_dialogues, split_outputs
 from .fusion_settings import FusionRequest, FusionSettings
 from .pickles import assemble_features, save_features
+from .predictions import ANCHOR_COLUMNS, ID_COLUMNS, SplitOutputs
 from .pretrained import load_image_processor
 from .spec import DatasetSpec
 from .utils import UserError
@@ -94,10 +96,10 @@ def predict_conversation(spec: DatasetSpec, run: Prediction, request: FusionRequ
 
     report = SubstitutionReport()
     pickle_path = _first_stage(spec, run, ordered, speakers, device, report)
-    logits = _fuse(settings, files.checkpoint, pickle_path, run.batch_size, device)
+    outputs = _fuse(settings, files.checkpoint, pickle_path, run.batch_size, device)
 
     # Artifacts: the substitution report, then the predictions in file order (each written atomically)
-    table = prediction_table(spec, utterances, ordered, logits)
+    table = prediction_table(spec, utterances, ordered, outputs)
     report_path = report.write(run.report)
     write_text(run.out, table.to_csv(index=False, float_format="%.6f"))
     print(prediction_summary(table))
@@ -126,15 +128,16 @@ def _first_stage(spec: DatasetSpec, run: Prediction, ordered: Sequence[Utterance
 
 
 def _fuse(settings: FusionSettings, checkpoint: Path, pickle_path: Path, batch_size: int,
-          device: torch.device) -> torch.Tensor:
-    """Stage 8 on the conversation's pickle: the trained fusion model in evaluation mode (no dropout)."""
+          device: torch.device) -> SplitOutputs:
+    """Stage 8 on the conversation's pickle: the trained fusion model in evaluation mode (no dropout), its
+    outputs with each anchor's prediction and the inspection (docs/METHOD.md §5, "Inspection")."""
     data = load_dialogues(pickle_path, settings.audio_feature, settings.video_feature, device,
                           settings.variant.modalities)
     if settings.hidden != data.width:
         raise CheckpointError(f"fusion checkpoint {checkpoint} has width {settings.hidden} but the "
                               f"first-stage features in {pickle_path} have width {data.width}")
     fusion = load_trained_fusion(settings, checkpoint).to(device)
-    return dialogue_logits(fusion, data, batch_size, show_progress=True)
+    return split_outputs(fusion, data, dialogue_outputs(fusion, data, batch_size, show_progress=True, inspect=True))
 
 
 def check_out(out: Path, inputs: Sequence[Path]) -> None:
@@ -168,27 +171,36 @@ def check_media(conversation: Path, utterances: Sequence[Utterance]) -> None:
 
 
 def prediction_table(spec: DatasetSpec, utterances: Sequence[Utterance], ordered: Sequence[Utterance],
-                     logits: torch.Tensor) -> pd.DataFrame:
-    """Predictions of a conversation in file order (``utterances``), from fusion logits in pickle order.
+                     outputs: SplitOutputs) -> pd.DataFrame:
+    """Predictions of a conversation in file order (``utterances``), from the fusion's outputs in pickle order.
 
-    ``ordered`` are the same utterances in the order of ``logits``' rows (the
-    feature pickle's: grouped by dialogue). Columns: ``Dialogue_ID``,
-    ``Utterance_ID``, ``Speaker``, ``Utterance``, ``emotion`` (the argmax, as the
-    fusion stage predicts) and ``p_<label>`` (softmax) for every label.
+    ``ordered`` are the same utterances in the order of ``outputs``' rows (the feature pickle's: grouped by
+    dialogue). Columns: ``Dialogue_ID``, ``Utterance_ID``, ``Speaker``, ``Utterance``, ``emotion`` (the
+    argmax, as the fusion stage predicts) and ``p_<label>`` (softmax) for every label; then the columns of
+    the stages' predictions CSVs that apply (docs/METHOD.md §0, "Predictions"): `ID_COLUMNS`,
+    ``predicted`` and the fusion's anchors, gates and shares (no ``gold``: a conversation has no labels).
     """
-    if logits.shape != (len(ordered), spec.num_classes) or len(ordered) != len(utterances):
-        raise ValueError(f"{len(utterances)} utterances, {len(ordered)} ordered, logits {tuple(logits.shape)}")
+    if outputs.probs.shape != (len(ordered), spec.num_classes) or len(ordered) != len(utterances):
+        raise ValueError(f"{len(utterances)} utterances, {len(ordered)} ordered, probabilities "
+                         f"{outputs.probs.shape}")
     row_of = {utt.key: i for i, utt in enumerate(ordered)}
-    index = torch.tensor([row_of[utt.key] for utt in utterances], dtype=torch.long)
-    logits = logits.detach().cpu()[index]
-    probs = torch.softmax(logits.double(), dim=-1).numpy()
+    index = np.asarray([row_of[utt.key] for utt in utterances], dtype=np.int64)
+    emotions = [spec.labels[i] for i in outputs.preds[index].tolist()]
     table = pd.DataFrame({
         "Dialogue_ID": [u.dialogue_id for u in utterances], "Utterance_ID": [u.utterance_id for u in utterances],
         "Speaker": [u.speaker for u in utterances], "Utterance": [u.text for u in utterances],
-        "emotion": [spec.labels[i] for i in logits.argmax(-1).tolist()],
+        "emotion": emotions,
     })
     for j, label in enumerate(spec.labels):
-        table[f"p_{label}"] = probs[:, j]
+        table[f"p_{label}"] = outputs.probs[index, j]
+    for column, values in zip(ID_COLUMNS, ([u.dialogue_id for u in utterances], [u.utterance_id for u in utterances],
+                                           [u.speaker for u in utterances], [u.text for u in utterances])):
+        table[column] = values
+    table["predicted"] = emotions
+    for column, values in outputs.columns.items():
+        values = np.asarray(values)[index]
+        table[column] = [spec.labels[i] if i >= 0 else "" for i in values.tolist()] \
+            if column in ANCHOR_COLUMNS.values() else values
     return table
 
 

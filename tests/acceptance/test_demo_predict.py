@@ -24,7 +24,9 @@ from IEMOCAP.config import IEMOCAP
 from magtkd import dataset as magtkd_dataset
 from magtkd.artifacts import StageFiles, SubstitutionReport, feature_path
 from magtkd.checkpoints import FusionCheckpointError
+from magtkd.model import PATHS
 from magtkd.pickles import FEATURE_KEYS, load_features
+from magtkd.predictions import ID_COLUMNS, fusion_columns
 from magtkd.utils import DataError
 from MELD.config import MELD
 
@@ -76,7 +78,15 @@ def test_output_columns_order_and_probabilities(predicted):
     spec, table = predicted["spec"], predicted["table"]
     source = pd.read_csv(predicted["conversation"], dtype=str, keep_default_na=False)
     assert list(table.columns) == ["Dialogue_ID", "Utterance_ID", "Speaker", "Utterance", "emotion",
-                                   *(f"p_{label}" for label in spec.labels)]
+                                   *(f"p_{label}" for label in spec.labels), *ID_COLUMNS, "predicted",
+                                   *fusion_columns(PATHS)]
+    # The stages' predictions columns repeat predict.py's own; the anchors are the fusion's (the prediction
+    # is the text anchor's), its gates in [1/2, 1)
+    assert table["predicted"].tolist() == table["emotion"].tolist() == table["text_anchor"].tolist()
+    assert table["utterance"].tolist() == table["Utterance"].tolist()
+    assert set(table["audio_anchor"]) <= set(spec.labels)
+    gates = table[[f"gate_{p}" for p in PATHS]].to_numpy()
+    assert ((gates >= 0.5) & (gates < 1)).all()
     # The file's order and its ids, speakers and texts (byte-exact)
     assert table["Dialogue_ID"].astype(str).tolist() == source["Dialogue_ID"].tolist()
     assert table["Utterance_ID"].astype(str).tolist() == source["Utterance_ID"].tolist()

@@ -9,8 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import script
+from helpers import dataset_spec, script
 from magtkd import ablation
+from magtkd.predictions import read_predictions
+from magtkd.results import summary
 
 
 FAST = ["--epochs", "2", "--n_head", "2", "--device", "cpu", "--lr", "1e-3", "--batch_size", "2"]
@@ -29,6 +31,12 @@ def test_modalities_table_for_one_epoch(iemocap_pickles: Path, tmp_path: Path):
         assert [s["seed"] for s in row["seeds"]] == [1] and row["test_weighted_f1_std"] == 0.0
         metrics = json.loads((folder / "modalities" / row["key"] / "multimodal_fusion_metrics.json").read_text())
         assert metrics["sizes"]["variant"]["modalities"] == row["key"].split("+") and len(metrics["epochs"]) == 1
+        # Each row's run wrote every prediction as a row in its folder; its weighted F1 is the row's
+        index = {label: i for i, label in enumerate(dataset_spec("IEMOCAP").labels)}
+        frame = read_predictions(folder / "modalities" / row["key"] / "multimodal_fusion_predictions_test.csv")
+        scores = summary(frame["gold"].map(index).to_numpy(), frame["predicted"].map(index).to_numpy())
+        assert scores["weighted_f1"] == row["seeds"][0]["test_weighted_f1"]
+        assert (frame["audio_anchor"] != "").all() == ("A" in row["key"])  # no audio anchor, no audio column
     assert "| T+A+V |" in (folder / "modalities.md").read_text() and (folder / "modalities.png").stat().st_size > 0
 
 

@@ -26,7 +26,8 @@ from magtkd.checkpoints import settings_from_checkpoint
 from magtkd.engine import NonFiniteError
 from magtkd.fusion_data import dialogue_logits, load_dialogues
 from magtkd.model import AnchorGatedTransformer
-from magtkd.pickles import assemble_features, FEATURE_KEYS, save_features
+from magtkd.pickles import assemble_features, FEATURE_KEYS, load_features, save_features
+from magtkd.predictions import ID_COLUMNS, fusion_columns, read_predictions
 from magtkd.spec import SPLITS
 from magtkd.synthetic.features import write_synthetic_features
 from magtkd.training_state import TrainingState
@@ -99,8 +100,10 @@ def test_training_learns_and_writes_artifacts(trained, spec):
 
     save = root / "save"
     assert sorted(p.name for p in save.iterdir()) == [
+        "multimodal_fusion_attention_dev.npz", "multimodal_fusion_attention_test.npz",
         "multimodal_fusion_best.bin", "multimodal_fusion_best.json",  # no training state: not asked for
-        "multimodal_fusion_confusion.png", "multimodal_fusion_curves.png", "multimodal_fusion_metrics.json"]
+        "multimodal_fusion_confusion.png", "multimodal_fusion_curves.png", "multimodal_fusion_metrics.json",
+        "multimodal_fusion_predictions_dev.csv", "multimodal_fusion_predictions_test.csv"]
     preds = json.loads((save / "multimodal_fusion_best.json").read_text())
     assert set(preds) == {"labels", "preds"}
     n_test = sum(len(x) for x in load_dialogues(
@@ -162,6 +165,46 @@ def test_eval_round_trip_reads_only_test_pickle(trained, tmp_path):
     assert evaluated["confusion"] == result["test"]["confusion"]
     written = json.loads((tmp_path / "save" / "multimodal_fusion_best.json").read_text())
     assert written == trained_preds
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("spec", [IEMOCAP, MELD], ids=lambda s: s.name)
+def test_every_dev_and_test_prediction_is_a_row_that_agrees_with_the_metrics(trained, spec, tmp_path):
+    """``multimodal_fusion_predictions_{dev,test}.csv``: the columns scripts rely on, one row per utterance in
+    the pickle's order, and the selected epoch's accuracy and weighted F1 recomputed from the rows; the
+    attention npz beside it; ``--train False`` writes the same test rows."""
+    root, result = trained[spec.name]
+    files = StageFiles.fusion(root / "save")
+    for split in ("dev", "test"):
+        frame = read_predictions(files.predictions_csv(split))
+        assert list(frame.columns) == [*ID_COLUMNS, "gold", "predicted", *(f"p_{n}" for n in spec.labels),
+                                       *fusion_columns(model.PATHS)]
+        features = load_features(feature_path(root / "feature", split), keys=())
+        assert list(zip(frame["dialogue_id"], frame["utterance_id"])) == [
+            (v, u) for v in features["vids"] for u in features["dia2utt"][v]]
+        assert frame["gold"].tolist() == [spec.labels[y] for v in features["vids"] for y in features["labels"][v]]
+        index = {name: i for i, name in enumerate(spec.labels)}
+        recomputed = results.summary(frame["gold"].map(index), frame["predicted"].map(index))
+        assert recomputed == {k: result[split][k] for k in ("accuracy", "weighted_f1")}
+        probs = frame[[f"p_{n}" for n in spec.labels]].to_numpy()
+        assert np.allclose(probs.sum(1), 1, atol=1e-5)
+        assert frame["text_anchor"].tolist() == frame["predicted"].tolist()  # the text anchor predicts
+        assert set(frame["audio_anchor"]) | set(frame["video_anchor"]) <= set(spec.labels)
+        with np.load(files.attention_npz(split)) as arrays:
+            longest = max(len(features["labels"][v]) for v in features["vids"])
+            assert arrays["attention_t_t"].shape == (len(frame), longest)
+            assert np.allclose(np.nansum(arrays["attention_a_v"], axis=1), 1, atol=1e-5)
+            assert arrays["dialogue_id"].tolist() == frame["dialogue_id"].tolist()
+    evaluation = tmp_path / "save"
+    evaluation.mkdir()
+    for name in (files.checkpoint.name, files.metrics.name):
+        shutil.copy2(root / "save" / name, evaluation / name)
+    fusion_main(spec, ["--feature_dir", str(root / "feature"), "--save_dir", str(evaluation), "--train", "False",
+                       "--batch_size", "4", "--device", "cpu"])
+    assert sorted(p.name for p in evaluation.iterdir() if "_predictions_" in p.name or "_attention_" in p.name) == [
+        "multimodal_fusion_attention_test.npz", "multimodal_fusion_predictions_test.csv"]
+    assert StageFiles.fusion(evaluation).predictions_csv("test").read_bytes() == \
+        files.predictions_csv("test").read_bytes()
 
 
 def test_separate_text_blocks_train_and_eval(tmp_path):
@@ -358,8 +401,10 @@ def test_fusion_seed_among_several_equals_its_single_seed_run(fusion_seeds):
     assert [c["train_loss"] for c in curve] == [c["train_loss"] for c in fusion_seeds["single"]["epochs"]]
     # A single seed writes exactly the usual files (plus its plots), no seed files and no summary.
     assert sorted(p.name for p in single.iterdir()) == [
-        "multimodal_fusion_best.bin", "multimodal_fusion_best.json", "multimodal_fusion_confusion.png",
-        "multimodal_fusion_curves.png", "multimodal_fusion_metrics.json"]
+        "multimodal_fusion_attention_dev.npz", "multimodal_fusion_attention_test.npz",
+        "multimodal_fusion_best.bin", "multimodal_fusion_best.json",
+        "multimodal_fusion_confusion.png", "multimodal_fusion_curves.png", "multimodal_fusion_metrics.json",
+        "multimodal_fusion_predictions_dev.csv", "multimodal_fusion_predictions_test.csv"]
     assert "seeds" not in fusion_seeds["single"]
 
 

@@ -13,6 +13,8 @@ import pytest
 
 from helpers import copy_checkpoints, dataset_spec, flags, generated_paths, meld_conversation, script
 from magtkd.artifacts import FIRST_STAGE_MODELS, StageFiles
+from magtkd.model import PATHS
+from magtkd.predictions import ID_COLUMNS, fusion_columns
 from magtkd.utils import UserError
 
 
@@ -32,7 +34,9 @@ def test_a_conversation_gets_one_emotion_per_utterance_in_file_order(dataset, ge
 
     table = pd.read_csv(out, dtype={"Speaker": str, "Utterance": str}, keep_default_na=False)
     assert list(table.columns) == ["Dialogue_ID", "Utterance_ID", "Speaker", "Utterance", "emotion",
-                                   *(f"p_{label}" for label in spec.labels)]
+                                   *(f"p_{label}" for label in spec.labels), *ID_COLUMNS, "predicted",
+                                   *fusion_columns(PATHS)]
+    assert table["predicted"].tolist() == table["emotion"].tolist()
     assert table["Utterance_ID"].astype(str).tolist() == dialogue["Utterance_ID"].tolist()
     assert table["Utterance"].tolist() == dialogue["Utterance"].tolist()
     probs = table[[f"p_{label}" for label in spec.labels]].to_numpy()

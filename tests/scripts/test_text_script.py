@@ -17,17 +17,33 @@ from helpers import (FixedEncoder, REPO, SUBPROCESS_ENV, assert_same_tensors, da
                      kill_after_first_epoch, one_epoch_then_evaluate, random_batch, script, stage_paths,
                      text_command)
 from magtkd import loaders, pipeline, utils
+from magtkd.dataset import load_split
 from magtkd.loaders import TextField
 from magtkd.pretrained import load_tokenizer, PretrainedMissingError, representation_width, text_prompt
+from magtkd.predictions import ID_COLUMNS, read_predictions
 from magtkd.prompt import SPEAKER_TOKENS
+from magtkd.results import summary
 from magtkd.utils import DataError, UserError
 from MELD.config import MELD
 
 
 @pytest.mark.parametrize("dataset", ["IEMOCAP", "MELD"])
 def test_text_trains_one_epoch_and_its_checkpoint_evaluates_alike(dataset, generated, tmp_path):
-    doc = one_epoch_then_evaluate(dataset, "text", "text", generated_paths(generated, dataset, tmp_path))
+    paths = generated_paths(generated, dataset, tmp_path)
+    doc = one_epoch_then_evaluate(dataset, "text", "text", paths)
     assert doc["args"]["prompt"] == "full"
+    # Every dev and test prediction as a row (the test rows rewritten by --train False, the same model)
+    spec = dataset_spec(dataset)
+    for split in ("dev", "test"):
+        frame = read_predictions(paths["save_dir"] / f"text_predictions_{split}.csv")
+        utterances = load_split(spec, paths["data_dir"], split)
+        assert list(frame.columns) == [*ID_COLUMNS, "gold", "predicted", *(f"p_{label}" for label in spec.labels)]
+        assert frame[list(ID_COLUMNS)].values.tolist() == [[u.dialogue_id, u.utterance_id, u.speaker, u.text]
+                                                          for u in utterances]
+        assert frame["gold"].tolist() == [u.emotion for u in utterances]
+        index = {label: i for i, label in enumerate(spec.labels)}
+        assert summary(frame["gold"].map(index), frame["predicted"].map(index)) == \
+            {k: doc[split][k] for k in ("accuracy", "weighted_f1")}
     # D follows the audio/video width, not the text model's (docs/METHOD.md §2, Text)
     assert doc["width"] == representation_width(generated / "pretrained_model")
 

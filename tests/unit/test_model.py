@@ -177,3 +177,74 @@ def test_initialiser_order_matches_the_recorded_list():
     model = AnchorGatedTransformer(768, 7, 304, n_head=8)
     for name, value in model.named_parameters():
         assert torch.equal(value.detach(), expected[name]), name
+
+
+# --------------------------------------------------------------------------- inspection (docs/METHOD.md §5)
+
+VARIANTS = [{}, {"separate_text_blocks": True}, {"modalities": ("T", "A")}, {"modalities": ("A", "V")},
+            {"gates": False}, {"fusion": "concat"}]
+
+
+@pytest.mark.parametrize("packed", [True, False])
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: "-".join(f"{k}={v[k]}" for k in v) or "paper")
+def test_inspection_leaves_outputs_and_losses_bit_identical(variant, packed):
+    from IEMOCAP.multimodal_fusion import objective
+
+    torch.manual_seed(0)
+    model = AnchorGatedTransformer(H, C, N_SPK, n_head=2, **variant).eval()
+    data = random_dialogues([3, 5, 2, 7], N_SPK)
+    batch = data.collate([0, 1, 2, 3], model.padding_speaker, packed)
+    with torch.no_grad():
+        plain = model(*batch.inputs)
+        inspected, probe = model(*batch.inputs, inspect=True)
+    assert type(plain) is type(inspected)
+    for a, b in zip(plain, inspected):
+        assert (a is None and b is None) or torch.equal(a, b)
+
+    def loss(out):
+        return objective(type(out)(*map(batch.rows, out)), batch.rows(batch.labels), alpha=0.7, beta=0.8,
+                         feature_loss=True)
+
+    assert torch.equal(loss(plain), loss(inspected))
+    # What was inspected: an attention map per path (rows over real keys sum to 1), gates in [1/2, 1) and
+    # each anchor's shares summing to 1, in the outputs' layout
+    n = int(batch.mask.sum())
+    for attention in probe.attention.values():
+        assert attention.shape == (4, 7, 7)
+        real = attention[batch.mask]
+        assert torch.allclose(real.sum(-1), torch.ones(n)) and bool((real[:, ~batch.mask.any(0)] == 0).all())
+    for gate in probe.gates.values():
+        real = batch.rows(gate)
+        assert real.shape == (n,) and bool(((real >= 0.5) & (real < 1)).all())
+    if variant.get("fusion") == "concat":
+        assert set(probe.attention) == {"concat"} and not probe.gates and not probe.shares
+        return
+    assert set(probe.shares) == set(probe.attention) and (set(probe.gates) == set(probe.shares)) == model.gates
+    anchors = {}
+    for path, share in probe.shares.items():
+        anchors.setdefault(path[2], []).append(batch.rows(share))
+    for shares in anchors.values():
+        assert torch.allclose(torch.stack(shares).sum(0), torch.ones(n))
+
+
+def test_inspection_is_for_evaluation_only():
+    model = AnchorGatedTransformer(H, C, N_SPK, n_head=2)  # training mode
+    data = random_dialogues([3], N_SPK)
+    batch = data.collate([0], model.padding_speaker, False)
+    with pytest.raises(ValueError, match="inspect=True is for evaluation"):
+        model(*batch.inputs, inspect=True)
+
+
+def test_a_path_share_is_its_part_of_the_anchor_reduction():
+    from magtkd.model import path_shares
+
+    reduce = torch.nn.Linear(2 * 2, 2, bias=False)
+    with torch.no_grad():
+        reduce.weight.copy_(torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0]]))  # reads path 1 only
+    first, second = torch.tensor([[3.0, 4.0]]), torch.tensor([[1.0, 1.0]])
+    shares = path_shares(reduce, ["t_t", "a_t"], [first, second])
+    assert shares["t_t"].tolist() == [1.0] and shares["a_t"].tolist() == [0.0]
+    with torch.no_grad():
+        reduce.weight.copy_(torch.eye(2).repeat(1, 2))  # both paths through the identity: |p_1| = 5, |p_2| = sqrt 2
+    shares = path_shares(reduce, ["t_t", "a_t"], [first, second])
+    assert shares["t_t"].item() == pytest.approx(5 / (5 + 2 ** 0.5))
