@@ -395,7 +395,8 @@ def test_evaluation_copies_the_predictions_to_the_host_once_per_pass() -> None:
                               files=StageFiles.first_stage("/nonexistent", "meta"), epochs=1, seed=0, args={})
     traffic = HostTraffic()
     with traffic:
-        labels, preds = data.evaluate(model, "dev", config)
+        out = data.evaluate(model, "dev", config)
+    labels, preds = out.labels, out.preds
     # Per batch: its three tensors to the device (index, x, labels); then one copy back for the whole pass
     # (the finiteness check rides on it), no read.
     assert (traffic.reads, traffic.to_device, traffic.to_host) == (0, 3 * 3, 1)

@@ -70,5 +70,6 @@ def test_the_may_2025_attention_always_gets_the_padded_grid(one_thread):
                            packed=True)
     data.prepare(model, lambda out, target: out.t_logits.sum(), 0)
     assert all(batch.index is None for batch in data.micro_batches(1))
-    labels, preds = data.evaluate(model, "test")
+    out = data.evaluate(model, "test")
+    labels, preds = out.labels, out.preds
     assert labels.tolist() == [i % C for i in range(N_TEST)] and len(preds) == N_TEST

@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from helpers import C, H, N_SPK, dialogue_t_logits, random_dialogues
-from magtkd.model import AUTHORS_PADDING_ROW, MASK_VALUE, AnchorGatedTransformer, paper_attention_weights
+from magtkd.fusion_blocks import MASK_VALUE, paper_attention_weights
+from magtkd.model import AUTHORS_PADDING_ROW, AnchorGatedTransformer
 from magtkd.packing import Layout
 
 

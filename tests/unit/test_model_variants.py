@@ -17,8 +17,8 @@ from torch import nn
 from helpers import REPO
 from magtkd.checkpoints import (FusionCheckpointError, load_fusion_checkpoint, read_fusion_state,
                                 settings_from_checkpoint, variant_from_checkpoint)
-from magtkd.model import (AnchorGatedTransformer, AUDIO_ANCHOR, FusionOutput, Gate, TEXT_ANCHOR, TransformerBlock,
-                          VIDEO_ANCHOR)
+from magtkd.fusion_blocks import Gate, TransformerBlock
+from magtkd.model import AnchorGatedTransformer, AUDIO_ANCHOR, FusionOutput, TEXT_ANCHOR, VIDEO_ANCHOR
 from magtkd.packing import Layout
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads only cost (conftest.py)
