@@ -284,18 +284,20 @@ def table(rows: list[dict], args) -> str:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sizes", nargs="+", choices=("real", "demo"), default=["real", "demo"])
-    p.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
+    from magtkd.flag_parser import HelpFormatter  # every flag's default shown once
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--sizes", nargs="+", choices=("real", "demo"), default=["real", "demo"],
+                   help="real: stand-ins of the real architectures; demo: the demo's tiny stand-ins")
+    p.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS), help="the models to measure")
     p.add_argument("--device", default=None, help="cpu or cuda; default: CUDA when available, else CPU")
     p.add_argument("--pretrained_dir", type=Path, default=None,
                    help="real size: the four real model folders; default: random-weight stand-ins")
-    p.add_argument("--keep", type=Path, default=None, help="write / reuse the stand-ins here (default: a temp folder)")
-    p.add_argument("--text_tokens", type=int, default=256)
-    p.add_argument("--audio_seconds", type=float, default=4.0)
-    p.add_argument("--dialogue_length", type=int, default=48)
+    p.add_argument("--keep", type=Path, default=None, help="write / reuse the stand-ins here; default: a temporary folder")
+    p.add_argument("--text_tokens", type=int, default=256, help="prompt length of the text encoder's input")
+    p.add_argument("--audio_seconds", type=float, default=4.0, help="clip length of the audio encoder's input")
+    p.add_argument("--dialogue_length", type=int, default=48, help="utterances of the fusion's dialogue")
     p.add_argument("--repeats", type=int, default=5, help="timed inference forwards (after one warm-up)")
-    p.add_argument("--out", type=Path, default=None, help="also write the table here (and the rows as .json)")
+    p.add_argument("--out", type=Path, default=None, help="also write the table here (and the rows as .json); default: print only")
     p.add_argument("--one", choices=MODELS, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.one:

@@ -183,7 +183,13 @@ def test_torchrun_two_cpu_processes_train_text(text_runs: dict, small_iemocap: P
     assert log.count("IEMOCAP text: device cpu world_size=2") == 1
     assert log.count("IEMOCAP text epoch 1/2:") == 1 and log.count("IEMOCAP text epoch 2/2:") == 1
     assert sorted(p.name for p in save_dir.iterdir()) == [
-        "text.bin", "text.json", "text_confusion.png", "text_curves.png"]
+        "text.bin", "text.json", "text_confusion.png", "text_curves.png", "text_predictions_dev.csv",
+        "text_predictions_test.csv"]
+    # Every prediction as a row, gathered from both ranks: each dev/test utterance once
+    for split in ("dev", "test"):  # small_iemocap: 9 utterances each
+        with open(save_dir / f"text_predictions_{split}.csv", newline="", encoding="utf-8") as fh:
+            rows = list(csv.DictReader(fh))
+        assert len(rows) == 9 and len({(r["dialogue_id"], r["utterance_id"]) for r in rows}) == 9
     state = torch.load(save_dir / "text.bin", map_location="cpu", weights_only=True)
     assert "classifier.weight" in state
 
