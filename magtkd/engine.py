@@ -38,8 +38,7 @@ from .plots import write_plots
 from .predictions import SplitOutputs, write_split_outputs
 from .results import (AUTHORS_PROTOCOL, SELECTED_ON, SELECTIONS, authors_score, format_test_report, metrics_document,
                       summary, test_report)
-from .runtime import is_main, progress, set_precision
-from .schedule import GlobalBatch
+from .runtime import GlobalBatch, is_main, progress, set_precision
 from .scaler_skips import ScalerSkips, check_finite_inputs
 from .training_state import TrainingState
 from .utils import NonFiniteError, UserError

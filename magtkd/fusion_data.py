@@ -25,7 +25,7 @@ from .fusion_settings import FusionRequest, FusionSettings, log_attention
 from .model import PATHS
 from .pickles import check_features_record, load_features
 from .predictions import ANCHOR_COLUMNS, SplitOutputs, pickle_ids
-from .schedule import GlobalBatch
+from .runtime import GlobalBatch
 from .spec import LABEL_PAD, SPLITS, DatasetSpec
 from .utils import FeatureFileError
 

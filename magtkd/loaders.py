@@ -23,8 +23,7 @@ from .frames import FrameCodec, frame_file, load_frames
 from .media import TARGET_SAMPLE_RATE, MediaError
 from .predictions import ID_COLUMNS, SplitOutputs, utterance_ids
 from .prompt import build_prompt, encode_prompt, left_pad
-from .runtime import autocast
-from .schedule import GlobalBatch
+from .runtime import GlobalBatch, autocast
 from .spec import PROMPTS, SPLITS
 
 

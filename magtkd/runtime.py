@@ -14,6 +14,7 @@ import re
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -331,3 +332,19 @@ def train_sampler(dataset, seed: int) -> torch.utils.data.DistributedSampler | N
     if world_size() == 1:
         return None
     return torch.utils.data.DistributedSampler(dataset, shuffle=True, seed=seed, drop_last=False)
+
+
+@dataclass(frozen=True)
+class GlobalBatch:
+    """Items per update: the per-process batch x processes x ``--grad_accum``."""
+
+    per_process: int
+    processes: int
+    grad_accum: int
+
+    @property
+    def size(self) -> int:
+        return self.per_process * self.processes * self.grad_accum
+
+    def __str__(self) -> str:
+        return f"{self.size} ({self.per_process} per process x {self.processes} processes x {self.grad_accum} accumulated)"

@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
-if TYPE_CHECKING:  # for the annotations only (the engine imports this module, not the reverse)
+from .runtime import GlobalBatch
+
+if TYPE_CHECKING:  # for the annotations only: this module takes the engine's types, the engine nothing of it
     from .engine import Batches, FitConfig
 
 log = logging.getLogger("magtkd")
@@ -29,22 +30,6 @@ class WarmupDecay:
         if step < self.warmup:
             return float(step) / float(max(1, self.warmup))
         return max(0.0, float(self.total - step) / float(max(1, self.total - self.warmup)))
-
-
-@dataclass(frozen=True)
-class GlobalBatch:
-    """Items per update: the per-process batch x processes x ``--grad_accum``."""
-
-    per_process: int
-    processes: int
-    grad_accum: int
-
-    @property
-    def size(self) -> int:
-        return self.per_process * self.processes * self.grad_accum
-
-    def __str__(self) -> str:
-        return f"{self.size} ({self.per_process} per process x {self.processes} processes x {self.grad_accum} accumulated)"
 
 
 def schedule_steps(n_train: int, updates_per_epoch: int, epochs: int, per_batch: bool = False,

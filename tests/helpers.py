@@ -28,7 +28,7 @@ if str(REPO) not in sys.path:
 
 import torch  # noqa: E402  (after the repository is on sys.path, as every import below)
 
-from magtkd import schedule  # noqa: E402
+from magtkd import runtime  # noqa: E402
 from magtkd.dataset import Sample, Utterance, load_split  # noqa: E402
 from magtkd.fusion_data import DialogueSet  # noqa: E402
 from magtkd.spec import SPLITS  # noqa: E402
@@ -362,13 +362,13 @@ def authors_layout(state: dict, modality: str, hidden: int, classifier: str = "W
 class Curve:
     """What `schedule.reference_schedule` reads of the engine's data: items, updates per epoch, global batch."""
 
-    def __init__(self, n_train: int, updates: int, global_batch: schedule.GlobalBatch) -> None:
+    def __init__(self, n_train: int, updates: int, global_batch: runtime.GlobalBatch) -> None:
         self.n_train, self.updates, self.batch = n_train, updates, global_batch
 
     def updates_per_epoch(self, grad_accum: int) -> int:
         return self.updates
 
-    def global_batch(self, grad_accum: int) -> schedule.GlobalBatch:
+    def global_batch(self, grad_accum: int) -> runtime.GlobalBatch:
         return self.batch
 
 

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from helpers import Curve, dataset_spec, schedule_config
-from magtkd import cli, engine, schedule
+from magtkd import cli, engine, runtime, schedule
 
 
 def lr_curve(n_train: int, batch_size: int, world: int, grad_accum: int, epochs: int, **options) -> list[float]:
@@ -22,7 +22,7 @@ def lr_curve(n_train: int, batch_size: int, world: int, grad_accum: int, epochs:
     loader = torch.utils.data.DataLoader(data, batch_size=batch_size, sampler=sampler)
     updates = -(-len(loader) // grad_accum)
     optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
-    scheduler = schedule.reference_schedule(optimizer, Curve(n_train, updates, schedule.GlobalBatch(batch_size, world,
+    scheduler = schedule.reference_schedule(optimizer, Curve(n_train, updates, runtime.GlobalBatch(batch_size, world,
                                                                                                      grad_accum)),
                                             schedule_config(epochs, **options))
     rates = []
@@ -84,17 +84,17 @@ def test_epoch_anchored_schedule_is_the_authors_curve_over_epochs_at_global_batc
 def test_schedule_is_logged_in_epochs_and_a_foreign_global_batch_names_the_choices(caplog) -> None:
     caplog.set_level(logging.INFO, logger="magtkd")
     optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
-    schedule.reference_schedule(optimizer, Curve(1000, 63, schedule.GlobalBatch(4, 4, 1)), schedule_config(10, 4))
+    schedule.reference_schedule(optimizer, Curve(1000, 63, runtime.GlobalBatch(4, 4, 1)), schedule_config(10, 4))
     text = caplog.text
     assert "global batch 16 (4 per process x 4 processes x 1 accumulated)" in text
     assert "warmup would end after 15.87 epochs: it never ends in 10" in text
     assert "not the authors' 4" in text and "--batch_size 1 gives their global batch" in text
     assert "--schedule_epochs True" in text
     caplog.clear()
-    schedule.reference_schedule(optimizer, Curve(1000, 250, schedule.GlobalBatch(4, 1, 1)), schedule_config(10, 4))
+    schedule.reference_schedule(optimizer, Curve(1000, 250, runtime.GlobalBatch(4, 1, 1)), schedule_config(10, 4))
     assert "warmup ends after 4.00 of 10 epochs; peak factor 1.000" in caplog.text and "WARNING" not in caplog.text
     caplog.clear()
-    schedule.reference_schedule(optimizer, Curve(100, 5, schedule.GlobalBatch(4, 1, 5)), schedule_config(30, 16))
+    schedule.reference_schedule(optimizer, Curve(100, 5, runtime.GlobalBatch(4, 1, 5)), schedule_config(30, 16))
     assert "no --batch_size gives their global batch with 5 processes x accumulation" in caplog.text
 
 
@@ -109,7 +109,7 @@ def test_the_authors_curve_in_epochs_is_the_default_of_every_training_stage(capl
     assert config.schedule_epochs is True
     caplog.set_level(logging.INFO, logger="magtkd")
     optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
-    schedule.reference_schedule(optimizer, Curve(1000, 63, schedule.GlobalBatch(4, 4, 1)), config)
+    schedule.reference_schedule(optimizer, Curve(1000, 63, runtime.GlobalBatch(4, 4, 1)), config)
     assert ("global batch 16 (4 per process x 4 processes x 1 accumulated), the authors' curve in epochs (their "
             "global batch 4, --schedule_epochs True), 63 updates per epoch: warmup ends after 4.00 of 10 epochs; "
             "peak factor 1.000") in caplog.text and "WARNING" not in caplog.text

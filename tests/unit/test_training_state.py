@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from helpers import Curve, schedule_config
-from magtkd import engine, schedule, utils
+from magtkd import engine, runtime, schedule, utils
 from magtkd.artifacts import StageFiles
 from magtkd.training_state import TrainingState
 
@@ -20,7 +20,7 @@ def toy_objects(lr: float = 0.1):
     torch.manual_seed(0)
     model = nn.Linear(3, 2)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
-    scheduler = schedule.reference_schedule(optimizer, Curve(8, 2, schedule.GlobalBatch(4, 1, 1)), schedule_config(3))
+    scheduler = schedule.reference_schedule(optimizer, Curve(8, 2, runtime.GlobalBatch(4, 1, 1)), schedule_config(3))
     scaler = torch.amp.GradScaler("cpu", enabled=True, init_scale=2.0 ** 10, growth_interval=2)
     return model, optimizer, scheduler, scaler
 
