@@ -1,5 +1,5 @@
 """Artifacts on disk: atomic writes, completion records, locks, stale temps, the substitution
-report, and the one registry of artifact names (docs/METHOD.md §0, "Artifacts").
+report, and the one registry of artifact names (docs/METHOD.md §0: the pipeline table and the folder layout).
 
 Every file a stage publishes is written to a temp file in its folder and renamed;
 a set of files is announced incomplete by its completion record before the first

@@ -1,5 +1,5 @@
 """The training engine: one `fit` for every training stage, first stage and fusion alike
-(docs/METHOD.md §0, "Engine").
+(docs/METHOD.md §0, "The engine").
 
 A stage script builds its data, its model, its ``objective``, its optimizer and its
 schedule, and hands them to `fit` with a `FitConfig`. The engine runs the epochs

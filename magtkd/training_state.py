@@ -1,6 +1,6 @@
 """The training state ``--resume True`` continues from: weights, optimizer, schedule, gradient scaler,
 every random-number generator and the progress so far, saved atomically after every epoch when asked
-(``--save_state``, default: as ``--resume``), in the background (docs/METHOD.md §6, "Restarts").
+(``--save_state``, default: as ``--resume``), in the background (docs/METHOD.md §3, "Resume state").
 """
 
 from __future__ import annotations
