@@ -28,7 +28,7 @@ def main(argv=None) -> dict:
     # Flags: the folders the page reads, the file it writes, how much it shows
     args = cli.report_parser(IEMOCAP, HERE, __doc__).parse_args(argv)
     runtime.setup_logging()
-    device = runtime.resolve_device(args.device)
+    device = runtime.resolve_device(args.device, args.dist_timeout)
     # The kept fusion model as trained (its metrics document), else this dataset's feature keys
     request = FusionRequest(default_features=(DEFAULTS["audio_feature"], DEFAULTS["video_feature"]))
     return report.write_report(IEMOCAP, report.Report.from_flags(vars(args)), request, device)
